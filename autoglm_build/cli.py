@@ -1,0 +1,214 @@
+"""``autoglm-build``: thin commands that parse, call the library, and render.
+
+Common options (-c, -w, --json, -v/-q, --dry-run) are accepted before the command (global) and
+after it; the later one wins. Exit codes are listed in :mod:`autoglm_build.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from autoglm_build import __version__
+from autoglm_build.console import Reporter, print_json, stderr
+from autoglm_build.errors import EXIT_INTERNAL, UserError
+
+DEFAULT_CONFIG = Path("configs/autoglm-phone-tiny.yaml")
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn AutoGLM-Phone-9B into verified TensorRT engines, and serve them.",
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    config: Path = DEFAULT_CONFIG
+    workdir: Optional[Path] = None
+    json: bool = False
+    verbosity: int = 0
+    dry_run: bool = False
+
+
+ConfigOpt = typer.Option(None, "-c", "--config", help="Build config YAML [default: configs/autoglm-phone-tiny.yaml]")
+WorkdirOpt = typer.Option(None, "-w", "--workdir", help="Artifacts and manifest [default: build/<config name>]")
+JsonOpt = typer.Option(None, "--json", help="One JSON document on stdout; logs stay on stderr.")
+VerboseOpt = typer.Option(None, "-v", "--verbose", help="More logs on stderr.")
+QuietOpt = typer.Option(None, "-q", "--quiet", help="Errors only on stderr.")
+DryRunOpt = typer.Option(None, "--dry-run", help="Print the plan (modules, sizes, cache) and do nothing.")
+CheckpointOpt = typer.Option(None, "--checkpoint", help="Local safetensors checkpoint directory.")
+ForceOpt = typer.Option(False, "--force", help="Rerun stages even when cached.")
+ModuleOpt = typer.Option(None, "-m", "--module", help="Only these modules (repeatable).")
+
+
+@app.callback()
+def main_callback(
+    ctx: typer.Context,
+    config: Optional[Path] = ConfigOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    json_out: Optional[bool] = JsonOpt,
+    verbose: Optional[bool] = VerboseOpt,
+    quiet: Optional[bool] = QuietOpt,
+    dry_run: Optional[bool] = DryRunOpt,
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        print(__version__)
+        raise typer.Exit(0)
+    ctx.obj = _merge(Options(), config, workdir, json_out, verbose, quiet, dry_run)
+
+
+def _merge(base: Options, config, workdir, json_out, verbose, quiet, dry_run) -> Options:
+    changes = {}
+    if config is not None:
+        changes["config"] = config
+    if workdir is not None:
+        changes["workdir"] = workdir
+    if json_out is not None:
+        changes["json"] = json_out
+    if dry_run is not None:
+        changes["dry_run"] = dry_run
+    if verbose:
+        changes["verbosity"] = 1
+    if quiet:
+        changes["verbosity"] = -1
+    return replace(base, **changes)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """User-fixable errors: one red line (and a hint) on stderr, the documented exit code."""
+    try:
+        yield
+    except UserError as exc:
+        stderr.print(f"[bold red]error:[/bold red] {exc.message}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            stderr.print(f"[dim]hint: {exc.hint}[/dim]", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    module: Optional[List[str]] = ModuleOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    force: bool = ForceOpt,
+    config: Optional[Path] = ConfigOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    json_out: Optional[bool] = JsonOpt,
+    verbose: Optional[bool] = VerboseOpt,
+    quiet: Optional[bool] = QuietOpt,
+    dry_run: Optional[bool] = DryRunOpt,
+) -> None:
+    """Export each module to ONNX (dynamic batch 1..8) and validate it against PyTorch."""
+    opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, dry_run)
+    with user_errors():
+        _build(opts, ["export"], module, checkpoint, force)
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    module: Optional[List[str]] = ModuleOpt,
+    checkpoint: Optional[Path] = CheckpointOpt,
+    force: bool = ForceOpt,
+    config: Optional[Path] = ConfigOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    json_out: Optional[bool] = JsonOpt,
+    verbose: Optional[bool] = VerboseOpt,
+    quiet: Optional[bool] = QuietOpt,
+    dry_run: Optional[bool] = DryRunOpt,
+) -> None:
+    """Run every stage (those built so far: export), skipping what is cached."""
+    opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, dry_run)
+    with user_errors():
+        _build(opts, ["export"], module, checkpoint, force)
+
+
+@app.command()
+def inspect(
+    ctx: typer.Context,
+    config: Optional[Path] = ConfigOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    json_out: Optional[bool] = JsonOpt,
+    verbose: Optional[bool] = VerboseOpt,
+    quiet: Optional[bool] = QuietOpt,
+) -> None:
+    """Show what a workdir holds: artifacts (checked against their hashes) and stage records."""
+    opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, None)
+    with user_errors():
+        from autoglm_build.inspect import inspect_workdir
+        from autoglm_build.render import render_inspect
+
+        report = inspect_workdir(_workdir(opts))
+        print_json(report) if opts.json else render_inspect(report)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared plumbing
+
+
+def _workdir(opts: Options) -> Path:
+    if opts.workdir is not None:
+        return opts.workdir
+    from autoglm_build.config import load_config
+
+    return Path("build") / load_config(opts.config).name
+
+
+def _build(opts: Options, stage_names: List[str], modules: Optional[List[str]], checkpoint: Optional[Path],
+           force: bool) -> None:
+    from autoglm_build.config import load_config
+    from autoglm_build.modules import registry
+    from autoglm_build.pipeline import Pipeline
+    from autoglm_build.render import render_outcomes, render_plan
+    from autoglm_build.stages.export import ExportStage
+
+    overrides = {"checkpoint": str(checkpoint)} if checkpoint else None
+    cfg = load_config(opts.config, overrides)
+    names = [registry.get(m).name for m in modules] if modules else list(cfg.modules)
+    workdir = opts.workdir or Path("build") / cfg.name
+    ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
+    stages = {"export": lambda: ExportStage(checkpoint=ckpt)}
+    reporter = Reporter(opts.verbosity)
+    pipeline = Pipeline(cfg, workdir, [stages[s]() for s in stage_names], names, force=force,
+                        reporter=reporter, config_path=str(opts.config))
+    if opts.dry_run:
+        from autoglm_build.plan import build_plan
+
+        plan = build_plan(cfg, names, pipeline.plan())
+        print_json(plan) if opts.json else render_plan(plan)
+        return
+    outcomes = pipeline.run()
+    if opts.json:
+        print_json({"config": cfg.name, "workdir": str(workdir), "outcomes": [o.as_dict() for o in outcomes]})
+    else:
+        render_outcomes(outcomes, workdir)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    if os.environ.get("AUTOGLM_BUILD_DEBUG"):
+        app()
+        return
+    try:
+        app()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        stderr.print("[red]interrupted[/red]")
+        raise SystemExit(130) from None
+    except Exception:  # a bug: keep the traceback
+        stderr.print_exception(show_locals=False)
+        raise SystemExit(EXIT_INTERNAL) from None

@@ -1,0 +1,297 @@
+"""Typed build configuration, validated once at load.
+
+A config file is YAML with the sections below; every field has the full-size model's value as its
+default, so ``configs/autoglm-phone-9b.yaml`` states the architecture and the tiny config overrides
+widths and depths only. Unknown fields are errors (a misspelt field must not silently keep its
+default), and every error names the file and the dotted field.
+
+The architecture is transformers' ``Glm4vConfig`` (GLM-4.1V-9B) for the vision tower and the text
+decoder, and Whisper-large-v3's encoder (as GLM-4-Voice uses it) for speech, with a projector into
+the decoder's width. ``docs/decisions.md`` says where each number comes from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from autoglm_build.errors import ConfigError
+
+SCHEMA_VERSION = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VisionConfig(_Section):
+    """GLM-4.1V vision tower (``Glm4vVisionConfig``), fed fixed-size images ``(B, 3, H, W)``."""
+
+    depth: int = Field(24, ge=1)
+    hidden_size: int = Field(1536, ge=8)
+    num_heads: int = Field(12, ge=1)
+    intermediate_size: int = Field(13696, ge=1)
+    out_hidden_size: int = Field(4096, ge=1, description="merger output; must equal text.hidden_size")
+    patch_size: int = Field(14, ge=1)
+    image_size: int = Field(336, ge=1, description="square input side in pixels, the engine's H and W")
+    spatial_merge_size: int = Field(2, ge=1)
+    temporal_patch_size: int = Field(2, ge=1)
+    in_channels: int = Field(3, ge=1)
+    rms_norm_eps: float = Field(1e-5, gt=0)
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    rope_theta: float = Field(10000.0, gt=0)
+
+    @property
+    def grid(self) -> int:
+        """Patches along one side of the image."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Embeddings one image yields after the 2x2 merge."""
+        return (self.grid // self.spatial_merge_size) ** 2
+
+
+class TextConfig(_Section):
+    """GLM-4.1V text decoder (``Glm4vTextConfig``): RMSNorm, GQA, 3-part (mrope) rotary positions."""
+
+    hidden_size: int = Field(4096, ge=8)
+    num_hidden_layers: int = Field(40, ge=1)
+    num_attention_heads: int = Field(32, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(13696, ge=1)
+    vocab_size: int = Field(151552, ge=2)
+    rms_norm_eps: float = Field(1e-5, gt=0)
+    hidden_act: str = "silu"
+    rope_theta: float = Field(10000.0, gt=0)
+    partial_rotary_factor: float = Field(0.5, gt=0, le=1)
+    mrope_section: Tuple[int, int, int] = (8, 12, 12)
+    max_position_embeddings: int = Field(65536, ge=1)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class AudioConfig(_Section):
+    """Whisper-large-v3 encoder (``WhisperConfig`` encoder half) plus a projector into the decoder.
+
+    The projector stacks ``projector_stack`` consecutive encoder frames (25 Hz after Whisper's
+    stride-2 conv, so 6.25 embeddings a second by default) and maps them with Linear-GELU-Linear
+    to ``text.hidden_size``.
+    """
+
+    num_mel_bins: int = Field(128, ge=1)
+    d_model: int = Field(1280, ge=8)
+    encoder_layers: int = Field(32, ge=1)
+    encoder_attention_heads: int = Field(20, ge=1)
+    encoder_ffn_dim: int = Field(5120, ge=1)
+    max_source_positions: int = Field(1500, ge=2, description="encoder positions; 2x this in mel frames")
+    activation_function: str = "gelu"
+    projector_stack: int = Field(4, ge=1)
+    projector_hidden_size: Optional[int] = Field(None, ge=1, description="default: text.hidden_size")
+
+    @property
+    def max_frames(self) -> int:
+        return 2 * self.max_source_positions
+
+    @property
+    def frame_multiple(self) -> int:
+        """Mel frames must be a multiple of this (conv stride 2, then the projector's stacking)."""
+        return 2 * self.projector_stack
+
+
+class Tolerance(_Section):
+    """``|a - b| <= atol + rtol * |b|`` elementwise, b being PyTorch's output."""
+
+    atol: float = Field(1e-4, ge=0)
+    rtol: float = Field(1e-3, ge=0)
+
+
+def _default_tolerances() -> Dict[str, Tolerance]:
+    return {
+        "vision": Tolerance(atol=1e-4, rtol=1e-3),
+        "audio": Tolerance(atol=1e-4, rtol=1e-3),
+        "embed": Tolerance(atol=0.0, rtol=0.0),
+        "decoder": Tolerance(atol=1e-4, rtol=1e-3),
+    }
+
+
+class ExportConfig(_Section):
+    """How modules become ONNX, and how each export is validated against PyTorch."""
+
+    opset: int = Field(17, ge=14, le=23, description="17 is the newest TensorRT 8.5 parses")
+    batch_sizes: List[int] = Field([1, 4, 8], min_length=1, description="ORT validation batches")
+    max_batch: int = Field(8, ge=1, description="the batch axis' upper bound in the exported graph")
+    decoder_seq_lens: List[int] = Field([7, 16], min_length=1, description="prefill lengths validated")
+    decoder_decode_steps: int = Field(4, ge=1, description="decode steps validated after each prefill")
+    audio_frames: List[int] = Field([400, 800], min_length=1, description="mel frames validated")
+    logits: Literal["last", "all"] = Field(
+        "last", description="decoder returns logits of the last position only, or of every position"
+    )
+    tolerances: Dict[str, Tolerance] = Field(default_factory=_default_tolerances)
+    large_model_bytes: int = Field(
+        1 << 30, ge=1, description="ONNX files whose weights exceed this keep them as external data"
+    )
+
+
+class BuildConfig(_Section):
+    """The whole build: architecture, which modules to build, and how."""
+
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = Field(0, ge=0, description="seed for random weights when no checkpoint is given")
+    modules: List[str] = Field(["vision", "audio", "embed", "decoder"], min_length=1)
+    checkpoint: Optional[str] = Field(None, description="local safetensors checkpoint directory")
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _check_architecture(self) -> "BuildConfig":
+        for problem in _architecture_problems(self):
+            raise ValueError(problem)
+        return self
+
+    def section(self, name: str) -> Dict[str, Any]:
+        """One section as plain JSON-able data (what fingerprints hash)."""
+        return json.loads(getattr(self, name).model_dump_json())
+
+
+def _architecture_problems(cfg: BuildConfig) -> List[str]:
+    """Cross-field rules the model code would otherwise fail on deep inside a forward pass."""
+    v, t, a, e = cfg.vision, cfg.text, cfg.audio, cfg.export
+    problems = []
+    if v.hidden_size % v.num_heads:
+        problems.append(f"vision.num_heads: {v.num_heads} does not divide vision.hidden_size {v.hidden_size}")
+    elif (v.hidden_size // v.num_heads) % 4:
+        problems.append("vision.num_heads: head size must be a multiple of 4 (2-D axial rotary positions)")
+    if v.image_size % (v.patch_size * v.spatial_merge_size):
+        problems.append(
+            f"vision.image_size: {v.image_size} is not a multiple of patch_size x spatial_merge_size "
+            f"({v.patch_size * v.spatial_merge_size})"
+        )
+    if v.out_hidden_size != t.hidden_size:
+        problems.append(f"vision.out_hidden_size: {v.out_hidden_size} must equal text.hidden_size {t.hidden_size}")
+    if t.hidden_size % t.num_attention_heads:
+        problems.append(
+            f"text.num_attention_heads: {t.num_attention_heads} does not divide text.hidden_size {t.hidden_size}"
+        )
+    elif t.num_attention_heads % t.num_key_value_heads:
+        problems.append(
+            f"text.num_key_value_heads: {t.num_key_value_heads} does not divide "
+            f"text.num_attention_heads {t.num_attention_heads}"
+        )
+    else:
+        rotary_half = int(t.head_dim * t.partial_rotary_factor) // 2
+        if sum(t.mrope_section) != rotary_half:
+            problems.append(
+                f"text.mrope_section: sums to {sum(t.mrope_section)}, must be head_dim x "
+                f"partial_rotary_factor / 2 = {rotary_half}"
+            )
+    if a.d_model % a.encoder_attention_heads:
+        problems.append(
+            f"audio.encoder_attention_heads: {a.encoder_attention_heads} does not divide audio.d_model {a.d_model}"
+        )
+    for frames in e.audio_frames:
+        if frames % a.frame_multiple or frames > a.max_frames:
+            problems.append(
+                f"export.audio_frames: {frames} must be a multiple of {a.frame_multiple} and at most {a.max_frames}"
+            )
+    if max(e.batch_sizes) > e.max_batch or min(e.batch_sizes) < 1:
+        problems.append(f"export.batch_sizes: each must lie in [1, export.max_batch={e.max_batch}]")
+    if any(n < 1 for n in e.decoder_seq_lens):
+        problems.append("export.decoder_seq_lens: each must be at least 1")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path, overrides: Optional[Dict[str, Any]] = None) -> BuildConfig:
+    """Read and validate a YAML config.
+
+    Args:
+        path: The YAML file.
+        overrides: Top-level fields to set after reading (e.g. ``{"checkpoint": "..."}``).
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: one line naming the file and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found", hint="pass -c configs/<name>.yaml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    data.update(overrides or {})
+    try:
+        cfg = BuildConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {format_validation_error(exc)}") from None
+    _check_module_names(path, cfg)
+    return cfg
+
+
+def _check_module_names(path: Path, cfg: BuildConfig) -> None:
+    from autoglm_build.modules import registry
+
+    for name in cfg.modules:
+        if name not in registry.names():
+            raise ConfigError(f"{path}: modules: unknown module '{name}'; valid: {', '.join(registry.names())}")
+    for name in cfg.export.tolerances:
+        if name not in registry.names():
+            raise ConfigError(
+                f"{path}: export.tolerances.{name}: unknown module; valid: {', '.join(registry.names())}"
+            )
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line for the first error of a pydantic ``ValidationError``: ``field.path: what is wrong``."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(err["loc"][:-1])
+        return f"{loc}: unknown field; valid fields here: {', '.join(valid)}{more}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" and not loc:
+        return f"{msg}{more}"
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{loc or 'config'}: {msg}{shown}{more}"
+
+
+def _fields_at(loc: Tuple[Any, ...]) -> List[str]:
+    """The field names valid at a location inside ``BuildConfig`` (for unknown-field messages)."""
+    model: Any = BuildConfig
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if model is ExportConfig and part == "tolerances":
+            if not parts:
+                return []
+            parts.pop(0)  # the module name keying the dict
+            model = Tolerance
+            continue
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)

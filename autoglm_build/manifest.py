@@ -1,0 +1,198 @@
+"""The build manifest: the one object that flows between stages (``<workdir>/manifest.json``).
+
+It lists every artifact (path relative to the workdir, kind, module, sha256, bytes) and, per stage
+and module, a record (status, fingerprint, params, duration, metrics, warnings). It is written
+atomically (temp file + ``os.replace``) after each stage, so an interrupted build leaves the last
+complete state behind, never a truncated file.
+
+Artifact checks follow DVC's cache model: a file whose size and mtime still match the recorded
+ones is taken as unchanged; otherwise its sha256 is recomputed and compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from autoglm_build import __version__
+from autoglm_build.errors import UserError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 1 << 22
+
+
+class Artifact(BaseModel):
+    """One file a stage produced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="relative to the workdir, '/'-separated")
+    kind: str = Field(description="onnx | onnx-data | ...")
+    module: str
+    stage: str
+    sha256: str
+    bytes: int
+    mtime_ns: int = 0
+
+
+class StageRecord(BaseModel):
+    """What one stage did for one module."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    module: str
+    status: str = Field(description="done | failed")
+    fingerprint: str
+    params: Dict[str, Any] = Field(default_factory=dict)
+    started: float = 0.0
+    duration_s: float = 0.0
+    metrics: Dict[str, Any] = Field(default_factory=dict)
+    warnings: List[str] = Field(default_factory=list)
+    artifacts: List[str] = Field(default_factory=list, description="paths of this record's artifacts")
+
+
+class Manifest(BaseModel):
+    """Everything a workdir holds and how it was made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str = __version__
+    config_name: str = ""
+    config_path: str = ""
+    updated: float = 0.0
+    artifacts: Dict[str, Artifact] = Field(default_factory=dict)
+    records: Dict[str, StageRecord] = Field(default_factory=dict)
+
+    # ---- persistence ------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, workdir: Path) -> "Manifest":
+        """The workdir's manifest, or an empty one if there is none yet.
+
+        Raises:
+            UserError: the file exists but is not a manifest this version can read.
+        """
+        path = Path(workdir) / MANIFEST_NAME
+        if not path.exists():
+            return cls()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"{path}: unreadable manifest ({exc})", hint="delete it or pass --force") from None
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise UserError(
+                f"{path}: schema_version: {data.get('schema_version')!r}, this tool reads {SCHEMA_VERSION}",
+                hint="rebuild into a fresh workdir",
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            from autoglm_build.config import format_validation_error
+
+            raise UserError(f"{path}: {format_validation_error(exc)}") from None
+
+    def save(self, workdir: Path) -> None:
+        """Write atomically: a temp file in the same directory, then ``os.replace``."""
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.updated = time.time()
+        atomic_write_text(workdir / MANIFEST_NAME, self.model_dump_json(indent=2) + "\n")
+
+    # ---- records ----------------------------------------------------------------------------
+
+    @staticmethod
+    def key(stage: str, module: str) -> str:
+        return f"{stage}/{module}"
+
+    def record(self, stage: str, module: str) -> Optional[StageRecord]:
+        return self.records.get(self.key(stage, module))
+
+    def put(self, record: StageRecord, artifacts: List[Artifact]) -> None:
+        """Store a record and its artifacts, dropping the artifacts its previous run listed."""
+        old = self.records.get(self.key(record.stage, record.module))
+        for path in old.artifacts if old else []:
+            self.artifacts.pop(path, None)
+        for art in artifacts:
+            self.artifacts[art.path] = art
+        record.artifacts = [a.path for a in artifacts]
+        self.records[self.key(record.stage, record.module)] = record
+
+    def artifacts_of(self, stage: str, module: str, kind: Optional[str] = None) -> List[Artifact]:
+        rec = self.record(stage, module)
+        arts = [self.artifacts[p] for p in rec.artifacts if p in self.artifacts] if rec else []
+        return [a for a in arts if kind is None or a.kind == kind]
+
+    def intact(self, workdir: Path, record: StageRecord) -> bool:
+        """Whether every artifact of ``record`` is on disk with its recorded content."""
+        return all(
+            path in self.artifacts and artifact_state(workdir, self.artifacts[path]) == "ok"
+            for path in record.artifacts
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_artifact(workdir: Path, path: Path, kind: str, module: str, stage: str) -> Artifact:
+    """Hash a file already in its final place under ``workdir``."""
+    st = path.stat()
+    return Artifact(
+        path=path.relative_to(workdir).as_posix(),
+        kind=kind,
+        module=module,
+        stage=stage,
+        sha256=sha256_file(path),
+        bytes=st.st_size,
+        mtime_ns=st.st_mtime_ns,
+    )
+
+
+def artifact_state(workdir: Path, art: Artifact) -> str:
+    """``ok``, ``missing`` or ``modified`` (size/mtime changed and the sha256 no longer matches)."""
+    path = Path(workdir) / art.path
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    if st.st_size != art.bytes:
+        return "modified"
+    if st.st_mtime_ns == art.mtime_ns:
+        return "ok"
+    if sha256_file(path) != art.sha256:
+        return "modified"
+    art.mtime_ns = st.st_mtime_ns  # same content, touched: remember the new mtime
+    return "ok"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

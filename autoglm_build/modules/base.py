@@ -1,0 +1,114 @@
+"""What every modality module declares (optimum's per-architecture ``OnnxConfig``).
+
+A :class:`ModuleSpec` says how to build the torch module that is exported, which checkpoint keys
+feed it, its ONNX inputs/outputs and dynamic axes, its example inputs, and how its export is
+validated. Specs are torch-free at import: torch and transformers are imported inside the methods
+that need them, so the registry can be read on the engine path (Python 3.9, no torch).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from autoglm_build.config import BuildConfig, Tolerance
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    """One validation run: a label for the table and the ONNX inputs of each step.
+
+    Single-shot modules have one step. The decoder has a prefill step followed by decode steps whose
+    cache inputs come from the previous step's outputs (``chain``), separately for each backend.
+    """
+
+    label: str
+    batch: int
+    steps: Tuple[Dict[str, np.ndarray], ...]
+    chain: Optional[Mapping[str, str]] = None  # output name -> input name fed to the next step
+
+
+class ModuleSpec:
+    """Base class of a registered modality module.
+
+    Subclasses set ``name``, ``sections`` (the config sections that determine the module, hashed
+    into its fingerprint) and ``weight_prefixes`` (module state-dict prefix -> candidate checkpoint
+    prefixes, first match wins), and implement the abstract methods.
+    """
+
+    name: str = ""
+    description: str = ""
+    sections: Tuple[str, ...] = ()
+    weight_prefixes: Mapping[str, Tuple[str, ...]] = {}
+    #: checkpoint keys under the chosen prefixes that belong to another module (not "unused")
+    checkpoint_ignore: Tuple[str, ...] = ()
+
+    # ---- building ---------------------------------------------------------------------------
+
+    def build(self, cfg: BuildConfig) -> torch.nn.Module:
+        """The export-ready torch module with seeded random weights (fp32, eval mode)."""
+        raise NotImplementedError
+
+    def seed(self, cfg: BuildConfig) -> int:
+        """Per-module seed: changing one module's config leaves the others' weights as they were."""
+        return (cfg.seed * 1_000_003 + zlib.crc32(self.name.encode())) % (2**63)
+
+    # ---- ONNX interface ---------------------------------------------------------------------
+
+    def input_names(self, cfg: BuildConfig) -> List[str]:
+        raise NotImplementedError
+
+    def output_names(self, cfg: BuildConfig) -> List[str]:
+        raise NotImplementedError
+
+    def dynamic_axes(self, cfg: BuildConfig) -> Dict[str, Dict[int, str]]:
+        """Named dynamic axes of every input and output (``batch`` is always axis 0)."""
+        raise NotImplementedError
+
+    def export_patches(self) -> List["Patch"]:
+        """Attributes replaced while exporting (optimum's ``ModelPatcher``); each must compute the same."""
+        return []
+
+    def export_inputs(self, cfg: BuildConfig) -> Dict[str, np.ndarray]:
+        """Inputs the graph is traced with: batch 2 and non-trivial lengths, so no axis specialises."""
+        raise NotImplementedError
+
+    # ---- validation -------------------------------------------------------------------------
+
+    def cases(self, cfg: BuildConfig, rng: np.random.Generator) -> Iterator[Case]:
+        """The validation runs: batch sizes from the config crossed with the module's lengths."""
+        raise NotImplementedError
+
+    def tolerance(self, cfg: BuildConfig) -> Tolerance:
+        return cfg.export.tolerances.get(self.name, Tolerance())
+
+    def fingerprint_data(self, cfg: BuildConfig) -> Dict[str, Any]:
+        """What determines this module's export: its sections, the seed and the export settings."""
+        export = cfg.section("export")
+        export["tolerances"] = export["tolerances"].get(self.name)
+        return {
+            "module": self.name,
+            "sections": {s: cfg.section(s) for s in self.sections},
+            "seed": cfg.seed,
+            "export": export,
+        }
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Replace ``owner.attr`` by ``value`` for the duration of an export."""
+
+    owner: Any
+    attr: str
+    value: Any
+
+
+def random_floats(rng: np.random.Generator, shape: Sequence[int], scale: float = 1.0) -> np.ndarray:
+    """Standard-normal float32 inputs (the distribution the validation feeds every float input)."""
+    return (rng.standard_normal(size=tuple(shape)) * scale).astype(np.float32)

@@ -1,0 +1,222 @@
+"""``decoder``: the GLM-4.1V text decoder and LM head over ``inputs_embeds``, with an explicit KV cache.
+
+One graph serves both prefill (``past_seq`` = 0, ``seq`` = N) and decode (``seq`` = 1, ``past_seq``
+= tokens so far): the cache enters as ``past_key.{i}``/``past_value.{i}`` and leaves, extended by
+``seq`` positions, as ``present_key.{i}``/``present_value.{i}``. The layers are transformers'
+``Glm4vTextDecoderLayer`` (same state-dict keys as ``Glm4vTextModel``); only the cache object is
+ours, a list of tensors instead of ``DynamicCache`` so that it traces into graph inputs/outputs.
+
+Inputs (B = batch, S = seq, P = past_seq, T = P + S):
+
+- ``inputs_embeds`` float32 (B, S, hidden): token embeddings with image/audio embeddings spliced in
+- ``attention_mask`` int64 (B, T): 1 for real tokens, 0 for padding (left padding when batching)
+- ``position_ids`` int64 (B, 3, S): GLM-4.1V's 3-part (temporal, height, width) rotary positions;
+  the three rows are equal for text
+- ``past_key.{i}``, ``past_value.{i}`` float32 (B, kv_heads, P, head_dim)
+
+Outputs: ``logits`` float32 (B, vocab) for the last position (``export.logits: last``, the default:
+what generation needs, and 2048x less memory at full vocab) or (B, S, vocab) with ``all``; and the
+``present_*`` tensors (B, kv_heads, T, head_dim).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Tuple
+
+import numpy as np
+
+from autoglm_build.config import BuildConfig
+from autoglm_build.modules.base import Case, ModuleSpec, Patch, random_floats
+from autoglm_build.modules.registry import register
+
+
+def _torch_module():
+    import torch
+    from torch import nn
+    from transformers.models.glm4v.modeling_glm4v import Glm4vTextModel
+
+    class ExplicitCache:
+        """The part of transformers' ``Cache`` that ``Glm4vTextAttention`` calls: ``update``."""
+
+        def __init__(self, past: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+            self.past = past
+            self.present: List[Tuple[torch.Tensor, torch.Tensor]] = [None] * len(past)  # type: ignore
+
+        def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+            past_key, past_value = self.past[layer_idx]
+            key = torch.cat([past_key, key], dim=2)
+            value = torch.cat([past_value, value], dim=2)
+            self.present[layer_idx] = (key, value)
+            return key, value
+
+    class TextDecoder(nn.Module):
+        """``Glm4vTextModel`` layers + final norm + LM head, cache in and out as tensors."""
+
+        def __init__(self, hf_text_config: Any, vocab_size: int, last_logits_only: bool) -> None:
+            super().__init__()
+            # The embedding table is the `embed` module's; build the text model without a real one.
+            self.language_model = Glm4vTextModel(hf_text_config)
+            self.language_model.embed_tokens = None
+            self.lm_head = nn.Linear(hf_text_config.hidden_size, vocab_size, bias=False)
+            self.lm_head.weight.data.normal_(0.0, hf_text_config.initializer_range)
+            self.last_logits_only = last_logits_only
+
+        @staticmethod
+        def causal_mask(attention_mask: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tensor:
+            """(B, 1, S, T) additive mask: query i (at position P + i) sees keys <= P + i that are not padding."""
+            total = attention_mask.shape[1]
+            key_pos = torch.arange(total, device=attention_mask.device)
+            query_pos = torch.arange(seq, device=attention_mask.device) + (total - seq)
+            allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+            zero = torch.zeros((), dtype=dtype)
+            return torch.where(allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype))
+
+        def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+            lm = self.language_model
+            cache = ExplicitCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
+            mask = self.causal_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
+            rotary = lm.rotary_emb(inputs_embeds, position_ids=position_ids.permute(1, 0, 2))
+            hidden = inputs_embeds
+            for layer in lm.layers:
+                hidden = layer(hidden, position_embeddings=rotary, attention_mask=mask, past_key_values=cache)
+            hidden = lm.norm(hidden)
+            if self.last_logits_only:
+                hidden = hidden[:, -1, :]
+            presents = [t for pair in cache.present for t in pair]
+            return (self.lm_head(hidden), *presents)
+
+    return TextDecoder
+
+
+def _rotate_half_llm(x):
+    """transformers' ``rotate_half_llm`` with ``reshape(x.shape)`` for ``flatten(-2)``.
+
+    The TorchScript exporter mis-infers the rank after ``stack(...).flatten(-2)`` and then rejects a
+    later ``cat``; the explicit reshape is the same permutation of the same values.
+    """
+    import torch
+
+    x1 = x[..., 0::2]
+    x2 = x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).reshape(x.shape)
+
+
+def _recomposition_frequencies(self, freq):
+    """``Glm4vTextRotaryEmbedding.recomposition_frequencies`` with positive axes.
+
+    The TorchScript exporter resolves ``dim=-1`` of ``split`` against a wrong rank here and splits
+    the batch axis; naming the axis explicitly exports the same computation.
+    """
+    import torch
+
+    last = freq.dim() - 1
+    parts = freq.split(self.mrope_section, dim=last)
+    freq = torch.cat([m[i % 3] for i, m in enumerate(parts)], dim=last - 1)
+    return freq.repeat_interleave(2, dim=last - 1)
+
+
+@register("decoder", order=3)
+class DecoderSpec(ModuleSpec):
+    """GLM-4.1V text decoder + LM head with explicit KV cache: prefill and decode from one graph."""
+
+    description = "GLM-4.1V text decoder + LM head, KV cache in/out"
+    sections = ("text",)
+    weight_prefixes = {
+        "language_model.": ("model.language_model.", "model."),
+        "lm_head.": ("lm_head.",),
+    }
+    checkpoint_ignore = ("embed_tokens.",)
+
+    def build(self, cfg: BuildConfig):
+        import torch
+
+        from autoglm_build.modules.hf_configs import text_config
+
+        # vocab_size=1: Glm4vTextModel's own embedding table is dropped (the `embed` module owns it).
+        hf = text_config(cfg.text, vocab_size=1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed(cfg))
+            module = _torch_module()(hf, cfg.text.vocab_size, cfg.export.logits == "last")
+        return module.eval()
+
+    def export_patches(self) -> List[Patch]:
+        from transformers.models.glm4v import modeling_glm4v
+
+        return [
+            Patch(modeling_glm4v, "rotate_half_llm", _rotate_half_llm),
+            Patch(modeling_glm4v.Glm4vTextRotaryEmbedding, "recomposition_frequencies", _recomposition_frequencies),
+        ]
+
+    # ---- ONNX interface ---------------------------------------------------------------------
+
+    def layers(self, cfg: BuildConfig) -> range:
+        return range(cfg.text.num_hidden_layers)
+
+    def input_names(self, cfg: BuildConfig) -> List[str]:
+        names = ["inputs_embeds", "attention_mask", "position_ids"]
+        for i in self.layers(cfg):
+            names += [f"past_key.{i}", f"past_value.{i}"]
+        return names
+
+    def output_names(self, cfg: BuildConfig) -> List[str]:
+        names = ["logits"]
+        for i in self.layers(cfg):
+            names += [f"present_key.{i}", f"present_value.{i}"]
+        return names
+
+    def dynamic_axes(self, cfg: BuildConfig) -> Dict[str, Dict[int, str]]:
+        axes: Dict[str, Dict[int, str]] = {
+            "inputs_embeds": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "total_seq"},
+            "position_ids": {0: "batch", 2: "seq"},
+            "logits": {0: "batch"} if cfg.export.logits == "last" else {0: "batch", 1: "seq"},
+        }
+        for i in self.layers(cfg):
+            axes[f"past_key.{i}"] = axes[f"past_value.{i}"] = {0: "batch", 2: "past_seq"}
+            axes[f"present_key.{i}"] = axes[f"present_value.{i}"] = {0: "batch", 2: "total_seq"}
+        return axes
+
+    def kv_shape(self, cfg: BuildConfig, batch: int, length: int) -> Tuple[int, int, int, int]:
+        t = cfg.text
+        return (batch, t.num_key_value_heads, length, t.head_dim)
+
+    def step_inputs(
+        self, cfg: BuildConfig, rng: np.random.Generator, batch: int, seq: int, past: int, pad: int = 0
+    ) -> Dict[str, np.ndarray]:
+        """Inputs of one step with random embeddings and a zero cache of ``past`` positions.
+
+        ``pad`` left-pads the first row by that many positions (masked out), as batched serving does.
+        """
+        total = past + seq
+        mask = np.ones((batch, total), dtype=np.int64)
+        mask[0, :pad] = 0
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, past:]
+        inputs = {
+            "inputs_embeds": random_floats(rng, (batch, seq, cfg.text.hidden_size)),
+            "attention_mask": mask,
+            "position_ids": np.repeat(positions[:, None, :], 3, axis=1).astype(np.int64),
+        }
+        for i in self.layers(cfg):
+            inputs[f"past_key.{i}"] = random_floats(rng, self.kv_shape(cfg, batch, past))
+            inputs[f"past_value.{i}"] = random_floats(rng, self.kv_shape(cfg, batch, past))
+        return inputs
+
+    def export_inputs(self, cfg: BuildConfig) -> Dict[str, np.ndarray]:
+        return self.step_inputs(cfg, np.random.default_rng(0), batch=2, seq=3, past=4)
+
+    def cases(self, cfg: BuildConfig, rng: np.random.Generator) -> Iterator[Case]:
+        """Prefill of N tokens (first row left-padded by 2), then decode steps from the returned cache."""
+        chain = {}
+        for i in self.layers(cfg):
+            chain[f"present_key.{i}"] = f"past_key.{i}"
+            chain[f"present_value.{i}"] = f"past_value.{i}"
+        for seq in cfg.export.decoder_seq_lens:
+            for batch in cfg.export.batch_sizes:
+                pad = min(2, seq - 1)
+                steps = [self.step_inputs(cfg, rng, batch, seq, past=0, pad=pad)]
+                for step in range(cfg.export.decoder_decode_steps):
+                    past = seq + step
+                    decode = self.step_inputs(cfg, rng, batch, 1, past=past, pad=pad)
+                    steps.append({k: v for k, v in decode.items() if not k.startswith("past_")})
+                yield Case(label=f"prefill {seq}+{cfg.export.decoder_decode_steps} decode",
+                           batch=batch, steps=tuple(steps), chain=chain)

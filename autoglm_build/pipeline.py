@@ -1,0 +1,141 @@
+"""Orders stages over modules, skips what is cached, and records everything in the manifest.
+
+A stage is skipped for a module when its record says ``done``, its fingerprint equals the one
+computed now, and every artifact it listed is on disk with its recorded content (DVC's lockfile
+model). ``force`` reruns regardless. The manifest is saved after each stage/module, so an
+interrupted build keeps what finished.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from autoglm_build.config import BuildConfig
+from autoglm_build.console import Reporter
+from autoglm_build.errors import UserError
+from autoglm_build.manifest import Manifest, StageRecord, make_artifact
+from autoglm_build.stages.base import Stage, StageContext
+
+
+@dataclass
+class Outcome:
+    """What happened to one stage/module in this invocation: ``ran``, ``cached`` or ``failed``."""
+
+    stage: str
+    module: str
+    status: str
+    seconds: float
+    record: Optional[StageRecord]
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "module": self.module,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "record": self.record.model_dump() if self.record else None,
+        }
+
+
+class Pipeline:
+    """Run ``stages`` over ``modules`` in a workdir.
+
+    Args:
+        cfg: The validated build config.
+        workdir: Where artifacts and ``manifest.json`` live.
+        stages: Configured stage callables, in order.
+        modules: Module names, in order.
+        force: Rerun even cached stages.
+        reporter: Progress and logs (stderr).
+        config_path: Recorded in the manifest.
+    """
+
+    def __init__(
+        self,
+        cfg: BuildConfig,
+        workdir: Path,
+        stages: Sequence[Stage],
+        modules: Sequence[str],
+        force: bool = False,
+        reporter: Optional[Reporter] = None,
+        config_path: str = "",
+    ) -> None:
+        self.cfg = cfg
+        self.workdir = Path(workdir)
+        self.stages = list(stages)
+        self.modules = list(modules)
+        self.force = force
+        self.reporter = reporter or Reporter()
+        self.config_path = config_path
+
+    def run(self) -> List[Outcome]:
+        """Run every stage for every module; raises the first stage's :class:`UserError`."""
+        manifest = Manifest.load(self.workdir)
+        manifest.config_name, manifest.config_path = self.cfg.name, self.config_path
+        outcomes = []
+        for stage in self.stages:
+            for module in self.modules:
+                outcomes.append(self._run_one(manifest, stage, module))
+        manifest.save(self.workdir)
+        return outcomes
+
+    def plan(self) -> List[Dict[str, Any]]:
+        """Per stage/module: the fingerprint now and whether it would be skipped (no work done)."""
+        manifest = Manifest.load(self.workdir)
+        rows = []
+        for stage in self.stages:
+            for module in self.modules:
+                ctx = StageContext(self.cfg, self.workdir, manifest)
+                fingerprint = stage.fingerprint(ctx, module)
+                rows.append({"stage": stage.name, "module": module, "fingerprint": fingerprint,
+                             "cached": self._cached(manifest, stage.name, module, fingerprint)})
+        return rows
+
+    def _cached(self, manifest: Manifest, stage: str, module: str, fingerprint: str) -> bool:
+        rec = manifest.record(stage, module)
+        return (
+            not self.force and rec is not None and rec.status == "done"
+            and rec.fingerprint == fingerprint and manifest.intact(self.workdir, rec)
+        )
+
+    def _run_one(self, manifest: Manifest, stage: Stage, module: str) -> Outcome:
+        label = f"{stage.name} {module}"
+        with self.reporter.task(label) as status:
+            ctx = StageContext(self.cfg, self.workdir, manifest, status=status)
+            fingerprint = stage.fingerprint(ctx, module)
+            if self._cached(manifest, stage.name, module, fingerprint):
+                self.reporter.info(f"{label}: cached (fingerprint {fingerprint[:12]} and outputs unchanged)")
+                return Outcome(stage.name, module, "cached", 0.0, manifest.record(stage.name, module))
+            started = time.time()
+            try:
+                result = stage(ctx, module)
+            except UserError as exc:
+                record = StageRecord(
+                    stage=stage.name, module=module, status="failed", fingerprint=fingerprint,
+                    started=started, duration_s=round(time.time() - started, 3),
+                    metrics=getattr(exc, "metrics", {}), warnings=[exc.message],
+                )
+                self._drop_outputs(manifest, stage.name, module)
+                manifest.put(record, [])
+                manifest.save(self.workdir)
+                raise
+        artifacts = [make_artifact(self.workdir, path, kind, module, stage.name) for path, kind in result.outputs]
+        record = StageRecord(
+            stage=stage.name, module=module, status="done", fingerprint=fingerprint, params=result.params,
+            started=started, duration_s=round(time.time() - started, 3), metrics=result.metrics,
+            warnings=result.warnings,
+        )
+        manifest.put(record, artifacts)
+        manifest.save(self.workdir)
+        for warning in result.warnings:
+            self.reporter.warn(f"{label}: {warning}")
+        self.reporter.info(f"{label}: done in {record.duration_s:.1f}s")
+        return Outcome(stage.name, module, "ran", record.duration_s, record)
+
+    def _drop_outputs(self, manifest: Manifest, stage: str, module: str) -> None:
+        """A failed rerun leaves no stale output of an earlier config behind."""
+        for art in manifest.artifacts_of(stage, module):
+            (self.workdir / art.path).unlink(missing_ok=True)

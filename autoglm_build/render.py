@@ -1,0 +1,104 @@
+"""Rich tables people read: stage outcomes, validation errors, the dry-run plan, a workdir's contents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from rich.table import Table
+
+from autoglm_build.console import human_bytes, human_count, stdout
+from autoglm_build.pipeline import Outcome
+
+
+def _ok(passed: bool) -> str:
+    return "[green]pass[/green]" if passed else "[red]FAIL[/red]"
+
+
+def render_outcomes(outcomes: Sequence[Outcome], workdir: Path) -> None:
+    """The summary of a build, then the validation rows of each module that ran."""
+    table = Table(title=f"autoglm-build: {workdir}", title_justify="left")
+    for col in ("stage", "module", "status", "time", "params", "size", "max abs", "max rel", "valid"):
+        table.add_column(col, justify="right" if col in ("time", "params", "size", "max abs", "max rel") else "left")
+    for o in outcomes:
+        rec = o.record
+        metrics = rec.metrics if rec else {}
+        size = sum(_artifact_bytes(workdir, p) for p in rec.artifacts) if rec else 0
+        table.add_row(
+            o.stage, o.module, o.status, f"{rec.duration_s:.1f}s" if rec else "-",
+            human_count(rec.params.get("parameters", 0)) if rec else "-", human_bytes(size),
+            f"{metrics.get('max_abs', 0):.2e}", f"{metrics.get('max_rel', 0):.2e}",
+            _ok(metrics.get("passed", False)) if metrics else "-",
+        )
+    stdout.print(table)
+    ran = [o for o in outcomes if o.status == "ran" and o.record and o.record.metrics.get("rows")]
+    if ran:
+        render_validation([row for o in ran for row in o.record.metrics["rows"]])
+
+
+def render_validation(rows: List[Dict[str, Any]]) -> None:
+    """module | case | batch | output | shape | max abs | max rel | tol | pass."""
+    table = Table(title="ONNX Runtime vs PyTorch", title_justify="left")
+    for col in ("module", "case", "batch", "output", "shape", "max abs", "max rel", "tol: atol + rtol*max|ref|", "pass"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            r["module"], r["case"], str(r["batch"]), r["output"], "x".join(map(str, r["shape"])),
+            f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}", f"{r['atol']:.0e} + {r['rtol']:.0e}", _ok(r["passed"]),
+        )
+    stdout.print(table)
+
+
+def render_plan(plan: Dict[str, Any]) -> None:
+    table = Table(title=f"plan for {plan['config']} (dry run: nothing allocated or written)", title_justify="left")
+    for col in ("module", "parameters", "ONNX (fp32, est.)", "external data", "inputs", "outputs"):
+        table.add_column(col)
+    for m in plan["modules"]:
+        table.add_row(
+            m["module"], human_count(m["parameters"]), human_bytes(m["onnx_bytes_estimate"]),
+            "yes" if m["external_data"] else "no", _io(m["inputs"]), _io(m["outputs"]),
+        )
+    stdout.print(table)
+    stages = Table(title="stages", title_justify="left")
+    for col in ("stage", "module", "fingerprint", "would"):
+        stages.add_column(col)
+    for s in plan["stages"]:
+        stages.add_row(s["stage"], s["module"], s["fingerprint"][:12], "skip (cached)" if s["cached"] else "run")
+    stdout.print(stages)
+
+
+def render_inspect(report: Dict[str, Any]) -> None:
+    title = f"{report['workdir']}: config {report['config_name']} ({report['config_path']})"
+    arts = Table(title=title, title_justify="left")
+    for col in ("artifact", "kind", "module", "stage", "size", "sha256", "state"):
+        arts.add_column(col)
+    for path, a in sorted(report["artifacts"].items()):
+        state = a["state"] if a["state"] == "ok" else f"[red]{a['state']}[/red]"
+        arts.add_row(path, a["kind"], a["module"], a["stage"], human_bytes(a["bytes"]), a["sha256"][:12], state)
+    stdout.print(arts)
+    recs = Table(title="stage records", title_justify="left")
+    for col in ("stage", "module", "status", "time", "fingerprint", "max abs", "batches", "warnings"):
+        recs.add_column(col)
+    for r in report["records"].values():
+        m = r["metrics"]
+        recs.add_row(
+            r["stage"], r["module"], r["status"], f"{r['duration_s']:.1f}s", r["fingerprint"][:12],
+            f"{m['max_abs']:.2e}" if "max_abs" in m else "-", ",".join(map(str, m.get("batches", []))),
+            str(len(r["warnings"])),
+        )
+    stdout.print(recs)
+
+
+def _io(io: Dict[str, Dict[str, str]]) -> str:
+    parts = []
+    for name, axes in io.items():
+        dyn = ",".join(axes.values())
+        parts.append(f"{name}[{dyn}]" if dyn else name)
+    if len(parts) > 4:
+        parts = parts[:3] + [f"... (+{len(parts) - 3})"]
+    return " ".join(parts)
+
+
+def _artifact_bytes(workdir: Path, rel: str) -> int:
+    path = Path(workdir) / rel
+    return path.stat().st_size if path.exists() else 0

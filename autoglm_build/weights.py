@@ -1,0 +1,167 @@
+"""Weights from a local safetensors checkpoint directory (Hugging Face layout).
+
+Only safetensors is read: a directory with pickle weights (``.bin``, ``.pt``, ...) is refused, and
+nothing here calls ``torch.load``. Files are opened lazily, so a module takes only its own tensors
+from a multi-shard 9B checkpoint. Each module's state-dict prefix maps to candidate checkpoint
+prefixes (``ModuleSpec.weight_prefixes``); the first candidate the checkpoint has is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Tuple
+
+from autoglm_build.errors import CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own bound on the JSON header
+
+
+@dataclass
+class LoadReport:
+    """What :meth:`Checkpoint.load_into` did."""
+
+    loaded: int = 0
+    prefixes: Dict[str, str] = field(default_factory=dict)  # module prefix -> checkpoint prefix used
+    unused: List[str] = field(default_factory=list)  # checkpoint tensors under those prefixes not used
+
+
+class Checkpoint:
+    """A directory of ``*.safetensors`` files (one file or shards with an index).
+
+    Args:
+        directory: The checkpoint directory.
+
+    Raises:
+        CheckpointError: missing directory, no safetensors (pickle is refused), unreadable header.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: checkpoint directory not found")
+        self.files = sorted(self.directory.glob("*.safetensors"))
+        if not self.files:
+            pickles = sorted(p.name for p in self.directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(
+                    f"{self.directory}: only pickle weights here ({', '.join(pickles[:3])}); "
+                    "autoglm-build reads safetensors only and never unpickles",
+                    hint="convert once, in a trusted environment, with safetensors.torch.save_file",
+                )
+            raise CheckpointError(f"{self.directory}: no *.safetensors files in the checkpoint directory")
+        self.headers = {path: read_header(path) for path in self.files}
+        self.index: Dict[str, Path] = {}
+        for path, header in self.headers.items():
+            for key in header:
+                if key != "__metadata__":
+                    self.index[key] = path
+
+    def fingerprint(self) -> str:
+        """sha256 over each file's name, size and header (tensor names, dtypes, shapes, offsets).
+
+        The tensor bytes are not hashed: a 9B checkpoint would cost a minute per build. Replacing
+        a file changes its size or header in every realistic case; ``--force`` covers the rest.
+        """
+        digest = hashlib.sha256()
+        for path, header in self.headers.items():
+            digest.update(f"{path.name}:{path.stat().st_size}:".encode())
+            digest.update(json.dumps(header, sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def load_into(
+        self,
+        module: Any,
+        prefixes: Mapping[str, Tuple[str, ...]],
+        label: str,
+        ignore: Tuple[str, ...] = (),
+    ) -> LoadReport:
+        """Copy this checkpoint's tensors into ``module``'s parameters and persistent buffers.
+
+        Args:
+            module: A torch module whose state-dict keys start with the keys of ``prefixes``.
+            prefixes: Module prefix -> candidate checkpoint prefixes, tried in order.
+            label: The module's name, for messages.
+            ignore: Checkpoint key suffixes (after the prefix) that belong to other modules.
+
+        Returns:
+            A :class:`LoadReport`.
+
+        Raises:
+            CheckpointError: a missing tensor or a shape mismatch, naming key and file.
+        """
+        import torch
+        from safetensors import safe_open
+
+        state = module.state_dict()
+        report = LoadReport()
+        plan: Dict[str, Tuple[str, Path]] = {}
+        for mod_prefix, candidates in prefixes.items():
+            keys = [k for k in state if k.startswith(mod_prefix)]
+            ckpt_prefix = self._choose_prefix(keys, mod_prefix, candidates, label)
+            report.prefixes[mod_prefix] = ckpt_prefix
+            for key in keys:
+                plan[key] = (ckpt_prefix + key[len(mod_prefix):], self.index[ckpt_prefix + key[len(mod_prefix):]])
+            used = {ckpt_prefix + k[len(mod_prefix):] for k in keys}
+            report.unused += [
+                k for k in self.index
+                if k.startswith(ckpt_prefix) and k not in used and not k[len(ckpt_prefix):].startswith(ignore)
+            ]
+        by_file: Dict[Path, List[str]] = {}
+        for key, (_, path) in plan.items():
+            by_file.setdefault(path, []).append(key)
+        with torch.no_grad():
+            for path, keys in by_file.items():
+                with safe_open(str(path), framework="pt") as fh:
+                    for key in keys:
+                        ckpt_key = plan[key][0]
+                        tensor = fh.get_tensor(ckpt_key)
+                        target = state[key]
+                        if tuple(tensor.shape) != tuple(target.shape):
+                            raise CheckpointError(
+                                f"{path}: {ckpt_key}: shape {tuple(tensor.shape)} does not fit module "
+                                f"'{label}' ({tuple(target.shape)}); does the config match the checkpoint?"
+                            )
+                        target.copy_(tensor.to(target.dtype))
+                        report.loaded += 1
+        return report
+
+    def _choose_prefix(self, keys: List[str], mod_prefix: str, candidates: Tuple[str, ...], label: str) -> str:
+        for cand in candidates:
+            if keys and cand + keys[0][len(mod_prefix):] in self.index:
+                missing = [cand + k[len(mod_prefix):] for k in keys if cand + k[len(mod_prefix):] not in self.index]
+                if missing:
+                    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                    raise CheckpointError(
+                        f"{self.directory}: tensor '{missing[0]}' for module '{label}' is missing{more}; "
+                        "does the config's depth match the checkpoint?"
+                    )
+                return cand
+        expected = " or ".join(f"'{c}{keys[0][len(mod_prefix):]}'" for c in candidates) if keys else "?"
+        raise CheckpointError(f"{self.directory}: no weights for module '{label}' (looked for {expected})")
+
+
+def read_header(path: Path) -> Dict[str, Any]:
+    """The JSON header of a safetensors file, read without loading any tensor.
+
+    Raises:
+        CheckpointError: the file is truncated or not safetensors.
+    """
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", raw)
+            if length > _HEADER_LIMIT:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(fh.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            return header
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None

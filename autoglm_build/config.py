@@ -154,7 +154,7 @@ class BuildConfig(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
 
     @model_validator(mode="after")
-    def _check_architecture(self) -> "BuildConfig":
+    def _check_architecture(self) -> BuildConfig:
         for problem in _architecture_problems(self):
             raise ValueError(problem)
         return self

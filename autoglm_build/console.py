@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+
 def _console(to_stderr: bool) -> Console:
     console = Console(stderr=to_stderr)
     if not console.is_terminal and "COLUMNS" not in os.environ:

@@ -76,7 +76,7 @@ class Manifest(BaseModel):
     # ---- persistence ------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, workdir: Path) -> "Manifest":
+    def load(cls, workdir: Path) -> Manifest:
         """The workdir's manifest, or an empty one if there is none yet.
 
         Raises:

@@ -39,7 +39,8 @@ def render_outcomes(outcomes: Sequence[Outcome], workdir: Path) -> None:
 def render_validation(rows: List[Dict[str, Any]]) -> None:
     """module | case | batch | output | shape | max abs | max rel | tol | pass."""
     table = Table(title="ONNX Runtime vs PyTorch", title_justify="left")
-    for col in ("module", "case", "batch", "output", "shape", "max abs", "max rel", "tol: atol + rtol*max|ref|", "pass"):
+    columns = ("module", "case", "batch", "output", "shape", "max abs", "max rel", "tol: atol + rtol*max|ref|", "pass")
+    for col in columns:
         table.add_column(col)
     for r in rows:
         table.add_row(

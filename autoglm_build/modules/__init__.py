@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from autoglm_build.modules import registry
-from autoglm_build.modules.base import Case, ModuleSpec
-
 # Importing the modules registers them.
-from autoglm_build.modules import audio, decoder, embed, vision  # noqa: E402,F401
+from autoglm_build.modules import audio, decoder, embed, registry, vision  # noqa: E402,F401
+from autoglm_build.modules.base import Case, ModuleSpec
 
 __all__ = ["Case", "ModuleSpec", "registry"]

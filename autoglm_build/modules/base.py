@@ -71,7 +71,7 @@ class ModuleSpec:
         """Named dynamic axes of every input and output (``batch`` is always axis 0)."""
         raise NotImplementedError
 
-    def export_patches(self) -> List["Patch"]:
+    def export_patches(self) -> List[Patch]:
         """Attributes replaced while exporting (optimum's ``ModelPatcher``); each must compute the same."""
         return []
 

@@ -1,0 +1,102 @@
+"""The CLI through its entry point: outputs on the right streams, exit codes, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from autoglm_build.cli import app
+from tests.conftest import FULL, TINY, write_config
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_run_json_is_one_document_on_stdout(tiny_build_copy):
+    result = invoke("run", "-c", TINY, "-w", tiny_build_copy, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert {o["module"]: o["status"] for o in doc["outcomes"]} == dict.fromkeys(
+        ["vision", "audio", "embed", "decoder"], "cached")
+    assert "cached" in result.stderr  # logs go to stderr
+
+
+def test_global_options_before_the_command(tiny_build_copy):
+    result = invoke("-c", TINY, "-w", tiny_build_copy, "--json", "export", "-m", "embed")
+    assert result.exit_code == 0
+    assert [o["module"] for o in json.loads(result.stdout)["outcomes"]] == ["embed"]
+
+
+def test_table_shows_validation_errors(tmp_path):
+    result = invoke("export", "-c", TINY, "-w", tmp_path / "w", "-m", "embed")
+    assert result.exit_code == 0
+    assert "ONNX Runtime vs PyTorch" in result.stdout and "pass" in result.stdout
+    assert "seq 16" in result.stdout
+
+
+def test_dry_run_full_size_counts_real_parameters_and_writes_nothing(tmp_path):
+    result = invoke("run", "-c", FULL, "-w", tmp_path / "w", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "w").exists()
+    plan = {m["module"]: m for m in json.loads(result.stdout)["modules"]}
+    h, kv, ffn, vocab = 4096, 256, 13696, 151552
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * ffn + 4 * h
+    assert plan["decoder"]["parameters"] == 40 * layer + h + vocab * h
+    assert plan["embed"]["parameters"] == vocab * h
+    assert plan["decoder"]["external_data"] and plan["decoder"]["onnx_bytes_estimate"] > 2**31
+    assert 8.5e9 < sum(m["parameters"] for m in plan.values()) < 11e9
+    assert all(not s["cached"] for s in json.loads(result.stdout)["stages"])
+
+
+@pytest.mark.parametrize(
+    "changes, args, message",
+    [
+        ({"vision": {"dept": 2}}, [], "vision.dept: unknown field; valid fields here: depth"),
+        ({"text": {"num_hidden_layers": "two"}}, [], "text.num_hidden_layers: Input should be a valid integer"),
+        ({}, ["--checkpoint", "/nonexistent/ckpt"], "/nonexistent/ckpt: checkpoint directory not found"),
+        ({}, ["-m", "speech"], "unknown module 'speech'; valid: vision, audio, embed, decoder"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, changes, args, message):
+    config = write_config(tmp_path / "c.yaml", changes)
+    workdir = tmp_path / "w"
+    result = invoke("export", "-c", config, "-w", workdir, *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[0].startswith("error: ")
+    assert not workdir.exists()
+
+
+def test_pickle_checkpoint_refused_from_cli(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    result = invoke("export", "-c", TINY, "-w", tmp_path / "w", "--checkpoint", ckpt)
+    assert result.exit_code == 2 and "only pickle weights here" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_accuracy_failure_exits_3(tmp_path):
+    config = write_config(tmp_path / "c.yaml", {"export": {"tolerances": {"audio": {"atol": 0, "rtol": 0}}}})
+    result = invoke("export", "-c", config, "-w", tmp_path / "w", "-m", "audio")
+    assert result.exit_code == 3 and "differs from PyTorch" in result.stderr
+
+
+def test_inspect_checks_artifacts(tiny_build_copy):
+    result = invoke("inspect", "-w", tiny_build_copy, "--json")
+    report = json.loads(result.stdout)
+    assert {a["state"] for a in report["artifacts"].values()} == {"ok"}
+    (tiny_build_copy / "onnx" / "vision.onnx").write_bytes(b"corrupt")
+    result = invoke("inspect", "-w", tiny_build_copy)
+    assert result.exit_code == 0 and "modified" in result.stdout
+
+
+def test_inspect_without_manifest(tmp_path):
+    result = invoke("inspect", "-w", tmp_path)
+    assert result.exit_code == 2 and "no manifest.json here" in result.stderr

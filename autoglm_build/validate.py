@@ -52,11 +52,12 @@ def compare_cases(
     run: Runner,
     reference: Runner,
     tolerance: Tolerance,
+    progress: Callable[[int], None] = lambda done: None,
 ) -> List[Comparison]:
     """Run every case through both backends and compare each output.
 
     Chained steps (the decoder's cache) feed each backend its own previous outputs, so errors
-    accumulate as they would in real decoding.
+    accumulate as they would in real decoding. ``progress`` is called with the cases done so far.
 
     Raises:
         StructureError: an output is missing or its shape differs.
@@ -83,6 +84,7 @@ def compare_cases(
             if case.chain:
                 carried = {"run": _chain(case.chain, got), "ref": _chain(case.chain, want)}
         rows += [_row(module, case, group, got, vals, tolerance) for group, vals in errors.items()]
+        progress(len({(r.case, r.batch) for r in rows}))
     return rows
 
 

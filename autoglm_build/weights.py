@@ -61,6 +61,42 @@ class Checkpoint:
                 if key != "__metadata__":
                     self.index[key] = path
 
+    def check_config(self, cfg: Any) -> None:
+        """Refuse a build config that disagrees with the checkpoint's ``config.json``.
+
+        Only fields that no weight shape reveals are checked here (rotary and norm settings); shape
+        disagreements are caught tensor by tensor while loading. A checkpoint without a
+        ``config.json`` is not checked.
+
+        Raises:
+            CheckpointError: naming the checkpoint field and the config field.
+        """
+        path = self.directory / "config.json"
+        if not path.is_file():
+            return
+        try:
+            hf = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+        text = hf.get("text_config") or {}
+        rope = {**(text.get("rope_scaling") or {}), **(text.get("rope_parameters") or {})}
+        theirs = {
+            "text.partial_rotary_factor": text.get("partial_rotary_factor", rope.get("partial_rotary_factor")),
+            "text.rope_theta": text.get("rope_theta", rope.get("rope_theta")),
+            "text.mrope_section": rope.get("mrope_section"),
+            "text.rms_norm_eps": text.get("rms_norm_eps"),
+            "vision.rms_norm_eps": (hf.get("vision_config") or {}).get("rms_norm_eps"),
+        }
+        for dotted, value in theirs.items():
+            section, name = dotted.split(".")
+            ours = getattr(getattr(cfg, section), name)
+            if value is not None and _differs(value, ours):
+                raise CheckpointError(
+                    f"{path}: {section}_config {name} is {value}, the build config's {dotted} is {ours}; "
+                    "the export would compute a different model",
+                    hint=f"set {dotted}: {value} in the build config",
+                )
+
     def fingerprint(self) -> str:
         """sha256 over each file's name, size and header (tensor names, dtypes, shapes, offsets).
 
@@ -143,6 +179,12 @@ class Checkpoint:
                 return cand
         expected = " or ".join(f"'{c}{keys[0][len(mod_prefix):]}'" for c in candidates) if keys else "?"
         raise CheckpointError(f"{self.directory}: no weights for module '{label}' (looked for {expected})")
+
+
+def _differs(theirs: Any, ours: Any) -> bool:
+    if isinstance(ours, (tuple, list)):
+        return list(theirs) != list(ours)
+    return abs(float(theirs) - float(ours)) > 1e-9 * max(1.0, abs(float(ours)))
 
 
 def read_header(path: Path) -> Dict[str, Any]:

@@ -34,6 +34,7 @@ def save_hf_checkpoint(cfg: BuildConfig, directory: Path, seed: int = 7, shards:
     state.update({"audio_projector." + k[len("projector."):]: v for k, v in audio.state_dict().items()
                   if k.startswith("projector.")})
     directory.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(str(directory / "config.json"))
     keys = sorted(state)
     for i in range(shards):
         part = {k: state[k] for k in keys[i::shards]}

@@ -62,3 +62,14 @@ def test_fingerprint_changes_with_content_layout(tmp_path, tiny_cfg):
     before = Checkpoint(tmp_path).fingerprint()
     _embed_ckpt(tmp_path, tiny_cfg, shape=(10, tiny_cfg.text.hidden_size))
     assert Checkpoint(tmp_path).fingerprint() != before
+
+
+def test_checkpoint_config_json_must_agree_on_what_shapes_cannot_show(tmp_path, tiny_cfg):
+    from tests.helpers import save_hf_checkpoint
+
+    save_hf_checkpoint(tiny_cfg, tmp_path, shards=1)
+    Checkpoint(tmp_path).check_config(tiny_cfg)  # transformers' own config.json agrees
+    other = tiny_cfg.model_copy(update={"text": tiny_cfg.text.model_copy(update={"partial_rotary_factor": 1.0})})
+    with pytest.raises(CheckpointError, match="config.json: text_config partial_rotary_factor is 0.5, the build "
+                                              "config's text.partial_rotary_factor is 1.0"):
+        Checkpoint(tmp_path).check_config(other)

@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from autoglm_build.config import BuildConfig
 from autoglm_build.errors import AccuracyError
 from autoglm_build.modules import registry
 from autoglm_build.modules.base import ModuleSpec, Patch
@@ -48,17 +49,20 @@ class ExportStage(Stage):
         self.checkpoint_dir = Path(checkpoint) if checkpoint else None
         self._checkpoint = None
 
-    @property
-    def checkpoint(self):
+    def checkpoint(self, cfg: BuildConfig):
+        """The checkpoint, opened (headers read, config.json checked against ``cfg``) once."""
         if self.checkpoint_dir is not None and self._checkpoint is None:
             from autoglm_build.weights import Checkpoint
 
-            self._checkpoint = Checkpoint(self.checkpoint_dir)
+            checkpoint = Checkpoint(self.checkpoint_dir)
+            checkpoint.check_config(cfg)
+            self._checkpoint = checkpoint
         return self._checkpoint
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
         data = registry.get(module).fingerprint_data(ctx.cfg)
-        data["checkpoint"] = self.checkpoint.fingerprint() if self.checkpoint else None
+        checkpoint = self.checkpoint(ctx.cfg)
+        data["checkpoint"] = checkpoint.fingerprint() if checkpoint else None
         return data
 
     def __call__(self, ctx: StageContext, module: str) -> StageResult:
@@ -72,7 +76,6 @@ class ExportStage(Stage):
             t0 = time.perf_counter()
             files = export_onnx(ctx, spec, torch_module, Path(tmp))
             export_s = time.perf_counter() - t0
-            ctx.status(f"validating at batch {', '.join(map(str, ctx.cfg.export.batch_sizes))}")
             metrics = validate_onnx(ctx, spec, torch_module, files[0])
             metrics["export_s"] = round(export_s, 3)
             if not metrics["passed"]:
@@ -90,9 +93,10 @@ class ExportStage(Stage):
             "seed": spec.seed(ctx.cfg),
         }
         warns: List[str] = []
-        if self.checkpoint is not None:
+        checkpoint = self.checkpoint(ctx.cfg)
+        if checkpoint is not None:
             ctx.status("loading checkpoint")
-            report = self.checkpoint.load_into(module, spec.weight_prefixes, spec.name, spec.checkpoint_ignore)
+            report = checkpoint.load_into(module, spec.weight_prefixes, spec.name, spec.checkpoint_ignore)
             params.update(weights=str(self.checkpoint_dir), tensors_loaded=report.loaded, prefixes=report.prefixes)
             params.pop("seed")
             if report.unused:
@@ -155,12 +159,15 @@ def validate_onnx(ctx: StageContext, spec: ModuleSpec, module: Any, path: Path) 
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     outputs = spec.output_names(cfg)
+    cases = list(spec.cases(cfg, np.random.default_rng(1234)))
+    ctx.status(f"validating 0/{len(cases)} cases vs PyTorch")
     rows = compare_cases(
         spec.name,
-        spec.cases(cfg, np.random.default_rng(1234)),
+        cases,
         run=ort_runner(session, outputs),
         reference=torch_runner(module, spec.input_names(cfg), outputs),
         tolerance=spec.tolerance(cfg),
+        progress=lambda done: ctx.status(f"validating {done}/{len(cases)} cases vs PyTorch"),
     )
     return summarize(rows)
 

@@ -140,6 +140,35 @@ class ExportConfig(_Section):
     )
 
 
+DEFAULT_FP16_PATTERNS = ["op:Softmax", "op:LayerNormalization", "norm", "lm_head", "embed_tokens"]
+
+
+class ModuleCalibration(_Section):
+    """Per-module overrides of the precision policy."""
+
+    int8: bool = Field(True, description="false keeps the whole module FP16 in the INT8 build")
+    fp16_patterns: Optional[List[str]] = Field(None, description="replaces calibrate.fp16_patterns")
+
+
+class CalibrateConfig(_Section):
+    """INT8/FP16 mixed precision on real calibration data (calibration_data/README.md)."""
+
+    data: str = Field("calibration_data", description="calibration data directory (relative to the CWD)")
+    method: Literal["entropy", "minmax", "percentile"] = "entropy"
+    percentile: float = Field(99.999, gt=90, lt=100)
+    batches: int = Field(8, ge=1, description="calibration batches per module, at most")
+    batch_size: int = Field(4, ge=1)
+    holdout: float = Field(0.25, gt=0, lt=1, description="fraction of samples kept for the accuracy report")
+    op_types: List[str] = Field(["MatMul", "Gemm", "Conv"], min_length=1, description="ops quantized to INT8")
+    fp16_patterns: List[str] = Field(
+        default_factory=lambda: list(DEFAULT_FP16_PATTERNS),
+        description="nodes kept FP16: 'op:<OpType>' or a regex on the node name",
+    )
+    modules: Dict[str, ModuleCalibration] = Field(default_factory=dict)
+    target_cosine: Optional[float] = Field(None, gt=0, le=1, description="sensitivity fallback target")
+    trt_version: str = Field("8.5.3", pattern=r"^\d+\.\d+(\.\d+)?$", description="calibration cache header")
+
+
 class BuildConfig(_Section):
     """The whole build: architecture, which modules to build, and how."""
 
@@ -152,6 +181,10 @@ class BuildConfig(_Section):
     text: TextConfig = Field(default_factory=TextConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    tokenizer: Optional[str] = Field(
+        None, description="tokenizer.json (relative to this config file); default: the checkpoint's"
+    )
 
     @model_validator(mode="after")
     def _check_architecture(self) -> BuildConfig:
@@ -240,6 +273,8 @@ def load_config(path: Path, overrides: Optional[Dict[str, Any]] = None) -> Build
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
     data.update(overrides or {})
+    if isinstance(data.get("tokenizer"), str):
+        data["tokenizer"] = str((path.parent / data["tokenizer"]).resolve())
     try:
         cfg = BuildConfig.model_validate(data)
     except ValidationError as exc:
@@ -254,11 +289,10 @@ def _check_module_names(path: Path, cfg: BuildConfig) -> None:
     for name in cfg.modules:
         if name not in registry.names():
             raise ConfigError(f"{path}: modules: unknown module '{name}'; valid: {', '.join(registry.names())}")
-    for name in cfg.export.tolerances:
-        if name not in registry.names():
-            raise ConfigError(
-                f"{path}: export.tolerances.{name}: unknown module; valid: {', '.join(registry.names())}"
-            )
+    for field, names in (("export.tolerances", cfg.export.tolerances), ("calibrate.modules", cfg.calibrate.modules)):
+        for name in names:
+            if name not in registry.names():
+                raise ConfigError(f"{path}: {field}.{name}: unknown module; valid: {', '.join(registry.names())}")
 
 
 def format_validation_error(exc: ValidationError) -> str:
@@ -283,11 +317,12 @@ def _fields_at(loc: Tuple[Any, ...]) -> List[str]:
     parts = list(loc)
     while parts:
         part = parts.pop(0)
-        if model is ExportConfig and part == "tolerances":
+        keyed = {(ExportConfig, "tolerances"): Tolerance, (CalibrateConfig, "modules"): ModuleCalibration}
+        if (model, part) in keyed:
             if not parts:
                 return []
             parts.pop(0)  # the module name keying the dict
-            model = Tolerance
+            model = keyed[(model, part)]
             continue
         field = model.model_fields.get(part) if isinstance(part, str) else None
         annotation = getattr(field, "annotation", None)

@@ -110,6 +110,7 @@ class Pipeline:
                 self.reporter.info(f"{label}: cached (fingerprint {fingerprint[:12]} and outputs unchanged)")
                 return Outcome(stage.name, module, "cached", 0.0, manifest.record(stage.name, module))
             started = time.time()
+            self.workdir.mkdir(parents=True, exist_ok=True)
             try:
                 result = stage(ctx, module)
             except UserError as exc:

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List
 import numpy as np
 
 from autoglm_build.config import BuildConfig
-from autoglm_build.modules.base import Case, ModuleSpec, random_floats
+from autoglm_build.modules.base import Case, ModuleSpec, batched, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
 
 
@@ -114,3 +114,30 @@ class AudioSpec(ModuleSpec):
             for batch in cfg.export.batch_sizes:
                 feats = self.features(cfg, rng, batch, frames)
                 yield Case(label=f"{frames} frames", batch=batch, steps=({"input_features": feats},))
+
+    def calibration_batches(self, cfg: BuildConfig, data, graphs):
+        from autoglm_build.calibration import load_wav, log_mel, split
+
+        a = cfg.audio
+        clips = [log_mel(load_wav(p), a.num_mel_bins, a.frame_multiple, a.max_frames) for p in data.require("audio")]
+        calib, held = split(clips, cfg.calibrate.holdout)
+
+        def feeds(group):
+            out = []
+            for batch in batched(group, cfg.calibrate.batch_size):
+                # Shorter clips are cut from the same 30 s-padded log-mel, so their tail is Whisper's
+                # own padding.
+                frames = max(c.shape[1] for c in batch)
+                out.append({"input_features": np.stack([_pad_frames(c, frames) for c in batch])})
+            return out
+
+        return feeds(calib)[: cfg.calibrate.batches] + npz_feeds(self, cfg, data), feeds(held)
+
+
+def _pad_frames(features: np.ndarray, frames: int) -> np.ndarray:
+    """Extend log-mel features to ``frames`` with their own minimum (the log-mel of silence after
+    Whisper's normalisation)."""
+    if features.shape[1] >= frames:
+        return features[:, :frames]
+    pad = np.full((features.shape[0], frames - features.shape[1]), features.min(), dtype=features.dtype)
+    return np.concatenate([features, pad], axis=1)

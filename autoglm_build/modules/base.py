@@ -85,6 +85,18 @@ class ModuleSpec:
         """The validation runs: batch sizes from the config crossed with the module's lengths."""
         raise NotImplementedError
 
+    def calibration_batches(
+        self, cfg: BuildConfig, data: Any, graphs: Mapping[str, Any]
+    ) -> Tuple[List[Dict[str, np.ndarray]], List[Dict[str, np.ndarray]]]:
+        """(calibration feeds, held-out feeds) from real data (``autoglm_build.calibration``).
+
+        Args:
+            cfg: The build config.
+            data: A :class:`~autoglm_build.calibration.CalibrationData`.
+            graphs: FP32 ONNX paths by module name (the decoder embeds its prompts with ``embed``).
+        """
+        raise NotImplementedError
+
     def tolerance(self, cfg: BuildConfig) -> Tolerance:
         return cfg.export.tolerances.get(self.name, Tolerance())
 
@@ -107,6 +119,17 @@ class Patch:
     owner: Any
     attr: str
     value: Any
+
+
+def batched(items: List[Any], size: int) -> List[List[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def npz_feeds(spec: ModuleSpec, cfg: BuildConfig, data: Any) -> List[Dict[str, np.ndarray]]:
+    """Preprocessed extra batches from ``<data>/<module>/*.npz``."""
+    from autoglm_build.calibration import load_npz
+
+    return [load_npz(p, spec.input_names(cfg)) for p in data.npz.get(spec.name, [])]
 
 
 def random_floats(rng: np.random.Generator, shape: Sequence[int], scale: float = 1.0) -> np.ndarray:

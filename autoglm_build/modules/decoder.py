@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import numpy as np
 
 from autoglm_build.config import BuildConfig
-from autoglm_build.modules.base import Case, ModuleSpec, Patch, random_floats
+from autoglm_build.modules.base import Case, ModuleSpec, Patch, batched, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
 
 
@@ -220,3 +220,49 @@ class DecoderSpec(ModuleSpec):
                     steps.append({k: v for k, v in decode.items() if not k.startswith("past_")})
                 yield Case(label=f"prefill {seq}+{cfg.export.decoder_decode_steps} decode",
                            batch=batch, steps=tuple(steps), chain=chain)
+
+    #: greedy decode steps after each prefill, in calibration and in the accuracy report
+    calibration_decode_steps = 3
+
+    def calibration_batches(self, cfg: BuildConfig, data, graphs):
+        """Prefill feeds of real prompts (embedded by the FP32 ``embed`` graph) and the decode feeds
+        that follow them, the cache and next token coming from the FP32 decoder (teacher forcing)."""
+        import onnxruntime as ort
+
+        from autoglm_build.calibration import prompt_ids, split
+
+        calib, held = split(prompt_ids(cfg, data), cfg.calibrate.holdout)
+        embed = ort.InferenceSession(str(graphs["embed"]), providers=["CPUExecutionProvider"])
+        decoder = ort.InferenceSession(str(graphs["decoder"]), providers=["CPUExecutionProvider"])
+
+        def feeds(group, limit):
+            out = []
+            for batch in batched(group, cfg.calibrate.batch_size)[:limit]:
+                out += self.greedy_feeds(cfg, batch, embed, decoder, self.calibration_decode_steps)
+            return out
+
+        return feeds(calib, cfg.calibrate.batches) + npz_feeds(self, cfg, data), feeds(held, len(held))
+
+    def greedy_feeds(self, cfg: BuildConfig, batch, embed, decoder, steps: int) -> List[Dict[str, np.ndarray]]:
+        """The decoder's inputs for a left-padded prefill of ``batch`` and ``steps`` greedy decode steps."""
+        from autoglm_build.calibration import left_pad
+
+        ids, mask = left_pad(batch)
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        feed = {f"past_{k}.{i}": np.zeros(self.kv_shape(cfg, len(batch), 0), np.float32)
+                for i in self.layers(cfg) for k in ("key", "value")}
+        out = []
+        for _ in range(steps + 1):
+            feed.update(
+                inputs_embeds=embed.run(None, {"input_ids": ids})[0],
+                attention_mask=mask,
+                position_ids=np.repeat(positions[:, None, :], 3, axis=1).astype(np.int64),
+            )
+            out.append(dict(feed))
+            names = [o.name for o in decoder.get_outputs()]
+            result = dict(zip(names, decoder.run(names, feed)))
+            ids = result["logits"].reshape(len(batch), -1, cfg.text.vocab_size)[:, -1].argmax(-1)[:, None]
+            mask = np.concatenate([mask, np.ones((len(batch), 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+            feed = {f"past_{k}.{i}": result[f"present_{k}.{i}"] for i in self.layers(cfg) for k in ("key", "value")}
+        return out

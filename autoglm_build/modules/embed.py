@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterator, List
 import numpy as np
 
 from autoglm_build.config import BuildConfig
-from autoglm_build.modules.base import Case, ModuleSpec
+from autoglm_build.modules.base import Case, ModuleSpec, batched, npz_feeds
 from autoglm_build.modules.registry import register
 
 
@@ -75,3 +75,11 @@ class EmbedSpec(ModuleSpec):
             for batch in cfg.export.batch_sizes:
                 ids = self.token_ids(cfg, rng, batch, seq)
                 yield Case(label=f"seq {seq}", batch=batch, steps=({"input_ids": ids},))
+
+    def calibration_batches(self, cfg: BuildConfig, data, graphs):
+        from autoglm_build.calibration import left_pad, prompt_ids, split
+
+        calib, held = split(prompt_ids(cfg, data), cfg.calibrate.holdout)
+        feeds = [{"input_ids": left_pad(b)[0]} for b in batched(calib, cfg.calibrate.batch_size)]
+        held_feeds = [{"input_ids": left_pad(b)[0]} for b in batched(held, cfg.calibrate.batch_size)]
+        return feeds[: cfg.calibrate.batches] + npz_feeds(self, cfg, data), held_feeds

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List
 import numpy as np
 
 from autoglm_build.config import BuildConfig
-from autoglm_build.modules.base import Case, ModuleSpec, random_floats
+from autoglm_build.modules.base import Case, ModuleSpec, batched, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
 
 
@@ -140,3 +140,12 @@ class VisionSpec(ModuleSpec):
         for batch in cfg.export.batch_sizes:
             pixels = random_floats(rng, self.pixel_shape(cfg, batch))
             yield Case(label=f"{cfg.vision.image_size}px", batch=batch, steps=({"pixel_values": pixels},))
+
+    def calibration_batches(self, cfg: BuildConfig, data, graphs):
+        from autoglm_build.calibration import load_image, split
+
+        images = [load_image(p, cfg.vision.image_size) for p in data.require("images")]
+        calib, held = split(images, cfg.calibrate.holdout)
+        size = cfg.calibrate.batch_size
+        feeds = [{"pixel_values": np.stack(b)} for b in batched(calib, size)][: cfg.calibrate.batches]
+        return feeds + npz_feeds(self, cfg, data), [{"pixel_values": np.stack(b)} for b in batched(held, size)]

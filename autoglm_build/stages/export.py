@@ -28,6 +28,7 @@ from autoglm_build.config import BuildConfig
 from autoglm_build.errors import AccuracyError
 from autoglm_build.modules import registry
 from autoglm_build.modules.base import ModuleSpec, Patch
+from autoglm_build.onnx_io import move_into_place, save_model
 from autoglm_build.stages.base import Stage, StageContext, StageResult
 from autoglm_build.validate import compare_cases, ort_runner, summarize, torch_runner
 
@@ -70,7 +71,6 @@ class ExportStage(Stage):
         ctx.status("building")
         torch_module, params, warns = self.build_module(ctx, spec)
         final_dir = ctx.workdir / ONNX_DIR
-        final_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix=f".export-{module}-") as tmp:
             ctx.status("exporting")
             t0 = time.perf_counter()
@@ -80,7 +80,7 @@ class ExportStage(Stage):
             metrics["export_s"] = round(export_s, 3)
             if not metrics["passed"]:
                 raise export_accuracy_error(module, metrics)
-            outputs = _move_into_place(files, final_dir, module)
+            outputs = move_into_place(files, final_dir, module, "onnx")
         return StageResult(outputs=outputs, params=params, metrics=metrics, warnings=warns)
 
     def build_module(self, ctx: StageContext, spec: ModuleSpec) -> Tuple[Any, Dict[str, Any], List[str]]:
@@ -136,15 +136,7 @@ def export_onnx(ctx: StageContext, spec: ModuleSpec, module: Any, workdir: Path)
     shutil.rmtree(raw.parent)
     _stamp(model, spec, cfg.name)
     out = workdir / f"{spec.name}.onnx"
-    weight_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
-    if weight_bytes > cfg.export.large_model_bytes:
-        data = out.with_name(out.name + ".data")
-        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        files = [out, data]
-    else:
-        onnx.save_model(model, str(out))
-        files = [out]
+    files = save_model(model, out, cfg.export.large_model_bytes)
     del model
     onnx.checker.check_model(str(out))
     return files
@@ -209,26 +201,3 @@ def _stamp(model: Any, spec: ModuleSpec, config_name: str) -> None:
         prop.key, prop.value = key, value
     model.producer_name = "autoglm-build"
     model.producer_version = __version__
-
-
-def _tensor_bytes(tensor: Any) -> int:
-    from onnx import helper
-
-    n = 1
-    for d in tensor.dims:
-        n *= d
-    return n * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-
-
-def _move_into_place(files: List[Path], final_dir: Path, module: str) -> List[Tuple[Path, str]]:
-    """``os.replace`` each file into ``final_dir``; drop a stale external-data file of an older export."""
-    stale = final_dir / f"{module}.onnx.data"
-    names = {f.name for f in files}
-    if stale.name not in names and stale.exists():
-        stale.unlink()
-    outputs = []
-    for f in sorted(files, key=lambda p: p.suffix != ".data"):  # data first: the .onnx points at it
-        target = final_dir / f.name
-        f.replace(target)
-        outputs.append((target, "onnx-data" if f.suffix == ".data" else "onnx"))
-    return outputs

@@ -1,0 +1,57 @@
+"""Saving ONNX models the way every consumer (ONNX Runtime, Polygraphy, TensorRT) loads them, and
+moving finished files into place atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Tuple
+
+import numpy as np
+
+
+def tensor_bytes(tensor: Any) -> int:
+    from onnx import helper
+
+    n = 1
+    for d in tensor.dims:
+        n *= d
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def save_model(model: Any, out: Path, large_bytes: int) -> List[Path]:
+    """Save ``model`` to ``out``; weights beyond ``large_bytes`` go to one ``<name>.data`` file beside it.
+
+    Returns the files written (the graph first). Protobuf cannot serialize 2 GB; one data file (not
+    one per tensor) is what TensorRT's parser and ONNX Runtime read directly.
+    """
+    import onnx
+
+    if sum(tensor_bytes(t) for t in model.graph.initializer) > large_bytes:
+        data = out.with_name(out.name + ".data")
+        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [out, data]
+    onnx.save_model(model, str(out))
+    return [out]
+
+
+def move_into_place(files: List[Path], final_dir: Path, stem: str, kind: str) -> List[Tuple[Path, str]]:
+    """``os.replace`` each file into ``final_dir`` (same file system: atomic per file).
+
+    External data moves before the graph that points at it; a stale ``<stem>.onnx.data`` of an
+    older, smaller export is removed. Returns ``(path, kind)`` pairs (data files get ``<kind>-data``).
+    """
+    final_dir.mkdir(parents=True, exist_ok=True)
+    stale = final_dir / f"{stem}.onnx.data"
+    if stale.name not in {f.name for f in files} and stale.exists():
+        stale.unlink()
+    outputs = []
+    for f in sorted(files, key=lambda p: p.suffix == ".onnx"):
+        target = final_dir / f.name
+        f.replace(target)
+        outputs.append((target, f"{kind}-data" if f.name.endswith(".onnx.data") else _kind(f, kind)))
+    return outputs
+
+
+def _kind(path: Path, kind: str) -> str:
+    return kind if path.suffix == ".onnx" else path.suffix.lstrip(".")

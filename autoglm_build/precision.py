@@ -45,14 +45,119 @@ def fp16_islands(model, fp16_nodes: Iterable[str]):
     for i, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
+    _split_shared_initializers(model, keep)
+    _add_value_info(model)
     block = [n.name for n in model.graph.node if n.name not in keep]
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=block, disable_shape_infer=True)
-    _unique_node_names(converted)
-    return converted
+    return tidy(converted)
+
+
+def to_fp16(model):
+    """The whole graph in FP16 (I/O kept FP32), ops without FP16 kernels in ONNX Runtime blocked."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    _add_value_info(model)
+    return tidy(convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True))
+
+
+def tidy(model):
+    """What the float16 converter leaves to be fixed: Cast round trips, duplicate Casts, name clashes,
+    node order."""
+    _unique_node_names(model)
+    while _drop_cast_round_trips(model):  # folding one round trip can expose the next
+        pass
+    _toposort(model)
+    return model
+
+
+def _drop_cast_round_trips(model) -> int:
+    """``x -> Cast(fp16) -> Cast(fp32) -> y`` becomes ``x -> y`` where x is already FP32.
+
+    The float16 converter puts a Cast on each side of every border, so two FP32 nodes that it saw
+    through an FP16-typed tensor (a DequantizeLinear feeding a MatMul, say) end up joined by a
+    lossy round trip that also hides the Q/DQ pair from TensorRT.
+    """
+    to = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
+    readers: Dict[str, int] = Counter(i for n in model.graph.node for i in n.input)
+    graph_outputs = {o.name for o in model.graph.output}
+    drop = set()
+    for node in model.graph.node:
+        if node.op_type != "Cast" or _cast_to(node) != _FLOAT:
+            continue
+        first = to.get(node.input[0])
+        if first is None or _cast_to(first) != _FLOAT16 or readers[first.output[0]] != 1:
+            continue
+        source = first.input[0]  # FP32: the converter only casts FP32 tensors to FP16
+        if node.output[0] in graph_outputs:
+            continue
+        for reader in model.graph.node:
+            reader.input[:] = [source if i == node.output[0] else i for i in reader.input]
+        drop.update({id(node), id(first)})
+    keep = [n for n in model.graph.node if id(n) not in drop]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return len(drop)
+
+
+def _cast_to(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "to"), -1)
+
+
+def _toposort(model) -> None:
+    """Order nodes so that each comes after the producers of its inputs (ONNX requires it)."""
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending = list(model.graph.node)
+    ordered = []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or a dangling input near node {pending[0].name}")
+        ready_ids = {id(n) for n in ready}
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [n for n in pending if id(n) not in ready_ids]
+    copies = [type(n)() for n in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del model.graph.node[:]
+    model.graph.node.extend(copies)
+
+
+def _split_shared_initializers(model, keep: set) -> None:
+    """Give FP16 nodes their own copy of a float initializer that FP32 nodes also read.
+
+    The float16 converter keeps such an initializer FP32 and then feeds it, uncast, to the FP16
+    node (e.g. a LayerNorm scale the exporter also routes through an Identity).
+    """
+    inits = {t.name: t for t in model.graph.initializer if t.data_type == _FLOAT}
+    readers: Dict[str, List] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in inits:
+                readers.setdefault(name, []).append(node)
+    for name, nodes in readers.items():
+        fp16 = [n for n in nodes if n.name in keep]
+        if fp16 and len(fp16) < len(nodes):
+            copy = model.graph.initializer.add()
+            copy.CopyFrom(inits[name])
+            copy.name = f"{name}__fp16"
+            for node in fp16:
+                node.input[:] = [copy.name if i == name else i for i in node.input]
 
 
 def _unique_node_names(model) -> None:
-    """The float16 converter can name two border Casts of one shared initializer alike; ONNX forbids it."""
+    """The float16 converter can emit the border Cast of a shared initializer twice (same name, same
+    output): keep one of identical nodes, and give any other name clash a suffix."""
+    produced = {}
+    duplicates = []
+    for node in model.graph.node:
+        key = tuple(node.output)
+        if key in produced and produced[key].SerializeToString() == node.SerializeToString():
+            duplicates.append(node)
+        produced.setdefault(key, node)
+    for node in duplicates:
+        model.graph.node.remove(node)
     seen: Counter = Counter()
     for node in model.graph.node:
         seen[node.name] += 1
@@ -93,6 +198,16 @@ def census(model, categories: Mapping[str, Sequence[str]]) -> Dict[str, Dict[str
     return result
 
 
+def _add_value_info(model) -> None:
+    """Types of every intermediate tensor, inferred on a weightless copy (works past 2 GB), so the
+    float16 converter knows where to put border Casts without running shape inference itself."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+
+
 def _without_weights(model):
     """A copy with initializer data dropped (type inference needs no weights; keeps 2 GB models small)."""
     import onnx
@@ -112,9 +227,9 @@ def _without_weights(model):
 
 
 def trt_cache_header(trt_version: str, method: str = "EntropyCalibration2") -> str:
-    """``TRT-8503-EntropyCalibration2`` for TensorRT 8.5.3 (TensorRT writes its version as MMmp)."""
-    parts = [int(p) for p in (trt_version.split(".") + ["0", "0"])[:3]]
-    return f"TRT-{parts[0]}{parts[1]:02d}{parts[2]}-{method}"
+    """``TRT-8503-EntropyCalibration2`` for TensorRT 8.5.3, ``TRT-10001-...`` for 10.0.1."""
+    major, minor, patch = [int(p) for p in (trt_version.split(".") + ["0", "0"])[:3]]
+    return f"TRT-{major * 1000 + minor * 100 + patch}-{method}"  # NV_TENSORRT_VERSION
 
 
 def write_trt_cache(path: Path, ranges: Mapping[str, Tuple[float, float]], header: str) -> int:

@@ -1,0 +1,329 @@
+"""Stages ``calibrate-int8`` and ``calibrate-fp16``: precision carried by the graph.
+
+INT8 (explicit quantization, what TensorRT >= 8 reads and TensorRT 11 requires):
+1. Stream the module's real calibration batches through ONNX Runtime's calibrator one batch at a
+   time (memory bounded by one batch's activations), collecting ranges (entropy, min-max or
+   percentile histograms merged across batches).
+2. ``onnxruntime.quantization.quantize_static`` in QDQ format from those ranges: symmetric INT8
+   activations, per-channel symmetric INT8 weights (Q/DQ pairs on the FP32 weights, dedicated pairs
+   per consumer, as TensorRT wants), on ``calibrate.op_types`` minus the nodes the policy keeps FP16.
+3. The policy's nodes (embedding table, normalizations, softmax, LM head by default) become FP16
+   islands between Casts; graph I/O stays FP32.
+4. Accuracy against the FP32 graph on held-out samples; with a ``target_cosine``, layers are ranked
+   by the error their quantization alone adds and moved to FP16, worst first, until it holds.
+5. A TensorRT calibration cache from the same ranges, for implicit-INT8 builds on TensorRT 8.x-10.
+
+FP16: the whole graph converted by onnxruntime's float16 converter, I/O kept FP32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from autoglm_build.calibration import CalibrationData
+from autoglm_build.config import BuildConfig, CalibrateConfig
+from autoglm_build.errors import AccuracyError, UserError
+from autoglm_build.modules import registry
+from autoglm_build.modules.base import ModuleSpec
+from autoglm_build.onnx_io import move_into_place, save_model
+from autoglm_build.precision import (
+    census,
+    fp16_islands,
+    policy_nodes,
+    qdq_count,
+    to_fp16,
+    trt_cache_header,
+    write_trt_cache,
+)
+from autoglm_build.stages.base import Stage, StageContext, StageResult
+
+Feed = Dict[str, np.ndarray]
+CENSUS = {
+    "embedding": ["embed_tokens"],
+    "normalization": ["norm", "op:LayerNormalization"],
+    "softmax": ["op:Softmax"],
+    "lm_head": ["lm_head"],
+    "matmul/conv (other)": ["op:MatMul", "op:Gemm", "op:Conv"],
+}
+
+
+def fp32_graph(ctx: StageContext, module: str) -> Path:
+    """The module's FP32 graph from the manifest (the export stage's output)."""
+    arts = ctx.manifest.artifacts_of("export", module, kind="onnx")
+    if not arts:
+        raise UserError(f"{module}: no exported ONNX in {ctx.workdir}", hint="run `autoglm-build export` first")
+    return ctx.workdir / arts[0].path
+
+
+class CalibrateStage(Stage):
+    """Mixed-precision graphs per module.
+
+    Args:
+        precision: ``int8`` (Q/DQ + FP16 islands) or ``fp16``.
+        overrides: ``calibrate`` fields set on the command line (method, batches, target_cosine).
+    """
+
+    version = 1
+    tools = ("onnx", "onnxruntime", "transformers", "tokenizers", "pillow")
+
+    def __init__(self, precision: str, overrides: Optional[Dict[str, Any]] = None) -> None:
+        if precision not in ("int8", "fp16"):
+            raise ValueError(precision)
+        self.precision = precision
+        self.name = f"calibrate-{precision}"
+        self.overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+
+    def settings(self, cfg: BuildConfig) -> CalibrateConfig:
+        return cfg.calibrate.model_copy(update=self.overrides)
+
+    def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
+        settings = self.settings(ctx.cfg)
+        graphs = {m: ctx.manifest.artifacts_of("export", m) for m in _upstream(module)}
+        return {
+            "module": module,
+            "inputs": {m: [a.sha256 for a in arts] for m, arts in graphs.items()},
+            "settings": settings.model_dump(mode="json"),
+            "data": data_fingerprint(Path(settings.data), ctx.cfg),
+            "text": ctx.cfg.section("text"),
+        }
+
+    def __call__(self, ctx: StageContext, module: str) -> StageResult:
+        import onnx
+
+        spec = registry.get(module)
+        settings = self.settings(ctx.cfg)
+        cfg = ctx.cfg.model_copy(update={"calibrate": settings})
+        source = fp32_graph(ctx, module)
+        graphs = {m: fp32_graph(ctx, m) for m in _upstream(module)}
+        ctx.status("preprocessing calibration data")
+        calib, held = spec.calibration_batches(cfg, CalibrationData.discover(Path(settings.data)), graphs)
+        with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix=f".{self.name}-{module}-") as tmp:
+            tmp_dir = Path(tmp)
+            if self.precision == "fp16":
+                model, metrics, extra = self.to_fp16(source), {}, []
+            else:
+                model, metrics, extra = self.to_int8(ctx, spec, cfg, source, calib, held, tmp_dir)
+            ctx.status("measuring accuracy on held-out samples")
+            metrics["accuracy"] = accuracy(spec, cfg, source, model, held, tmp_dir)
+            metrics.update(qdq=qdq_count(model), precision_census=census(model, CENSUS),
+                           calibration_batches=len(calib), heldout_batches=len(held))
+            files = save_model(model, tmp_dir / f"{module}.onnx", ctx.cfg.export.large_model_bytes)
+            onnx.checker.check_model(str(files[0]))
+            outputs = move_into_place(files + extra, ctx.workdir / self.precision, module, "onnx-" + self.precision)
+        params = {"method": settings.method, "batch_size": settings.batch_size, "source": str(source)}
+        return StageResult(outputs=outputs, params=params, metrics=metrics)
+
+    # ---- fp16 -----------------------------------------------------------------------------------
+
+    def to_fp16(self, source: Path):
+        import onnx
+
+        return to_fp16(onnx.load(str(source)))
+
+    # ---- int8 -----------------------------------------------------------------------------------
+
+    def to_int8(self, ctx, spec, cfg, source, calib, held, tmp_dir):
+        import onnx
+
+        settings = cfg.calibrate
+        module_policy = settings.modules.get(spec.name)
+        patterns = (module_policy.fp16_patterns if module_policy and module_policy.fp16_patterns
+                    else settings.fp16_patterns)
+        base = onnx.load(str(source), load_external_data=False)
+        kept = policy_nodes(base, patterns)
+        candidates = [n.name for n in base.graph.node if n.op_type in settings.op_types and n.name not in kept]
+        if module_policy is not None and not module_policy.int8:
+            kept, candidates = [n.name for n in base.graph.node], []
+        metrics: Dict[str, Any] = {"fp16_policy_nodes": len(kept), "int8_candidates": len(candidates)}
+        if not candidates:  # e.g. the embedding table: nothing to quantize, the policy keeps it FP16
+            model, ranges = fp16_islands(onnx.load(str(source)), kept), {}
+        else:
+            ranges_file = tmp_dir / "ranges.json"
+            ranges = calibrate_ranges(ctx, source, settings, calib, ranges_file, tmp_dir)
+            quantizer = Quantizer(source, settings, ranges_file, kept, tmp_dir)
+            model = quantizer(candidates)
+            if settings.target_cosine is not None:
+                model, metrics["fallback"] = fallback(ctx, spec, cfg, source, quantizer, candidates, held, tmp_dir)
+        cache = tmp_dir / f"{spec.name}.calib.cache"
+        header = trt_cache_header(settings.trt_version)
+        metrics["trt_cache"] = {"header": header, "tensors": write_trt_cache(cache, ranges, header)}
+        return model, metrics, [cache]
+
+
+def _upstream(module: str) -> List[str]:
+    """Graphs a module's calibration reads: the decoder embeds its prompts with ``embed``."""
+    return ["embed", "decoder"] if module == "decoder" else [module]
+
+
+def data_fingerprint(root: Path, cfg: BuildConfig) -> str:
+    """sha256 over every calibration file's path and bytes, and the tokenizer (a few MB: cheap)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    if cfg.tokenizer and Path(cfg.tokenizer).is_file():
+        files.append(Path(cfg.tokenizer))
+    for path in files:
+        digest.update(str(path.relative_to(root) if root in path.parents else path.name).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+# ---- calibration -----------------------------------------------------------------------------
+
+
+class _OneBatch:
+    """onnxruntime's CalibrationDataReader over a single feed."""
+
+    def __init__(self, feed: Feed) -> None:
+        self.feed: Optional[Feed] = feed
+
+    def get_next(self) -> Optional[Feed]:
+        feed, self.feed = self.feed, None
+        return feed
+
+
+def calibrate_ranges(ctx, source: Path, settings: CalibrateConfig, feeds: Sequence[Feed], out: Path,
+                     tmp_dir: Path) -> Dict[str, Tuple[float, float]]:
+    """Ranges of every tensor feeding ``op_types``, one batch in memory at a time; saved to ``out``."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    method = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+              "percentile": CalibrationMethod.Percentile}[settings.method]
+    extra = {"symmetric": True}
+    if settings.method == "percentile":
+        extra["percentile"] = settings.percentile
+    with _quiet():
+        calibrator = create_calibrator(source, list(settings.op_types), augmented_model_path=str(tmp_dir / "aug.onnx"),
+                                       calibrate_method=method, use_external_data_format=True, extra_options=extra)
+        for i, feed in enumerate(feeds):
+            ctx.status(f"calibrating ({settings.method}) batch {i + 1}/{len(feeds)}")
+            calibrator.collect_data(_OneBatch(feed))
+        data = calibrator.compute_data()
+    save_tensors_data(data, str(out))
+    return {name: (float(np.min(r.range_value[0])), float(np.max(r.range_value[1])))
+            for name, r in data.data.items()}
+
+
+class Quantizer:
+    """Q/DQ graphs from saved ranges, for any set of INT8 nodes (configured once, called per set)."""
+
+    def __init__(self, source: Path, settings: CalibrateConfig, ranges_file: Path, fp16_nodes: List[str],
+                 tmp_dir: Path) -> None:
+        self.source, self.settings, self.ranges_file = source, settings, ranges_file
+        self.fp16_nodes, self.tmp_dir = list(fp16_nodes), tmp_dir
+
+    def __call__(self, int8_nodes: Sequence[str], extra_fp16: Sequence[str] = ()):
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        out = self.tmp_dir / "q.onnx"
+        method = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+                  "percentile": CalibrationMethod.Percentile}[self.settings.method]
+        with _quiet():
+            quantize_static(
+                str(self.source), str(out), None, quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(self.settings.op_types), nodes_to_quantize=list(int8_nodes) or ["<none>"],
+                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=method, calibration_cache_path=str(self.ranges_file), use_external_data_format=True,
+                extra_options={
+                    "ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True,
+                    "DedicatedQDQPair": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                },
+            )
+        model = onnx.load(str(out))
+        return fp16_islands(model, self.fp16_nodes + list(extra_fp16))
+
+
+class _quiet:
+    """onnxruntime.quantization logs advice on the root logger and prints progress on stdout; stdout
+    is ours (the result), so its prints go to stderr and its advice is muted."""
+
+    def __enter__(self):
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+        self.redirect = contextlib.redirect_stdout(sys.stderr)
+        self.redirect.__enter__()
+
+    def __exit__(self, *exc):
+        self.redirect.__exit__(*exc)
+        logging.getLogger().setLevel(self.level)
+
+
+# ---- accuracy and fallback ---------------------------------------------------------------------
+
+
+def accuracy(spec: ModuleSpec, cfg: BuildConfig, source: Path, model, held: Sequence[Feed],
+             tmp_dir: Path) -> Dict[str, Any]:
+    """The quantized graph vs the FP32 graph on held-out feeds: cosine, max abs/rel of the first
+    output; for the decoder also greedy next-token agreement."""
+    import onnxruntime as ort
+
+    path = tmp_dir / "candidate.onnx"
+    save_model(model, path, cfg.export.large_model_bytes)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    ref = ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    output = spec.output_names(cfg)[0]
+    cosines, max_abs, scale, agree, total = [], 0.0, 0.0, 0, 0
+    for feed in held:
+        a = ref.run([output], feed)[0].astype(np.float64)
+        b = got.run([output], feed)[0].astype(np.float64)
+        for row_a, row_b in zip(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)):
+            cosines.append(_cosine(row_a, row_b))
+        max_abs, scale = max(max_abs, float(np.abs(a - b).max())), max(scale, float(np.abs(a).max()))
+        if output == "logits":
+            agree += int((a.reshape(a.shape[0], -1, a.shape[-1]).argmax(-1) ==
+                          b.reshape(b.shape[0], -1, b.shape[-1]).argmax(-1)).sum())
+            total += a.shape[0] if a.ndim == 2 else a.shape[0] * a.shape[1]
+    result = {"output": output, "samples": len(cosines), "cosine_min": min(cosines),
+              "cosine_mean": float(np.mean(cosines)), "max_abs": max_abs, "max_rel": max_abs / scale if scale else 0.0}
+    if total:
+        result["greedy_agreement"] = agree / total
+        result["greedy_positions"] = total
+    return result
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / denom) if denom else float(np.array_equal(a, b))
+
+
+def fallback(ctx, spec, cfg, source, quantizer: Quantizer, candidates: List[str], held, tmp_dir):
+    """Move the layers whose quantization costs most to FP16 until ``target_cosine`` holds.
+
+    Sensitivity of a layer = 1 - cosine of the graph with only that layer in INT8 (everything else
+    FP32/FP16 as the policy says). Raises AccuracyError when even all layers in FP16 miss the target.
+    """
+    target = cfg.calibrate.target_cosine
+    sensitivity = {}
+    for i, node in enumerate(candidates):
+        ctx.status(f"sensitivity {i + 1}/{len(candidates)}: {node}")
+        sensitivity[node] = 1.0 - accuracy(spec, cfg, source, quantizer([node]), held, tmp_dir)["cosine_min"]
+    ranked = sorted(candidates, key=sensitivity.get, reverse=True)
+    moved: List[str] = []
+    while True:
+        int8 = [n for n in candidates if n not in moved]
+        model = quantizer(int8, extra_fp16=moved)
+        reached = accuracy(spec, cfg, source, model, held, tmp_dir)["cosine_min"]
+        ctx.status(f"fallback: {len(moved)} layer(s) in FP16, cosine {reached:.6f} (target {target})")
+        if reached >= target:
+            break
+        if len(moved) == len(ranked):
+            raise AccuracyError(
+                f"{spec.name}: target cosine {target} is unreachable: with all {len(ranked)} quantizable layers in "
+                f"FP16 the cosine vs FP32 is {reached:.6f}",
+                hint="lower calibrate.target_cosine, or keep this module FP16 (calibrate.modules.<name>.int8: false)",
+            )
+        moved.append(ranked[len(moved)])
+    report = {"target_cosine": target, "reached_cosine": reached, "moved_to_fp16": moved,
+              "sensitivity": {n: sensitivity[n] for n in ranked[:20]}}
+    return model, report

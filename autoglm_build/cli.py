@@ -130,10 +130,38 @@ def run(
     quiet: Optional[bool] = QuietOpt,
     dry_run: Optional[bool] = DryRunOpt,
 ) -> None:
-    """Run every stage (those built so far: export), skipping what is cached."""
+    """Run every stage (export, calibrate int8 and fp16), skipping what is cached."""
     opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, dry_run)
     with user_errors():
-        _build(opts, ["export"], module, checkpoint, force)
+        _build(opts, ["export", "calibrate-int8", "calibrate-fp16"], module, checkpoint, force)
+
+
+@app.command()
+def calibrate(
+    ctx: typer.Context,
+    int8: bool = typer.Option(False, "--int8", help="INT8 Q/DQ graph with the FP16 policy islands."),
+    fp16: bool = typer.Option(False, "--fp16", help="FP16 graph (I/O FP32). Neither flag: both."),
+    method: Optional[str] = typer.Option(None, "--method", help="entropy | minmax | percentile"),
+    batches: Optional[int] = typer.Option(None, "--batches", min=1, help="Calibration batches per module."),
+    target_cosine: Optional[float] = typer.Option(
+        None, "--target-cosine", min=0.0, max=1.0, help="Move the most sensitive layers to FP16 until this holds."),
+    module: Optional[List[str]] = ModuleOpt,
+    force: bool = ForceOpt,
+    config: Optional[Path] = ConfigOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    json_out: Optional[bool] = JsonOpt,
+    verbose: Optional[bool] = VerboseOpt,
+    quiet: Optional[bool] = QuietOpt,
+    dry_run: Optional[bool] = DryRunOpt,
+) -> None:
+    """Mixed precision in the graph: INT8 Q/DQ (+FP16 islands) and/or FP16, on real calibration data."""
+    opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, dry_run)
+    stages = [s for s, on in (("calibrate-int8", int8), ("calibrate-fp16", fp16)) if on]
+    overrides = {"method": method, "batches": batches, "target_cosine": target_cosine}
+    with user_errors():
+        if method is not None and method not in ("entropy", "minmax", "percentile"):
+            raise UserError(f"--method: '{method}' is not one of entropy, minmax, percentile")
+        _build(opts, stages or ["calibrate-int8", "calibrate-fp16"], module, None, force, overrides)
 
 
 @app.command()
@@ -168,11 +196,12 @@ def _workdir(opts: Options) -> Path:
 
 
 def _build(opts: Options, stage_names: List[str], modules: Optional[List[str]], checkpoint: Optional[Path],
-           force: bool) -> None:
+           force: bool, overrides: Optional[dict] = None) -> None:
     from autoglm_build.config import load_config
     from autoglm_build.modules import registry
     from autoglm_build.pipeline import Pipeline
     from autoglm_build.render import render_outcomes, render_plan
+    from autoglm_build.stages.calibrate import CalibrateStage
     from autoglm_build.stages.export import ExportStage
 
     overrides = {"checkpoint": str(checkpoint)} if checkpoint else None
@@ -180,7 +209,11 @@ def _build(opts: Options, stage_names: List[str], modules: Optional[List[str]], 
     names = [registry.get(m).name for m in modules] if modules else list(cfg.modules)
     workdir = opts.workdir or Path("build") / cfg.name
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
-    stages = {"export": lambda: ExportStage(checkpoint=ckpt)}
+    stages = {
+        "export": lambda: ExportStage(checkpoint=ckpt),
+        "calibrate-int8": lambda: CalibrateStage("int8", overrides),
+        "calibrate-fp16": lambda: CalibrateStage("fp16", overrides),
+    }
     reporter = Reporter(opts.verbosity)
     pipeline = Pipeline(cfg, workdir, [stages[s]() for s in stage_names], names, force=force,
                         reporter=reporter, config_path=str(opts.config))

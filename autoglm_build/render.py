@@ -23,17 +23,22 @@ def render_outcomes(outcomes: Sequence[Outcome], workdir: Path) -> None:
     for o in outcomes:
         rec = o.record
         metrics = rec.metrics if rec else {}
+        if "accuracy" in metrics:  # calibrate: errors vs FP32; details in the precision table
+            metrics = metrics["accuracy"]
         size = sum(_artifact_bytes(workdir, p) for p in rec.artifacts) if rec else 0
         table.add_row(
             o.stage, o.module, o.status, f"{rec.duration_s:.1f}s" if rec else "-",
-            human_count(rec.params.get("parameters", 0)) if rec else "-", human_bytes(size),
+            human_count(rec.params["parameters"]) if rec and "parameters" in rec.params else "-", human_bytes(size),
             f"{metrics.get('max_abs', 0):.2e}", f"{metrics.get('max_rel', 0):.2e}",
-            _ok(metrics.get("passed", False)) if metrics else "-",
+            _ok(metrics["passed"]) if "passed" in metrics else "-",
         )
     stdout.print(table)
     ran = [o for o in outcomes if o.status == "ran" and o.record and o.record.metrics.get("rows")]
     if ran:
         render_validation([row for o in ran for row in o.record.metrics["rows"]])
+    precision = [o for o in outcomes if o.stage.startswith("calibrate") and o.record and o.record.metrics]
+    if precision:
+        render_precision(precision)
 
 
 def render_validation(rows: List[Dict[str, Any]]) -> None:
@@ -46,6 +51,28 @@ def render_validation(rows: List[Dict[str, Any]]) -> None:
         table.add_row(
             r["module"], r["case"], str(r["batch"]), r["output"], "x".join(map(str, r["shape"])),
             f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}", f"{r['atol']:.0e} + {r['rtol']:.0e}", _ok(r["passed"]),
+        )
+    stdout.print(table)
+
+
+def render_precision(outcomes: Sequence[Outcome]) -> None:
+    """What each precision graph holds (read from the graph) and what it costs vs FP32 (held-out data)."""
+    table = Table(title="precision vs FP32 on held-out calibration data", title_justify="left")
+    for col in ("module", "graph", "Q/DQ", "INT8 ops", "FP16 kept (graph)", "cosine min", "max abs", "max rel",
+                "greedy agree", "moved to FP16"):
+        table.add_column(col)
+    for o in outcomes:
+        m = o.record.metrics
+        acc, cen = m["accuracy"], m.get("precision_census", {})
+        kept = ", ".join(f"{cat} {c.get('fp16', 0)}/{sum(c.values())}" for cat, c in cen.items()
+                         if cat != "matmul/conv (other)" and c)
+        moved = m.get("fallback", {}).get("moved_to_fp16")
+        agree = acc.get("greedy_agreement")
+        table.add_row(
+            o.module, o.stage.split("-")[1], f"{m['qdq']['QuantizeLinear']}/{m['qdq']['DequantizeLinear']}",
+            str(cen.get("matmul/conv (other)", {}).get("int8", 0)), kept or "-", f"{acc['cosine_min']:.5f}",
+            f"{acc['max_abs']:.2e}", f"{acc['max_rel']:.2e}", "-" if agree is None else f"{agree:.1%}",
+            "-" if moved is None else (", ".join(moved) or "none needed"),
         )
     stdout.print(table)
 

@@ -29,6 +29,8 @@ def deep_update(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]
 def write_config(path: Path, changes: Dict[str, Any], base: Path = TINY) -> Path:
     """A copy of ``base`` with ``changes`` merged in, written to ``path``."""
     data = deep_update(yaml.safe_load(base.read_text()), changes)
+    if data.get("tokenizer") and not Path(data["tokenizer"]).is_absolute():
+        data["tokenizer"] = str(base.parent / data["tokenizer"])  # relative to the config it came from
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

@@ -17,13 +17,21 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
-def test_run_json_is_one_document_on_stdout(tiny_build_copy):
-    result = invoke("run", "-c", TINY, "-w", tiny_build_copy, "--json")
+def test_export_json_is_one_document_on_stdout(tiny_build_copy):
+    result = invoke("export", "-c", TINY, "-w", tiny_build_copy, "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert {o["module"]: o["status"] for o in doc["outcomes"]} == dict.fromkeys(
         ["vision", "audio", "embed", "decoder"], "cached")
     assert "cached" in result.stderr  # logs go to stderr
+
+
+def test_run_does_every_stage_then_caches_them_all(tiny_build_copy):
+    first = json.loads(invoke("run", "-c", TINY, "-w", tiny_build_copy, "--json").stdout)["outcomes"]
+    assert {(o["stage"], o["status"]) for o in first} == {
+        ("export", "cached"), ("calibrate-int8", "ran"), ("calibrate-fp16", "ran")}
+    second = json.loads(invoke("run", "-c", TINY, "-w", tiny_build_copy, "--json").stdout)["outcomes"]
+    assert len(second) == 12 and {o["status"] for o in second} == {"cached"}
 
 
 def test_global_options_before_the_command(tiny_build_copy):

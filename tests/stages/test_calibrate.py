@@ -1,0 +1,155 @@
+"""calibrate: Q/DQ INT8 with the FP16 policy read back from the graph, FP16, fallback, TensorRT cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from autoglm_build.config import load_config
+from autoglm_build.console import Reporter
+from autoglm_build.errors import AccuracyError
+from autoglm_build.modules import registry
+from autoglm_build.pipeline import Pipeline
+from autoglm_build.precision import read_trt_cache
+from autoglm_build.stages.calibrate import CENSUS, CalibrateStage
+from tests.conftest import ROOT, TINY
+from tests.helpers import run_onnx
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_build, tmp_path_factory):
+    """The shared tiny export plus both precision stages, in a private copy."""
+    workdir = tmp_path_factory.mktemp("calibrated") / "w"
+    shutil.copytree(tiny_build, workdir)
+    cfg = load_config(TINY)
+    outcomes = Pipeline(cfg, workdir, [CalibrateStage("int8"), CalibrateStage("fp16")], cfg.modules,
+                        reporter=Reporter(-1)).run()
+    return workdir, {(o.stage, o.module): o.record for o in outcomes}
+
+
+def _chdir_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # calibrate.data is relative to the CWD, as on the command line
+
+
+@pytest.fixture(autouse=True)
+def _root(monkeypatch):
+    _chdir_root(monkeypatch)
+
+
+def test_int8_graphs_have_qdq_and_keep_the_policy_fp16_in_the_graph(calibrated):
+    workdir, records = calibrated
+    expected_int8 = {"vision": 20, "audio": 20, "embed": 0, "decoder": 16}
+    for module, n_int8 in expected_int8.items():
+        model = onnx.load(str(workdir / "int8" / f"{module}.onnx"))
+        ops = [n.op_type for n in model.graph.node]
+        assert (ops.count("QuantizeLinear") > 0) == (n_int8 > 0), module
+        from autoglm_build.precision import census
+
+        seen = census(model, CENSUS)  # read from the graph itself
+        assert seen["matmul/conv (other)"].get("int8", 0) == n_int8, (module, seen)
+        for category in ("embedding", "normalization", "softmax", "lm_head"):
+            assert set(seen[category]) <= {"fp16"}, (module, category, seen[category])
+        assert records[("calibrate-int8", module)].metrics["qdq"]["QuantizeLinear"] == ops.count("QuantizeLinear")
+    decoder = onnx.load(str(workdir / "int8" / "decoder.onnx"))
+    assert census(decoder, CENSUS)["lm_head"] == {"fp16": 1}
+    embed = onnx.load(str(workdir / "int8" / "embed.onnx"))
+    assert census(embed, CENSUS)["embedding"] == {"fp16": 1}
+    table = {t.name: t.data_type for t in embed.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in table.values()  # the table itself is stored FP16
+
+
+def test_int8_and_fp16_graphs_run_at_batch_1_4_8_with_fp32_io(calibrated, tiny_cfg):
+    workdir, _ = calibrated
+    for precision in ("int8", "fp16"):
+        for module in registry.names():
+            spec = registry.get(module)
+            for case in spec.cases(tiny_cfg, np.random.default_rng(0)):
+                out = run_onnx(workdir / precision / f"{module}.onnx", case.steps[0])
+                assert all(v.dtype == np.float32 and v.shape[0] == case.batch for v in out.values())
+
+
+def test_accuracy_report_is_recorded(calibrated):
+    workdir, records = calibrated
+    manifest = json.loads((workdir / "manifest.json").read_text())
+    for module in registry.names():
+        for stage in ("calibrate-int8", "calibrate-fp16"):
+            acc = manifest["records"][f"{stage}/{module}"]["metrics"]["accuracy"]
+            assert 0.99 < acc["cosine_min"] <= 1.0 + 1e-9 and acc["samples"] > 0
+    dec = records[("calibrate-fp16", "decoder")].metrics["accuracy"]
+    assert dec["greedy_agreement"] == 1.0 and dec["greedy_positions"] >= 9
+    assert 0.5 < records[("calibrate-int8", "decoder")].metrics["accuracy"]["greedy_agreement"] <= 1.0
+
+
+def test_trt_calibration_cache_parses_back_against_the_graph(calibrated):
+    workdir, _ = calibrated
+    for module in ("vision", "audio", "decoder"):
+        header, scales = read_trt_cache(workdir / "int8" / f"{module}.calib.cache")
+        assert header == "TRT-8503-EntropyCalibration2"
+        graph = onnx.load(str(workdir / "onnx" / f"{module}.onnx"))
+        names = {i.name for i in graph.graph.input} | {o for n in graph.graph.node for o in n.output}
+        assert scales and set(scales) <= names
+        assert all(s > 0 and np.isfinite(s) for s in scales.values())
+
+
+def test_strict_target_moves_layers_to_fp16_and_holds(tiny_build_copy, tiny_cfg):
+    stage = CalibrateStage("int8", {"target_cosine": 0.9995})
+    (outcome,) = Pipeline(tiny_cfg, tiny_build_copy, [stage], ["decoder"], reporter=Reporter(-1)).run()
+    fallback = outcome.record.metrics["fallback"]
+    assert fallback["moved_to_fp16"] and fallback["reached_cosine"] >= 0.9995
+    assert outcome.record.metrics["accuracy"]["cosine_min"] >= 0.9995
+    seen = outcome.record.metrics["precision_census"]["matmul/conv (other)"]
+    assert seen["int8"] == 16 - len(fallback["moved_to_fp16"])
+
+
+def test_unreachable_target_says_so_and_fails(tiny_build_copy, tiny_cfg):
+    stage = CalibrateStage("int8", {"target_cosine": 1.0})
+    with pytest.raises(AccuracyError, match="target cosine 1.0 is unreachable"):
+        Pipeline(tiny_cfg, tiny_build_copy, [stage], ["audio"], reporter=Reporter(-1)).run()
+    assert not (tiny_build_copy / "int8" / "audio.onnx").exists()
+
+
+def _bad_data(tmp_path, breaker):
+    data = tmp_path / "data"
+    shutil.copytree(ROOT / "calibration_data", data)
+    breaker(data)
+    return data
+
+
+def _nan_npz(data):
+    (data / "vision").mkdir()
+    pixels = np.zeros((2, 3, 112, 112), np.float32)
+    pixels[0, 0, 0, 0] = np.nan
+    np.savez(data / "vision" / "extra.npz", pixel_values=pixels)
+
+
+@pytest.mark.parametrize(
+    "module, breaker, message",
+    [
+        ("vision", lambda d: (d / "images" / "coffee.jpg").write_bytes(b"\xff\xd8 not a jpeg"),
+         r"images/coffee.jpg: not a readable image"),
+        ("audio", lambda d: __import__("shutil").copy(ROOT / "tests" / "data" / "tone_8k.wav", d / "audio" / "x.wav"),
+         r"audio/x.wav: sample rate 8000 Hz, expected 16000 Hz"),
+        ("embed", lambda d: (d / "prompts.jsonl").write_text(""), r"prompts.jsonl: no prompts \(the file is empty\)"),
+        ("vision", _nan_npz, r"vision/extra.npz: array 'pixel_values' contains NaN or Inf"),
+    ],
+)
+def test_bad_calibration_data_is_one_line_naming_the_file(tiny_build_copy, tmp_path, module, breaker, message):
+    from typer.testing import CliRunner
+
+    from autoglm_build.cli import app
+    from tests.conftest import write_config
+
+    data = _bad_data(tmp_path, breaker)
+    config = write_config(tmp_path / "c.yaml", {"calibrate": {"data": str(data)}})
+    result = CliRunner().invoke(app, ["calibrate", "--int8", "-c", str(config), "-w", str(tiny_build_copy),
+                                      "-m", module])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and __import__("re").search(message, errors[0]), result.stderr
+    assert "Traceback" not in result.output
+    assert not (tiny_build_copy / "int8").exists() or not list((tiny_build_copy / "int8").glob(f"{module}*"))
+    assert not list(tiny_build_copy.glob(".calibrate-*"))

@@ -130,10 +130,28 @@ def run(
     quiet: Optional[bool] = QuietOpt,
     dry_run: Optional[bool] = DryRunOpt,
 ) -> None:
-    """Run every stage (export, calibrate int8 and fp16), skipping what is cached."""
+    """Run every stage (export, optimize, calibrate int8 and fp16), skipping what is cached."""
     opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, dry_run)
     with user_errors():
-        _build(opts, ["export", "calibrate-int8", "calibrate-fp16"], module, checkpoint, force)
+        _build(opts, ["export", "optimize", "calibrate-int8", "calibrate-fp16"], module, checkpoint, force)
+
+
+@app.command()
+def optimize(
+    ctx: typer.Context,
+    module: Optional[List[str]] = ModuleOpt,
+    force: bool = ForceOpt,
+    config: Optional[Path] = ConfigOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    json_out: Optional[bool] = JsonOpt,
+    verbose: Optional[bool] = VerboseOpt,
+    quiet: Optional[bool] = QuietOpt,
+    dry_run: Optional[bool] = DryRunOpt,
+) -> None:
+    """Clean up and fuse each exported graph (standard ONNX ops only), checked equal in ONNX Runtime."""
+    opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, dry_run)
+    with user_errors():
+        _build(opts, ["optimize"], module, None, force)
 
 
 @app.command()
@@ -203,6 +221,7 @@ def _build(opts: Options, stage_names: List[str], modules: Optional[List[str]], 
     from autoglm_build.render import render_outcomes, render_plan
     from autoglm_build.stages.calibrate import CalibrateStage
     from autoglm_build.stages.export import ExportStage
+    from autoglm_build.stages.optimize import OptimizeStage
 
     overrides = {"checkpoint": str(checkpoint)} if checkpoint else None
     cfg = load_config(opts.config, overrides)
@@ -211,6 +230,7 @@ def _build(opts: Options, stage_names: List[str], modules: Optional[List[str]], 
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     stages = {
         "export": lambda: ExportStage(checkpoint=ckpt),
+        "optimize": OptimizeStage,
         "calibrate-int8": lambda: CalibrateStage("int8", overrides),
         "calibrate-fp16": lambda: CalibrateStage("fp16", overrides),
     }

@@ -140,6 +140,16 @@ class ExportConfig(_Section):
     )
 
 
+class OptimizeConfig(_Section):
+    """Graph cleanup and fusions into standard ONNX ops (autoglm_build/rewrites/)."""
+
+    opset: int = Field(17, ge=14, le=23, description="target opset: 17 for TensorRT 8.5; 20 fuses Gelu, 23 RMSNorm")
+    rewrites: List[Literal["cleanup", "fuse-gelu", "fuse-rmsnorm"]] = Field(
+        default_factory=lambda: ["cleanup", "fuse-gelu", "fuse-rmsnorm"], description="applied in this order"
+    )
+    tolerance: Tolerance = Field(default_factory=lambda: Tolerance(atol=1e-5, rtol=1e-5))
+
+
 DEFAULT_FP16_PATTERNS = ["op:Softmax", "op:LayerNormalization", "norm", "lm_head", "embed_tokens"]
 
 
@@ -181,6 +191,7 @@ class BuildConfig(_Section):
     text: TextConfig = Field(default_factory=TextConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     tokenizer: Optional[str] = Field(
         None, description="tokenizer.json (relative to this config file); default: the checkpoint's"
@@ -239,6 +250,8 @@ def _architecture_problems(cfg: BuildConfig) -> List[str]:
             )
     if max(e.batch_sizes) > e.max_batch or min(e.batch_sizes) < 1:
         problems.append(f"export.batch_sizes: each must lie in [1, export.max_batch={e.max_batch}]")
+    if cfg.optimize.opset < e.opset:
+        problems.append(f"optimize.opset: {cfg.optimize.opset} is below export.opset {e.opset} (opsets only go up)")
     if any(n < 1 for n in e.decoder_seq_lens):
         problems.append("export.decoder_seq_lens: each must be at least 1")
     return problems

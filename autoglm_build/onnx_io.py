@@ -27,9 +27,14 @@ def save_model(model: Any, out: Path, large_bytes: int) -> List[Path]:
     import onnx
 
     if sum(tensor_bytes(t) for t in model.graph.initializer) > large_bytes:
+        from onnx.external_data_helper import load_external_data_for_model
+
         data = out.with_name(out.name + ".data")
         onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
+        # onnx moved the weights out of the in-memory model; read them back so the caller's model
+        # stays whole (it may be saved again, elsewhere).
+        load_external_data_for_model(model, str(out.parent))
         return [out, data]
     onnx.save_model(model, str(out))
     return [out]

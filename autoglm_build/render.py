@@ -33,9 +33,12 @@ def render_outcomes(outcomes: Sequence[Outcome], workdir: Path) -> None:
             _ok(metrics["passed"]) if "passed" in metrics else "-",
         )
     stdout.print(table)
-    ran = [o for o in outcomes if o.status == "ran" and o.record and o.record.metrics.get("rows")]
+    ran = [o for o in outcomes if o.status == "ran" and o.stage == "export" and o.record.metrics.get("rows")]
     if ran:
         render_validation([row for o in ran for row in o.record.metrics["rows"]])
+    optimized = [o for o in outcomes if o.stage == "optimize" and o.record and o.record.metrics]
+    if optimized:
+        render_optimize(optimized)
     precision = [o for o in outcomes if o.stage.startswith("calibrate") and o.record and o.record.metrics]
     if precision:
         render_precision(precision)
@@ -52,6 +55,23 @@ def render_validation(rows: List[Dict[str, Any]]) -> None:
             r["module"], r["case"], str(r["batch"]), r["output"], "x".join(map(str, r["shape"])),
             f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}", f"{r['atol']:.0e} + {r['rtol']:.0e}", _ok(r["passed"]),
         )
+    stdout.print(table)
+
+
+def render_optimize(outcomes: Sequence[Outcome]) -> None:
+    """Per module: nodes before/after, what each rewrite did, op counts that changed, and the check."""
+    table = Table(title="optimize: op counts and ONNX Runtime check against the exported graph", title_justify="left")
+    for col in ("module", "nodes", "removed", "rewrites", "ops changed (before -> after)", "max abs", "check"):
+        table.add_column(col)
+    for o in outcomes:
+        m = o.record.metrics
+        before, after = m["ops_before"], m["ops_after"]
+        changed = sorted(set(before) | set(after), key=lambda op: -abs(before.get(op, 0) - after.get(op, 0)))
+        ops = ", ".join(f"{op} {before.get(op, 0)}->{after.get(op, 0)}" for op in changed
+                        if before.get(op, 0) != after.get(op, 0))
+        rewrites = ", ".join(f"{k}: {v}" if isinstance(v, int) else f"{k}: skipped" for k, v in m["rewrites"].items())
+        table.add_row(o.module, f"{m['nodes_before']} -> {m['nodes_after']}", str(m["nodes_removed"]), rewrites,
+                      ops, f"{m['max_abs']:.2e}", _ok(m["passed"]))
     stdout.print(table)
 
 

@@ -43,9 +43,11 @@ from autoglm_build.precision import (
     trt_cache_header,
     write_trt_cache,
 )
+from autoglm_build.rewrites.base import opset_of
 from autoglm_build.stages.base import Stage, StageContext, StageResult
 
 Feed = Dict[str, np.ndarray]
+MAX_INT8_OPSET = 20
 CENSUS = {
     "embedding": ["embed_tokens"],
     "normalization": ["norm", "op:LayerNormalization"],
@@ -56,8 +58,9 @@ CENSUS = {
 
 
 def fp32_graph(ctx: StageContext, module: str) -> Path:
-    """The module's FP32 graph from the manifest (the export stage's output)."""
-    arts = ctx.manifest.artifacts_of("export", module, kind="onnx")
+    """The module's FP32 graph from the manifest: the optimized one, else the exported one."""
+    arts = ctx.manifest.artifacts_of("optimize", module, kind="onnx") or ctx.manifest.artifacts_of(
+        "export", module, kind="onnx")
     if not arts:
         raise UserError(f"{module}: no exported ONNX in {ctx.workdir}", hint="run `autoglm-build export` first")
     return ctx.workdir / arts[0].path
@@ -86,7 +89,8 @@ class CalibrateStage(Stage):
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
         settings = self.settings(ctx.cfg)
-        graphs = {m: ctx.manifest.artifacts_of("export", m) for m in _upstream(module)}
+        graphs = {m: ctx.manifest.artifacts_of("optimize", m) or ctx.manifest.artifacts_of("export", m)
+                  for m in _upstream(module)}
         return {
             "module": module,
             "inputs": {m: [a.sha256 for a in arts] for m, arts in graphs.items()},
@@ -134,6 +138,13 @@ class CalibrateStage(Stage):
         import onnx
 
         settings = cfg.calibrate
+        opset = opset_of(onnx.load(str(source), load_external_data=False))
+        if opset > MAX_INT8_OPSET:
+            raise UserError(
+                f"{spec.name}: the FP32 graph is at opset {opset}; INT8 calibration needs opset <= {MAX_INT8_OPSET} "
+                "(onnxruntime.quantization writes QuantizeLinear nodes that fail validation at opset >= 21)",
+                hint=f"set optimize.opset: {MAX_INT8_OPSET} or lower for INT8 builds",
+            )
         module_policy = settings.modules.get(spec.name)
         patterns = (module_policy.fp16_patterns if module_policy and module_policy.fp16_patterns
                     else settings.fp16_patterns)

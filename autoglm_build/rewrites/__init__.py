@@ -1,0 +1,10 @@
+"""Graph rewrites: one class per file (onnxruntime's fusion classes), applied in this order."""
+
+from autoglm_build.rewrites.base import Rewrite
+from autoglm_build.rewrites.cleanup import Cleanup
+from autoglm_build.rewrites.gelu import FuseGelu
+from autoglm_build.rewrites.rmsnorm import FuseRMSNorm
+
+REWRITES = {cls.name: cls for cls in (Cleanup, FuseGelu, FuseRMSNorm)}
+
+__all__ = ["REWRITES", "Cleanup", "FuseGelu", "FuseRMSNorm", "Rewrite"]

@@ -1,0 +1,78 @@
+"""Each rewrite on the pattern it names, built by hand: op counts before/after, same numbers in ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from autoglm_build.rewrites import Cleanup, FuseGelu, FuseRMSNorm
+
+
+def _model(nodes, inits, opset, hidden=8):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, hidden])],
+        [numpy_helper.from_array(np.asarray(v, dtype=np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+def _ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def gelu_pattern(opset):
+    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["x", "a"], ["m"]),
+             helper.make_node("Mul", ["m", "half"], ["y"])]
+    return _model(nodes, {"sqrt2": 1.4142135, "one": 1.0, "half": 0.5}, opset)
+
+
+def test_fuse_gelu_into_standard_gelu():
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    model = gelu_pattern(20)
+    fused, count = FuseGelu()(model)
+    assert count == 1 and _ops(fused) == ["Gelu"]
+    np.testing.assert_allclose(_run(fused, x), _run(model, x), atol=1e-6)
+
+
+def test_fusions_skip_below_their_opset():
+    assert "needs opset >= 20" in FuseGelu().skip_reason(17)
+    assert "needs opset >= 23" in FuseRMSNorm().skip_reason(20)
+    assert FuseRMSNorm().skip_reason(23) is None
+
+
+def rmsnorm_pattern(weight: bool):
+    nodes = [helper.make_node("Pow", ["x", "two"], ["p"]),
+             helper.make_node("ReduceMean", ["p", "axes"], ["r"], keepdims=1),
+             helper.make_node("Add", ["r", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["s"]),
+             helper.make_node("Div", ["one", "s"], ["inv"]),
+             helper.make_node("Mul", ["x", "inv"], ["n" if weight else "y"])]
+    inits = {"two": 2.0, "eps": 1e-5, "one": 1.0}
+    if weight:
+        nodes.append(helper.make_node("Mul", ["n", "w"], ["y"]))
+        inits["w"] = np.linspace(0.5, 1.5, 8)
+    model = _model(nodes, inits, 23)
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes"))
+    return model
+
+
+def test_fuse_rmsnorm_with_and_without_weight():
+    x = np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32) * 3
+    for weight in (True, False):
+        model = rmsnorm_pattern(weight)
+        model = onnx.shape_inference.infer_shapes(model)
+        fused, count = FuseRMSNorm()(model)
+        assert count == 1 and _ops(fused) == ["RMSNormalization"], _ops(fused)
+        np.testing.assert_allclose(_run(fused, x), _run(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_cleanup_folds_constants_and_drops_dead_nodes(tiny_build):
+    model = onnx.load(str(tiny_build / "onnx" / "decoder.onnx"))
+    slim, removed = Cleanup()(model)
+    assert removed > 300 and "Constant" not in _ops(slim) and "Identity" not in _ops(slim)

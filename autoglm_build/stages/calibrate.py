@@ -247,6 +247,7 @@ class Quantizer:
                 extra_options={
                     "ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True,
                     "DedicatedQDQPair": True, "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                    "QuantizeBias": False,  # biases stay float: TensorRT fuses them into the INT8 layer itself
                 },
             )
         model = onnx.load(str(out))

@@ -130,10 +130,10 @@ def run(
     quiet: Optional[bool] = QuietOpt,
     dry_run: Optional[bool] = DryRunOpt,
 ) -> None:
-    """Run every stage (export, optimize, calibrate int8 and fp16), skipping what is cached."""
+    """Run every CPU stage (export, optimize, samples, calibrate int8 and fp16), skipping what is cached."""
     opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, dry_run)
     with user_errors():
-        _build(opts, ["export", "optimize", "calibrate-int8", "calibrate-fp16"], module, checkpoint, force)
+        _build(opts, RUN_STAGES, module, checkpoint, force)
 
 
 @app.command()
@@ -183,6 +183,66 @@ def calibrate(
 
 
 @app.command()
+def engine(
+    ctx: typer.Context,
+    precision: str = typer.Option("fp16", "--precision", help="fp16 | int8 | fp32"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Profile max batch [engine.max_batch]"),
+    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", min=1, help="Profile opt batch [engine.opt_batch]"),
+    module: Optional[List[str]] = ModuleOpt,
+    force: bool = ForceOpt,
+    config: Optional[Path] = ConfigOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    json_out: Optional[bool] = JsonOpt,
+    verbose: Optional[bool] = VerboseOpt,
+    quiet: Optional[bool] = QuietOpt,
+) -> None:
+    """Build a TensorRT engine per module ([1, opt, max] batch profiles); needs TensorRT and a GPU (exit 4)."""
+    opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, None)
+    with user_errors():
+        if precision not in ("fp16", "int8", "fp32"):
+            raise UserError(f"--precision: '{precision}' is not one of fp16, int8, fp32")
+        _build(opts, [f"engine-{precision}"], module, None, force, engine_batches=(max_batch, opt_batch))
+
+
+@app.command()
+def verify(
+    ctx: typer.Context,
+    precision: Optional[List[str]] = typer.Option(None, "--precision", help="fp16 | int8 (repeatable) [both]"),
+    strict: bool = typer.Option(False, "--strict", help="Exit 3 when anything is out of tolerance."),
+    module: Optional[List[str]] = ModuleOpt,
+    config: Optional[Path] = ConfigOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    json_out: Optional[bool] = JsonOpt,
+    verbose: Optional[bool] = VerboseOpt,
+    quiet: Optional[bool] = QuietOpt,
+) -> None:
+    """Precision graphs and engines vs ONNX Runtime on the FP32 graph, at batch 1, 4, 8 on real samples."""
+    opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, None)
+    with user_errors():
+        from autoglm_build.config import load_config
+        from autoglm_build.errors import AccuracyError
+        from autoglm_build.modules import registry
+        from autoglm_build.render import render_verify
+        from autoglm_build.verify import verify as run_verify
+
+        cfg = load_config(opts.config)
+        names = [registry.get(m).name for m in module] if module else list(cfg.modules)
+        precisions = precision or ["fp16", "int8"]
+        for p in precisions:
+            if p not in ("fp16", "int8", "fp32"):
+                raise UserError(f"--precision: '{p}' is not one of fp16, int8, fp32")
+        reporter = Reporter(opts.verbosity)
+        with reporter.task("verify") as status:
+            report = run_verify(cfg, opts.workdir or Path("build") / cfg.name, names, precisions, status)
+        for note in report["notes"]:
+            reporter.warn(note)
+        print_json(report) if opts.json else render_verify(report)
+        if strict and not report["passed"]:
+            bad = sum(not r["passed"] for r in report["rows"])
+            raise AccuracyError(f"verify: {bad} of {len(report['rows'])} checks out of tolerance")
+
+
+@app.command()
 def inspect(
     ctx: typer.Context,
     config: Optional[Path] = ConfigOpt,
@@ -205,6 +265,22 @@ def inspect(
 # Shared plumbing
 
 
+# What `run` does; engines join when this machine has TensorRT (`engine` and `verify` say why not).
+RUN_STAGES = ["export", "optimize", "samples", "calibrate-int8", "calibrate-fp16"]
+
+
+def _export_stage(checkpoint: Optional[Path]):
+    from autoglm_build.stages.export import ExportStage  # imports torch only when it runs
+
+    return ExportStage(checkpoint=checkpoint)
+
+
+def _optimize_stage():
+    from autoglm_build.stages.optimize import OptimizeStage
+
+    return OptimizeStage()
+
+
 def _workdir(opts: Options) -> Path:
     if opts.workdir is not None:
         return opts.workdir
@@ -214,14 +290,14 @@ def _workdir(opts: Options) -> Path:
 
 
 def _build(opts: Options, stage_names: List[str], modules: Optional[List[str]], checkpoint: Optional[Path],
-           force: bool, overrides: Optional[dict] = None) -> None:
+           force: bool, overrides: Optional[dict] = None, engine_batches: tuple = (None, None)) -> None:
     from autoglm_build.config import load_config
     from autoglm_build.modules import registry
     from autoglm_build.pipeline import Pipeline
     from autoglm_build.render import render_outcomes, render_plan
     from autoglm_build.stages.calibrate import CalibrateStage
-    from autoglm_build.stages.export import ExportStage
-    from autoglm_build.stages.optimize import OptimizeStage
+    from autoglm_build.stages.engine import EngineStage
+    from autoglm_build.stages.samples import SamplesStage
 
     overrides = {"checkpoint": str(checkpoint)} if checkpoint else None
     cfg = load_config(opts.config, overrides)
@@ -229,10 +305,12 @@ def _build(opts: Options, stage_names: List[str], modules: Optional[List[str]], 
     workdir = opts.workdir or Path("build") / cfg.name
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     stages = {
-        "export": lambda: ExportStage(checkpoint=ckpt),
-        "optimize": OptimizeStage,
+        "export": lambda: _export_stage(ckpt),
+        "optimize": _optimize_stage,
+        "samples": SamplesStage,
         "calibrate-int8": lambda: CalibrateStage("int8", overrides),
         "calibrate-fp16": lambda: CalibrateStage("fp16", overrides),
+        **{f"engine-{p}": (lambda p=p: EngineStage(p, *engine_batches)) for p in ("fp16", "int8", "fp32")},
     }
     reporter = Reporter(opts.verbosity)
     pipeline = Pipeline(cfg, workdir, [stages[s]() for s in stage_names], names, force=force,

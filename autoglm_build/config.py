@@ -179,6 +179,32 @@ class CalibrateConfig(_Section):
     trt_version: str = Field("8.5.3", pattern=r"^\d+\.\d+(\.\d+)?$", description="calibration cache header")
 
 
+def _default_engine_tolerances() -> Dict[str, Tolerance]:
+    # Engines are compared with ONNX Runtime on the FP32 graph; relative to each output's scale.
+    return {
+        "fp32": Tolerance(atol=1e-4, rtol=1e-3),
+        "fp16": Tolerance(atol=1e-3, rtol=2e-2),
+        "int8": Tolerance(atol=1e-2, rtol=1.5e-1),
+    }
+
+
+class EngineConfig(_Section):
+    """TensorRT engines: profiles, workspace, timing cache, verification tolerances."""
+
+    precision: Literal["fp16", "int8", "fp32"] = "fp16"
+    max_batch: int = Field(8, ge=1)
+    opt_batch: int = Field(4, ge=1)
+    context: int = Field(2048, ge=2, description="decoder tokens (prompt + generated): the KV-cache bound")
+    opt_seq: int = Field(64, ge=1, description="prefill length the profile is tuned for")
+    opt_past: int = Field(256, ge=0, description="cache length the profile is tuned for")
+    opt_audio_frames: int = Field(800, ge=8)
+    workspace_mib: int = Field(4096, ge=64)
+    timing_cache: Optional[str] = Field(
+        None, description="file; default <cache dir>/timing-<trt>-sm<cc>.cache ($AUTOGLM_BUILD_CACHE_DIR overrides)"
+    )
+    tolerances: Dict[str, Tolerance] = Field(default_factory=_default_engine_tolerances)
+
+
 class BuildConfig(_Section):
     """The whole build: architecture, which modules to build, and how."""
 
@@ -193,6 +219,7 @@ class BuildConfig(_Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
     tokenizer: Optional[str] = Field(
         None, description="tokenizer.json (relative to this config file); default: the checkpoint's"
     )
@@ -250,6 +277,14 @@ def _architecture_problems(cfg: BuildConfig) -> List[str]:
             )
     if max(e.batch_sizes) > e.max_batch or min(e.batch_sizes) < 1:
         problems.append(f"export.batch_sizes: each must lie in [1, export.max_batch={e.max_batch}]")
+    g = cfg.engine
+    if not 1 <= g.opt_batch <= g.max_batch:
+        problems.append(f"engine.opt_batch: {g.opt_batch} must lie in [1, engine.max_batch={g.max_batch}]")
+    if g.opt_seq + g.opt_past > g.context:
+        problems.append(
+            f"engine.opt_seq + engine.opt_past ({g.opt_seq + g.opt_past}) exceed engine.context {g.context}")
+    if g.max_batch > e.max_batch:
+        problems.append(f"engine.max_batch: {g.max_batch} exceeds export.max_batch {e.max_batch}")
     if cfg.optimize.opset < e.opset:
         problems.append(f"optimize.opset: {cfg.optimize.opset} is below export.opset {e.opset} (opsets only go up)")
     if any(n < 1 for n in e.decoder_seq_lens):

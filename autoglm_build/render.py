@@ -97,6 +97,19 @@ def render_precision(outcomes: Sequence[Outcome]) -> None:
     stdout.print(table)
 
 
+def render_verify(report: Dict[str, Any]) -> None:
+    """module | backend | precision | output | batch | max abs | max rel | tol | pass."""
+    table = Table(title="verify: vs ONNX Runtime on the FP32 graph (real samples)", title_justify="left")
+    for col in ("module", "backend", "precision", "output", "batch", "steps", "max abs", "max rel",
+                "tol: atol + rtol*max|ref|", "pass"):
+        table.add_column(col)
+    for r in report["rows"]:
+        table.add_row(r["module"], r["backend"], r["precision"], r["output"], str(r["batch"]), str(r["steps"]),
+                      f"{r['max_abs']:.2e}", f"{r['max_rel']:.2e}", f"{r['atol']:.0e} + {r['rtol']:.0e}",
+                      _ok(r["passed"]))
+    stdout.print(table)
+
+
 def render_plan(plan: Dict[str, Any]) -> None:
     table = Table(title=f"plan for {plan['config']} (dry run: nothing allocated or written)", title_justify="left")
     for col in ("module", "parameters", "ONNX (fp32, est.)", "external data", "inputs", "outputs"):

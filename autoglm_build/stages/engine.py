@@ -1,0 +1,183 @@
+"""Stage ``engine-<precision>``: a TensorRT engine per module, through Polygraphy's loaders.
+
+Source graphs carry their precision: ``int8/`` (Q/DQ + FP16 islands), ``fp16/``, or the FP32
+``optimized/`` graph for ``fp32``. TensorRT >= 10 builds them as strongly typed networks; 8.5-9
+build the same graphs in flag mode (FP16 flag; INT8+FP16 flags for Q/DQ graphs). Profiles come from
+:mod:`autoglm_build.engine.profiles`; the timing cache persists across builds in the cache dir.
+
+Imports on the GPU harness's Python 3.9 without torch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from autoglm_build.engine import tensorrt as trt_env
+from autoglm_build.engine.profiles import PROFILE_NAMES, profiles
+from autoglm_build.engine.sidecar import Sidecar
+from autoglm_build.errors import UserError
+from autoglm_build.manifest import sha256_file
+from autoglm_build.stages.base import Stage, StageContext, StageResult
+
+ENGINE_DIR = "engines"
+SOURCES = {
+    "int8": ("calibrate-int8", "onnx-int8"),
+    "fp16": ("calibrate-fp16", "onnx-fp16"),
+    "fp32": ("optimize", "onnx"),
+}
+
+
+def source_graph(ctx: StageContext, module: str, precision: str) -> Path:
+    stage, kind = SOURCES[precision]
+    arts = ctx.manifest.artifacts_of(stage, module, kind=kind)
+    if not arts and precision == "fp32":
+        arts = ctx.manifest.artifacts_of("export", module, kind="onnx")
+    if not arts:
+        raise UserError(f"{module}: no {precision} graph in {ctx.workdir}",
+                        hint=f"run `autoglm-build {'calibrate --' + precision if precision != 'fp32' else 'optimize'}`")
+    return ctx.workdir / arts[0].path
+
+
+class EngineStage(Stage):
+    """Build ``engines/<module>.<precision>.engine`` and its sidecar.
+
+    Args:
+        precision: fp16 | int8 | fp32.
+        max_batch, opt_batch: the batch profile (default from ``engine:``).
+    """
+
+    version = 1
+    tools = ("onnx", "polygraphy")
+
+    def __init__(self, precision: str, max_batch: Optional[int] = None, opt_batch: Optional[int] = None) -> None:
+        self.precision = precision
+        self.name = f"engine-{precision}"
+        self.max_batch, self.opt_batch = max_batch, opt_batch
+
+    def batches(self, ctx: StageContext):
+        g = ctx.cfg.engine
+        max_batch = self.max_batch or g.max_batch
+        opt_batch = min(self.opt_batch or g.opt_batch, max_batch)
+        if max_batch > ctx.cfg.export.max_batch:
+            raise UserError(f"--max-batch: {max_batch} exceeds the exported graphs' batch bound "
+                            f"export.max_batch={ctx.cfg.export.max_batch}")
+        return max_batch, opt_batch
+
+    def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
+        trt = trt_env.load()
+        source = source_graph(ctx, module, self.precision)
+        return {
+            "module": module,
+            "source": sha256_file(source),
+            "batches": self.batches(ctx),
+            "engine": ctx.cfg.section("engine"),
+            "tensorrt": trt.__version__,
+            "gpu": trt_env.gpu()["compute_capability"],
+            "tactics": os.environ.get("AUTOGLM_BUILD_TRT_TACTICS", "default"),
+        }
+
+    def __call__(self, ctx: StageContext, module: str) -> StageResult:
+        trt = trt_env.load()
+        gpu = trt_env.gpu()
+        source = source_graph(ctx, module, self.precision)
+        max_batch, opt_batch = self.batches(ctx)
+        shapes = profiles(ctx.cfg, source, max_batch, opt_batch)
+        cache = self.timing_cache(ctx, trt.__version__, gpu["compute_capability"])
+        cache_hit = cache.is_file()
+        ctx.status(f"building ({'strongly typed' if trt_env.strongly_typed(trt) else 'flag mode'}, TensorRT "
+                   f"{trt.__version__}, timing cache {'hit' if cache_hit else 'cold'})")
+        start = time.perf_counter()
+        engine_bytes = build(trt, source, self.precision, shapes, ctx.cfg.engine.workspace_mib, cache, ctx.status)
+        seconds = time.perf_counter() - start
+        final_dir = ctx.workdir / ENGINE_DIR
+        final_dir.mkdir(parents=True, exist_ok=True)
+        engine = final_dir / f"{module}.{self.precision}.engine"
+        with tempfile.NamedTemporaryFile(dir=final_dir, prefix=f".{engine.name}.", delete=False) as fh:
+            fh.write(engine_bytes)
+        tmp = Path(fh.name)
+        sidecar = Sidecar(
+            module=module, precision=self.precision, tensorrt_version=trt.__version__,
+            strongly_typed=trt_env.strongly_typed(trt), gpu_name=gpu["name"],
+            compute_capability=gpu["compute_capability"],
+            profiles=[{n: [list(s) for s in t] for n, t in p.items()} for p in shapes],
+            profile_names=list(PROFILE_NAMES[: len(shapes)]) if len(shapes) > 1 else ["default"],
+            source_onnx=str(source.relative_to(ctx.workdir)), source_onnx_sha256=sha256_file(source),
+            build_seconds=round(seconds, 2), engine_bytes=len(engine_bytes), engine_sha256=sha256_file(tmp),
+            timing_cache=str(cache),
+        )
+        tmp.replace(engine)
+        side = sidecar.write(engine)
+        metrics = {"build_s": round(seconds, 2), "timing_cache_hit": cache_hit, "engine_bytes": len(engine_bytes),
+                   "profiles": len(shapes), "tensorrt": trt.__version__, "gpu": gpu}
+        return StageResult(outputs=[(engine, "engine"), (side, "engine-sidecar")],
+                           params={"precision": self.precision, "max_batch": max_batch, "opt_batch": opt_batch},
+                           metrics=metrics)
+
+    def timing_cache(self, ctx: StageContext, version: str, cc: str) -> Path:
+        if ctx.cfg.engine.timing_cache:
+            return Path(ctx.cfg.engine.timing_cache)
+        path = trt_env.cache_dir() / f"timing-trt{version}-sm{cc.replace('.', '')}.cache"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,
+          status) -> bytes:
+    """Serialized engine bytes for ``source`` (Polygraphy loaders, composed then called)."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    strong = trt_env.strongly_typed(trt)
+    network = NetworkFromOnnxPath(str(source), strongly_typed=True) if strong else NetworkFromOnnxPath(str(source))
+    kwargs: Dict[str, Any] = {
+        "profiles": [_profile(Profile(), p) for p in shapes],
+        "load_timing_cache": str(cache) if cache.is_file() else None,
+    }
+    if hasattr(trt, "MemoryPoolType"):
+        kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: workspace_mib << 20}
+    if os.environ.get("AUTOGLM_BUILD_TRT_TACTICS") == "none":  # the GPU harness's stubbed cuBLAS/cuDNN
+        kwargs["tactic_sources"] = []
+    if not strong:
+        kwargs.update(fp16=precision in ("fp16", "int8"), int8=precision == "int8")
+    monitor = _progress_monitor(trt, status)
+    if monitor is not None:
+        kwargs["progress_monitor"] = monitor
+    loader = EngineBytesFromNetwork(network, config=CreateConfig(**kwargs), save_timing_cache=str(cache))
+    try:
+        return bytes(loader())
+    except Exception as exc:  # Polygraphy raises PolygraphyException with TensorRT's log above it
+        raise UserError(f"{source}: TensorRT could not build the {precision} engine ({exc})") from None
+
+
+def _profile(profile: Any, shapes: Dict) -> Any:
+    for name, (lo, opt, hi) in shapes.items():
+        profile.add(name, min=lo, opt=opt, max=hi)
+    return profile
+
+
+def _progress_monitor(trt: Any, status):
+    """TensorRT >= 10's IProgressMonitor, reporting phases to the stage's status line."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.phases: Dict[str, tuple] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.phases[phase_name] = (0, num_steps)
+            status(f"{phase_name} 0/{num_steps}")
+
+        def step_complete(self, phase_name, step):
+            total = self.phases.get(phase_name, (0, 0))[1]
+            status(f"{phase_name} {step + 1}/{total}")
+            return True
+
+        def phase_finish(self, phase_name):
+            self.phases.pop(phase_name, None)
+
+    return Monitor()

@@ -343,3 +343,7 @@ def main() -> None:
     except Exception:  # a bug: keep the traceback
         stderr.print_exception(show_locals=False)
         raise SystemExit(EXIT_INTERNAL) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from autoglm_build.cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""The engine path where there is no TensorRT (CI): profiles, sidecar checks, exit codes, ORT verify."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from autoglm_build.cli import app
+from autoglm_build.engine import tensorrt as trt_env
+from autoglm_build.engine.profiles import profiles
+from autoglm_build.engine.sidecar import EngineMismatch, Sidecar, check_loadable
+from autoglm_build.manifest import sha256_file
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.skipif(trt_env.available(), reason="checks the behaviour without TensorRT")
+
+
+def test_profiles_keep_cache_axes_consistent(tiny_build, tiny_cfg):
+    (vision,) = profiles(tiny_cfg, tiny_build / "onnx" / "vision.onnx", 8, 4)
+    assert vision["pixel_values"] == ((1, 3, 112, 112), (4, 3, 112, 112), (8, 3, 112, 112))
+    prefill, decode = profiles(tiny_cfg, tiny_build / "onnx" / "decoder.onnx", 8, 4)
+    context = tiny_cfg.engine.context
+    for profile in (prefill, decode):
+        for k in range(3):  # min, opt, max: total_seq = past_seq + seq
+            seq = profile["inputs_embeds"][k][1]
+            past = profile["past_key.0"][k][2]
+            assert profile["attention_mask"][k][1] == past + seq
+    assert prefill["past_key.0"][2][2] == 0 and decode["inputs_embeds"][2][1] == 1
+    assert decode["attention_mask"][2][1] == context  # the KV cache is bounded by the context
+
+
+def test_engine_without_tensorrt_exits_4_with_one_line(tiny_build_copy):
+    result = CliRunner().invoke(app, ["engine", "-c", str(TINY), "-w", str(tiny_build_copy)])
+    assert result.exit_code == 4
+    assert result.stderr.splitlines()[0].startswith("error: TensorRT is not installed here")
+
+
+def test_verify_without_tensorrt_checks_onnx_and_says_engines_were_skipped(tmp_path):
+    workdir = tmp_path / "w"
+    args = ["-c", str(TINY), "-w", str(workdir)]
+    assert CliRunner().invoke(app, ["run", *args, "-q"]).exit_code == 0
+    result = CliRunner().invoke(app, ["verify", *args, "--json", "--strict"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] and not report["engines_checked"]
+    assert "TensorRT engine checks skipped" in report["notes"][0] and "skipped" in result.stderr
+    assert {(r["module"], r["precision"]) for r in report["rows"]} == {
+        (m, p) for m in ("vision", "audio", "embed", "decoder") for p in ("fp16", "int8")}
+    assert {r["batch"] for r in report["rows"]} == {1, 4, 8}
+
+
+def _fake_engine(tmp_path, **changes):
+    engine = tmp_path / "vision.fp16.engine"
+    engine.write_bytes(b"not really an engine")
+    fields = dict(module="vision", precision="fp16", tensorrt_version="8.5.3.1", strongly_typed=False,
+                  gpu_name="NVIDIA H100", compute_capability="9.0", profiles=[], profile_names=["default"],
+                  source_onnx="fp16/vision.onnx", source_onnx_sha256="0" * 64, build_seconds=1.0, engine_bytes=20,
+                  engine_sha256=sha256_file(engine))
+    fields.update(changes)
+    Sidecar(**fields).write(engine)
+    return engine
+
+
+@pytest.mark.parametrize("version, cc, manifest_sha, message", [
+    ("8.6.1", "9.0", None, "built by TensorRT 8.5.3.1, this is TensorRT 8.6.1"),
+    ("8.5.3.1", "8.0", None, "built for compute capability 9.0 (NVIDIA H100), this GPU is 8.0"),
+    ("8.5.3.1", "9.0", "f" * 64, "does not match the manifest"),
+])
+def test_engine_checks_before_loading(tmp_path, version, cc, manifest_sha, message):
+    engine = _fake_engine(tmp_path)
+    with pytest.raises(EngineMismatch, match=re.escape(message)):
+        check_loadable(engine, manifest_sha, version, cc)
+    assert check_loadable(engine, sha256_file(engine), "8.5.3.1", "9.0").module == "vision"
+
+
+def test_modified_engine_or_missing_sidecar(tmp_path):
+    engine = _fake_engine(tmp_path)
+    engine.write_bytes(b"not really an engine, edited")
+    with pytest.raises(EngineMismatch, match="modified or truncated"):
+        check_loadable(engine, None, "8.5.3.1", "9.0")
+    Sidecar.path_for(engine).unlink()
+    with pytest.raises(EngineMismatch, match="engine sidecar missing"):
+        check_loadable(engine, None, "8.5.3.1", "9.0")

@@ -36,7 +36,8 @@ cli verify -w "$W" --strict 2>&1 | tee "$OUT/verify.txt"
 echo "verify exit: ${PIPESTATUS[0]}"
 
 step "polygraphy inspect model"
-$PY -m polygraphy inspect model "$W/engines/vision.fp16.engine" 2>&1 | tee "$OUT/inspect.txt" | head -40
+$PY -c "import sys; from polygraphy.tools._main import main; sys.argv = ['polygraphy'] + sys.argv[1:]; main()" \
+  inspect model "$W/engines/vision.fp16.engine" 2>&1 | tee "$OUT/inspect.txt" | head -40
 
 step "tests marked trt"
 AUTOGLM_BUILD_TRT_WORKDIR=$W $PY -m pytest -q -p no:cacheprovider -m trt tests/engine 2>&1 | tee "$OUT/pytest_trt.txt" | tail -15

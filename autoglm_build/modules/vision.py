@@ -5,7 +5,7 @@ attention by ``cu_seqlens`` at run time, which cannot carry a dynamic batch axis
 The export wrapper keeps every weight and sub-module of ``Glm4vVisionModel`` (same state-dict keys)
 and runs the same math over ``(B, 3, H, W)``:
 
-    pixels -> patchify (Glm4vImageProcessor's layout) -> patch_embed -> post_conv_layernorm
+    pixels -> patch_embed (as a Conv2d, Glm4vImageProcessor's patch order) -> post_conv_layernorm
            -> + position embedding -> blocks (batched attention) -> post_layernorm
            -> 2x2 downsample conv -> merger -> (B, tokens, text hidden)
 
@@ -69,13 +69,19 @@ def _torch_module():
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-        def patchify(self, pixels: torch.Tensor) -> torch.Tensor:
-            """``Glm4vImageProcessor.patchify``: merge-window-major patches, each frame repeated T times."""
-            b = pixels.shape[0]
-            g, m, p = self.grid // self.merge, self.merge, self.patch
-            x = pixels.reshape(b, self.channels, g, m, p, g, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
-            x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, self.temporal, -1, -1)
-            return x.reshape(b * self.seq, self.channels * self.temporal * p * p)
+        def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+            """``Glm4vVisionPatchEmbed`` on ``Glm4vImageProcessor``'s patch layout, as one Conv2d.
+
+            The processor repeats a still image ``temporal_patch_size`` times and the Conv3d's kernel
+            spans those copies, so the Conv3d equals a Conv2d whose kernel is the Conv3d's summed
+            over time. That keeps every tensor under TensorRT's 8 dimensions (the processor's own
+            patchify needs 9) and reads each pixel once. Patches come out merge-window-major.
+            """
+            proj = self.visual.patch_embed.proj
+            b, g, m = pixels.shape[0], self.grid // self.merge, self.merge
+            x = nn.functional.conv2d(pixels, proj.weight.sum(dim=2), proj.bias, stride=self.patch)
+            x = x.reshape(b, -1, g, m, g, m).permute(0, 2, 4, 3, 5, 1)
+            return x.reshape(b * self.seq, -1)
 
         def attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
             b, s, _ = x.shape
@@ -89,7 +95,7 @@ def _torch_module():
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
             visual = self.visual
             b = pixel_values.shape[0]
-            h = visual.post_conv_layernorm(visual.patch_embed(self.patchify(pixel_values)))
+            h = visual.post_conv_layernorm(self.embed_patches(pixel_values))
             h = h.reshape(b, self.seq, -1) + self.pos_embed
             for blk in visual.blocks:
                 h = h + self.attention(blk.attn, blk.norm1(h))

@@ -84,6 +84,7 @@ def test_engine_from_another_tensorrt_version_is_refused(workdir):
 
 
 def test_polygraphy_inspects_our_engine(workdir):
-    out = subprocess.run([sys.executable, "-m", "polygraphy", "inspect", "model",
+    cli = "import sys; from polygraphy.tools._main import main; sys.argv = ['polygraphy'] + sys.argv[1:]; main()"
+    out = subprocess.run([sys.executable, "-c", cli, "inspect", "model",
                           str(workdir / "engines" / "vision.fp16.engine")], capture_output=True, text=True)
     assert out.returncode == 0 and "pixel_values" in out.stdout, out.stdout + out.stderr

@@ -104,8 +104,11 @@ class ModuleSpec:
         """What determines this module's export: its sections, the seed and the export settings."""
         export = cfg.section("export")
         export["tolerances"] = export["tolerances"].get(self.name)
+        from autoglm_build.stages.base import source_hash
+
         return {
             "module": self.name,
+            "code": source_hash(type(self)),
             "sections": {s: cfg.section(s) for s in self.sections},
             "seed": cfg.seed,
             "export": export,

@@ -54,6 +54,7 @@ class Stage:
         data = {
             "stage": self.name,
             "stage_version": self.version,
+            "code": source_hash(type(self)),
             "autoglm_build": __version__,
             "tools": {name: dist_version(name) for name in self.tools},
             "data": self.fingerprint_data(ctx, module),
@@ -62,6 +63,13 @@ class Stage:
 
     def __call__(self, ctx: StageContext, module: str) -> StageResult:
         raise NotImplementedError
+
+
+def source_hash(obj: Any) -> str:
+    """sha256 of the file that defines ``obj``: editing a stage's or module's code invalidates its cache."""
+    import inspect
+
+    return hashlib.sha256(Path(inspect.getfile(obj)).read_bytes()).hexdigest()
 
 
 def dist_version(name: str) -> Optional[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import sys
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -255,17 +255,19 @@ class Quantizer:
 
 
 class _quiet:
-    """onnxruntime.quantization logs advice on the root logger and prints progress on stdout; stdout
-    is ours (the result), so its prints go to stderr and its advice is muted."""
+    """onnxruntime.quantization logs advice on the root logger and prints its progress on stdout;
+    stdout is ours (the result) and our own status line reports progress, so both are muted."""
 
     def __enter__(self):
         self.level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)
-        self.redirect = contextlib.redirect_stdout(sys.stderr)
+        self.sink = open(os.devnull, "w")
+        self.redirect = contextlib.redirect_stdout(self.sink)
         self.redirect.__enter__()
 
     def __exit__(self, *exc):
         self.redirect.__exit__(*exc)
+        self.sink.close()
         logging.getLogger().setLevel(self.level)
 
 

@@ -10,6 +10,7 @@ Imports on the GPU harness's Python 3.9 without torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -91,7 +92,8 @@ class EngineStage(Stage):
         ctx.status(f"building ({'strongly typed' if trt_env.strongly_typed(trt) else 'flag mode'}, TensorRT "
                    f"{trt.__version__}, timing cache {'hit' if cache_hit else 'cold'})")
         start = time.perf_counter()
-        engine_bytes = build(trt, source, self.precision, shapes, ctx.cfg.engine.workspace_mib, cache, ctx.status)
+        with for_this_tensorrt(trt, source, ctx.workdir) as (parsed, adapted):
+            engine_bytes = build(trt, parsed, self.precision, shapes, ctx.cfg.engine.workspace_mib, cache, ctx.status)
         seconds = time.perf_counter() - start
         final_dir = ctx.workdir / ENGINE_DIR
         final_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,7 @@ class EngineStage(Stage):
         tmp.replace(engine)
         side = sidecar.write(engine)
         metrics = {"build_s": round(seconds, 2), "timing_cache_hit": cache_hit, "engine_bytes": len(engine_bytes),
-                   "profiles": len(shapes), "tensorrt": trt.__version__, "gpu": gpu}
+                   "profiles": len(shapes), "tensorrt": trt.__version__, "gpu": gpu, "rewrites_for_tensorrt": adapted}
         return StageResult(outputs=[(engine, "engine"), (side, "engine-sidecar")],
                            params={"precision": self.precision, "max_batch": max_batch, "opt_batch": opt_batch},
                            metrics=metrics)
@@ -123,6 +125,26 @@ class EngineStage(Stage):
         path = trt_env.cache_dir() / f"timing-trt{version}-sm{cc.replace('.', '')}.cache"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
+
+
+@contextlib.contextmanager
+def for_this_tensorrt(trt: Any, source: Path, workdir: Path):
+    """The graph the running TensorRT can parse: ``source`` itself, or a temp copy with the rewrites
+    an older parser needs (LayerNormalization below 8.6). Yields (path, rewrites applied)."""
+    if trt_env.version_tuple(trt.__version__) >= (8, 6):
+        yield source, {}
+        return
+    import onnx
+
+    from autoglm_build.onnx_io import save_model
+    from autoglm_build.rewrites import DecomposeLayerNorm
+
+    model = onnx.load(str(source))
+    model, count = DecomposeLayerNorm()(model)
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".trt-parse-") as tmp:
+        files = save_model(model, Path(tmp) / source.name, 1 << 30)
+        del model
+        yield files[0], {DecomposeLayerNorm.name: count}
 
 
 def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,

@@ -76,3 +76,14 @@ def test_cleanup_folds_constants_and_drops_dead_nodes(tiny_build):
     model = onnx.load(str(tiny_build / "onnx" / "decoder.onnx"))
     slim, removed = Cleanup()(model)
     assert removed > 300 and "Constant" not in _ops(slim) and "Identity" not in _ops(slim)
+
+
+def test_decompose_layernorm_computes_the_same():
+    from autoglm_build.rewrites import DecomposeLayerNorm
+
+    nodes = [helper.make_node("LayerNormalization", ["x", "s", "b"], ["y"], axis=-1, epsilon=1e-5)]
+    model = _model(nodes, {"s": np.linspace(0.5, 1.5, 8), "b": np.linspace(-1, 1, 8)}, 17)
+    x = np.random.default_rng(2).standard_normal((2, 3, 8)).astype(np.float32) * 4 + 1
+    out, count = DecomposeLayerNorm()(model)
+    assert count == 1 and "LayerNormalization" not in _ops(out)
+    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ OUT=${OUT:-device-out}
 mkdir -p "$OUT"
 PY=/tmp/stage/trtpy
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NO_COLOR=1 COLUMNS=160
-export AUTOGLM_BUILD_TRT_TACTICS=none          # the harness stubs cuBLAS/cuDNN
+export AUTOGLM_BUILD_TRT_TACTICS=${AUTOGLM_BUILD_TRT_TACTICS:-none}  # none: stubbed cuBLAS; cublas: real cuBLAS
 export AUTOGLM_BUILD_CACHE_DIR=/tmp/autoglm-cache
 cli() { $PY -m autoglm_build.cli "$@"; }
 step() { echo; echo "=== $* ($(date +%T))"; }

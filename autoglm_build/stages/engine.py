@@ -160,8 +160,11 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
     }
     if hasattr(trt, "MemoryPoolType"):
         kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: workspace_mib << 20}
-    if os.environ.get("AUTOGLM_BUILD_TRT_TACTICS") == "none":  # the GPU harness's stubbed cuBLAS/cuDNN
+    tactics = os.environ.get("AUTOGLM_BUILD_TRT_TACTICS", "default")
+    if tactics == "none":  # the GPU harness's stubbed cuBLAS/cuDNN
         kwargs["tactic_sources"] = []
+    elif tactics == "cublas":  # the harness with real cuBLAS (TRT_HARNESS_REAL_CUBLAS=1), cuDNN still stubbed
+        kwargs["tactic_sources"] = [trt.TacticSource.CUBLAS, trt.TacticSource.CUBLAS_LT]
     if not strong:
         kwargs.update(fp16=precision in ("fp16", "int8"), int8=precision == "int8")
     monitor = _progress_monitor(trt, status)

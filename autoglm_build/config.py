@@ -200,7 +200,7 @@ class EngineConfig(_Section):
     opt_audio_frames: int = Field(800, ge=8)
     workspace_mib: int = Field(4096, ge=64)
     timing_cache: Optional[str] = Field(
-        None, description="file; default <cache dir>/timing-<trt>-sm<cc>.cache ($AUTOGLM_BUILD_CACHE_DIR overrides)"
+        None, description="directory of timing caches; default the user cache dir ($AUTOGLM_BUILD_CACHE_DIR overrides)"
     )
     tolerances: Dict[str, Tolerance] = Field(default_factory=_default_engine_tolerances)
 

@@ -87,7 +87,7 @@ class EngineStage(Stage):
         source = source_graph(ctx, module, self.precision)
         max_batch, opt_batch = self.batches(ctx)
         shapes = profiles(ctx.cfg, source, max_batch, opt_batch)
-        cache = self.timing_cache(ctx, trt.__version__, gpu["compute_capability"])
+        cache = self.timing_cache(ctx, trt.__version__, gpu["compute_capability"], module)
         cache_hit = cache.is_file()
         ctx.status(f"building ({'strongly typed' if trt_env.strongly_typed(trt) else 'flag mode'}, TensorRT "
                    f"{trt.__version__}, timing cache {'hit' if cache_hit else 'cold'})")
@@ -119,10 +119,17 @@ class EngineStage(Stage):
                            params={"precision": self.precision, "max_batch": max_batch, "opt_batch": opt_batch},
                            metrics=metrics)
 
-    def timing_cache(self, ctx: StageContext, version: str, cc: str) -> Path:
+    def timing_cache(self, ctx: StageContext, version: str, cc: str, module: str) -> Path:
+        """One cache per TensorRT version, GPU architecture, module and precision.
+
+        TensorRT 8.5 cannot merge a timing cache holding another network's Myelin graphs ("Myelin
+        error from unknown graph ... The timing cache will not be used!", seen on the device), so
+        a cache shared across modules would be thrown away on every build.
+        """
+        name = f"timing-trt{version}-sm{cc.replace('.', '')}-{module}-{self.precision}.cache"
         if ctx.cfg.engine.timing_cache:
-            return Path(ctx.cfg.engine.timing_cache)
-        path = trt_env.cache_dir() / f"timing-trt{version}-sm{cc.replace('.', '')}.cache"
+            return Path(ctx.cfg.engine.timing_cache) / name
+        path = trt_env.cache_dir() / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -140,7 +140,7 @@ def _trt_run(engine_info, module: str) -> Run:
     trt = trt_env.load()
     sidecar = check_loadable(path, sha, trt.__version__, trt_env.gpu()["compute_capability"])
     engine = deserialize(trt, path)
-    dtypes = {name: trt.nptype(engine.get_tensor_dtype(name))
+    dtypes = {name: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(name))
               for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))}
 
     def run(steps: List[Feed]) -> List[Dict[str, np.ndarray]]:

@@ -54,6 +54,15 @@ def strongly_typed(trt: Any) -> bool:
     return major(trt) >= STRONGLY_TYPED_FROM
 
 
+def numpy_dtype(trt: Any, dtype: Any) -> Any:
+    """numpy type of a TensorRT DataType (TensorRT 8.5's ``trt.nptype`` uses ``np.bool``, gone in numpy 1.24)."""
+    import numpy as np
+
+    names = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "BOOL": np.bool_,
+             "UINT8": np.uint8, "INT64": np.int64}
+    return names.get(getattr(dtype, "name", str(dtype)).upper(), np.float32)
+
+
 def gpu() -> Dict[str, str]:
     """Name and compute capability of GPU 0 (``nvidia-smi``), as the sidecar records them."""
     smi = shutil.which("nvidia-smi")

@@ -93,7 +93,8 @@ class EngineStage(Stage):
                    f"{trt.__version__}, timing cache {'hit' if cache_hit else 'cold'})")
         start = time.perf_counter()
         with for_this_tensorrt(trt, source, ctx.workdir) as (parsed, adapted):
-            engine_bytes = build(trt, parsed, self.precision, shapes, ctx.cfg.engine.workspace_mib, cache, ctx.status)
+            engine_bytes = build_isolated(parsed, self.precision, shapes, ctx.cfg.engine.workspace_mib, cache,
+                                          ctx.workdir)
         seconds = time.perf_counter() - start
         final_dir = ctx.workdir / ENGINE_DIR
         final_dir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +153,39 @@ def for_this_tensorrt(trt: Any, source: Path, workdir: Path):
         files = save_model(model, Path(tmp) / source.name, 1 << 30)
         del model
         yield files[0], {DecomposeLayerNorm.name: count}
+
+
+def build_isolated(source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,
+                   workdir: Path) -> bytes:
+    """:func:`build` in a child process: a TensorRT abort (TensorRT 8.5's Myelin ``DCHECK`` on some
+    Q/DQ graphs, seen on the device) becomes a one-line error instead of killing the tool."""
+    import multiprocessing
+
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".engine-build-") as tmp:
+        out = Path(tmp) / "engine.bin"
+        err = Path(tmp) / "error.txt"
+        child = multiprocessing.get_context("spawn").Process(
+            target=_build_child, args=(str(source), precision, shapes, workspace_mib, str(cache), str(out), str(err)))
+        child.start()
+        child.join()
+        if err.is_file():
+            raise UserError(err.read_text().strip())
+        if child.exitcode != 0 or not out.is_file():
+            raise UserError(f"{source}: TensorRT aborted while building the {precision} engine "
+                            f"(exit code {child.exitcode}); its log is above",
+                            hint="a TensorRT bug or an unsupported pattern: try another precision or TensorRT version")
+        return out.read_bytes()
+
+
+def _build_child(source: str, precision: str, shapes: List[Dict], workspace_mib: int, cache: str, out: str,
+                 err: str) -> None:
+    trt = trt_env.load()
+    try:
+        data = build(trt, Path(source), precision, shapes, workspace_mib, Path(cache), lambda message: None)
+    except UserError as exc:
+        Path(err).write_text(exc.message)
+        return
+    Path(out).write_bytes(data)
 
 
 def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,

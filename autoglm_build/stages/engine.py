@@ -90,7 +90,7 @@ class EngineStage(Stage):
         cache = self.timing_cache(ctx, trt.__version__, gpu["compute_capability"], module)
         cache_hit = cache.is_file()
         ctx.status(f"building ({'strongly typed' if trt_env.strongly_typed(trt) else 'flag mode'}, TensorRT "
-                   f"{trt.__version__}, timing cache {'hit' if cache_hit else 'cold'})")
+                   f"{trt.__version__}, timing cache {'found' if cache_hit else 'cold'})")
         start = time.perf_counter()
         with for_this_tensorrt(trt, source, ctx.workdir) as (parsed, adapted):
             engine_bytes = build_isolated(parsed, self.precision, shapes, ctx.cfg.engine.workspace_mib, cache,
@@ -114,7 +114,7 @@ class EngineStage(Stage):
         )
         tmp.replace(engine)
         side = sidecar.write(engine)
-        metrics = {"build_s": round(seconds, 2), "timing_cache_hit": cache_hit, "engine_bytes": len(engine_bytes),
+        metrics = {"build_s": round(seconds, 2), "timing_cache_found": cache_hit, "engine_bytes": len(engine_bytes),
                    "profiles": len(shapes), "tensorrt": trt.__version__, "gpu": gpu, "rewrites_for_tensorrt": adapted}
         return StageResult(outputs=[(engine, "engine"), (side, "engine-sidecar")],
                            params={"precision": self.precision, "max_batch": max_batch, "opt_batch": opt_batch},

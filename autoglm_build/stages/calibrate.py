@@ -57,10 +57,14 @@ CENSUS = {
 }
 
 
+def fp32_artifacts(manifest, module: str, kind: Optional[str] = None) -> list:
+    """The module's FP32 graph artifacts: the optimized graph's, else the exported one's."""
+    return manifest.artifacts_of("optimize", module, kind) or manifest.artifacts_of("export", module, kind)
+
+
 def fp32_graph(ctx: StageContext, module: str) -> Path:
     """The module's FP32 graph from the manifest: the optimized one, else the exported one."""
-    arts = ctx.manifest.artifacts_of("optimize", module, kind="onnx") or ctx.manifest.artifacts_of(
-        "export", module, kind="onnx")
+    arts = fp32_artifacts(ctx.manifest, module, kind="onnx")
     if not arts:
         raise UserError(f"{module}: no exported ONNX in {ctx.workdir}", hint="run `autoglm-build export` first")
     return ctx.workdir / arts[0].path
@@ -89,8 +93,7 @@ class CalibrateStage(Stage):
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
         settings = self.settings(ctx.cfg)
-        graphs = {m: ctx.manifest.artifacts_of("optimize", m) or ctx.manifest.artifacts_of("export", m)
-                  for m in _upstream(module)}
+        graphs = {m: fp32_artifacts(ctx.manifest, m) for m in _upstream(module)}
         return {
             "module": module,
             "inputs": {m: [a.sha256 for a in arts] for m, arts in graphs.items()},
@@ -203,11 +206,9 @@ class _OneBatch:
 def calibrate_ranges(ctx, source: Path, settings: CalibrateConfig, feeds: Sequence[Feed], out: Path,
                      tmp_dir: Path) -> Dict[str, Tuple[float, float]]:
     """Ranges of every tensor feeding ``op_types``, one batch in memory at a time; saved to ``out``."""
-    from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
-    method = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
-              "percentile": CalibrationMethod.Percentile}[settings.method]
+    method = calibration_method(settings.method)
     extra = {"symmetric": True}
     if settings.method == "percentile":
         extra["percentile"] = settings.percentile
@@ -223,6 +224,14 @@ def calibrate_ranges(ctx, source: Path, settings: CalibrateConfig, feeds: Sequen
             for name, r in data.data.items()}
 
 
+def calibration_method(name: str):
+    """onnxruntime's CalibrationMethod for ``calibrate.method``."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+            "percentile": CalibrationMethod.Percentile}[name]
+
+
 class Quantizer:
     """Q/DQ graphs from saved ranges, for any set of INT8 nodes (configured once, called per set)."""
 
@@ -233,11 +242,10 @@ class Quantizer:
 
     def __call__(self, int8_nodes: Sequence[str], extra_fp16: Sequence[str] = ()):
         import onnx
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
         out = self.tmp_dir / "q.onnx"
-        method = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
-                  "percentile": CalibrationMethod.Percentile}[self.settings.method]
+        method = calibration_method(self.settings.method)
         with _quiet():
             quantize_static(
                 str(self.source), str(out), None, quant_format=QuantFormat.QDQ,

@@ -33,10 +33,13 @@ SOURCES = {
 
 
 def source_graph(ctx: StageContext, module: str, precision: str) -> Path:
+    from autoglm_build.stages.calibrate import fp32_artifacts
+
     stage, kind = SOURCES[precision]
-    arts = ctx.manifest.artifacts_of(stage, module, kind=kind)
-    if not arts and precision == "fp32":
-        arts = ctx.manifest.artifacts_of("export", module, kind="onnx")
+    if precision == "fp32":
+        arts = fp32_artifacts(ctx.manifest, module, kind=kind)
+    else:
+        arts = ctx.manifest.artifacts_of(stage, module, kind=kind)
     if not arts:
         raise UserError(f"{module}: no {precision} graph in {ctx.workdir}",
                         hint=f"run `autoglm-build {'calibrate --' + precision if precision != 'fp32' else 'optimize'}`")

@@ -19,7 +19,7 @@ from autoglm_build.calibration import CalibrationData
 from autoglm_build.modules import registry
 from autoglm_build.onnx_io import move_into_place
 from autoglm_build.stages.base import Stage, StageContext, StageResult
-from autoglm_build.stages.calibrate import _upstream, data_fingerprint, fp32_graph
+from autoglm_build.stages.calibrate import _upstream, data_fingerprint, fp32_artifacts, fp32_graph
 
 Feed = Dict[str, np.ndarray]
 
@@ -32,8 +32,7 @@ class SamplesStage(Stage):
     tools = ("onnxruntime", "transformers", "tokenizers", "pillow")
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
-        graphs = {m: [a.sha256 for a in ctx.manifest.artifacts_of("optimize", m) or
-                      ctx.manifest.artifacts_of("export", m)] for m in _upstream(module)}
+        graphs = {m: [a.sha256 for a in fp32_artifacts(ctx.manifest, m)] for m in _upstream(module)}
         return {"module": module, "graphs": graphs, "batches": ctx.cfg.export.batch_sizes,
                 "data": data_fingerprint(Path(ctx.cfg.calibrate.data), ctx.cfg)}
 

@@ -19,7 +19,7 @@ import math
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -71,13 +71,17 @@ def split(items: List, holdout: float) -> tuple:
 # ---- images ----------------------------------------------------------------------------------
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """``(3, size, size)`` float32, normalized as GLM-4.1V's image processor does."""
+def load_image(source, size: int, name: Optional[str] = None) -> np.ndarray:
+    """``(3, size, size)`` float32, normalized as GLM-4.1V's image processor does.
+
+    ``source`` is a file path or a binary stream (``name`` then says what it is in errors).
+    """
     from PIL import Image, UnidentifiedImageError
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
+    path = name or source
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img = img.convert("RGB").resize((size, size), Image.BICUBIC)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise CalibrationDataError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
@@ -90,10 +94,11 @@ def load_image(path: Path, size: int) -> np.ndarray:
 # ---- speech ----------------------------------------------------------------------------------
 
 
-def load_wav(path: Path) -> np.ndarray:
-    """Mono 16 kHz 16-bit PCM samples as float32 in [-1, 1]."""
+def load_wav(source, name: Optional[str] = None) -> np.ndarray:
+    """Mono 16 kHz 16-bit PCM samples as float32 in [-1, 1], from a path or a binary stream."""
+    path = name or source
     try:
-        with wave.open(str(path), "rb") as fh:
+        with wave.open(source if hasattr(source, "read") else str(source), "rb") as fh:
             rate, channels, width, frames = fh.getframerate(), fh.getnchannels(), fh.getsampwidth(), fh.getnframes()
             raw = fh.readframes(frames)
     except (wave.Error, EOFError, OSError) as exc:

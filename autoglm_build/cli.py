@@ -261,6 +261,40 @@ def inspect(
         print_json(report) if opts.json else render_inspect(report)
 
 
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address [serve.host: 127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, "--port", min=0, max=65535, help="Port [serve.port: 8000]"),
+    backend: str = typer.Option("auto", "--backend", help="auto | tensorrt | onnxruntime"),
+    precision: Optional[str] = typer.Option(None, "--precision",
+                                            help="fp16 | int8 | fp32 [tensorrt: fp16, onnxruntime: fp32]"),
+    api_key: Optional[str] = typer.Option(None, "--api-key",
+                                          help="Require this bearer key [env AUTOGLM_BUILD_API_KEY]"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Decoder rows at once [serve.max_batch]"),
+    queue_size: Optional[int] = typer.Option(None, "--queue-size", min=0, help="Waiting requests [serve.queue_size]"),
+    config: Optional[Path] = ConfigOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    verbose: Optional[bool] = VerboseOpt,
+    quiet: Optional[bool] = QuietOpt,
+) -> None:
+    """OpenAI-compatible server (/v1/chat/completions, /v1/completions) over a build's engines or graphs."""
+    opts = _merge(ctx.obj or Options(), config, workdir, None, verbose, quiet, None)
+    with user_errors():
+        from autoglm_build.config import load_config
+        from autoglm_build.serve.server import build_state
+        from autoglm_build.serve.server import serve as run_server
+
+        if precision is not None and precision not in ("fp16", "int8", "fp32"):
+            raise UserError(f"--precision: '{precision}' is not one of fp16, int8, fp32")
+        cfg = load_config(opts.config)
+        state = build_state(cfg, opts.workdir or Path("build") / cfg.name, backend, precision, api_key, max_batch,
+                            queue_size)
+        level = {-1: "warning", 0: "info", 1: "debug"}[opts.verbosity]
+        run_server(state, host or cfg.serve.host, cfg.serve.port if port is None else port, level,
+                   announce=lambda line: stderr.print(line, highlight=False, soft_wrap=True))
+
+
 # ------------------------------------------------------------------------------------------------
 # Shared plumbing
 

@@ -205,6 +205,21 @@ class EngineConfig(_Section):
     tolerances: Dict[str, Tolerance] = Field(default_factory=_default_engine_tolerances)
 
 
+class ServeConfig(_Section):
+    """``autoglm-build serve``: the OpenAI-compatible server's defaults and limits."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_name: str = Field("autoglm-phone-9b", min_length=1, description="the model id clients ask for")
+    max_batch: int = Field(8, ge=1, description="decoder rows generated together (capped by the engines' profile)")
+    queue_size: int = Field(128, ge=0, description="requests waiting for a batch slot; more get 429")
+    max_tokens: int = Field(256, ge=1, description="default max_tokens of a request")
+    thinking_budget: Optional[int] = Field(
+        None, ge=0, description="reasoning tokens before </think> is forced; default half of max_tokens")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
+    max_media_per_request: int = Field(4, ge=0, description="images + audio clips in one request")
+
+
 class BuildConfig(_Section):
     """The whole build: architecture, which modules to build, and how."""
 
@@ -220,6 +235,7 @@ class BuildConfig(_Section):
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     tokenizer: Optional[str] = Field(
         None, description="tokenizer.json (relative to this config file); default: the checkpoint's"
     )

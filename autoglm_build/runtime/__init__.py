@@ -1,0 +1,1 @@
+"""Running a build: backends over graphs/engines, prompts, media, and batched generation."""

@@ -1,0 +1,201 @@
+"""Run a build's modules: ONNX Runtime on its graphs, or TensorRT on its engines.
+
+``serve`` and ``bench`` use the same objects: a :class:`Backend` loads one graph or engine per
+module from the workdir's manifest (refusing files whose sha256 no longer matches it) and runs it
+on numpy feeds. The decoder runs in two phases, ``prefill`` and ``decode``, which on TensorRT are
+the engine's two optimization profiles (:mod:`autoglm_build.engine.profiles`), each with its own
+execution context.
+
+Imports on the GPU harness's Python 3.9 without torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from autoglm_build.engine import tensorrt as trt_env
+from autoglm_build.errors import UserError
+from autoglm_build.manifest import Artifact, Manifest, artifact_state
+
+Feed = Dict[str, np.ndarray]
+BACKENDS = ("auto", "tensorrt", "onnxruntime")
+PHASES = ("prefill", "decode")
+
+
+class Backend:
+    """One loaded graph/engine per module.
+
+    Attributes:
+        name: ``onnxruntime`` or ``tensorrt``.
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        max_batch: the largest batch every module accepts (TensorRT: the engines' profiles).
+        context: the decoder's largest total length (TensorRT: the decode profile's bound).
+    """
+
+    name = ""
+
+    def __init__(self, precision: str) -> None:
+        self.precision = precision
+        self.max_batch: Optional[int] = None
+        self.context: Optional[int] = None
+        self.files: Dict[str, str] = {}
+
+    def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release device resources (TensorRT contexts)."""
+
+    def describe(self) -> Dict[str, Any]:
+        return {"backend": self.name, "precision": self.precision, "files": dict(self.files),
+                "max_batch": self.max_batch, "context": self.context}
+
+
+def _checked(workdir: Path, art: Artifact) -> Path:
+    state = artifact_state(workdir, art)
+    if state != "ok":
+        raise UserError(f"{workdir / art.path}: {state} since the build recorded it (sha256 {art.sha256[:12]}…)",
+                        hint="rerun `autoglm-build run` to rebuild it")
+    return workdir / art.path
+
+
+def graph_artifact(manifest: Manifest, module: str, precision: str) -> Optional[Artifact]:
+    """The module's ONNX for a precision: the calibrated graph, or for fp32 the optimized/exported one."""
+    if precision == "fp32":
+        arts = manifest.artifacts_of("optimize", module, "onnx") or manifest.artifacts_of("export", module, "onnx")
+    else:
+        arts = manifest.artifacts_of(f"calibrate-{precision}", module, f"onnx-{precision}")
+    return arts[0] if arts else None
+
+
+def engine_artifact(manifest: Manifest, module: str, precision: str) -> Optional[Artifact]:
+    arts = manifest.artifacts_of(f"engine-{precision}", module, "engine")
+    return arts[0] if arts else None
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime sessions on the build's graphs (CUDA provider where installed, else CPU)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, workdir: Path, manifest: Manifest, modules: Sequence[str], precision: str = "fp32",
+                 providers: Optional[List[str]] = None, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        super().__init__(precision)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.sessions: Dict[str, Any] = {}
+        self.outputs: Dict[str, List[str]] = {}
+        for module in modules:
+            art = graph_artifact(manifest, module, precision)
+            if art is None:
+                raise UserError(f"{module}: no {precision} graph in {workdir}",
+                                hint="run `autoglm-build run` (fp32/int8/fp16 graphs) first")
+            path = _checked(workdir, art)
+            self.files[module] = art.path
+            session = ort.InferenceSession(str(path), opts, providers=self.providers)
+            self.sessions[module] = session
+            self.outputs[module] = [o.name for o in session.get_outputs()]
+
+    def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
+        names = self.outputs[module]
+        return dict(zip(names, self.sessions[module].run(names, feed)))
+
+
+class TensorRTBackend(Backend):
+    """TensorRT engines through Polygraphy's ``TrtRunner`` (one activated context per profile).
+
+    Engines are checked before deserializing: sidecar TensorRT version and compute capability equal
+    to the running ones, bytes hashing to the manifest's sha256.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, workdir: Path, manifest: Manifest, modules: Sequence[str], precision: str = "fp16") -> None:
+        super().__init__(precision)
+        self.runners: Dict[str, Dict[str, Any]] = {}
+        self.dtypes: Dict[str, Dict[str, Any]] = {}
+        try:
+            for module in modules:
+                art = engine_artifact(manifest, module, precision)
+                if art is None:
+                    raise UserError(f"{module}: no {precision} engine in {workdir}",
+                                    hint=f"run `autoglm-build engine --precision {precision}` on the GPU machine")
+                self.files[module] = art.path
+                self._load(workdir / art.path, art.sha256, module)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, path: Path, sha256: str, module: str) -> None:
+        from polygraphy.backend.trt import TrtRunner
+
+        from autoglm_build.engine.sidecar import check_loadable, deserialize
+
+        trt = trt_env.load()
+        sidecar = check_loadable(path, sha256, trt.__version__, trt_env.gpu()["compute_capability"])
+        engine = deserialize(trt, path)
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.dtypes[module] = {n: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
+        batch_max = min(shapes[0][2][0] for shapes in [list(p.values()) for p in sidecar.profiles])
+        self.max_batch = batch_max if self.max_batch is None else min(self.max_batch, batch_max)
+        runners = {}
+        for k, profile_name in enumerate(sidecar.profile_names):
+            runner = TrtRunner(engine, optimization_profile=k, name=f"{module}-{profile_name}")
+            runner.activate()
+            runners[profile_name] = runner
+        self.runners[module] = runners
+        if module == "decoder" and "attention_mask" in sidecar.profiles[-1]:
+            self.context = sidecar.profiles[-1]["attention_mask"][2][1]
+
+    def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
+        runners = self.runners[module]
+        runner = runners.get(phase) or next(iter(runners.values()))
+        dtypes = self.dtypes[module]
+        cast = {n: np.ascontiguousarray(v.astype(dtypes.get(n, v.dtype), copy=False)) for n, v in feed.items()}
+        out = runner.infer(cast)
+        # Polygraphy reuses its host buffers on the next call: copy.
+        return {n: np.array(v, dtype=np.float32 if v.dtype == np.float16 else None, copy=True) for n, v in out.items()}
+
+    def close(self) -> None:
+        for runners in self.runners.values():
+            for runner in runners.values():
+                if runner.is_active:
+                    runner.deactivate()
+        self.runners = {}
+
+
+def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
+                 precision: Optional[str] = None) -> Backend:
+    """The requested backend over a workdir's artifacts.
+
+    ``auto`` picks TensorRT when it is installed and the manifest has engines for every module,
+    else ONNX Runtime. Precision defaults to ``fp16`` on TensorRT and ``fp32`` on ONNX Runtime.
+
+    Raises:
+        UserError: unknown backend, missing graphs/engines, or files changed since the build.
+        EnvironmentMissing: ``tensorrt`` requested where TensorRT is not installed.
+    """
+    if backend not in BACKENDS:
+        raise UserError(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
+    workdir = Path(workdir)
+    manifest = Manifest.load(workdir)
+    if not manifest.artifacts:
+        raise UserError(f"{workdir}: no build here (manifest.json missing or empty)",
+                        hint="run `autoglm-build run` first")
+    if backend == "auto":
+        engine_precision = precision or "fp16"
+        has_engines = all(engine_artifact(manifest, m, engine_precision) for m in modules)
+        backend = "tensorrt" if has_engines and trt_env.available() else "onnxruntime"
+    if backend == "tensorrt":
+        trt_env.load()
+        return TensorRTBackend(workdir, manifest, modules, precision or "fp16")
+    return OnnxRuntimeBackend(workdir, manifest, modules, precision or "fp32")

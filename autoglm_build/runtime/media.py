@@ -1,0 +1,74 @@
+"""Images and speech from requests, through the vision and speech encoders.
+
+Media arrive inline only (``data:`` URLs, base64 WAV): the server fetches nothing. Preprocessing is
+the calibration path's (:mod:`autoglm_build.calibration`: GLM-4.1V's image processor, Whisper's
+log-mel features), so served inputs match what the build calibrated and verified on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+from autoglm_build.config import BuildConfig
+from autoglm_build.errors import UserError
+from autoglm_build.runtime.backends import Backend
+from autoglm_build.runtime.text import Segment
+
+
+class MediaError(UserError):
+    """A request's image or audio cannot be used; ``param`` names the request field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def decode_base64(data: str, param: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaError("not valid base64", param) from None
+
+
+def image_bytes(url: str, param: str) -> bytes:
+    """The bytes of a ``data:image/...;base64,`` URL; any other URL is refused."""
+    if not url.startswith("data:"):
+        raise MediaError("only data: URLs are accepted (the server fetches nothing); "
+                         "send the image inline as data:image/png;base64,...", param)
+    header, _, payload = url.partition(",")
+    if not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise MediaError(f"expected data:image/<type>;base64,<data>, got '{header[:40]}'", param)
+    return decode_base64(payload, param)
+
+
+def encode_image(backend: Backend, cfg: BuildConfig, data: bytes, param: str) -> Segment:
+    """The vision encoder's embeddings of one image, with its merged-patch grid."""
+    from autoglm_build.calibration import CalibrationDataError, load_image
+
+    try:
+        pixels = load_image(io.BytesIO(data), cfg.vision.image_size, name="image")
+    except CalibrationDataError as exc:
+        raise MediaError(exc.message.split(": ", 1)[-1], param) from None
+    embeds = backend.run("vision", {"pixel_values": pixels[None]})["image_embeds"][0]
+    side = cfg.vision.grid // cfg.vision.spatial_merge_size
+    return Segment(media="image", embeds=embeds, grid=(side, side))
+
+
+def encode_audio(backend: Backend, cfg: BuildConfig, data: bytes, param: str) -> Segment:
+    """The speech encoder's embeddings of one 16 kHz mono WAV clip (at most 30 s)."""
+    from autoglm_build.calibration import SAMPLE_RATE, CalibrationDataError, load_wav, log_mel
+
+    a = cfg.audio
+    try:
+        samples = load_wav(io.BytesIO(data), name="audio")
+    except CalibrationDataError as exc:
+        raise MediaError(exc.message.split(": ", 1)[-1], param) from None
+    seconds = len(samples) / SAMPLE_RATE
+    if seconds > a.max_frames / 100:
+        raise MediaError(f"{seconds:.1f} s of audio; the speech encoder takes at most {a.max_frames / 100:.0f} s",
+                         param)
+    features = log_mel(samples, a.num_mel_bins, a.frame_multiple, a.max_frames)
+    embeds = backend.run("audio", {"input_features": features[None]})["audio_embeds"][0]
+    return Segment(media="audio", embeds=embeds)

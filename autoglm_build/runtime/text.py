@@ -1,0 +1,193 @@
+"""Text around the decoder: GLM's chat format, special tokens, and incremental detokenization.
+
+The prompt format is GLM-4.1V's (``[gMASK]<sop>``, ``<|system|>``/``<|user|>``/``<|assistant|>``
+turns, images as ``<|begin_of_image|>`` + one ``<|image|>`` per embedding + ``<|end_of_image|>``,
+speech likewise with ``<|begin_of_audio|>``/``<|audio|>``). With thinking enabled the assistant
+turn opens with ``<think>`` and the model writes its reasoning until it emits ``</think>``; with it
+disabled the turn opens with an empty ``<think></think>``, as GLM's own chat templates do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from autoglm_build.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+SPECIAL = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>",
+           "<|begin_of_image|>", "<|image|>", "<|end_of_image|>", "<|begin_of_audio|>", "<|audio|>",
+           "<|end_of_audio|>", "<think>", "</think>")
+
+
+@dataclass
+class Segment:
+    """Part of a prompt: text, or a run of ``count`` media placeholders filled by ``embeds``."""
+
+    text: str = ""
+    media: Optional[str] = None  # "image" | "audio"
+    embeds: Optional[np.ndarray] = None  # (count, hidden)
+    grid: Optional[Tuple[int, int]] = None  # image: (rows, cols) of merged patches
+
+
+@dataclass
+class Prompt:
+    """Token ids, the media embeddings to splice in, and GLM's 3-part rotary positions."""
+
+    ids: List[int]
+    positions: np.ndarray  # (3, len(ids)) int64
+    splices: List[Tuple[int, np.ndarray]] = field(default_factory=list)  # (start, (count, hidden))
+    thinking: bool = False
+
+    @property
+    def next_position(self) -> int:
+        return int(self.positions.max()) + 1 if self.positions.size else 0
+
+    @property
+    def media_positions(self) -> int:
+        return sum(len(e) for _, e in self.splices)
+
+
+class ChatTokenizer:
+    """A ``tokenizers.Tokenizer`` with GLM's special tokens resolved to ids.
+
+    Args:
+        tokenizer: the build's tokenizer (``tokenizer_for(cfg)``).
+        vocab_size: the decoder's vocabulary (rows of the LM head); ids the tokenizer cannot decode
+            (padding rows) are never sampled.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        missing = [t for t in SPECIAL if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise UserError(f"tokenizer: special token(s) {', '.join(missing)} missing; not a GLM tokenizer")
+        self.ids: Dict[str, int] = {t: tokenizer.token_to_id(t) for t in SPECIAL}
+        self.stop_ids = {self.ids[t] for t in STOP_TOKENS}
+        decodable = min(vocab_size, tokenizer.get_vocab_size(with_added_tokens=True))
+        allowed = np.zeros(vocab_size, dtype=bool)
+        allowed[:decodable] = True
+        for token in SPECIAL:
+            allowed[self.ids[token]] = self.ids[token] in self.stop_ids
+        self.allowed = allowed
+
+    def encode(self, text: str) -> List[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ---- prompts ----------------------------------------------------------------------------
+
+    def chat_prompt(self, messages: Sequence[Tuple[str, List[Segment]]], thinking: bool) -> Prompt:
+        """GLM's chat format over ``(role, segments)`` turns, ending with an open assistant turn."""
+        parts: List[Segment] = [Segment(text="[gMASK]<sop>")]
+        for role, segments in messages:
+            parts.append(Segment(text=f"<|{role}|>\n"))
+            parts += segments
+        parts.append(Segment(text="<|assistant|>\n" + ("<think>" if thinking else "<think></think>\n")))
+        prompt = self.build(parts)
+        prompt.thinking = thinking
+        return prompt
+
+    def build(self, parts: Sequence[Segment]) -> Prompt:
+        """Ids and positions of text and media segments, in order.
+
+        Text advances all three rotary rows together; an image's ``rows x cols`` embeddings get
+        (t, row, col) offsets from the position after the text before it, and the text after it
+        continues from the largest position used plus one (transformers' ``Glm4v get_rope_index``).
+        Speech embeddings advance like text.
+        """
+        ids: List[int] = []
+        pos: List[np.ndarray] = []
+        splices: List[Tuple[int, np.ndarray]] = []
+        cur = 0
+        for part in parts:
+            if part.media is None:
+                new = self.encode(part.text)
+                ids += new
+                pos.append(np.repeat(np.arange(cur, cur + len(new))[None], 3, axis=0))
+                cur += len(new)
+                continue
+            begin, token, end = {"image": ("<|begin_of_image|>", "<|image|>", "<|end_of_image|>"),
+                                 "audio": ("<|begin_of_audio|>", "<|audio|>", "<|end_of_audio|>")}[part.media]
+            count = len(part.embeds)
+            ids.append(self.ids[begin])
+            pos.append(np.full((3, 1), cur))
+            cur += 1
+            splices.append((len(ids), part.embeds))
+            ids += [self.ids[token]] * count
+            if part.media == "image":
+                rows, cols = part.grid
+                r, c = np.divmod(np.arange(count), cols)
+                pos.append(np.stack([np.full(count, cur), cur + r, cur + c]))
+                cur += max(rows, cols)
+            else:
+                pos.append(np.repeat(np.arange(cur, cur + count)[None], 3, axis=0))
+                cur += count
+            ids.append(self.ids[end])
+            pos.append(np.full((3, 1), cur))
+            cur += 1
+        positions = np.concatenate(pos, axis=1).astype(np.int64) if pos else np.zeros((3, 0), np.int64)
+        return Prompt(ids=ids, positions=positions, splices=splices)
+
+    def text_prompt(self, text: str) -> Prompt:
+        """A raw completion prompt (no chat format): the text's own tokens."""
+        return self.build([Segment(text=text)])
+
+
+class Detokenizer:
+    """Text of a growing id list, released in deltas that never split a UTF-8 character.
+
+    vLLM's approach: decode a short window before and after the newest ids and emit the difference,
+    holding text back while the decoder's output still ends in a replacement character.
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: List[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+
+class StopMatcher:
+    """Stop strings over streamed text: releases only what cannot be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, delta: str) -> Tuple[str, bool]:
+        """(text safe to release, whether a stop string was hit)."""
+        self.pending += delta
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                out, self.pending = self.pending[:at], ""
+                return out, True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

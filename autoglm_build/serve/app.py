@@ -1,0 +1,364 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over a :class:`~autoglm_build.runtime.generation.Scheduler`.
+
+Endpoints: ``/health`` (liveness), ``/ready`` (backend loaded, batch state), ``/v1/models``,
+``/v1/completions``, ``/v1/chat/completions`` (streamed as server-sent events in OpenAI's chunk
+format, ending with ``data: [DONE]``). Every error is OpenAI's error JSON
+(``{"error": {"message", "type", "param", "code"}}``) with the matching status:
+
+- malformed JSON or fields: 400 ``invalid_request_error`` naming the field
+- prompt + ``max_tokens`` beyond the context: 400 ``context_length_exceeded``
+- unknown model: 404 ``model_not_found``; missing/wrong API key (when one is set): 401
+- body over ``serve.max_body_bytes``: 413; queue full: 429 with ``Retry-After``
+- shutting down: 503
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from autoglm_build.config import BuildConfig
+from autoglm_build.runtime.backends import Backend
+from autoglm_build.runtime.generation import QueueFull, Request, SamplingParams, Scheduler, SchedulerStopped
+from autoglm_build.runtime.media import MediaError, decode_base64, encode_audio, encode_image, image_bytes
+from autoglm_build.runtime.text import ChatTokenizer, Prompt, Segment
+from autoglm_build.serve.protocol import (
+    AudioPart,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ImagePart,
+    TextPart,
+)
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ServerState:
+    """What the app serves: the config, backend, tokenizer and scheduler, plus the API key."""
+
+    cfg: BuildConfig
+    backend: Backend
+    tokenizer: ChatTokenizer
+    scheduler: Scheduler
+    api_key: Optional[str] = None
+    model_ids: Tuple[str, ...] = ()
+    created: int = field(default_factory=lambda: int(time.time()))
+    media_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    """The first problem as one line naming the field, e.g. ``messages.0.role: Input should be ...``."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
+    msg = err["msg"].replace("Value error, ", "")
+    return APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_error(send, APIError(413, f"request body of {int(declared)} bytes exceeds the "
+                                                         f"limit of {self.limit} bytes", code="request_too_large"))
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _send_error(send, APIError(413, f"request body exceeds the limit of {self.limit} bytes",
+                                             code="request_too_large"))
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_error(send, err: APIError) -> None:
+    body = json.dumps(err.body()).encode()
+    await send({"type": "http.response.start", "status": err.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(state: ServerState):
+    """The FastAPI application (the scheduler is started and stopped by its lifespan)."""
+    @asynccontextmanager
+    async def lifespan(app):
+        state.scheduler.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.scheduler.stop)  # finishes what is running, then ends
+            state.backend.close()
+
+    app = FastAPI(title="autoglm-build serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):
+        return JSONResponse(APIError(500, f"internal error: {exc.__class__.__name__}", "server_error").body(),
+                            status_code=500)
+
+    def authorize(request: HTTPRequest) -> None:
+        if not state.api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                           "authentication_error", code="invalid_api_key")
+
+    async def parse(request: HTTPRequest, model):
+        authorize(request)
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "request body must be a JSON object")
+        try:
+            body = model.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        if body.model not in state.model_ids:
+            raise APIError(404, f"model '{body.model}' does not exist; this server serves "
+                                f"{', '.join(state.model_ids)}", "invalid_request_error", "model", "model_not_found")
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        s = state.scheduler
+        body = {"status": "ready" if s.running else "not ready", **state.backend.describe(), **s.stats()}
+        return JSONResponse(body, status_code=200 if s.running else 503)
+
+    @app.get("/v1/models")
+    async def models(request: HTTPRequest):
+        authorize(request)
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": state.created, "owned_by": "autoglm-build",
+             "max_model_len": state.scheduler.context} for m in state.model_ids]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HTTPRequest):
+        body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        prompt = await run_in_threadpool(chat_prompt, state, body)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = sampling(state, body, prompt, max_tokens, body.thinking_budget)
+        return await respond(state, body, prompt, params, chat=True, reasoning=body.return_reasoning)
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        body: CompletionRequest = await parse(request, CompletionRequest)
+        prompt = state.tokenizer.text_prompt(body.prompt)
+        params = sampling(state, body, prompt, body.max_tokens, None)
+        return await respond(state, body, prompt, params, chat=False, reasoning=False)
+
+    async def respond(state: ServerState, body, prompt: Prompt, params: SamplingParams, chat: bool,
+                      reasoning: bool):
+        events, request = submit(state, prompt, params)
+        ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = stream_chunks(events, request, ident, created, body.model, chat, reasoning, include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, thought, done = "", "", None
+        try:
+            async for event in events:
+                if event["type"] == "delta":
+                    text += event["content"]
+                    thought += event["reasoning"]
+                else:
+                    done = event
+        finally:
+            request.cancel()
+        if done["type"] == "error":
+            raise APIError(500, done["message"], "server_error")
+        if chat:
+            message = {"role": "assistant", "content": text}
+            if reasoning:
+                message["reasoning_content"] = thought
+            choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": done["finish_reason"], "logprobs": None}
+            kind = "text_completion"
+        return {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice],
+                "usage": done["usage"]}
+
+    return BodyLimit(app, state.cfg.serve.max_body_bytes)
+
+
+def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> Prompt:
+    """The chat turns as segments (media through their encoders), in GLM's chat format."""
+    turns: List[Tuple[str, List[Segment]]] = []
+    media = 0
+    for i, message in enumerate(body.messages):
+        role = "system" if message.role == "developer" else message.role
+        parts = [TextPart(type="text", text=message.content or "")] if not isinstance(message.content, list) \
+            else message.content
+        segments = []
+        for j, part in enumerate(parts):
+            param = f"messages.{i}.content.{j}"
+            if isinstance(part, TextPart):
+                segments.append(Segment(text=part.text))
+                continue
+            media += 1
+            if media > state.cfg.serve.max_media_per_request:
+                raise APIError(400, f"{param}: more than {state.cfg.serve.max_media_per_request} images/audio clips "
+                                    f"in one request", param=param)
+            needed = "vision" if isinstance(part, ImagePart) else "audio"
+            if needed not in state.backend.files:
+                raise APIError(400, f"{param}: this build has no {needed} module", param=param)
+            try:
+                with state.media_lock:
+                    if isinstance(part, ImagePart):
+                        data = image_bytes(part.image_url.url, f"{param}.image_url.url")
+                        segments.append(encode_image(state.backend, state.cfg, data, f"{param}.image_url"))
+                    elif isinstance(part, AudioPart):
+                        data = decode_base64(part.input_audio.data, f"{param}.input_audio.data")
+                        segments.append(encode_audio(state.backend, state.cfg, data, f"{param}.input_audio"))
+            except MediaError as exc:
+                raise APIError(400, exc.message, param=exc.param) from None
+        turns.append((role, segments))
+    return state.tokenizer.chat_prompt(turns, body.thinking())
+
+
+def sampling(state: ServerState, body, prompt: Prompt, max_tokens: Optional[int],
+             thinking_budget: Optional[int]) -> SamplingParams:
+    """Request parameters, with the context bound checked (400 ``context_length_exceeded``)."""
+    context = state.scheduler.context
+    room = context - len(prompt.ids)
+    if room < 1 or (max_tokens is not None and max_tokens > room):
+        asked = max_tokens if max_tokens is not None else 1
+        raise APIError(400, f"this model's context is {context} tokens; the prompt has {len(prompt.ids)} and "
+                            f"{asked} more were requested", param="max_tokens" if max_tokens else "messages",
+                       code="context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = min(state.cfg.serve.max_tokens, room)
+    budget = thinking_budget if thinking_budget is not None else state.cfg.serve.thinking_budget
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                          stop=tuple(body.stop or ()), thinking_budget=budget)
+
+
+def submit(state: ServerState, prompt: Prompt, params: SamplingParams) -> Tuple[AsyncIterator[Dict], Request]:
+    """Queue a request; its events arrive on an asyncio queue of the calling loop."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    request = Request(prompt, params, emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+    try:
+        state.scheduler.submit(request)
+    except QueueFull:
+        raise APIError(429, f"server busy: {state.scheduler.max_batch} requests generating and "
+                            f"{state.scheduler.queue_size} waiting; retry shortly", "rate_limit_error",
+                       code="queue_full", headers={"Retry-After": "1"}) from None
+    except SchedulerStopped:
+        raise APIError(503, "server is shutting down", "server_error", code="shutting_down") from None
+
+    async def events():
+        while True:
+            event = await queue.get()
+            yield event
+            if event["type"] != "delta":
+                return
+
+    return events(), request
+
+
+async def stream_chunks(events: AsyncIterator[Dict], request: Request, ident: str, created: int, model: str,
+                        chat: bool, reasoning: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the request."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: Optional[Dict[str, Any]] = None, text: str = "", finish: Optional[str] = None,
+              usage: Optional[Dict] = None, choices: bool = True) -> str:
+        if chat:
+            choice = {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        data = {"id": ident, "object": kind, "created": created, "model": model,
+                "choices": [choice] if choices else []}
+        if usage is not None:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    try:
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
+        async for event in events:
+            if event["type"] == "delta":
+                if chat:
+                    delta = {}
+                    if event["content"]:
+                        delta["content"] = event["content"]
+                    if reasoning and event["reasoning"]:
+                        delta["reasoning_content"] = event["reasoning"]
+                    if delta:
+                        yield chunk(delta)
+                elif event["content"]:
+                    yield chunk(text=event["content"])
+            elif event["type"] == "done":
+                yield chunk({}, finish=event["finish_reason"])
+                if include_usage:
+                    yield chunk(usage=event["usage"], choices=False)
+            else:
+                err = APIError(500, event["message"], "server_error")
+                yield f"data: {json.dumps(err.body())}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        request.cancel()

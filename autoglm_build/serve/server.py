@@ -1,0 +1,59 @@
+"""``autoglm-build serve``: load a build, start the scheduler, and run uvicorn.
+
+SIGTERM/SIGINT: uvicorn stops accepting connections and waits for in-flight requests (streams
+included) to finish; then the app's lifespan stops the scheduler and releases the backend.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from autoglm_build.config import BuildConfig
+from autoglm_build.errors import EnvironmentMissing, UserError
+from autoglm_build.runtime.backends import open_backend
+from autoglm_build.runtime.generation import Scheduler
+from autoglm_build.runtime.text import ChatTokenizer
+from autoglm_build.serve.app import ServerState, create_app
+
+API_KEY_ENV = "AUTOGLM_BUILD_API_KEY"
+
+
+def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precision: Optional[str] = None,
+                api_key: Optional[str] = None, max_batch: Optional[int] = None,
+                queue_size: Optional[int] = None) -> ServerState:
+    """Everything the app needs, loaded and checked (one-line UserErrors for what is missing)."""
+    from autoglm_build.calibration import tokenizer_for
+
+    for needed in ("embed", "decoder"):
+        if needed not in cfg.modules:
+            raise UserError(f"config modules: '{needed}' is needed to serve; modules are {', '.join(cfg.modules)}")
+    modules = list(cfg.modules)
+    runtime = open_backend(workdir, modules, backend, precision)
+    try:
+        tokenizer = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
+        scheduler = Scheduler(runtime, cfg, tokenizer, max_batch or cfg.serve.max_batch,
+                              cfg.serve.queue_size if queue_size is None else queue_size, cfg.engine.context)
+    except BaseException:
+        runtime.close()
+        raise
+    names = tuple(dict.fromkeys([cfg.serve.model_name, cfg.name]))
+    return ServerState(cfg=cfg, backend=runtime, tokenizer=tokenizer, scheduler=scheduler,
+                       api_key=api_key or os.environ.get(API_KEY_ENV) or None, model_ids=names)
+
+
+def serve(state: ServerState, host: str, port: int, log_level: str = "info",
+          announce: Callable[[str], None] = print) -> None:
+    try:
+        import uvicorn
+    except ImportError:
+        raise EnvironmentMissing("uvicorn is not installed here", hint="pip install fastapi uvicorn") from None
+    app = create_app(state)
+    d = state.backend.describe()
+    announce(f"serving {', '.join(state.model_ids)} on http://{host}:{port} ({d['backend']} {d['precision']}, "
+             f"max batch {state.scheduler.max_batch}, context {state.scheduler.context}"
+             f"{', API key required' if state.api_key else ''})")
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
+                            access_log=log_level == "debug")
+    uvicorn.Server(config).run()

@@ -337,8 +337,10 @@ class Scheduler:
             req.emit({"type": "delta", "reasoning": reasoning, "content": content})
         if row.finish is not None:
             prompt = len(req.prompt.ids)
+            media = req.prompt.media_tokens
             req.emit({"type": "done", "finish_reason": row.finish, "usage": {
                 "prompt_tokens": prompt, "completion_tokens": req.generated, "total_tokens": prompt + req.generated,
+                "prompt_tokens_details": {"image_tokens": media.get("image", 0), "audio_tokens": media.get("audio", 0)},
                 "completion_tokens_details": {"reasoning_tokens": req.reasoning_tokens}}})
 
 

@@ -46,9 +46,7 @@ class Prompt:
     def next_position(self) -> int:
         return int(self.positions.max()) + 1 if self.positions.size else 0
 
-    @property
-    def media_positions(self) -> int:
-        return sum(len(e) for _, e in self.splices)
+    media_tokens: Dict[str, int] = field(default_factory=dict)  # spliced positions by kind
 
 
 class ChatTokenizer:
@@ -105,6 +103,7 @@ class ChatTokenizer:
         ids: List[int] = []
         pos: List[np.ndarray] = []
         splices: List[Tuple[int, np.ndarray]] = []
+        counts = {"image": 0, "audio": 0}
         cur = 0
         for part in parts:
             if part.media is None:
@@ -116,6 +115,7 @@ class ChatTokenizer:
             begin, token, end = {"image": ("<|begin_of_image|>", "<|image|>", "<|end_of_image|>"),
                                  "audio": ("<|begin_of_audio|>", "<|audio|>", "<|end_of_audio|>")}[part.media]
             count = len(part.embeds)
+            counts[part.media] += count
             ids.append(self.ids[begin])
             pos.append(np.full((3, 1), cur))
             cur += 1
@@ -133,7 +133,7 @@ class ChatTokenizer:
             pos.append(np.full((3, 1), cur))
             cur += 1
         positions = np.concatenate(pos, axis=1).astype(np.int64) if pos else np.zeros((3, 0), np.int64)
-        return Prompt(ids=ids, positions=positions, splices=splices)
+        return Prompt(ids=ids, positions=positions, splices=splices, media_tokens=counts)
 
     def text_prompt(self, text: str) -> Prompt:
         """A raw completion prompt (no chat format): the text's own tokens."""

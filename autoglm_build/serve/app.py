@@ -99,19 +99,12 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
+                if seen > self.limit:  # answered by the app's APIError handler
+                    raise APIError(413, f"request body exceeds the limit of {self.limit} bytes",
+                                   code="request_too_large")
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _send_error(send, APIError(413, f"request body exceeds the limit of {self.limit} bytes",
-                                             code="request_too_large"))
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, limited, send)
 
 
 async def _send_error(send, err: APIError) -> None:
@@ -293,7 +286,7 @@ def sampling(state: ServerState, body, prompt: Prompt, max_tokens: Optional[int]
         max_tokens = min(state.cfg.serve.max_tokens, room)
     budget = thinking_budget if thinking_budget is not None else state.cfg.serve.thinking_budget
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=tuple(body.stop or ()), thinking_budget=budget)
+                          stop=tuple(body.stop or ()), thinking_budget=budget, ignore_eos=body.ignore_eos)
 
 
 def submit(state: ServerState, prompt: Prompt, params: SamplingParams) -> Tuple[AsyncIterator[Dict], Request]:

@@ -63,6 +63,7 @@ class _Sampling(_Body):
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, List[str], None] = None
     seed: Optional[int] = None
+    ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens whatever is sampled")
     logprobs: Optional[Any] = None
     user: Optional[str] = None
 

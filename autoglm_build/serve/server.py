@@ -7,6 +7,7 @@ included) to finish; then the app's lifespan stops the scheduler and releases th
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -56,4 +57,8 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
              f"{', API key required' if state.api_key else ''})")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
                             access_log=log_level == "debug")
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was installed
+    # before it: make that a no-op, so a drained server exits 0 instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()

@@ -1,0 +1,34 @@
+"""Detokenization deltas and stop strings."""
+
+from __future__ import annotations
+
+from autoglm_build.calibration import tokenizer_for
+from autoglm_build.runtime.text import ChatTokenizer, Detokenizer, StopMatcher
+
+
+def test_detokenizer_deltas_join_to_the_full_decode_and_never_split_characters(tiny_cfg):
+    tok = ChatTokenizer(tokenizer_for(tiny_cfg)[0], tiny_cfg.text.vocab_size)
+    text = "帮我在美团上点一份宫保鸡丁外卖, then open Settings 🙂"
+    ids = tok.encode(text)
+    detok = Detokenizer(tok)
+    deltas = [detok.push(i) for i in ids]
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_stop_matcher_holds_back_possible_prefixes():
+    m = StopMatcher(["STOP", "\n\n"])
+    assert m.feed("hello S") == ("hello ", False)
+    assert m.feed("T") == ("", False)
+    assert m.feed("OP and more") == ("", True)
+    m = StopMatcher(["STOP"])
+    assert m.feed("ST") == ("", False)
+    assert m.feed("ay") == ("STay", False)
+    assert m.flush() == ""
+
+
+def test_generation_never_samples_placeholders_or_undecodable_ids(tiny_cfg):
+    tok = ChatTokenizer(tokenizer_for(tiny_cfg)[0], tiny_cfg.text.vocab_size)
+    assert not tok.allowed[tok.ids["<|image|>"]] and not tok.allowed[tok.ids["<think>"]]
+    assert tok.allowed[tok.ids["<|endoftext|>"]]
+    assert not tok.allowed[tok.tokenizer.get_vocab_size():].any()

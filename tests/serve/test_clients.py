@@ -1,0 +1,147 @@
+"""The real ``openai`` SDK and LangChain's ``ChatOpenAI`` against ``autoglm-build serve``."""
+
+from __future__ import annotations
+
+import base64
+import io
+import wave
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+
+from tests.conftest import ROOT
+
+MODEL = "autoglm-phone-9b"
+THINK = {"enable_thinking": True, "return_reasoning": True}
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=server.base_url, api_key="EMPTY", max_retries=0)
+
+
+def _stream(client, **kwargs):
+    reasoning, content, finish, usage = "", "", None, None
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True},
+                                                **kwargs):
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            finish = choice.finish_reason or finish
+    return reasoning, content, finish, usage
+
+
+def test_models_lists_the_served_model(client):
+    assert MODEL in [m.id for m in client.models.list().data]
+
+
+def test_chat_completion(client):
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "打开设置"}],
+                                          max_tokens=12, temperature=0.5, seed=1)
+    msg = resp.choices[0].message
+    assert isinstance(msg.content, str) and msg.content
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.completion_tokens <= 12 and resp.usage.prompt_tokens > 0
+
+
+def test_streamed_and_whole_replies_agree_with_reasoning_separated(client):
+    kwargs = dict(messages=[{"role": "user", "content": "你是谁?"}], max_tokens=48, temperature=0.5, seed=11,
+                  extra_body={**THINK, "thinking_budget": 16})
+    reasoning, content, finish, usage = _stream(client, **kwargs)
+    whole = client.chat.completions.create(model=MODEL, **kwargs)
+    msg = whole.choices[0].message
+    assert (reasoning, content) == (msg.model_extra["reasoning_content"], msg.content)
+    assert reasoning and content and "<think>" not in content and "</think>" not in content
+    assert usage.completion_tokens_details.reasoning_tokens <= 16
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_reasoning_is_stripped_unless_asked_for(client):
+    common = dict(model=MODEL, messages=[{"role": "user", "content": "你是谁?"}], max_tokens=40, seed=5)
+    shown = client.chat.completions.create(**common, extra_body=THINK).choices[0].message
+    hidden = client.chat.completions.create(**common, extra_body={"enable_thinking": True}).choices[0].message
+    assert hidden.content == shown.content
+    assert "reasoning_content" not in (hidden.model_extra or {})
+
+
+def test_completions_whole_and_streamed(client):
+    whole = client.completions.create(model=MODEL, prompt="Open WeChat and", max_tokens=10, temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="Open WeChat and", max_tokens=10, temperature=0, stream=True) if c.choices)
+    assert whole.choices[0].text == streamed and streamed
+    assert whole.object == "text_completion"
+
+
+def test_stop_sequence_ends_the_reply_before_it(client):
+    base = client.completions.create(model=MODEL, prompt="hello", max_tokens=30, temperature=0).choices[0].text
+    cut = base[5:8]
+    assert cut, base
+    stopped = client.completions.create(model=MODEL, prompt="hello", max_tokens=30, temperature=0, stop=[cut])
+    assert stopped.choices[0].text == base[:base.index(cut)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_langchain_chatopenai_as_the_deployment_guide_calls_it(server, client):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="autoglm-phone-9b", temperature=0.5, api_key="EMPTY", base_url=server.base_url,
+                     extra_body={"enable_thinking": True, "return_reasoning": True}, streaming=True)
+    reply = llm.invoke("你是谁?")
+    assert isinstance(reply.content, str) and reply.content.strip()
+    assert "<think>" not in reply.content and "</think>" not in reply.content
+
+    # Seeded, so the SDK's stream shows what LangChain got: the answer, with the reasoning apart.
+    seeded = ChatOpenAI(model="autoglm-phone-9b", temperature=0.5, api_key="EMPTY", base_url=server.base_url,
+                        extra_body={"enable_thinking": True, "return_reasoning": True}, streaming=True, seed=21)
+    reasoning, content, _, _ = _stream(client, messages=[{"role": "user", "content": "你是谁?"}], temperature=0.5,
+                                       seed=21, extra_body=THINK)
+    assert seeded.invoke("你是谁?").content == content
+    assert reasoning and reasoning not in content
+
+
+# ---- media -------------------------------------------------------------------------------------
+
+
+def _image_url(path: Path) -> str:
+    return f"data:image/{path.suffix.lstrip('.').replace('jpg', 'jpeg')};base64," + \
+        base64.b64encode(path.read_bytes()).decode()
+
+
+def _chat_usage(client, parts):
+    resp = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}],
+                                          max_tokens=16, temperature=0)
+    return resp.choices[0].message.content, resp.usage
+
+
+def test_image_and_audio_are_spliced_into_the_decoder_input(client, tiny_cfg):
+    images = sorted((ROOT / "calibration_data" / "images").glob("*.jpg"))[:2]
+    wav = sorted((ROOT / "calibration_data" / "audio").glob("*.wav"))[0]
+    text = [{"type": "text", "text": "这是什么?"}]
+    base_reply, base = _chat_usage(client, text)
+    replies = []
+    for image in images:
+        reply, usage = _chat_usage(client, [{"type": "image_url", "image_url": {"url": _image_url(image)}}, *text])
+        n = tiny_cfg.vision.num_tokens
+        assert usage.model_dump()["prompt_tokens_details"]["image_tokens"] == n, usage
+        assert usage.prompt_tokens == base.prompt_tokens + n + 2  # + <|begin_of_image|>, <|end_of_image|>
+        replies.append(reply)
+    with wave.open(str(wav)) as fh:
+        frames = fh.getnframes()
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.read_bytes()).decode(),
+                                                    "format": "wav"}}
+    reply, usage = _chat_usage(client, [audio, *text])
+    a = tiny_cfg.audio
+    mel = min(a.max_frames, -(-frames // 160 // a.frame_multiple) * a.frame_multiple)
+    assert usage.prompt_tokens_details.audio_tokens == mel // a.frame_multiple
+    assert usage.prompt_tokens == base.prompt_tokens + mel // a.frame_multiple + 2
+    # different inputs, different greedy replies: the embeddings reached the decoder
+    assert len({base_reply, *replies, reply}) == 4
+
+
+def test_wav_bytes_helper_is_what_calibration_ships():
+    wav = sorted((ROOT / "calibration_data" / "audio").glob("*.wav"))[0]
+    with wave.open(io.BytesIO(wav.read_bytes())) as fh:
+        assert fh.getframerate() == 16000

@@ -1,0 +1,107 @@
+"""API keys, the bounded queue, clients that leave, and SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serve.conftest import running_server
+
+MODEL = "autoglm-phone-9b"
+CHAT = "/v1/chat/completions"
+KEY = "s3cret-key"
+
+
+def _long_stream_body(max_tokens=1800):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+            "stream": True, "temperature": 1.0, "seed": 1, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_build: Path, tmp_path_factory):
+    """One batch row, one waiting slot, an API key from the environment."""
+    with running_server(tiny_build, tmp_path_factory.mktemp("strict"), "--max-batch", "1", "--queue-size", "1",
+                        env={"AUTOGLM_BUILD_API_KEY": KEY}) as srv:
+        yield srv
+
+
+def _auth(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_api_key_required_when_set(strict_server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in ({}, _auth("wrong"), {"Authorization": KEY}):
+        resp = httpx.post(strict_server.url + CHAT, json=body, headers=headers, timeout=30)
+        assert resp.status_code == 401, headers
+        assert resp.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(strict_server.url + "/v1/models").status_code == 401
+    assert httpx.get(strict_server.url + "/health").status_code == 200  # liveness needs no key
+    assert httpx.post(strict_server.url + CHAT, json=body, headers=_auth(), timeout=30).status_code == 200
+
+
+def _first_event(lines) -> dict:
+    """The first SSE event; ``lines`` stays open (closing the iterator would close the stream)."""
+    for line in lines:
+        if line.startswith("data: "):
+            return json.loads(line[6:])
+    raise AssertionError("stream ended")
+
+
+def _stats(server) -> dict:
+    return httpx.get(server.url + "/ready").json()
+
+
+def _wait(server, **want):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = _stats(server)
+        if all(stats[k] == v for k, v in want.items()):
+            return stats
+        time.sleep(0.05)
+    raise AssertionError(f"server stats {_stats(server)} never reached {want}")
+
+
+def test_queue_full_is_429_and_a_client_that_leaves_frees_its_slot(strict_server):
+    url = strict_server.url + CHAT
+    with httpx.Client(timeout=60, headers=_auth()) as a, httpx.Client(timeout=60, headers=_auth()) as b:
+        with a.stream("POST", url, json=_long_stream_body()) as first:
+            assert first.status_code == 200
+            first_lines = first.iter_lines()
+            _first_event(first_lines)
+            _wait(strict_server, active=1)
+            with b.stream("POST", url, json=_long_stream_body()) as second:
+                assert second.status_code == 200
+                second_lines = second.iter_lines()
+                assert _first_event(second_lines)["choices"][0]["delta"]["role"] == "assistant"
+                _wait(strict_server, waiting=1)
+                full = httpx.post(url, json=_long_stream_body(), headers=_auth(), timeout=30)
+                assert full.status_code == 429
+                assert full.headers["retry-after"] == "1"
+                assert full.json()["error"]["type"] == "rate_limit_error"
+            # the waiting client left: its request never takes a row
+        # the generating client left mid-stream: its row is freed
+        _wait(strict_server, active=0, waiting=0)
+    quick = httpx.post(url, json={**_long_stream_body(3), "stream": False}, headers=_auth(), timeout=30)
+    assert quick.status_code == 200
+
+
+def test_sigterm_finishes_inflight_streams_then_exits(tiny_build: Path, tmp_path: Path):
+    with running_server(tiny_build, tmp_path) as srv:
+        with httpx.Client(timeout=60) as client:
+            with client.stream("POST", srv.url + CHAT, json=_long_stream_body(1200)) as stream:
+                lines = stream.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))
+                assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+                srv.proc.send_signal(signal.SIGTERM)
+                rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+        assert srv.proc.wait(timeout=30) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(srv.url + "/health", timeout=5)

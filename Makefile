@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/autoglm-phone-tiny.yaml
 STAMP  := $(VENV)/.installed
 
-.PHONY: all setup lint test test-fullwidth run clean
+.PHONY: all setup lint test test-fullwidth run bench-cpu bench-serve clean
 
 all: setup lint test run
 
@@ -31,6 +31,15 @@ test-fullwidth: setup
 
 run: setup
 	$(BIN)/autoglm-build run -c $(CONFIG)
+
+# CPU benchmarks: the pipeline cold vs cached, then ONNX Runtime decode vs transformers' generate.
+bench-cpu: run
+	$(BIN)/python benchmarks/pipeline_cpu.py -c $(CONFIG)
+	$(BIN)/python benchmarks/decode_cpu.py -c $(CONFIG)
+
+# 64 concurrent streaming clients on loopback, batched vs one request at a time.
+bench-serve: run
+	$(BIN)/python benchmarks/serve_load.py -c $(CONFIG)
 
 clean:
 	rm -rf build .pytest_cache

@@ -262,6 +262,48 @@ def inspect(
 
 
 @app.command()
+def bench(
+    ctx: typer.Context,
+    module: Optional[List[str]] = ModuleOpt,
+    batches: str = typer.Option("1,4,8", "--batches", help="Comma-separated batch sizes."),
+    backends: str = typer.Option("tensorrt,torch,onnxruntime", "--backends",
+                                 help="Any of tensorrt, torch, onnxruntime"),
+    precision: Optional[List[str]] = typer.Option(None, "--precision",
+                                                  help="Engine precisions (repeatable) [fp16, int8]"),
+    prompt: int = typer.Option(512, "--prompt", min=1, help="Decoder prefill length (time to first token)."),
+    past: int = typer.Option(512, "--past", min=1, help="Cache length of the timed decode step."),
+    min_time: float = typer.Option(1.0, "--min-time", min=0.0, help="Seconds of timed iterations per case."),
+    config: Optional[Path] = ConfigOpt,
+    workdir: Optional[Path] = WorkdirOpt,
+    json_out: Optional[bool] = JsonOpt,
+    verbose: Optional[bool] = VerboseOpt,
+    quiet: Optional[bool] = QuietOpt,
+) -> None:
+    """Latency p50/p90/p99 and throughput: engines vs PyTorch eager vs ONNX Runtime, with hardware floors."""
+    opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, None)
+    with user_errors():
+        from autoglm_build.bench import bench as run_bench
+        from autoglm_build.config import load_config
+        from autoglm_build.modules import registry
+        from autoglm_build.render import render_bench
+
+        cfg = load_config(opts.config)
+        names = [registry.get(m).name for m in module] if module else list(cfg.modules)
+        try:
+            sizes = [int(b) for b in batches.split(",") if b.strip()]
+        except ValueError:
+            raise UserError(f"--batches: '{batches}' is not a comma-separated list of integers") from None
+        reporter = Reporter(opts.verbosity)
+        with reporter.task("bench") as status:
+            report = run_bench(cfg, opts.workdir or Path("build") / cfg.name, names, sizes,
+                               [b.strip() for b in backends.split(",") if b.strip()], precision or ["fp16", "int8"],
+                               prompt, past, min_time=min_time, status=status)
+        for note in report["notes"]:
+            reporter.warn(note)
+        print_json(report) if opts.json else render_bench(report)
+
+
+@app.command()
 def serve(
     ctx: typer.Context,
     host: Optional[str] = typer.Option(None, "--host", help="Bind address [serve.host: 127.0.0.1]"),

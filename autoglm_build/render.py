@@ -163,3 +163,21 @@ def _io(io: Dict[str, Dict[str, str]]) -> str:
 def _artifact_bytes(workdir: Path, rel: str) -> int:
     path = Path(workdir) / rel
     return path.stat().st_size if path.exists() else 0
+
+
+def render_bench(report: Dict[str, Any]) -> None:
+    """trtexec-style performance summary: one row per module/case/batch/backend, floors where measured."""
+    peaks = report.get("peaks")
+    title = f"bench {report['config']}"
+    if peaks:
+        title += (f" on {peaks['gpu']}: copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s, "
+                  f"fp16 matmul {peaks['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
+    table = Table(title=title, title_justify="left")
+    for col in ("module", "case", "batch", "backend", "p50 ms", "p90 ms", "p99 ms", "items/s", "floor ms", "x floor"):
+        table.add_column(col, justify="right" if col not in ("module", "case", "backend") else "left")
+    for r in report["rows"]:
+        table.add_row(r["module"], r["case"], str(r["batch"]), r["backend"], f"{r['p50_ms']:.3f}",
+                      f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['items_per_s']:.1f}",
+                      "" if r["floor_ms"] is None else f"{r['floor_ms']:.3f}",
+                      "" if r["ratio"] is None else f"{r['ratio']:.1f}")
+    stdout.print(table)

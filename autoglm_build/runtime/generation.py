@@ -71,6 +71,7 @@ class Request:
     first_token: Optional[float] = None
     # generation state (scheduler thread only)
     generated: int = 0
+    token_ids: List[int] = field(default_factory=list)
     reasoning_tokens: int = 0
     thinking: bool = False
     rng: Any = None
@@ -313,6 +314,7 @@ class Scheduler:
     def _accept(self, row: _Row, token: int) -> None:
         req, tok = row.req, self.tokenizer
         req.generated += 1
+        req.token_ids.append(token)
         self.tokens += 1
         row.pending = token
         reasoning = content = ""

@@ -1,0 +1,293 @@
+"""``autoglm-build bench``: latency and throughput per module, backend and batch, side by side.
+
+Backends, on the same inputs in one run:
+
+- ``tensorrt``: the build's engines (fp16 and int8 where built) through Polygraphy's ``TrtRunner``;
+  timings include its host<->device copies of inputs and outputs, as serving does.
+- ``onnxruntime``: the FP32 graph (CUDA provider where installed, else CPU).
+- ``torch``: the same modules in PyTorch eager with the same weights (seeded or the checkpoint's),
+  fp16 on a GPU, fp32 on a CPU.
+
+Cases: vision and audio at each batch; the decoder's prefill of ``--prompt`` tokens (time to first
+token) and one decode step at a ``--past``-token cache (per-token latency); embed at each batch.
+Each case: warm-up, then iterations until ``--min-time`` seconds (at least ``--iters``), each timed
+with a synchronized clock; p50/p90/p99 latency and items/s.
+
+Floors (GPU only, measured in the same run with torch): the decode step's bytes of weights and KV
+cache over the measured device-to-device copy bandwidth, and the vision encoder's FLOPs per image
+over the measured fp16 matmul rate. ``ratio`` = measured p50 / floor.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from autoglm_build.config import BuildConfig
+from autoglm_build.errors import UserError
+from autoglm_build.manifest import Manifest, StageRecord
+from autoglm_build.modules import registry
+
+Feed = Dict[str, np.ndarray]
+BACKENDS = ("tensorrt", "torch", "onnxruntime")
+
+
+# ---- analytic sizes ------------------------------------------------------------------------------
+
+
+def decoder_parameters(cfg: BuildConfig) -> int:
+    """Decoder + LM head parameters (GLM-4: q/k/v with bias, fused gate-up MLP, four norms a layer)."""
+    t = cfg.text
+    h, kv, ffn = t.hidden_size, t.num_key_value_heads * t.head_dim, t.intermediate_size
+    q = t.num_attention_heads * t.head_dim
+    layer = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * ffn + 4 * h
+    return t.num_hidden_layers * layer + h + t.vocab_size * h
+
+
+def decode_step_bytes(cfg: BuildConfig, batch: int, past: int, precision: str) -> int:
+    """Bytes one decode step must read: every weight once, and the batch's KV cache."""
+    t = cfg.text
+    weight_bytes = {"fp32": 4, "fp16": 2, "int8": 1}[precision]
+    cache_bytes = 4 if precision == "fp32" else 2
+    kv = 2 * t.num_hidden_layers * batch * t.num_key_value_heads * past * t.head_dim * cache_bytes
+    return decoder_parameters(cfg) * weight_bytes + kv
+
+
+def vision_flops_per_image(cfg: BuildConfig) -> int:
+    """Matmul FLOPs of one image through the vision tower (2 per multiply-add)."""
+    v = cfg.vision
+    s, d, i = v.grid * v.grid, v.hidden_size, v.intermediate_size
+    tokens, out = v.num_tokens, v.out_hidden_size
+    macs = s * v.in_channels * v.patch_size ** 2 * d  # patch embedding
+    macs += v.depth * (4 * s * d * d + 2 * s * s * d + 3 * s * d * i)  # qkv+proj, attention, SwiGLU MLP
+    macs += tokens * (v.spatial_merge_size ** 2 * d * out + out * out + 3 * out * i)  # downsample + merger
+    return 2 * macs
+
+
+# ---- cases ---------------------------------------------------------------------------------------
+
+
+def cases(cfg: BuildConfig, module: str, batches: Sequence[int], prompt: int, past: int) -> List[Dict[str, Any]]:
+    """``{name, batch, feed, phase, items}`` for one module."""
+    spec = registry.get(module)
+    rng = np.random.default_rng(0)
+    out = []
+    for b in batches:
+        if module == "decoder":
+            out.append({"case": f"prefill {prompt}", "batch": b, "phase": "prefill", "items": b,
+                        "feed": spec.step_inputs(cfg, rng, b, prompt, past=0)})
+            out.append({"case": f"decode @{past}", "batch": b, "phase": "decode", "items": b,
+                        "feed": spec.step_inputs(cfg, rng, b, 1, past=past)})
+        elif module == "embed":
+            out.append({"case": f"seq {prompt}", "batch": b, "phase": "prefill", "items": b * prompt,
+                        "feed": {"input_ids": spec.token_ids(cfg, rng, b, prompt)}})
+        elif module == "audio":
+            frames = cfg.engine.opt_audio_frames
+            out.append({"case": f"{frames} frames", "batch": b, "phase": "prefill", "items": b,
+                        "feed": {"input_features": spec.features(cfg, rng, b, frames)}})
+        else:
+            size = cfg.vision.image_size
+            pixels = rng.standard_normal((b, cfg.vision.in_channels, size, size)).astype(np.float32)
+            out.append({"case": f"{size}px", "batch": b, "phase": "prefill", "items": b,
+                        "feed": {"pixel_values": pixels}})
+    return out
+
+
+def timed(fn: Callable[[], Any], sync: Callable[[], None], warmup: int, iters: int, min_time: float) -> List[float]:
+    """Per-iteration seconds with a synchronized clock (``sync`` waits for the device)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * iters and time.perf_counter() - start >= min_time:
+            break
+    return times
+
+
+# ---- backends ------------------------------------------------------------------------------------
+
+
+class _Runner:
+    """A backend/precision bound to a module: ``prepare(case)`` returns a zero-argument call."""
+
+    label = ""
+    sync: Callable[[], None] = staticmethod(lambda: None)
+
+    def prepare(self, case: Dict[str, Any]) -> Callable[[], Any]:
+        raise NotImplementedError
+
+
+class _Runtime(_Runner):
+    def __init__(self, backend, module: str) -> None:
+        self.backend, self.module = backend, module
+        self.label = f"{backend.name} {backend.precision}"
+
+    def prepare(self, case):
+        feed, phase = case["feed"], case["phase"]
+        return lambda: self.backend.run(self.module, feed, phase)
+
+
+class _Torch(_Runner):
+    """PyTorch eager on the module the export stage builds (same weights), fp16 on CUDA."""
+
+    def __init__(self, cfg: BuildConfig, workdir: Path, module: str) -> None:
+        import torch
+
+        from autoglm_build.stages.base import StageContext
+        from autoglm_build.stages.export import ExportStage
+
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        ctx = StageContext(cfg, workdir, Manifest())
+        stage = ExportStage(Path(cfg.checkpoint) if cfg.checkpoint else None)
+        model = stage.build_module(ctx, registry.get(module))[0]
+        self.model = model.to(self.device, self.dtype).eval()
+        self.module, self.names = module, registry.get(module).input_names(cfg)
+        self.label = f"torch {'fp16' if self.dtype == torch.float16 else 'fp32'}"
+        if self.device == "cuda":
+            self.sync = torch.cuda.synchronize
+
+    def prepare(self, case):
+        torch = self.torch
+        args = []
+        for name in self.names:
+            value = torch.from_numpy(case["feed"][name]).to(self.device)
+            args.append(value.to(self.dtype) if value.is_floating_point() else value)
+
+        def call():
+            with torch.inference_mode():
+                return self.model(*args)
+
+        return call
+
+
+def _runners(cfg: BuildConfig, workdir: Path, module: str, backends: Sequence[str],
+             precisions: Sequence[str], notes: List[str]) -> List[_Runner]:
+    from autoglm_build.engine import tensorrt as trt_env
+    from autoglm_build.runtime.backends import OnnxRuntimeBackend, TensorRTBackend, engine_artifact
+
+    manifest = Manifest.load(workdir)
+    out: List[_Runner] = []
+    for name in backends:
+        if name == "tensorrt":
+            if not trt_env.available():
+                notes.append("tensorrt skipped: TensorRT is not installed here")
+                continue
+            for precision in precisions:
+                if engine_artifact(manifest, module, precision) is None:
+                    notes.append(f"{module}: no {precision} engine; tensorrt {precision} skipped")
+                    continue
+                out.append(_Runtime(TensorRTBackend(workdir, manifest, [module], precision), module))
+        elif name == "onnxruntime":
+            out.append(_Runtime(OnnxRuntimeBackend(workdir, manifest, [module], "fp32"), module))
+        elif name == "torch":
+            try:
+                out.append(_Torch(cfg, workdir, module))
+            except ImportError:
+                notes.append("torch skipped: PyTorch/transformers are not installed here")
+    return out
+
+
+# ---- device peaks --------------------------------------------------------------------------------
+
+
+def measure_peaks() -> Optional[Dict[str, Any]]:
+    """Device-to-device copy bandwidth (bytes read + written per second) and fp16 matmul FLOP/s, with
+    torch on CUDA; None without a GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy = timed(lambda: dst.copy_(src), torch.cuda.synchronize, 3, 20, 0.5)
+    a = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
+    b = torch.randn_like(a)
+    mm = timed(lambda: a @ b, torch.cuda.synchronize, 3, 20, 0.5)
+    return {"gpu": torch.cuda.get_device_name(0), "copy_bytes_per_s": 2 * n / float(np.median(copy)),
+            "matmul_flops_per_s": 2 * 8192 ** 3 / float(np.median(mm))}
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+
+def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequence[int], backends: Sequence[str],
+          precisions: Sequence[str] = ("fp16", "int8"), prompt: int = 512, past: int = 512, warmup: int = 3,
+          iters: int = 10, min_time: float = 1.0, status: Callable[[str], None] = lambda m: None) -> Dict[str, Any]:
+    """Rows per module/case/batch/backend, device peaks and floors; stored in the manifest."""
+    workdir = Path(workdir)
+    for name in backends:
+        if name not in BACKENDS:
+            raise UserError(f"--backends: '{name}' is not one of {', '.join(BACKENDS)}")
+    manifest = Manifest.load(workdir)
+    if not manifest.artifacts:
+        raise UserError(f"{workdir}: no build here (manifest.json missing or empty)", hint="run `autoglm-build run`")
+    if past + 1 > cfg.engine.context or prompt > cfg.engine.context:
+        raise UserError(f"--prompt {prompt} / --past {past}: beyond engine.context {cfg.engine.context}")
+    notes: List[str] = []
+    status("measuring device peaks")
+    peaks = measure_peaks()
+    previous = manifest.record("bench", "_device")
+    if peaks is None and previous is not None and previous.metrics.get("peaks"):
+        peaks = previous.metrics["peaks"]  # the torch side of this device run measured them
+        notes.append(f"device peaks from the earlier `bench` on {peaks['gpu']} in this workdir")
+    rows: List[Dict[str, Any]] = []
+    for module in modules:
+        for runner in _runners(cfg, workdir, module, backends, precisions, notes):
+            for case in cases(cfg, module, batches, prompt, past):
+                status(f"{module} {case['case']} batch {case['batch']}: {runner.label}")
+                times = timed(runner.prepare(case), runner.sync, warmup, iters, min_time)
+                p50, p90, p99 = (float(np.percentile(times, q)) for q in (50, 90, 99))
+                row = {"module": module, "case": case["case"], "batch": case["batch"], "backend": runner.label,
+                       "p50_ms": 1e3 * p50, "p90_ms": 1e3 * p90, "p99_ms": 1e3 * p99, "iters": len(times),
+                       "items_per_s": case["items"] / p50, "floor_ms": None, "ratio": None}
+                floor = _floor(cfg, module, case, runner.label.split()[-1], peaks)
+                if floor is not None:
+                    row.update(floor_ms=1e3 * floor, ratio=p50 / floor)
+                rows.append(row)
+            if hasattr(runner, "backend"):
+                runner.backend.close()
+    report = {"config": cfg.name, "workdir": str(workdir), "peaks": peaks, "rows": rows, "notes": notes,
+              "prompt": prompt, "past": past}
+    _store(manifest, workdir, report)
+    return report
+
+
+def _floor(cfg: BuildConfig, module: str, case: Dict[str, Any], precision: str,
+           peaks: Optional[Dict[str, Any]]) -> Optional[float]:
+    if not peaks:
+        return None
+    if module == "decoder" and case["phase"] == "decode":
+        past = case["feed"]["past_key.0"].shape[2]
+        return decode_step_bytes(cfg, case["batch"], past, precision) / peaks["copy_bytes_per_s"]
+    if module == "vision":
+        return case["batch"] * vision_flops_per_image(cfg) / peaks["matmul_flops_per_s"]
+    return None
+
+
+def _store(manifest: Manifest, workdir: Path, report: Dict[str, Any]) -> None:
+    """Rows merge into the ``bench`` records by (case, batch, backend): the latest measurement wins."""
+    manifest = Manifest.load(workdir)  # reread: another process may have stored its side meanwhile
+    if report["peaks"]:
+        manifest.put(StageRecord(stage="bench", module="_device", status="done", fingerprint="",
+                                 started=time.time(), metrics={"peaks": report["peaks"]}), [])
+    for module in {r["module"] for r in report["rows"]}:
+        old = manifest.record("bench", module)
+        rows = {(r["case"], r["batch"], r["backend"]): r for r in (old.metrics.get("rows", []) if old else [])}
+        rows.update({(r["case"], r["batch"], r["backend"]): r for r in report["rows"] if r["module"] == module})
+        manifest.put(StageRecord(stage="bench", module=module, status="done", fingerprint="", started=time.time(),
+                                 metrics={"rows": list(rows.values())}), [])
+    manifest.save(workdir)

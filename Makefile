@@ -20,7 +20,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check autoglm_build tests
+	$(BIN)/ruff check autoglm_build tests benchmarks scripts
 
 test: setup
 	$(BIN)/python -m pytest -q

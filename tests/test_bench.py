@@ -1,0 +1,57 @@
+"""``bench``: rows for every backend side by side, stored in the manifest; the floors' sizes are exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from autoglm_build.bench import decode_step_bytes, decoder_parameters, vision_flops_per_image
+from autoglm_build.cli import app
+from autoglm_build.manifest import Manifest
+from tests.conftest import TINY
+
+
+def test_bench_cli_times_torch_and_onnxruntime_side_by_side(tiny_build_copy: Path):
+    result = CliRunner().invoke(app, ["bench", "-c", str(TINY), "-w", str(tiny_build_copy), "-m", "vision",
+                                      "-m", "decoder", "--batches", "1,2", "--backends", "torch,onnxruntime,tensorrt",
+                                      "--prompt", "16", "--past", "16", "--min-time", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    keys = {(r["module"], r["case"], r["batch"], r["backend"]) for r in report["rows"]}
+    for backend in ("torch fp32", "onnxruntime fp32"):
+        assert ("vision", "112px", 2, backend) in keys
+        assert ("decoder", "prefill 16", 1, backend) in keys and ("decoder", "decode @16", 2, backend) in keys
+    for r in report["rows"]:
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["iters"] >= 10
+    assert any("tensorrt skipped" in n for n in report["notes"])  # no TensorRT on CI
+    stored = Manifest.load(tiny_build_copy).record("bench", "decoder").metrics["rows"]
+    assert len(stored) == 8  # 2 cases x 2 batches x 2 backends
+
+
+def test_bench_rejects_bad_arguments(tiny_build_copy: Path):
+    runner = CliRunner()
+    bad = runner.invoke(app, ["bench", "-c", str(TINY), "-w", str(tiny_build_copy), "--backends", "tensorflow"])
+    assert bad.exit_code == 2 and "tensorflow" in bad.output
+    bad = runner.invoke(app, ["bench", "-c", str(TINY), "-w", str(tiny_build_copy), "--past", "5000"])
+    assert bad.exit_code == 2 and "engine.context" in bad.output
+
+
+def test_floor_sizes_match_the_modules(tiny_cfg):
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from autoglm_build.modules import registry
+
+    vision = registry.get("vision").build(tiny_cfg)
+    vision.finalize()
+    with FlopCounterMode(display=False) as counter:
+        vision(torch.randn(1, 3, tiny_cfg.vision.image_size, tiny_cfg.vision.image_size))
+    assert counter.get_total_flops() == vision_flops_per_image(tiny_cfg)
+    decoder = registry.get("decoder").build(tiny_cfg)
+    assert sum(p.numel() for p in decoder.parameters()) == decoder_parameters(tiny_cfg)
+    t = tiny_cfg.text
+    kv = 2 * t.num_hidden_layers * 8 * t.num_key_value_heads * 512 * t.head_dim * 2
+    assert decode_step_bytes(tiny_cfg, 8, 512, "fp16") == 2 * decoder_parameters(tiny_cfg) + kv

@@ -174,11 +174,13 @@ class TensorRTBackend(Backend):
 
 
 def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
-                 precision: Optional[str] = None) -> Backend:
+                 precision: Optional[str] = None, optional: Sequence[str] = ()) -> Backend:
     """The requested backend over a workdir's artifacts.
 
-    ``auto`` picks TensorRT when it is installed and the manifest has engines for every module,
-    else ONNX Runtime. Precision defaults to ``fp16`` on TensorRT and ``fp32`` on ONNX Runtime.
+    ``auto`` picks TensorRT when it is installed and the manifest has engines for every required
+    module, else ONNX Runtime. Precision defaults to ``fp16`` on TensorRT and ``fp32`` on ONNX
+    Runtime. Modules in ``optional`` are loaded when the build has them for that backend and
+    precision, and left out otherwise (``Backend.files`` says which were loaded).
 
     Raises:
         UserError: unknown backend, missing graphs/engines, or files changed since the build.
@@ -191,11 +193,16 @@ def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
     if not manifest.artifacts:
         raise UserError(f"{workdir}: no build here (manifest.json missing or empty)",
                         hint="run `autoglm-build run` first")
+    required = [m for m in modules if m not in optional]
     if backend == "auto":
         engine_precision = precision or "fp16"
-        has_engines = all(engine_artifact(manifest, m, engine_precision) for m in modules)
+        has_engines = all(engine_artifact(manifest, m, engine_precision) for m in required)
         backend = "tensorrt" if has_engines and trt_env.available() else "onnxruntime"
     if backend == "tensorrt":
         trt_env.load()
-        return TensorRTBackend(workdir, manifest, modules, precision or "fp16")
-    return OnnxRuntimeBackend(workdir, manifest, modules, precision or "fp32")
+        precision = precision or "fp16"
+        present = [m for m in modules if m in required or engine_artifact(manifest, m, precision)]
+        return TensorRTBackend(workdir, manifest, present, precision)
+    precision = precision or "fp32"
+    present = [m for m in modules if m in required or graph_artifact(manifest, m, precision)]
+    return OnnxRuntimeBackend(workdir, manifest, present, precision)

@@ -31,7 +31,8 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
         if needed not in cfg.modules:
             raise UserError(f"config modules: '{needed}' is needed to serve; modules are {', '.join(cfg.modules)}")
     modules = list(cfg.modules)
-    runtime = open_backend(workdir, modules, backend, precision)
+    # vision/audio are optional: without them, requests with images/audio get a 400 naming the module
+    runtime = open_backend(workdir, modules, backend, precision, optional=("vision", "audio"))
     try:
         tokenizer = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
         scheduler = Scheduler(runtime, cfg, tokenizer, max_batch or cfg.serve.max_batch,

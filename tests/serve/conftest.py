@@ -40,7 +40,7 @@ def running_server(workdir: Path, log_dir: Path, *args: str, env: dict = None) -
     port = free_port()
     log = log_dir / f"serve-{port}.log"
     cmd = [sys.executable, "-m", "autoglm_build", "serve", "-c", str(TINY), "-w", str(workdir), "--port", str(port),
-           "--backend", "onnxruntime", *args]
+           "--backend", BACKEND, *args]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = Server(f"http://127.0.0.1:{port}", proc, log)
@@ -65,7 +65,18 @@ def running_server(workdir: Path, log_dir: Path, *args: str, env: dict = None) -
                 proc.kill()
 
 
+# On the GPU harness: AUTOGLM_BUILD_SERVE_BACKEND=tensorrt AUTOGLM_BUILD_SERVE_WORKDIR=<workdir with engines>
+BACKEND = os.environ.get("AUTOGLM_BUILD_SERVE_BACKEND", "onnxruntime")
+
+
 @pytest.fixture(scope="module")
-def server(tiny_build: Path, tmp_path_factory) -> Iterator[Server]:
-    with running_server(tiny_build, tmp_path_factory.mktemp("serve")) as srv:
+def served_build(request) -> Path:
+    """The workdir the server runs on: $AUTOGLM_BUILD_SERVE_WORKDIR, else the session's tiny build."""
+    workdir = os.environ.get("AUTOGLM_BUILD_SERVE_WORKDIR")
+    return Path(workdir) if workdir else request.getfixturevalue("tiny_build")
+
+
+@pytest.fixture(scope="module")
+def server(served_build: Path, tmp_path_factory) -> Iterator[Server]:
+    with running_server(served_build, tmp_path_factory.mktemp("serve")) as srv:
         yield srv

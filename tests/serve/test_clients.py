@@ -85,7 +85,7 @@ def test_stop_sequence_ends_the_reply_before_it(client):
 
 
 def test_langchain_chatopenai_as_the_deployment_guide_calls_it(server, client):
-    from langchain_openai import ChatOpenAI
+    ChatOpenAI = pytest.importorskip("langchain_openai", reason="langchain-openai not installed").ChatOpenAI
 
     llm = ChatOpenAI(model="autoglm-phone-9b", temperature=0.5, api_key="EMPTY", base_url=server.base_url,
                      extra_body={"enable_thinking": True, "return_reasoning": True}, streaming=True)
@@ -117,6 +117,7 @@ def _chat_usage(client, parts):
 
 
 def test_image_and_audio_are_spliced_into_the_decoder_input(client, tiny_cfg):
+    pytest.importorskip("transformers", reason="image/audio preprocessing uses transformers' processors")
     images = sorted((ROOT / "calibration_data" / "images").glob("*.jpg"))[:2]
     wav = sorted((ROOT / "calibration_data" / "audio").glob("*.wav"))[0]
     text = [{"type": "text", "text": "这是什么?"}]

@@ -23,9 +23,9 @@ def _long_stream_body(max_tokens=1800):
 
 
 @pytest.fixture(scope="module")
-def strict_server(tiny_build: Path, tmp_path_factory):
+def strict_server(served_build: Path, tmp_path_factory):
     """One batch row, one waiting slot, an API key from the environment."""
-    with running_server(tiny_build, tmp_path_factory.mktemp("strict"), "--max-batch", "1", "--queue-size", "1",
+    with running_server(served_build, tmp_path_factory.mktemp("strict"), "--max-batch", "1", "--queue-size", "1",
                         env={"AUTOGLM_BUILD_API_KEY": KEY}) as srv:
         yield srv
 
@@ -91,8 +91,8 @@ def test_queue_full_is_429_and_a_client_that_leaves_frees_its_slot(strict_server
     assert quick.status_code == 200
 
 
-def test_sigterm_finishes_inflight_streams_then_exits(tiny_build: Path, tmp_path: Path):
-    with running_server(tiny_build, tmp_path) as srv:
+def test_sigterm_finishes_inflight_streams_then_exits(served_build: Path, tmp_path: Path):
+    with running_server(served_build, tmp_path) as srv:
         with httpx.Client(timeout=60) as client:
             with client.stream("POST", srv.url + CHAT, json=_long_stream_body(1200)) as stream:
                 lines = stream.iter_lines()

@@ -211,6 +211,11 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
         kwargs["tactic_sources"] = [trt.TacticSource.CUBLAS, trt.TacticSource.CUBLAS_LT]
     if not strong:
         kwargs.update(fp16=precision in ("fp16", "int8"), int8=precision == "int8")
+    # TensorRT 8.5's dynamic-shape path for transformers (default from 8.6, gone in 10): without it
+    # Myelin builds the decoder's two wide profiles for many minutes.
+    faster_dynamic = getattr(getattr(trt, "PreviewFeature", None), "FASTER_DYNAMIC_SHAPES_0805", None)
+    if faster_dynamic is not None and trt_env.version_tuple(trt.__version__) < (8, 6):
+        kwargs["preview_features"] = [faster_dynamic]
     monitor = _progress_monitor(trt, status)
     if monitor is not None:
         kwargs["progress_monitor"] = monitor

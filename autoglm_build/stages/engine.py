@@ -210,7 +210,9 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
     elif tactics == "cublas":  # the harness with real cuBLAS (TRT_HARNESS_REAL_CUBLAS=1), cuDNN still stubbed
         kwargs["tactic_sources"] = [trt.TacticSource.CUBLAS, trt.TacticSource.CUBLAS_LT]
     if not strong:
-        kwargs.update(fp16=precision in ("fp16", "int8"), int8=precision == "int8")
+        # An "int8" graph the precision policy left without Q/DQ (the embedding table) has no INT8
+        # scales; TensorRT 8.5 refuses the INT8 flag without them ("no scaling factors detected").
+        kwargs.update(fp16=precision in ("fp16", "int8"), int8=precision == "int8" and _has_qdq(source))
     # TensorRT 8.5's dynamic-shape path for transformers (default from 8.6, gone in 10): without it
     # Myelin builds the decoder's two wide profiles for many minutes.
     faster_dynamic = getattr(getattr(trt, "PreviewFeature", None), "FASTER_DYNAMIC_SHAPES_0805", None)
@@ -224,6 +226,13 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
         return bytes(loader())
     except Exception as exc:  # Polygraphy raises PolygraphyException with TensorRT's log above it
         raise UserError(f"{source}: TensorRT could not build the {precision} engine ({exc})") from None
+
+
+def _has_qdq(source: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=False)
+    return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 
 
 def _profile(profile: Any, shapes: Dict) -> Any:

@@ -268,6 +268,10 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> Prompt:
                         segments.append(encode_audio(state.backend, state.cfg, data, f"{param}.input_audio"))
             except MediaError as exc:
                 raise APIError(400, exc.message, param=exc.param) from None
+            except ImportError as exc:  # e.g. the GPU harness's Python without Pillow/transformers
+                kind = "images" if needed == "vision" else "audio"
+                raise APIError(400, f"{param}: this server cannot preprocess {kind} ({exc.name} is not installed)",
+                               param=param, code="unsupported_media") from None
         turns.append((role, segments))
     return state.tokenizer.chat_prompt(turns, body.thinking())
 

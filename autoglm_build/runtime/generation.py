@@ -176,6 +176,7 @@ class Scheduler:
 
     def step(self) -> None:
         """Admit waiting requests (one batched prefill), then one decode step for every row."""
+        admitted: List[Request] = []
         try:
             admitted = self._admit()
             if admitted:
@@ -184,8 +185,10 @@ class Scheduler:
                 self._decode()
         except Exception as exc:  # a backend failure ends the affected requests, not the server
             message = f"generation failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            for row in self.rows:
-                row.req.emit({"type": "error", "message": message})
+            affected = {id(r.req): r.req for r in self.rows}
+            affected.update({id(r): r for r in admitted})  # a failed prefill's requests are in no row yet
+            for req in affected.values():
+                req.emit({"type": "error", "message": message})
             self.rows, self.cache, self.mask = [], {}, np.zeros((0, 0), np.int64)
 
     def _admit(self) -> List[Request]:

@@ -108,3 +108,22 @@ def test_image_positions_follow_glm4v_rope_index(runtime):
     assert pos[2].tolist() == [start + c for _ in range(4) for c in range(4)]
     assert prompt.positions[0, start + 16] == start + 4  # <|end_of_image|> after max(rows, cols)
     assert prompt.media_tokens == {"image": 16, "audio": 0}
+
+
+def test_a_failing_backend_ends_every_affected_request_with_an_error(runtime):
+    """A prefill that fails reaches the requests it admitted (they are in no batch row yet)."""
+    cfg, backend, tok = runtime
+
+    class Broken:
+        max_batch = context = None
+
+        def run(self, module, feed, phase="prefill"):
+            raise RuntimeError("device lost")
+
+    scheduler = Scheduler(Broken(), cfg, tok, max_batch=4, queue_size=4, context=cfg.engine.context)
+    events = []
+    for _ in range(2):
+        scheduler.submit(Request(tok.text_prompt("hi"), SamplingParams(max_tokens=3), emit=events.append))
+    scheduler.run_until_idle()
+    assert [e["type"] for e in events] == ["error", "error"]
+    assert "device lost" in events[0]["message"]

@@ -26,6 +26,7 @@ from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.engine.sidecar import check_loadable, deserialize
 from autoglm_build.errors import UserError
 from autoglm_build.manifest import Manifest
+from autoglm_build.runtime.backends import engine_artifact, graph_artifact
 from autoglm_build.stages.base import StageContext
 from autoglm_build.stages.calibrate import fp32_graph
 from autoglm_build.stages.samples import load_samples
@@ -51,17 +52,20 @@ def verify(cfg: BuildConfig, workdir: Path, modules: Sequence[str], precisions: 
         want = {b: reference(steps) for b, steps in samples.items()}
         for precision in precisions:
             tol = cfg.engine.tolerances[precision]
-            graph = _graph(manifest, workdir, module, precision)
+            # the fp32 graph is the reference itself: only calibrated graphs are compared to it
+            graph = graph_artifact(manifest, module, precision) if precision != "fp32" else None
             if graph is not None:
                 status(f"{module} {precision}: ONNX Runtime")
-                rows += _compare(module, "onnxruntime", precision, _ort_run(graph), samples, want, tol)
+                rows += _compare(module, "onnxruntime", precision, _ort_run(workdir / graph.path), samples, want,
+                                 tol)
             if engines:
-                engine = _engine(manifest, workdir, module, precision)
+                engine = engine_artifact(manifest, module, precision)
                 if engine is None:
                     notes.append(f"{module}: no {precision} engine in {workdir}")
                     continue
                 status(f"{module} {precision}: TensorRT")
-                rows += _compare(module, "tensorrt", precision, _trt_run(engine, module), samples, want, tol)
+                run = _trt_run((workdir / engine.path, engine.sha256), module)
+                rows += _compare(module, "tensorrt", precision, run, samples, want, tol)
     return {"rows": rows, "notes": notes, "passed": all(r["passed"] for r in rows), "engines_checked": engines}
 
 
@@ -70,16 +74,6 @@ def _samples(manifest: Manifest, workdir: Path, module: str) -> Dict[int, List[F
     if not arts:
         raise UserError(f"{module}: no verification samples in {workdir}", hint="run `autoglm-build run` first")
     return load_samples(workdir / arts[0].path)
-
-
-def _graph(manifest: Manifest, workdir: Path, module: str, precision: str):
-    arts = manifest.artifacts_of(f"calibrate-{precision}", module, kind=f"onnx-{precision}")
-    return workdir / arts[0].path if arts else None
-
-
-def _engine(manifest: Manifest, workdir: Path, module: str, precision: str):
-    arts = manifest.artifacts_of(f"engine-{precision}", module, kind="engine")
-    return (workdir / arts[0].path, arts[0].sha256) if arts else None
 
 
 def _compare(module: str, backend: str, precision: str, run: Run, samples: Dict[int, List[Feed]],

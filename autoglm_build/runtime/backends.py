@@ -65,7 +65,9 @@ def _checked(workdir: Path, art: Artifact) -> Path:
 def graph_artifact(manifest: Manifest, module: str, precision: str) -> Optional[Artifact]:
     """The module's ONNX for a precision: the calibrated graph, or for fp32 the optimized/exported one."""
     if precision == "fp32":
-        arts = manifest.artifacts_of("optimize", module, "onnx") or manifest.artifacts_of("export", module, "onnx")
+        from autoglm_build.stages.calibrate import fp32_artifacts
+
+        arts = fp32_artifacts(manifest, module, "onnx")
     else:
         arts = manifest.artifacts_of(f"calibrate-{precision}", module, f"onnx-{precision}")
     return arts[0] if arts else None

@@ -70,11 +70,14 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: Optional[float] = None
     # generation state (scheduler thread only)
-    generated: int = 0
     token_ids: List[int] = field(default_factory=list)
     reasoning_tokens: int = 0
     thinking: bool = False
     rng: Any = None
+
+    @property
+    def generated(self) -> int:
+        return len(self.token_ids)
 
     def cancel(self) -> None:
         """Called from any thread when the client goes away; the row leaves at the next step."""
@@ -316,7 +319,6 @@ class Scheduler:
 
     def _accept(self, row: _Row, token: int) -> None:
         req, tok = row.req, self.tokenizer
-        req.generated += 1
         req.token_ids.append(token)
         self.tokens += 1
         row.pending = token

@@ -279,15 +279,18 @@ def _floor(cfg: BuildConfig, module: str, case: Dict[str, Any], precision: str,
 
 
 def _store(manifest: Manifest, workdir: Path, report: Dict[str, Any]) -> None:
-    """Rows merge into the ``bench`` records by (case, batch, backend): the latest measurement wins."""
-    manifest = Manifest.load(workdir)  # reread: another process may have stored its side meanwhile
+    """Rows merge into the ``bench`` records by (case, batch, backend): the latest measurement wins.
+    The merge happens under the manifest's lock, onto what another process may have stored meanwhile
+    (the TensorRT side on the harness's Python, the torch side on another)."""
+    fresh = Manifest.load(workdir)
+    updates = []
     if report["peaks"]:
-        manifest.put(StageRecord(stage="bench", module="_device", status="done", fingerprint="",
-                                 started=time.time(), metrics={"peaks": report["peaks"]}), [])
-    for module in {r["module"] for r in report["rows"]}:
-        old = manifest.record("bench", module)
+        updates.append((StageRecord(stage="bench", module="_device", status="done", fingerprint="",
+                                    started=time.time(), metrics={"peaks": report["peaks"]}), []))
+    for module in sorted({r["module"] for r in report["rows"]}):
+        old = fresh.record("bench", module)
         rows = {(r["case"], r["batch"], r["backend"]): r for r in (old.metrics.get("rows", []) if old else [])}
         rows.update({(r["case"], r["batch"], r["backend"]): r for r in report["rows"] if r["module"] == module})
-        manifest.put(StageRecord(stage="bench", module=module, status="done", fingerprint="", started=time.time(),
-                                 metrics={"rows": list(rows.values())}), [])
-    manifest.save(workdir)
+        updates.append((StageRecord(stage="bench", module=module, status="done", fingerprint="", started=time.time(),
+                                    metrics={"rows": list(rows.values())}), []))
+    manifest.commit(workdir, updates)

@@ -3,7 +3,9 @@
 It lists every artifact (path relative to the workdir, kind, module, sha256, bytes) and, per stage
 and module, a record (status, fingerprint, params, duration, metrics, warnings). It is written
 atomically (temp file + ``os.replace``) after each stage, so an interrupted build leaves the last
-complete state behind, never a truncated file.
+complete state behind, never a truncated file. Records are committed under a lock on
+``<workdir>/.manifest.lock`` onto the file as it is then, so processes building different modules
+into one workdir at once (``engine -m decoder`` beside ``engine -m vision``) keep each other's records.
 
 Artifact checks follow DVC's cache model: a file whose size and mtime still match the recorded
 ones is taken as unchanged; otherwise its sha256 is recomputed and compared.
@@ -11,13 +13,14 @@ ones is taken as unchanged; otherwise its sha256 is recomputed and compared.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +29,7 @@ from autoglm_build.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".manifest.lock"
 _CHUNK = 1 << 22
 
 
@@ -108,6 +112,21 @@ class Manifest(BaseModel):
         self.updated = time.time()
         atomic_write_text(workdir / MANIFEST_NAME, self.model_dump_json(indent=2) + "\n")
 
+    def commit(self, workdir: Path, updates: Sequence[Tuple[StageRecord, List[Artifact]]] = ()) -> None:
+        """Apply ``updates`` (:meth:`put` arguments) to the manifest on disk, under the workdir's lock,
+        and save it; this object then holds what was written (other processes' records included)."""
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        with _locked(workdir / LOCK_NAME):
+            fresh = Manifest.load(workdir)
+            fresh.config_name = self.config_name or fresh.config_name
+            fresh.config_path = self.config_path or fresh.config_path
+            for record, artifacts in updates:
+                fresh.put(record, artifacts)
+            fresh.save(workdir)
+        for name in type(self).model_fields:
+            setattr(self, name, getattr(fresh, name))
+
     # ---- records ----------------------------------------------------------------------------
 
     @staticmethod
@@ -181,6 +200,22 @@ def artifact_state(workdir: Path, art: Artifact) -> str:
         return "modified"
     art.mtime_ns = st.st_mtime_ns  # same content, touched: remember the new mtime
     return "ok"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``) held for the block; no lock where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: single-process use only
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -79,7 +79,7 @@ class Pipeline:
         for stage in self.stages:
             for module in self.modules:
                 outcomes.append(self._run_one(manifest, stage, module))
-        manifest.save(self.workdir)
+        manifest.commit(self.workdir)
         return outcomes
 
     def plan(self) -> List[Dict[str, Any]]:
@@ -120,8 +120,7 @@ class Pipeline:
                     metrics=getattr(exc, "metrics", {}), warnings=[exc.message],
                 )
                 self._drop_outputs(manifest, stage.name, module)
-                manifest.put(record, [])
-                manifest.save(self.workdir)
+                manifest.commit(self.workdir, [(record, [])])
                 raise
         artifacts = [make_artifact(self.workdir, path, kind, module, stage.name) for path, kind in result.outputs]
         record = StageRecord(
@@ -129,8 +128,7 @@ class Pipeline:
             started=started, duration_s=round(time.time() - started, 3), metrics=result.metrics,
             warnings=result.warnings,
         )
-        manifest.put(record, artifacts)
-        manifest.save(self.workdir)
+        manifest.commit(self.workdir, [(record, artifacts)])
         for warning in result.warnings:
             self.reporter.warn(f"{label}: {warning}")
         self.reporter.info(f"{label}: done in {record.duration_s:.1f}s")

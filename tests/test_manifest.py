@@ -54,3 +54,35 @@ def test_unreadable_or_foreign_manifest_is_a_user_error(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(UserError, match="schema_version: 99, this tool reads 1"):
         Manifest.load(tmp_path)
+
+
+def _commit_many(workdir, module, count):
+    from pathlib import Path
+
+    m = Manifest.load(Path(workdir))  # a stale copy: the other process commits meanwhile
+    for i in range(count):
+        m.commit(Path(workdir), [(_record(stage=f"engine-{i}", module=module), [])])
+
+
+def test_concurrent_processes_keep_each_others_records(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    modules = ("vision", "decoder", "audio", "embed")
+    procs = [ctx.Process(target=_commit_many, args=(str(tmp_path), module, 40)) for module in modules]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    records = Manifest.load(tmp_path).records
+    assert len(records) == 160
+    assert {"engine-39/vision", "engine-39/decoder", "engine-0/vision"} <= set(records)
+
+
+def test_commit_refreshes_the_in_memory_copy(tmp_path):
+    a, b = Manifest(config_name="tiny"), Manifest()
+    a.commit(tmp_path, [(_record(module="vision"), [])])
+    b.commit(tmp_path, [(_record(module="audio"), [])])
+    assert set(b.records) == {"export/vision", "export/audio"}
+    assert b.config_name == "tiny"

@@ -199,6 +199,9 @@ class EngineConfig(_Section):
     opt_past: int = Field(256, ge=0, description="cache length the profile is tuned for")
     opt_audio_frames: int = Field(800, ge=8)
     workspace_mib: int = Field(4096, ge=64)
+    preview_features: Optional[List[str]] = Field(
+        None, description="TensorRT PreviewFeature names to enable; default: FASTER_DYNAMIC_SHAPES_0805 on "
+        "TensorRT 8.5 (its dynamic-shape path for transformers), none on later versions; [] for none")
     timing_cache: Optional[str] = Field(
         None, description="directory of timing caches; default the user cache dir ($AUTOGLM_BUILD_CACHE_DIR overrides)"
     )

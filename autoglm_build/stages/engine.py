@@ -97,7 +97,7 @@ class EngineStage(Stage):
         start = time.perf_counter()
         with for_this_tensorrt(trt, source, ctx.workdir) as (parsed, adapted):
             engine_bytes = build_isolated(parsed, self.precision, shapes, ctx.cfg.engine.workspace_mib, cache,
-                                          ctx.workdir)
+                                          ctx.workdir, ctx.cfg.engine.preview_features)
         seconds = time.perf_counter() - start
         final_dir = ctx.workdir / ENGINE_DIR
         final_dir.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ def for_this_tensorrt(trt: Any, source: Path, workdir: Path):
 
 
 def build_isolated(source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,
-                   workdir: Path) -> bytes:
+                   workdir: Path, preview: Optional[List[str]] = None) -> bytes:
     """:func:`build` in a child process: a TensorRT abort (TensorRT 8.5's Myelin ``DCHECK`` on some
     Q/DQ graphs, seen on the device) becomes a one-line error instead of killing the tool."""
     import multiprocessing
@@ -168,7 +168,8 @@ def build_isolated(source: Path, precision: str, shapes: List[Dict], workspace_m
         out = Path(tmp) / "engine.bin"
         err = Path(tmp) / "error.txt"
         child = multiprocessing.get_context("spawn").Process(
-            target=_build_child, args=(str(source), precision, shapes, workspace_mib, str(cache), str(out), str(err)))
+            target=_build_child,
+            args=(str(source), precision, shapes, workspace_mib, str(cache), str(out), str(err), preview))
         child.start()
         child.join()
         if err.is_file():
@@ -181,10 +182,10 @@ def build_isolated(source: Path, precision: str, shapes: List[Dict], workspace_m
 
 
 def _build_child(source: str, precision: str, shapes: List[Dict], workspace_mib: int, cache: str, out: str,
-                 err: str) -> None:
+                 err: str, preview: Optional[List[str]] = None) -> None:
     trt = trt_env.load()
     try:
-        data = build(trt, Path(source), precision, shapes, workspace_mib, Path(cache), lambda message: None)
+        data = build(trt, Path(source), precision, shapes, workspace_mib, Path(cache), lambda message: None, preview)
     except UserError as exc:
         Path(err).write_text(exc.message)
         return
@@ -192,7 +193,7 @@ def _build_child(source: str, precision: str, shapes: List[Dict], workspace_mib:
 
 
 def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,
-          status) -> bytes:
+          status, preview: Optional[List[str]] = None) -> bytes:
     """Serialized engine bytes for ``source`` (Polygraphy loaders, composed then called)."""
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
@@ -213,11 +214,9 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
         # An "int8" graph the precision policy left without Q/DQ (the embedding table) has no INT8
         # scales; TensorRT 8.5 refuses the INT8 flag without them ("no scaling factors detected").
         kwargs.update(fp16=precision in ("fp16", "int8"), int8=precision == "int8" and _has_qdq(source))
-    # TensorRT 8.5's dynamic-shape path for transformers (default from 8.6, gone in 10): without it
-    # Myelin builds the decoder's two wide profiles for many minutes.
-    faster_dynamic = getattr(getattr(trt, "PreviewFeature", None), "FASTER_DYNAMIC_SHAPES_0805", None)
-    if faster_dynamic is not None and trt_env.version_tuple(trt.__version__) < (8, 6):
-        kwargs["preview_features"] = [faster_dynamic]
+    features = preview_features(trt, preview)
+    if features:
+        kwargs["preview_features"] = features
     monitor = _progress_monitor(trt, status)
     if monitor is not None:
         kwargs["progress_monitor"] = monitor
@@ -226,6 +225,24 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
         return bytes(loader())
     except Exception as exc:  # Polygraphy raises PolygraphyException with TensorRT's log above it
         raise UserError(f"{source}: TensorRT could not build the {precision} engine ({exc})") from None
+
+
+def preview_features(trt: Any, names: Optional[List[str]]) -> List[Any]:
+    """TensorRT ``PreviewFeature`` members for ``engine.preview_features``.
+
+    The default (None) is TensorRT 8.5's dynamic-shape path for transformers (the default from 8.6,
+    gone in 10): without it Myelin builds the decoder's two wide profiles for many minutes.
+    """
+    enum = getattr(trt, "PreviewFeature", None)
+    if names is None:
+        faster = getattr(enum, "FASTER_DYNAMIC_SHAPES_0805", None)
+        return [faster] if faster is not None and trt_env.version_tuple(trt.__version__) < (8, 6) else []
+    known = dict(getattr(enum, "__members__", {}))  # pybind11 enums list their members here
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise UserError(f"engine.preview_features: {', '.join(unknown)} not in TensorRT {trt.__version__}'s "
+                        f"PreviewFeature ({', '.join(sorted(known)) or 'none'})")
+    return [known[name] for name in names]
 
 
 def _has_qdq(source: Path) -> bool:

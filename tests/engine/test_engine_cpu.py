@@ -84,3 +84,23 @@ def test_modified_engine_or_missing_sidecar(tmp_path):
     Sidecar.path_for(engine).unlink()
     with pytest.raises(EngineMismatch, match="engine sidecar missing"):
         check_loadable(engine, None, "8.5.3.1", "9.0")
+
+
+def test_preview_features_default_to_faster_dynamic_shapes_on_tensorrt_8_5_only():
+    import enum
+    from types import SimpleNamespace
+
+    from autoglm_build.errors import UserError
+    from autoglm_build.stages.engine import preview_features
+
+    names = ["FASTER_DYNAMIC_SHAPES_0805", "DISABLE_EXTERNAL_TACTIC_SOURCES_FOR_CORE_0805"]
+    Feature = enum.Enum("PreviewFeature", names)
+    trt85 = SimpleNamespace(__version__="8.5.3.1", PreviewFeature=Feature)
+    trt10 = SimpleNamespace(__version__="10.3.0", PreviewFeature=Feature)
+    assert preview_features(trt85, None) == [Feature.FASTER_DYNAMIC_SHAPES_0805]
+    assert preview_features(trt10, None) == []
+    assert preview_features(trt85, []) == []
+    names = ["DISABLE_EXTERNAL_TACTIC_SOURCES_FOR_CORE_0805"]
+    assert preview_features(trt10, names) == [Feature.DISABLE_EXTERNAL_TACTIC_SOURCES_FOR_CORE_0805]
+    with pytest.raises(UserError, match=r"engine.preview_features: NOPE not in TensorRT 10.3.0's PreviewFeature"):
+        preview_features(trt10, ["NOPE"])

@@ -103,6 +103,7 @@ def main(argv: List[str] = None) -> int:
         model = onnx.load(str(source))
         rewired = strip(model, VARIANTS[name])
         qdq = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+        (tmp / f"v{k}").mkdir()
         path = save_model(model, tmp / f"v{k}" / source.name, 1 << 30)[0]
         graphs[name] = (path, rewired, qdq)
 

@@ -133,6 +133,9 @@ class _Runtime(_Runner):
 
     def prepare(self, case):
         feed, phase = case["feed"], case["phase"]
+        if hasattr(self.backend, "device_call"):  # TensorRT: inputs on the GPU beforehand, as torch's
+            call, self.sync = self.backend.device_call(self.module, feed, phase)
+            return call
         return lambda: self.backend.run(self.module, feed, phase)
 
 
@@ -263,6 +266,13 @@ def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequ
     report = {"config": cfg.name, "workdir": str(workdir), "peaks": peaks, "rows": rows, "notes": notes,
               "prompt": prompt, "past": past}
     _store(manifest, workdir, report)
+    # Side by side with what other runs stored here (the torch side measured on another Python).
+    ran = {(r["module"], r["case"], r["batch"], r["backend"]) for r in rows}
+    report["stored_rows"] = [
+        r for module in modules for r in (manifest.record("bench", module).metrics.get("rows", [])
+                                          if manifest.record("bench", module) else [])
+        if (r["module"], r["case"], r["batch"], r["backend"]) not in ran and r["batch"] in batches
+    ]
     return report
 
 

@@ -175,8 +175,12 @@ def render_bench(report: Dict[str, Any]) -> None:
     table = Table(title=title, title_justify="left")
     for col in ("module", "case", "batch", "backend", "p50 ms", "p90 ms", "p99 ms", "items/s", "floor ms", "x floor"):
         table.add_column(col, justify="right" if col not in ("module", "case", "backend") else "left")
-    for r in report["rows"]:
-        table.add_row(r["module"], r["case"], str(r["batch"]), r["backend"], f"{r['p50_ms']:.3f}",
+    stored = report.get("stored_rows", [])
+    rows = sorted(report["rows"] + stored, key=lambda r: (r["module"], r["case"], r["batch"], r["backend"]))
+    stored_ids = {id(r) for r in stored}
+    for r in rows:
+        backend = r["backend"] + (" (stored)" if id(r) in stored_ids else "")
+        table.add_row(r["module"], r["case"], str(r["batch"]), backend, f"{r['p50_ms']:.3f}",
                       f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['items_per_s']:.1f}",
                       "" if r["floor_ms"] is None else f"{r['floor_ms']:.3f}",
                       "" if r["ratio"] is None else f"{r['ratio']:.1f}")

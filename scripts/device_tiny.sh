@@ -2,12 +2,15 @@
 # On the lent GPU, with the TensorRT harness staged in /tmp/stage (../shared/trt-harness): every
 # tiny-config engine (four modules, fp16 and int8) built side by side in background processes, then
 # verify, inspect, the `trt` tests and the server tests on the TensorRT backend. One `run` call per
-# phase; the builds outlive the call that starts them (setsid), so later calls poll them.
-#   bash scripts/device_tiny.sh start [workdir]   copy the workdir to /tmp/dev/w, check the timing
-#                                                  cache on embed, start the builds and the Q/DQ bisect
+# phase, back to back (the machine goes back 30 s after a call); the builds outlive the call that
+# starts them (setsid), so later calls wait for them.
+#   bash scripts/device_tiny.sh start [workdir]   copy the workdir to /tmp/dev/w, start one build per
+#                                                  module and precision and the Q/DQ bisect, wait
+#   bash scripts/device_tiny.sh wait [seconds]     wait for the jobs (default 540 s), then poll
 #   bash scripts/device_tiny.sh poll               what the jobs have printed so far
 #   bash scripts/device_tiny.sh job NAME CMD...    one more background job (a CLI command on the workdir)
-#   bash scripts/device_tiny.sh check              verify --strict, inspect, pytest -m trt, tests/serve
+#   bash scripts/device_tiny.sh cache MODULE       timing cache: cold, warm and fresh-cache builds
+#   bash scripts/device_tiny.sh check              verify --strict, inspect, pytest -m trt, tests/serve, bench
 # Extra wheels for the Python 3.9 side (langchain-openai and its needs) travel in .whl39/.
 set -uo pipefail
 PHASE=${1:?phase}
@@ -60,19 +63,30 @@ start)
   nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
   $PY39 -c "import sys, tensorrt, langchain_openai, autoglm_build.stages.engine, autoglm_build.serve.app
 print(sys.version.split()[0], 'tensorrt', tensorrt.__version__, 'langchain-openai ok; torch imported:', 'torch' in sys.modules)"
-  echo "== timing cache, embed fp16, alone on the GPU"
-  cache_check embed fp16 default | tee "$OUT/cache_check.txt"
-  cache_check embed fp16 none | tee -a "$OUT/cache_check.txt"
   echo "== background builds"
-  job decoder "$(engine --precision fp16 -m decoder) && $(engine --precision int8 -m decoder)"
-  job small "$(engine --precision fp16 -m audio -m embed) && $(engine --precision int8 -m audio -m embed)"
-  job vision "$(engine --precision fp16 -m vision)"
-  job bisect "$PY39 scripts/trt_qdq_bisect.py -w $W -m vision -c $CFG"
+  for precision in fp16 int8; do
+    for module in decoder audio embed; do job "$module-$precision" "$(engine --precision $precision -m $module)"; done
+  done
+  job vision-fp16 "$(engine --precision fp16 -m vision)"
+  job bisect "$PY39 scripts/trt_qdq_bisect.py -w $W -m vision -c $CFG --only 'none on Conv' \
+    'none on the first Conv' 'none on activation x activation MatMul' 'only on MatMul/Gemm/Conv' \
+    'none on Sigmoid/Mul/Add'"
+  exec bash "$0" wait 520
+  ;;
+wait)
+  end=$((SECONDS + ${2:-540}))
+  while pgrep -f "[a]utoglm_build.cli engine|[t]rt_qdq_bisect" >/dev/null && [ $SECONDS -lt $end ]; do sleep 10; done
+  pgrep -fa "[a]utoglm_build.cli engine|[t]rt_qdq_bisect" | cut -c1-150 || echo "all jobs finished"
+  exec bash "$0" poll
+  ;;
+cache)
+  cache_check "${2:-embed}" fp16 default | tee "$OUT/cache_check.txt"
+  cache_check "${2:-embed}" fp16 none | tee -a "$OUT/cache_check.txt"
   ;;
 poll)
-  for f in "$L"/*.log; do echo "--- $(basename "$f")"; grep -E "done in|error|Error|FAILED|built|variant|Q/DQ|Conv|MatMul|Sigmoid|input" "$f" | grep -v "^\[" | tail -12; done
+  for f in "$L"/*.log; do echo "--- $(basename "$f")"; grep -E "done in|error|Error|FAILED|built|variant|DCHECK" "$f" | grep -v "^\[" | tail -12; done
   ls -la "$W/engines" 2>/dev/null
-  cp "$L"/*.log "$OUT/" 2>/dev/null; true
+  tar -czf "$OUT/logs.tgz" -C "$L" . 2>/dev/null; true
   ;;
 job)
   name=$2; shift 2
@@ -80,7 +94,9 @@ job)
   ;;
 check)
   echo "== verify --strict (TensorRT vs ONNX Runtime FP32, batch 1/4/8)"
-  $CLI verify -c $CFG -w $W --strict 2>&1 | tee "$OUT/verify.txt"; echo "verify exit: ${PIPESTATUS[0]}"
+  $CLI verify -c $CFG -w $W --strict --precision fp16 2>&1 | tee "$OUT/verify_fp16.txt"; echo "verify exit: ${PIPESTATUS[0]}"
+  $CLI verify -c $CFG -w $W --strict --precision int8 ${INT8_MODULES:--m decoder -m audio -m embed} 2>&1 \
+    | tee "$OUT/verify_int8.txt"; echo "verify exit: ${PIPESTATUS[0]}"
   echo "== polygraphy inspect model"
   $PY39 -c "import sys; from polygraphy.tools._main import main; sys.argv = ['polygraphy'] + sys.argv[1:]; main()" \
     inspect model "$W/engines/decoder.int8.engine" 2>&1 | tee "$OUT/inspect.txt" | head -30
@@ -89,6 +105,9 @@ check)
   echo "== tests/serve on the TensorRT backend"
   AUTOGLM_BUILD_SERVE_BACKEND=tensorrt AUTOGLM_BUILD_SERVE_WORKDIR=$W \
     $PY39 -m pytest -q -p no:cacheprovider -rs tests/serve 2>&1 | tee "$OUT/pytest_serve.txt" | tail -15
+  echo "== bench (engine inputs on the GPU beforehand)"
+  $CLI bench -c $CFG -w $W -m vision -m decoder --backends tensorrt,onnxruntime --batches 1,8 --precision fp16 \
+    --min-time 0.5 2>&1 | tee "$OUT/bench.txt"
   cp "$W/manifest.json" "$OUT/manifest.json"
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;

@@ -55,3 +55,19 @@ def test_floor_sizes_match_the_modules(tiny_cfg):
     t = tiny_cfg.text
     kv = 2 * t.num_hidden_layers * 8 * t.num_key_value_heads * 512 * t.head_dim * 2
     assert decode_step_bytes(tiny_cfg, 8, 512, "fp16") == 2 * decoder_parameters(tiny_cfg) + kv
+
+
+def test_a_later_run_shows_the_rows_an_earlier_one_stored(tiny_build_copy: Path):
+    """The device bench runs torch on one Python and TensorRT on another: the second run's table
+    shows the first run's rows beside its own."""
+    base = ["bench", "-c", str(TINY), "-w", str(tiny_build_copy), "-m", "vision", "--batches", "1",
+            "--min-time", "0", "--json"]
+    runner = CliRunner()
+    first = runner.invoke(app, base + ["--backends", "torch"])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, base + ["--backends", "onnxruntime"])
+    report = json.loads(second.stdout)
+    assert [r["backend"] for r in report["rows"]] == ["onnxruntime fp32"]
+    assert [r["backend"] for r in report["stored_rows"]] == ["torch fp32"]
+    table = runner.invoke(app, base[:-1] + ["--backends", "onnxruntime"])
+    assert "torch fp32 (stored)" in table.stdout and "onnxruntime fp32" in table.stdout

@@ -24,6 +24,7 @@ from autoglm_build.config import load_config
 from autoglm_build.engine.profiles import profiles
 from autoglm_build.errors import UserError
 from autoglm_build.onnx_io import save_model
+from autoglm_build.rewrites.qdq import rewire_qdq_consumers
 from autoglm_build.stages.engine import build_isolated, for_this_tensorrt
 
 Rule = Callable[[onnx.NodeProto, int, dict], bool]
@@ -48,38 +49,17 @@ def strip(model, rule: Rule) -> int:
     """Rewire the consumers ``rule`` selects from DQ(Q(x)) to x; drop what is left unused."""
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name for i in model.graph.initializer}
-    graph_inputs = {i.name for i in model.graph.input}
-    facts = {"first_conv": _first_conv(model), "graph_inputs": graph_inputs}
-    rewired = 0
-    for node in model.graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        sources = []
-        for name in node.input:
-            dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            sources.append(q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None)
-        activations = [s for s in sources if s is not None and s not in inits]
-        facts["bmm"] = len(activations) >= 2
-        for i, source in enumerate(sources):
-            if source is None:
-                continue
-            facts["q_source"] = source
-            if rule(node, i, facts):
-                node.input[i] = source
-                rewired += 1
-    _drop_dead(model)
-    return rewired
 
+    def wrapped(name):  # x for an input that reads DQ(Q(x)), else None
+        dq = producer.get(name)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
 
-def _drop_dead(model) -> None:
-    while True:
-        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            return
-        for n in dead:
-            model.graph.node.remove(n)
+    bmm = {n.name for n in model.graph.node
+           if sum(1 for i in n.input if wrapped(i) is not None and wrapped(i) not in inits) >= 2}
+    facts = {"first_conv": _first_conv(model), "graph_inputs": {i.name for i in model.graph.input}}
+    return rewire_qdq_consumers(model, lambda node, i, source: rule(
+        node, i, dict(facts, q_source=source, bmm=node.name in bmm)))
 
 
 def main(argv: List[str] = None) -> int:

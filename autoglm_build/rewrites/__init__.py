@@ -4,8 +4,9 @@ from autoglm_build.rewrites.base import Rewrite
 from autoglm_build.rewrites.cleanup import Cleanup
 from autoglm_build.rewrites.gelu import FuseGelu
 from autoglm_build.rewrites.layernorm import DecomposeLayerNorm
+from autoglm_build.rewrites.qdq import QDQOnlyOnQuantizedOps
 from autoglm_build.rewrites.rmsnorm import FuseRMSNorm
 
 REWRITES = {cls.name: cls for cls in (Cleanup, FuseGelu, FuseRMSNorm)}
 
-__all__ = ["REWRITES", "Cleanup", "DecomposeLayerNorm", "FuseGelu", "FuseRMSNorm", "Rewrite"]
+__all__ = ["REWRITES", "Cleanup", "DecomposeLayerNorm", "FuseGelu", "FuseRMSNorm", "QDQOnlyOnQuantizedOps", "Rewrite"]

@@ -181,8 +181,11 @@ class TensorRTBackend(Backend):
         device = {}
         for name, value in feed.items():
             host = np.ascontiguousarray(value.astype(dtypes.get(name, value.dtype), copy=False))
+            if host.size == 0:  # an empty cache (prefill): no GPU buffer to point at, nothing to copy
+                device[name] = host
+                continue
             device[name] = cuda.DeviceArray(shape=host.shape, dtype=host.dtype).copy_from(host)
-        self._device_buffers.extend(device.values())
+            self._device_buffers.append(device[name])
         return (lambda: runner.infer(device, copy_outputs_to_host=False)), runner.stream.synchronize
 
     def close(self) -> None:

@@ -269,9 +269,9 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> Prompt:
             except MediaError as exc:
                 raise APIError(400, exc.message, param=exc.param) from None
             except ImportError as exc:  # e.g. the GPU harness's Python without Pillow/transformers
-                kind = "images" if needed == "vision" else "audio"
-                raise APIError(400, f"{param}: this server cannot preprocess {kind} ({exc.name} is not installed)",
-                               param=param, code="unsupported_media") from None
+                kind, field = ("images", "image_url") if needed == "vision" else ("audio", "input_audio")
+                raise APIError(400, f"{param}.{field}: this server cannot preprocess {kind} ({exc.name} is not "
+                                    f"installed)", param=f"{param}.{field}", code="unsupported_media") from None
         turns.append((role, segments))
     return state.tokenizer.chat_prompt(turns, body.thinking())
 

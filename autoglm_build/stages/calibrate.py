@@ -6,7 +6,8 @@ INT8 (explicit quantization, what TensorRT >= 8 reads and TensorRT 11 requires):
    percentile histograms merged across batches).
 2. ``onnxruntime.quantization.quantize_static`` in QDQ format from those ranges: symmetric INT8
    activations, per-channel symmetric INT8 weights (Q/DQ pairs on the FP32 weights, dedicated pairs
-   per consumer, as TensorRT wants), on ``calibrate.op_types`` minus the nodes the policy keeps FP16.
+   per consumer, as TensorRT wants), on ``calibrate.op_types`` minus the nodes the policy keeps FP16;
+   other consumers of a quantized tensor read the float tensor (:class:`QDQOnlyOnQuantizedOps`).
 3. The policy's nodes (embedding table, normalizations, softmax, LM head by default) become FP16
    islands between Casts; graph I/O stays FP32.
 4. Accuracy against the FP32 graph on held-out samples; with a ``target_cosine``, layers are ranked
@@ -44,6 +45,7 @@ from autoglm_build.precision import (
     write_trt_cache,
 )
 from autoglm_build.rewrites.base import opset_of
+from autoglm_build.rewrites.qdq import QDQOnlyOnQuantizedOps
 from autoglm_build.stages.base import Stage, StageContext, StageResult
 
 Feed = Dict[str, np.ndarray]
@@ -78,7 +80,7 @@ class CalibrateStage(Stage):
         overrides: ``calibrate`` fields set on the command line (method, batches, target_cosine).
     """
 
-    version = 1
+    version = 2
     tools = ("onnx", "onnxruntime", "transformers", "tokenizers", "pillow")
 
     def __init__(self, precision: str, overrides: Optional[Dict[str, Any]] = None) -> None:
@@ -259,6 +261,7 @@ class Quantizer:
                 },
             )
         model = onnx.load(str(out))
+        QDQOnlyOnQuantizedOps(self.settings.op_types)(model)
         return fp16_islands(model, self.fp16_nodes + list(extra_fp16))
 
 

@@ -153,3 +153,14 @@ def test_bad_calibration_data_is_one_line_naming_the_file(tiny_build_copy, tmp_p
     assert "Traceback" not in result.output
     assert not (tiny_build_copy / "int8").exists() or not list((tiny_build_copy / "int8").glob(f"{module}*"))
     assert not list(tiny_build_copy.glob(".calibrate-*"))
+
+
+def test_qdq_pairs_feed_only_the_quantized_ops(calibrated, tiny_cfg):
+    """TensorRT's placement: a DequantizeLinear feeds MatMul/Gemm/Conv only (TensorRT 8.5's Myelin
+    aborted on the vision encoder's SiLU fed by one)."""
+    workdir, _ = calibrated
+    for module in ("vision", "audio", "decoder"):
+        model = onnx.load(str(workdir / "int8" / f"{module}.onnx"))
+        dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        readers = {n.op_type for n in model.graph.node if dq_out & set(n.input)}
+        assert readers <= set(tiny_cfg.calibrate.op_types), (module, readers)

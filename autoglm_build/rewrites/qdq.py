@@ -1,0 +1,68 @@
+"""Q/DQ only in front of the ops that run in INT8.
+
+``onnxruntime.quantization`` in QDQ format also hands the DequantizeLinear of a quantized tensor to
+that tensor's other consumers (Sigmoid, Mul, Add, Reshape, ...). TensorRT's guidance is Q/DQ at the
+inputs of quantizable layers only, and TensorRT 8.5's Myelin aborts on the vision encoder's SiLU fed
+by a DequantizeLinear (``operation.cpp:3390: DCHECK(opnd->is_data())``, bisected on the device with
+``scripts/trt_qdq_bisect.py``). Those consumers read the float tensor instead: the INT8 layers are
+the same, the float ops no longer see the quantization error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, Tuple
+
+from autoglm_build.rewrites.base import Rewrite
+
+Select = Callable[[Any, int, str], bool]
+
+
+def rewire_qdq_consumers(model: Any, select: Select) -> int:
+    """Every input ``i`` of a node that reads ``DQ(Q(x))`` and that ``select(node, i, x)`` picks reads
+    ``x`` instead; Q/DQ nodes and initializers left unused are dropped. Returns the inputs rewired."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    rewired = 0
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            if select(node, i, q.input[0]):
+                node.input[i] = q.input[0]
+                rewired += 1
+    if rewired:
+        drop_unused(model)
+    return rewired
+
+
+def drop_unused(model: Any) -> None:
+    """Remove nodes whose outputs nobody reads (repeatedly), then initializers nobody reads."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input} | outputs
+    for init in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(init)
+
+
+class QDQOnlyOnQuantizedOps(Rewrite):
+    """Consumers of a Q/DQ pair whose op type is not quantized read the float tensor."""
+
+    name = "qdq-only-on-quantized-ops"
+
+    def __init__(self, op_types: Sequence[str]) -> None:
+        self.op_types = frozenset(op_types)
+
+    def __call__(self, model: Any) -> Tuple[Any, int]:
+        return model, rewire_qdq_consumers(model, lambda node, i, source: node.op_type not in self.op_types)

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# On the lent GPU, with the TensorRT harness staged in /tmp/stage: the full-width few-layer config
+# (configs/autoglm-phone-9b-2layer.yaml) exported, optimized and calibrated on the machine's Python
+# 3.12 (torch), its vision and decoder engines built on the harness (TensorRT 8.5, Python 3.9), then
+# `bench`: PyTorch eager fp16 first (it also measures the copy bandwidth and matmul rate), TensorRT
+# fp16/int8 second, one table side by side. Beside it, the tiny build's INT8 engines are rebuilt
+# and verified. One `run` call per phase, back to back; builds run as background process sessions.
+#   bash scripts/device_full.sh start [tiny workdir]   start every job, wait
+#   bash scripts/device_full.sh wait [seconds]         wait for the jobs, then poll
+#   bash scripts/device_full.sh tiny                   tiny: verify int8, bench, the server's error tests
+#   bash scripts/device_full.sh bench                  full width: torch, then TensorRT
+# Wheels for the Python 3.12 side (pydantic, platformdirs, onnxslim, ...) travel in .whl/.
+set -uo pipefail
+PHASE=${1:?phase}
+D=/tmp/dev; L=$D/logs; F=$D/full; W=$D/w
+FULL=configs/autoglm-phone-9b-2layer.yaml; TINY=configs/autoglm-phone-tiny.yaml
+OUT=${OUT:-device-out}
+mkdir -p "$OUT" "$D" "$L"
+export PYTHONUNBUFFERED=1 NO_COLOR=1 COLUMNS=160 AUTOGLM_BUILD_TRT_TACTICS=${AUTOGLM_BUILD_TRT_TACTICS:-cublas}
+export AUTOGLM_BUILD_CACHE_DIR=$D/cache
+CLI39="env PYTHONPATH=$PWD /tmp/stage/trtpy -m autoglm_build.cli"
+CLI312="env PYTHONPATH=$PWD:/tmp/site312 python3 -m autoglm_build.cli"
+
+job() {  # job NAME "commands": a background process session that survives this call
+  local name=$1; shift
+  setsid nohup bash -c "$*" >"$L/$name.log" 2>&1 </dev/null &
+  echo "job $name started"
+}
+
+case $PHASE in
+start)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site312 .whl/*.whl \
+    || exit 1
+  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
+  rm -rf "$W" && cp -r "${2:-build/autoglm-phone-tiny}" "$W"
+  for module in vision audio decoder embed; do
+    job "tiny-$module-int8" "$CLI39 engine -c $TINY -w $W --precision int8 -m $module"
+  done
+  for module in vision decoder; do
+    f="-c $FULL -w $F -m $module"
+    job "full-$module" "$CLI312 export $f && $CLI312 optimize $f && $CLI312 calibrate --int8 --fp16 $f \
+      && { $CLI39 engine $f --precision fp16 & $CLI39 engine $f --precision int8 & wait; }"
+  done
+  exec bash "$0" wait 500
+  ;;
+wait)
+  end=$((SECONDS + ${2:-540}))
+  while pgrep -f "[a]utoglm_build.cli" >/dev/null && [ $SECONDS -lt $end ]; do sleep 10; done
+  pgrep -fa "[a]utoglm_build.cli" | cut -c1-160 || echo "all jobs finished"
+  for f in "$L"/*.log; do
+    echo "--- $(basename "$f")"; grep -E ": done in|rror|FAILED|DCHECK|Killed|cached" "$f" | grep -v "^\[" | tail -12
+  done
+  ls -la "$W/engines" "$F/engines" 2>/dev/null | grep -v json
+  df -h /tmp | tail -1
+  tar -czf "$OUT/logs.tgz" -C "$L" . 2>/dev/null; true
+  ;;
+tiny)
+  $CLI39 verify -c $TINY -w $W --strict --precision int8 2>&1 | grep -v "^\[W\]" | tee "$OUT/verify_int8.txt"
+  echo "verify exit: ${PIPESTATUS[0]}"
+  $CLI39 bench -c $TINY -w $W -m vision -m decoder --backends tensorrt,onnxruntime --batches 1,8 --min-time 0.5 \
+    2>&1 | grep -v "^\[W\]" | tee "$OUT/bench_tiny.txt"
+  AUTOGLM_BUILD_SERVE_BACKEND=tensorrt AUTOGLM_BUILD_SERVE_WORKDIR=$W PYTHONPATH=$PWD \
+    /tmp/stage/trtpy -m pytest -q -p no:cacheprovider tests/serve/test_errors.py 2>&1 | tail -5
+  ;;
+bench)
+  $CLI312 bench -c $FULL -w $F -m vision -m decoder --backends torch --batches 1,8 --min-time 1 2>&1 \
+    | tee "$OUT/bench_torch.txt"
+  $CLI39 bench -c $FULL -w $F -m vision -m decoder --backends tensorrt --batches 1,8 --min-time 1 2>&1 \
+    | grep -v "^\[W\]" | tee "$OUT/bench_full.txt"
+  cp "$F/manifest.json" "$OUT/manifest_full.json"
+  ;;
+*) echo "unknown phase $PHASE"; exit 2 ;;
+esac

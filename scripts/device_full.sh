@@ -7,7 +7,9 @@
 # and verified. One `run` call per phase, back to back; builds run as background process sessions.
 #   bash scripts/device_full.sh start [tiny workdir]   start every job, wait
 #   bash scripts/device_full.sh wait [seconds]         wait for the jobs, then poll
-#   bash scripts/device_full.sh tiny                   tiny: verify int8, bench, the server's error tests
+#   bash scripts/device_full.sh tiny                   tiny: verify int8, bench
+#   bash scripts/device_full.sh serve                  tiny: tests/serve on the TensorRT backend (fp16 engines)
+#   bash scripts/device_full.sh profile                full width: TensorRT per-layer times of the decoder
 #   bash scripts/device_full.sh bench                  full width: torch, then TensorRT
 # Wheels for the Python 3.12 side (pydantic, platformdirs, onnxslim, ...) travel in .whl/.
 set -uo pipefail
@@ -18,7 +20,7 @@ OUT=${OUT:-device-out}
 mkdir -p "$OUT" "$D" "$L"
 export PYTHONUNBUFFERED=1 NO_COLOR=1 COLUMNS=160 AUTOGLM_BUILD_TRT_TACTICS=${AUTOGLM_BUILD_TRT_TACTICS:-cublas}
 export AUTOGLM_BUILD_CACHE_DIR=$D/cache
-CLI39="env PYTHONPATH=$PWD /tmp/stage/trtpy -m autoglm_build.cli"
+CLI39="env PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m autoglm_build.cli"
 CLI312="env PYTHONPATH=$PWD:/tmp/site312 python3 -m autoglm_build.cli"
 
 job() {  # job NAME "commands": a background process session that survives this call
@@ -31,14 +33,20 @@ case $PHASE in
 start)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site312 .whl/*.whl \
     || exit 1
+  if ls .whl39/*.whl >/dev/null 2>&1; then  # langchain-openai for the server tests on Python 3.9
+    for w in .whl39/*.whl; do python3 -m zipfile -e "$w" /tmp/site39; done
+  fi
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
   rm -rf "$W" && cp -r "${2:-build/autoglm-phone-tiny}" "$W"
-  for module in vision audio decoder embed; do
-    job "tiny-$module-int8" "$CLI39 engine -c $TINY -w $W --precision int8 -m $module"
+  for precision in ${TINY_PRECISIONS:-int8}; do
+    for module in ${TINY_MODULES:-vision audio decoder embed}; do
+      job "tiny-$module-$precision" "$CLI39 engine -c $TINY -w $W --precision $precision -m $module"
+    done
   done
-  for module in vision decoder; do
+  for module in ${FULL_MODULES:-vision decoder}; do
     f="-c $FULL -w $F -m $module"
-    job "full-$module" "$CLI312 export $f && $CLI312 optimize $f && $CLI312 calibrate --int8 --fp16 $f \
+    graphs="$f"; [ "$module" = decoder ] && graphs="$f -m embed"  # the decoder calibrates on embedded text
+    job "full-$module" "$CLI312 export $graphs && $CLI312 optimize $graphs && $CLI312 calibrate --int8 --fp16 $f \
       && { $CLI39 engine $f --precision fp16 & $CLI39 engine $f --precision int8 & wait; }"
   done
   exec bash "$0" wait 500
@@ -59,8 +67,18 @@ tiny)
   echo "verify exit: ${PIPESTATUS[0]}"
   $CLI39 bench -c $TINY -w $W -m vision -m decoder --backends tensorrt,onnxruntime --batches 1,8 --min-time 0.5 \
     2>&1 | grep -v "^\[W\]" | tee "$OUT/bench_tiny.txt"
-  AUTOGLM_BUILD_SERVE_BACKEND=tensorrt AUTOGLM_BUILD_SERVE_WORKDIR=$W PYTHONPATH=$PWD \
-    /tmp/stage/trtpy -m pytest -q -p no:cacheprovider tests/serve/test_errors.py 2>&1 | tail -5
+  ;;
+serve)  # the client tests (openai SDK, LangChain) and the error tests on the TensorRT backend, fp16
+  AUTOGLM_BUILD_SERVE_BACKEND=tensorrt AUTOGLM_BUILD_SERVE_WORKDIR=$W PYTHONPATH=$PWD:/tmp/site39 \
+    /tmp/stage/trtpy -m pytest -q -p no:cacheprovider -rs tests/serve 2>&1 | tee "$OUT/pytest_serve.txt" | tail -8
+  grep -h "serving" /tmp/pytest-of-*/*/*/serve-*.log 2>/dev/null | head -2
+  ;;
+profile)  # TensorRT's per-layer times on the full-width decoder
+  for spec in "fp16 decode 1" "fp16 decode 8" "int8 decode 8" "fp16 prefill 8"; do
+    set -- $spec
+    PYTHONPATH=$PWD /tmp/stage/trtpy scripts/trt_layer_profile.py -w $F -c $FULL -m decoder --precision $1 \
+      --case $2 --batch $3 2>&1 | grep -v "^\[" | tee -a "$OUT/profile.txt"
+  done
   ;;
 bench)
   $CLI312 bench -c $FULL -w $F -m vision -m decoder --backends torch --batches 1,8 --min-time 1 2>&1 \

@@ -1,0 +1,79 @@
+"""Where an engine's time goes: TensorRT's per-layer profiler (IProfiler) on one `bench` case.
+
+Runs on the GPU harness (Python 3.9, TensorRT 8.5): the engine is loaded as `bench` loads it
+(sidecar and sha256 checks), the case's inputs are put on the GPU once, and TensorRT reports each
+layer's time over the iterations. Prints the layers that take the most time, with their share, and
+how much of the total the Myelin ("ForeignNode") and reformatting layers take.
+
+    trtpy scripts/trt_layer_profile.py -w build/x -c configs/x.yaml -m decoder --precision int8 --batch 8 \
+        --case decode
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+from typing import List
+
+from autoglm_build.bench import cases
+from autoglm_build.config import load_config
+from autoglm_build.engine import tensorrt as trt_env
+from autoglm_build.manifest import Manifest
+from autoglm_build.runtime.backends import TensorRTBackend
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-w", "--workdir", type=Path, required=True)
+    parser.add_argument("-c", "--config", type=Path, required=True)
+    parser.add_argument("-m", "--module", default="decoder")
+    parser.add_argument("--precision", default="fp16")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--case", default="", help="substring of the bench case (e.g. decode, prefill)")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--past", type=int, default=512)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+    trt = trt_env.load()
+    cfg = load_config(args.config)
+    case = next(c for c in cases(cfg, args.module, [args.batch], args.prompt, args.past) if args.case in c["case"])
+    backend = TensorRTBackend(args.workdir, Manifest.load(args.workdir), [args.module], args.precision)
+    call, sync = backend.device_call(args.module, case["feed"], case["phase"])
+    for _ in range(3):
+        call()
+    sync()
+    runners = backend.runners[args.module]
+    runner = runners.get(case["phase"]) or next(iter(runners.values()))
+
+    totals = defaultdict(float)
+
+    class Profiler(trt.IProfiler):
+        def __init__(self) -> None:
+            trt.IProfiler.__init__(self)
+
+        def report_layer_time(self, layer_name, ms):
+            totals[layer_name] += ms
+
+    runner.context.profiler = Profiler()
+    for _ in range(args.iters):
+        call()
+        sync()
+    backend.close()
+    total = sum(totals.values())
+    print(f"{args.module} {args.precision} {case['case']} batch {args.batch}: {total / args.iters:.3f} ms per run "
+          f"in {len(totals)} layers (TensorRT {trt.__version__}, {trt_env.gpu()['name']})")
+    kinds = defaultdict(float)
+    for name, ms in totals.items():
+        kind = ("myelin" if "ForeignNode" in name or "myl" in name.lower() else
+                "reformat" if "reformat" in name.lower() or "copy" in name.lower() else "other")
+        kinds[kind] += ms
+    print("  share: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in sorted(kinds.items())))
+    for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"  {ms / args.iters:8.3f} ms {100 * ms / total:5.1f}%  {name[:150]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -51,6 +51,15 @@ start)
   done
   exec bash "$0" wait 500
   ;;
+decoder)  # the full-width decoder alone: fp16 first, int8 beside it if the time allows
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site312 .whl/*.whl \
+    || exit 1
+  f="-c $FULL -w $F -m decoder"; e="-c $FULL -w $F -m embed"
+  job full-decoder "{ $CLI312 export $f & $CLI312 export $e & wait; } && { $CLI312 optimize $f & $CLI312 optimize $e & wait; } \
+    && $CLI312 calibrate --fp16 $f && { $CLI39 engine $f --precision fp16 & \
+    { $CLI312 calibrate --int8 $f && $CLI39 engine $f --precision int8; } & wait; }"
+  exec bash "$0" wait 480
+  ;;
 wait)
   end=$((SECONDS + ${2:-540}))
   while pgrep -f "[a]utoglm_build.cli" >/dev/null && [ $SECONDS -lt $end ]; do sleep 10; done

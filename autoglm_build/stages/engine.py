@@ -11,6 +11,7 @@ Imports on the GPU harness's Python 3.9 without torch.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -173,7 +174,7 @@ def build_isolated(source: Path, precision: str, shapes: List[Dict], workspace_m
         child.start()
         child.join()
         if err.is_file():
-            raise UserError(err.read_text().strip())
+            raise UserError(**json.loads(err.read_text()))
         if child.exitcode != 0 or not out.is_file():
             raise UserError(f"{source}: TensorRT aborted while building the {precision} engine "
                             f"(exit code {child.exitcode}); its log is above",
@@ -187,7 +188,7 @@ def _build_child(source: str, precision: str, shapes: List[Dict], workspace_mib:
     try:
         data = build(trt, Path(source), precision, shapes, workspace_mib, Path(cache), lambda message: None, preview)
     except UserError as exc:
-        Path(err).write_text(exc.message)
+        Path(err).write_text(json.dumps({"message": exc.message, "hint": exc.hint}))
         return
     Path(out).write_bytes(data)
 
@@ -224,7 +225,9 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
     try:
         return bytes(loader())
     except Exception as exc:  # Polygraphy raises PolygraphyException with TensorRT's log above it
-        raise UserError(f"{source}: TensorRT could not build the {precision} engine ({exc})") from None
+        raise UserError(f"{source}: TensorRT could not build the {precision} engine ({exc})",
+                        hint=f"if TensorRT's log above says 'insufficient workspace' or 'insufficient memory', "
+                             f"raise engine.workspace_mib (now {workspace_mib})") from None
 
 
 def preview_features(trt: Any, names: Optional[List[str]]) -> List[Any]:

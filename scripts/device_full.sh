@@ -90,9 +90,9 @@ profile)  # TensorRT's per-layer times on the full-width decoder
   done
   ;;
 bench)
-  $CLI312 bench -c $FULL -w $F -m vision -m decoder --backends torch --batches 1,8 --min-time 1 2>&1 \
+  $CLI312 bench -c $FULL -w $F ${BENCH_MODULES:--m vision -m decoder} --backends torch --batches 1,8 --min-time 1 2>&1 \
     | tee "$OUT/bench_torch.txt"
-  $CLI39 bench -c $FULL -w $F -m vision -m decoder --backends tensorrt --batches 1,8 --min-time 1 2>&1 \
+  $CLI39 bench -c $FULL -w $F ${BENCH_MODULES:--m vision -m decoder} --backends tensorrt --batches 1,8 --min-time 1 2>&1 \
     | grep -v "^\[W\]" | tee "$OUT/bench_full.txt"
   cp "$F/manifest.json" "$OUT/manifest_full.json"
   ;;

@@ -41,19 +41,30 @@ def rewire_qdq_consumers(model: Any, select: Select) -> int:
 
 
 def drop_unused(model: Any) -> None:
-    """Remove nodes whose outputs nobody reads (repeatedly), then initializers nobody reads."""
+    """Remove nodes whose outputs nobody reads (repeatedly), then initializers nobody reads; names read
+    inside subgraphs (If/Loop bodies) count as read."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
     while True:
-        used = {i for n in graph.node for i in n.input} | outputs
+        used = _read_names(graph) | outputs
         dead = [n for n in graph.node if not any(o in used for o in n.output)]
         if not dead:
             break
         for node in dead:
             graph.node.remove(node)
-    used = {i for n in graph.node for i in n.input} | outputs
+    used = _read_names(graph) | outputs
     for init in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(init)
+
+
+def _read_names(graph: Any) -> set:
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                names |= _read_names(sub) | {o.name for o in sub.output}
+    return names
 
 
 class QDQOnlyOnQuantizedOps(Rewrite):

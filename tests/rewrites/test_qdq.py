@@ -53,3 +53,18 @@ def test_unused_pairs_and_their_scales_are_dropped():
     assert count == 2
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     assert {t.name for t in model.graph.initializer} == {"w"}
+
+
+def test_names_read_inside_a_subgraph_are_kept():
+    model = _graph()
+    then = helper.make_graph([helper.make_node("Identity", ["w"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [4, 3])])
+    cond = numpy_helper.from_array(np.array(True), "c")
+    model.graph.initializer.append(cond)
+    model.graph.node.append(helper.make_node("If", ["c"], ["o"], then_branch=then, else_branch=then, name="if"))
+    model.graph.output.append(helper.make_tensor_value_info("o", TensorProto.FLOAT, [4, 3]))
+    model.graph.node.remove(next(n for n in model.graph.node if n.name == "mm"))
+    model.graph.output.remove(next(o for o in model.graph.output if o.name == "y"))
+    model, _ = QDQOnlyOnQuantizedOps(["Conv"])(model)
+    assert "w" in {t.name for t in model.graph.initializer}  # read only by the If's branches
+    onnx.checker.check_model(model)

@@ -67,7 +67,7 @@ print(sys.version.split()[0], 'tensorrt', tensorrt.__version__, 'langchain-opena
   for precision in fp16 int8; do
     for module in decoder audio embed; do job "$module-$precision" "$(engine --precision $precision -m $module)"; done
   done
-  job vision-fp16 "$(engine --precision fp16 -m vision)"
+  for precision in fp16 int8; do job "vision-$precision" "$(engine --precision $precision -m vision)"; done
   job bisect "$PY39 scripts/trt_qdq_bisect.py -w $W -m vision -c $CFG --only 'none on Conv' \
     'none on the first Conv' 'none on activation x activation MatMul' 'only on MatMul/Gemm/Conv' \
     'none on Sigmoid/Mul/Add'"
@@ -95,7 +95,7 @@ job)
 check)
   echo "== verify --strict (TensorRT vs ONNX Runtime FP32, batch 1/4/8)"
   $CLI verify -c $CFG -w $W --strict --precision fp16 2>&1 | tee "$OUT/verify_fp16.txt"; echo "verify exit: ${PIPESTATUS[0]}"
-  $CLI verify -c $CFG -w $W --strict --precision int8 ${INT8_MODULES:--m decoder -m audio -m embed} 2>&1 \
+  $CLI verify -c $CFG -w $W --strict --precision int8 ${INT8_MODULES:-} 2>&1 \
     | tee "$OUT/verify_int8.txt"; echo "verify exit: ${PIPESTATUS[0]}"
   echo "== polygraphy inspect model"
   $PY39 -c "import sys; from polygraphy.tools._main import main; sys.argv = ['polygraphy'] + sys.argv[1:]; main()" \

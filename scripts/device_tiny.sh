@@ -5,7 +5,7 @@
 # phase, back to back (the machine goes back 30 s after a call); the builds outlive the call that
 # starts them (setsid), so later calls wait for them.
 #   bash scripts/device_tiny.sh start [workdir]   copy the workdir to /tmp/dev/w, start one build per
-#                                                  module and precision and the Q/DQ bisect, wait
+#                                                  module and precision (BISECT=1: the Q/DQ bisect), wait
 #   bash scripts/device_tiny.sh wait [seconds]     wait for the jobs (default 540 s), then poll
 #   bash scripts/device_tiny.sh poll               what the jobs have printed so far
 #   bash scripts/device_tiny.sh job NAME CMD...    one more background job (a CLI command on the workdir)
@@ -68,7 +68,7 @@ print(sys.version.split()[0], 'tensorrt', tensorrt.__version__, 'langchain-opena
     for module in decoder audio embed; do job "$module-$precision" "$(engine --precision $precision -m $module)"; done
   done
   for precision in fp16 int8; do job "vision-$precision" "$(engine --precision $precision -m vision)"; done
-  job bisect "$PY39 scripts/trt_qdq_bisect.py -w $W -m vision -c $CFG --only 'none on Conv' \
+  [ "${BISECT:-0}" = 1 ] && job bisect "$PY39 scripts/trt_qdq_bisect.py -w $W -m vision -c $CFG --only 'none on Conv' \
     'none on the first Conv' 'none on activation x activation MatMul' 'only on MatMul/Gemm/Conv' \
     'none on Sigmoid/Mul/Add'"
   exec bash "$0" wait 520

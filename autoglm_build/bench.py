@@ -268,9 +268,9 @@ def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequ
     _store(manifest, workdir, report)
     # Side by side with what other runs stored here (the torch side measured on another Python).
     ran = {(r["module"], r["case"], r["batch"], r["backend"]) for r in rows}
+    records = [manifest.record("bench", module) for module in modules]
     report["stored_rows"] = [
-        r for module in modules for r in (manifest.record("bench", module).metrics.get("rows", [])
-                                          if manifest.record("bench", module) else [])
+        r for rec in records if rec for r in rec.metrics.get("rows", [])
         if (r["module"], r["case"], r["batch"], r["backend"]) not in ran and r["batch"] in batches
     ]
     return report
@@ -292,15 +292,16 @@ def _store(manifest: Manifest, workdir: Path, report: Dict[str, Any]) -> None:
     """Rows merge into the ``bench`` records by (case, batch, backend): the latest measurement wins.
     The merge happens under the manifest's lock, onto what another process may have stored meanwhile
     (the TensorRT side on the harness's Python, the torch side on another)."""
-    fresh = Manifest.load(workdir)
-    updates = []
-    if report["peaks"]:
-        updates.append((StageRecord(stage="bench", module="_device", status="done", fingerprint="",
-                                    started=time.time(), metrics={"peaks": report["peaks"]}), []))
-    for module in sorted({r["module"] for r in report["rows"]}):
-        old = fresh.record("bench", module)
-        rows = {(r["case"], r["batch"], r["backend"]): r for r in (old.metrics.get("rows", []) if old else [])}
-        rows.update({(r["case"], r["batch"], r["backend"]): r for r in report["rows"] if r["module"] == module})
-        updates.append((StageRecord(stage="bench", module=module, status="done", fingerprint="", started=time.time(),
-                                    metrics={"rows": list(rows.values())}), []))
-    manifest.commit(workdir, updates)
+
+    def merge(fresh: Manifest) -> None:
+        if report["peaks"]:
+            fresh.put(StageRecord(stage="bench", module="_device", status="done", fingerprint="",
+                                  started=time.time(), metrics={"peaks": report["peaks"]}), [])
+        for module in sorted({r["module"] for r in report["rows"]}):
+            old = fresh.record("bench", module)
+            rows = {(r["case"], r["batch"], r["backend"]): r for r in (old.metrics.get("rows", []) if old else [])}
+            rows.update({(r["case"], r["batch"], r["backend"]): r for r in report["rows"] if r["module"] == module})
+            fresh.put(StageRecord(stage="bench", module=module, status="done", fingerprint="", started=time.time(),
+                                  metrics={"rows": list(rows.values())}), [])
+
+    manifest.update(workdir, merge)

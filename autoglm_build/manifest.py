@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -115,14 +115,23 @@ class Manifest(BaseModel):
     def commit(self, workdir: Path, updates: Sequence[Tuple[StageRecord, List[Artifact]]] = ()) -> None:
         """Apply ``updates`` (:meth:`put` arguments) to the manifest on disk, under the workdir's lock,
         and save it; this object then holds what was written (other processes' records included)."""
+        def put_all(fresh: Manifest) -> None:
+            for record, artifacts in updates:
+                fresh.put(record, artifacts)
+
+        self.update(workdir, put_all)
+
+    def update(self, workdir: Path, change: Callable[[Manifest], Any]) -> None:
+        """Reread the manifest on disk under the workdir's lock, ``change`` it, save it; this object
+        then holds what was written. A change that merges with what is stored (bench rows) sees
+        what another process stored up to the moment of writing."""
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         with _locked(workdir / LOCK_NAME):
             fresh = Manifest.load(workdir)
             fresh.config_name = self.config_name or fresh.config_name
             fresh.config_path = self.config_path or fresh.config_path
-            for record, artifacts in updates:
-                fresh.put(record, artifacts)
+            change(fresh)
             fresh.save(workdir)
         for name in type(self).model_fields:
             setattr(self, name, getattr(fresh, name))

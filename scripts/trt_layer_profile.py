@@ -44,8 +44,7 @@ def main(argv: List[str] = None) -> int:
     for _ in range(3):
         call()
     sync()
-    runners = backend.runners[args.module]
-    runner = runners.get(case["phase"]) or next(iter(runners.values()))
+    runner = backend.runner(args.module, case["phase"])
 
     totals = defaultdict(float)
 

@@ -159,12 +159,17 @@ class TensorRTBackend(Backend):
         if module == "decoder" and "attention_mask" in sidecar.profiles[-1]:
             self.context = sidecar.profiles[-1]["attention_mask"][2][1]
 
-    def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
+    def runner(self, module: str, phase: str = "prefill") -> Any:
+        """The module's activated TrtRunner for ``phase`` (its only one for single-profile engines)."""
         runners = self.runners[module]
-        runner = runners.get(phase) or next(iter(runners.values()))
+        return runners.get(phase) or next(iter(runners.values()))
+
+    def _cast(self, module: str, feed: Feed) -> Dict[str, np.ndarray]:
         dtypes = self.dtypes[module]
-        cast = {n: np.ascontiguousarray(v.astype(dtypes.get(n, v.dtype), copy=False)) for n, v in feed.items()}
-        out = runner.infer(cast)
+        return {n: np.ascontiguousarray(v.astype(dtypes.get(n, v.dtype), copy=False)) for n, v in feed.items()}
+
+    def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
+        out = self.runner(module, phase).infer(self._cast(module, feed))
         # Polygraphy reuses its host buffers on the next call: copy.
         return {n: np.array(v, dtype=np.float32 if v.dtype == np.float16 else None, copy=True) for n, v in out.items()}
 
@@ -175,12 +180,9 @@ class TensorRTBackend(Backend):
         host-device copies (the torch side's inputs are on the GPU too)."""
         from polygraphy import cuda
 
-        runners = self.runners[module]
-        runner = runners.get(phase) or next(iter(runners.values()))
-        dtypes = self.dtypes[module]
+        runner = self.runner(module, phase)
         device = {}
-        for name, value in feed.items():
-            host = np.ascontiguousarray(value.astype(dtypes.get(name, value.dtype), copy=False))
+        for name, host in self._cast(module, feed).items():
             if host.size == 0:  # an empty cache (prefill): no GPU buffer to point at, nothing to copy
                 device[name] = host
                 continue

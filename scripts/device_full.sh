@@ -3,13 +3,14 @@
 # (configs/autoglm-phone-9b-2layer.yaml) exported, optimized and calibrated on the machine's Python
 # 3.12 (torch), its vision and decoder engines built on the harness (TensorRT 8.5, Python 3.9), then
 # `bench`: PyTorch eager fp16 first (it also measures the copy bandwidth and matmul rate), TensorRT
-# fp16/int8 second, one table side by side. Beside it, the tiny build's INT8 engines are rebuilt
-# and verified. One `run` call per phase, back to back; builds run as background process sessions.
-#   bash scripts/device_full.sh start [tiny workdir]   start every job, wait
+# fp16/int8 second, one table side by side; then `profile` says where the time goes. With
+# TINY_MODULES set, the tiny build's engines are rebuilt beside it and verified. One `run` call per
+# phase, back to back; builds run as background process sessions.
+#   bash scripts/device_full.sh start [tiny workdir]   start every job (FULL_MODULES; TINY_MODULES, if set), wait
 #   bash scripts/device_full.sh wait [seconds]         wait for the jobs, then poll
 #   bash scripts/device_full.sh tiny                   tiny: verify int8, bench
 #   bash scripts/device_full.sh serve                  tiny: tests/serve on the TensorRT backend (fp16 engines)
-#   bash scripts/device_full.sh profile                full width: TensorRT per-layer times of the decoder
+#   bash scripts/device_full.sh profile                full width: TensorRT per-layer times, torch.profiler kernels
 #   bash scripts/device_full.sh bench                  full width: torch, then TensorRT
 # Wheels for the Python 3.12 side (pydantic, platformdirs, onnxslim, ...) travel in .whl/.
 set -uo pipefail
@@ -30,34 +31,33 @@ job() {  # job NAME "commands": a background process session that survives this 
 }
 
 case $PHASE in
-start)
+start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TINY_MODULES names modules
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site312 .whl/*.whl \
     || exit 1
   if ls .whl39/*.whl >/dev/null 2>&1; then  # langchain-openai for the server tests on Python 3.9
     for w in .whl39/*.whl; do python3 -m zipfile -e "$w" /tmp/site39; done
   fi
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
-  rm -rf "$W" && cp -r "${2:-build/autoglm-phone-tiny}" "$W"
-  for precision in ${TINY_PRECISIONS:-int8}; do
-    for module in ${TINY_MODULES:-vision audio decoder embed}; do
-      job "tiny-$module-$precision" "$CLI39 engine -c $TINY -w $W --precision $precision -m $module"
+  if [ -n "${TINY_MODULES:-}" ]; then
+    rm -rf "$W" && cp -r "${2:-build/autoglm-phone-tiny}" "$W"
+    for precision in ${TINY_PRECISIONS:-int8}; do
+      for module in $TINY_MODULES; do
+        job "tiny-$module-$precision" "$CLI39 engine -c $TINY -w $W --precision $precision -m $module"
+      done
     done
-  done
+  fi
   for module in ${FULL_MODULES:-vision decoder}; do
     f="-c $FULL -w $F -m $module"
-    graphs="$f"; [ "$module" = decoder ] && graphs="$f -m embed"  # the decoder calibrates on embedded text
-    job "full-$module" "$CLI312 export $graphs && $CLI312 optimize $graphs && $CLI312 calibrate --int8 --fp16 $f \
-      && { $CLI39 engine $f --precision fp16 & $CLI39 engine $f --precision int8 & wait; }"
+    if [ "$module" = decoder ]; then  # the decoder calibrates on embedded text: embed is exported beside it
+      e="-c $FULL -w $F -m embed"
+      job full-decoder "{ $CLI312 export $f & $CLI312 export $e & wait; } \
+        && { $CLI312 optimize $f & $CLI312 optimize $e & wait; } && $CLI312 calibrate --fp16 $f \
+        && { $CLI39 engine $f --precision fp16 & { $CLI312 calibrate --int8 $f && $CLI39 engine $f --precision int8; } & wait; }"
+    else
+      job "full-$module" "$CLI312 export $f && $CLI312 optimize $f && $CLI312 calibrate --int8 --fp16 $f \
+        && { $CLI39 engine $f --precision fp16 & $CLI39 engine $f --precision int8 & wait; }"
+    fi
   done
-  exec bash "$0" wait 500
-  ;;
-decoder)  # the full-width decoder alone: fp16 first, int8 beside it if the time allows
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site312 .whl/*.whl \
-    || exit 1
-  f="-c $FULL -w $F -m decoder"; e="-c $FULL -w $F -m embed"
-  job full-decoder "{ $CLI312 export $f & $CLI312 export $e & wait; } && { $CLI312 optimize $f & $CLI312 optimize $e & wait; } \
-    && $CLI312 calibrate --fp16 $f && { $CLI39 engine $f --precision fp16 & \
-    { $CLI312 calibrate --int8 $f && $CLI39 engine $f --precision int8; } & wait; }"
   exec bash "$0" wait 480
   ;;
 wait)
@@ -82,11 +82,17 @@ serve)  # the client tests (openai SDK, LangChain) and the error tests on the Te
     /tmp/stage/trtpy -m pytest -q -p no:cacheprovider -rs tests/serve 2>&1 | tee "$OUT/pytest_serve.txt" | tail -8
   grep -h "serving" /tmp/pytest-of-*/*/*/serve-*.log 2>/dev/null | head -2
   ;;
-profile)  # TensorRT's per-layer times on the full-width decoder
-  for spec in "fp16 decode 1" "fp16 decode 8" "int8 decode 8" "fp16 prefill 8"; do
+profile)  # where the time goes: TensorRT's per-layer times, and torch.profiler's kernels against the wall clock
+  for spec in "decoder fp16 decode 1" "decoder fp16 decode 8" "decoder int8 decode 8" "decoder fp16 prefill 8" \
+      "vision fp16 px 8" "vision int8 px 8"; do
     set -- $spec
-    PYTHONPATH=$PWD /tmp/stage/trtpy scripts/trt_layer_profile.py -w $F -c $FULL -m decoder --precision $1 \
-      --case $2 --batch $3 2>&1 | grep -v "^\[" | tee -a "$OUT/profile.txt"
+    PYTHONPATH=$PWD /tmp/stage/trtpy scripts/trt_layer_profile.py -w $F -c $FULL -m $1 --precision $2 \
+      --case $3 --batch $4 2>&1 | grep -v "^\[" | tee -a "$OUT/profile.txt"
+  done
+  for spec in "decoder decode 1" "decoder decode 8" "decoder prefill 1" "vision px 1" "vision px 8"; do
+    set -- $spec
+    PYTHONPATH=$PWD:/tmp/site312 python3 scripts/torch_profile.py -w $F -c $FULL -m $1 --case $2 --batch $3 2>&1 \
+      | grep -v "^USDT" | tee -a "$OUT/profile.txt"
   done
   ;;
 bench)

@@ -2,8 +2,9 @@
 
 Backends, on the same inputs in one run:
 
-- ``tensorrt``: the build's engines (fp16 and int8 where built) through Polygraphy's ``TrtRunner``;
-  timings include its host<->device copies of inputs and outputs, as serving does.
+- ``tensorrt``: the build's engines (fp16 and int8 where built), bound to inputs put on the GPU
+  beforehand (:meth:`~autoglm_build.runtime.backends.TensorRTBackend.device_call`): each timed call
+  is one enqueue, outputs left on the GPU, as the torch side's eager call leaves them.
 - ``onnxruntime``: the FP32 graph (CUDA provider where installed, else CPU).
 - ``torch``: the same modules in PyTorch eager with the same weights (seeded or the checkpoint's),
   fp16 on a GPU, fp32 on a CPU.
@@ -134,8 +135,9 @@ class _Runtime(_Runner):
     def prepare(self, case):
         feed, phase = case["feed"], case["phase"]
         if hasattr(self.backend, "device_call"):  # TensorRT: inputs on the GPU beforehand, as torch's
-            call, self.sync = self.backend.device_call(self.module, feed, phase)
-            return call
+            bound = self.backend.device_call(self.module, feed, phase)
+            self.sync = bound.sync
+            return bound.call
         return lambda: self.backend.run(self.module, feed, phase)
 
 

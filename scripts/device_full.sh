@@ -6,12 +6,13 @@
 # fp16/int8 second, one table side by side; then `profile` says where the time goes. With
 # TINY_MODULES set, the tiny build's engines are rebuilt beside it and verified. One `run` call per
 # phase, back to back; builds run as background process sessions.
-#   bash scripts/device_full.sh start [tiny workdir]   start every job (FULL_MODULES; TINY_MODULES, if set), wait
+#   bash scripts/device_full.sh start [tiny workdir]   start every job (FULL_MODULES, FULL_PRECISIONS; TINY_MODULES), wait
 #   bash scripts/device_full.sh wait [seconds]         wait for the jobs, then poll
 #   bash scripts/device_full.sh tiny                   tiny: verify int8, bench
 #   bash scripts/device_full.sh serve                  tiny: tests/serve on the TensorRT backend (fp16 engines)
 #   bash scripts/device_full.sh profile                full width: TensorRT per-layer times, torch.profiler kernels
 #   bash scripts/device_full.sh bench                  full width: torch, then TensorRT
+#   bash scripts/device_full.sh overhead               full width: TensorRT called through Polygraphy, bound, CUDA graph
 # Wheels for the Python 3.12 side (pydantic, platformdirs, onnxslim, ...) travel in .whl/.
 set -uo pipefail
 PHASE=${1:?phase}
@@ -48,15 +49,16 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
   fi
   for module in ${FULL_MODULES:-vision decoder}; do
     f="-c $FULL -w $F -m $module"
+    graphs="$CLI312 export $f && $CLI312 optimize $f"
     if [ "$module" = decoder ]; then  # the decoder calibrates on embedded text: embed is exported beside it
       e="-c $FULL -w $F -m embed"
-      job full-decoder "{ $CLI312 export $f & $CLI312 export $e & wait; } \
-        && { $CLI312 optimize $f & $CLI312 optimize $e & wait; } && $CLI312 calibrate --fp16 $f \
-        && { $CLI39 engine $f --precision fp16 & { $CLI312 calibrate --int8 $f && $CLI39 engine $f --precision int8; } & wait; }"
-    else
-      job "full-$module" "$CLI312 export $f && $CLI312 optimize $f && $CLI312 calibrate --int8 --fp16 $f \
-        && { $CLI39 engine $f --precision fp16 & $CLI39 engine $f --precision int8 & wait; }"
+      graphs="{ $CLI312 export $f & $CLI312 export $e & wait; } && { $CLI312 optimize $f & $CLI312 optimize $e & wait; }"
     fi
+    engines=""  # one engine per precision (FULL_PRECISIONS), each built as soon as its graph is calibrated
+    for precision in ${FULL_PRECISIONS:-fp16 int8}; do
+      engines="$engines { $CLI312 calibrate --$precision $f && $CLI39 engine $f --precision $precision; } &"
+    done
+    job "full-$module" "$graphs && { $engines wait; }"
   done
   exec bash "$0" wait 480
   ;;
@@ -95,10 +97,18 @@ profile)  # where the time goes: TensorRT's per-layer times, and torch.profiler'
       | grep -v "^USDT" | tee -a "$OUT/profile.txt"
   done
   ;;
+overhead)  # how much of a TensorRT call is the host (scripts/trt_call_overhead.py)
+  for spec in "decoder decode 1" "decoder decode 8" "decoder prefill 1" "vision px 1" "vision px 8"; do
+    set -- $spec
+    PYTHONPATH=$PWD /tmp/stage/trtpy scripts/trt_call_overhead.py -w $F -c $FULL -m $1 --precision fp16 \
+      --case $2 --batch $3 2>&1 | grep -v "^\[" | tee -a "$OUT/overhead.txt"
+  done
+  ;;
 bench)
   $CLI312 bench -c $FULL -w $F ${BENCH_MODULES:--m vision -m decoder} --backends torch --batches 1,8 --min-time 1 2>&1 \
     | tee "$OUT/bench_torch.txt"
-  $CLI39 bench -c $FULL -w $F ${BENCH_MODULES:--m vision -m decoder} --backends tensorrt --batches 1,8 --min-time 1 2>&1 \
+  $CLI39 bench -c $FULL -w $F ${BENCH_MODULES:--m vision -m decoder} --backends tensorrt --batches 1,8 --min-time 1 \
+    $(printf -- "--precision %s " ${FULL_PRECISIONS:-fp16 int8}) 2>&1 \
     | grep -v "^\[W\]" | tee "$OUT/bench_full.txt"
   cp "$F/manifest.json" "$OUT/manifest_full.json"
   ;;

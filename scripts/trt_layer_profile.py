@@ -40,7 +40,7 @@ def main(argv: List[str] = None) -> int:
     cfg = load_config(args.config)
     case = next(c for c in cases(cfg, args.module, [args.batch], args.prompt, args.past) if args.case in c["case"])
     backend = TensorRTBackend(args.workdir, Manifest.load(args.workdir), [args.module], args.precision)
-    call, sync = backend.device_call(args.module, case["feed"], case["phase"])
+    call, sync, _ = backend.device_call(args.module, case["feed"], case["phase"])
     for _ in range(3):
         call()
     sync()

@@ -1,0 +1,117 @@
+"""How much of a TensorRT call is the host: one `bench` case run three ways, side by side.
+
+Runs on the GPU harness (Python 3.9, TensorRT). For the case's inputs, already on the GPU:
+
+- ``polygraphy``: ``TrtRunner.infer(..., copy_outputs_to_host=False)``: per-call input checks, shape
+  and address updates, output-allocator callbacks and a stream synchronization;
+- ``bound``: ``TensorRTBackend.device_call``: shapes and addresses set once, one
+  ``execute_async_v3`` per call (what `bench` times);
+- ``cuda graph``: the bound call captured once into a CUDA graph and replayed (``cudaGraphLaunch``):
+  no per-call TensorRT enqueue on the host at all. Skipped, with the reason, where capture fails.
+
+    trtpy scripts/trt_call_overhead.py -w build/x -c configs/x.yaml -m decoder --precision fp16 --batch 1 \
+        --case decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+import numpy as np
+
+from autoglm_build.bench import cases, timed
+from autoglm_build.config import load_config
+from autoglm_build.engine import tensorrt as trt_env
+from autoglm_build.manifest import Manifest
+from autoglm_build.runtime.backends import TensorRTBackend
+
+
+def graph_replay(call: Callable[[], None], stream) -> Tuple[Callable[[], None], Callable[[], None]]:
+    """``call`` (one enqueue on ``stream``) captured into a CUDA graph: ``(launch, free)``."""
+    from polygraphy import cuda
+
+    cudart = cuda.wrapper().handle
+    ptr = ctypes.c_void_p(stream.ptr)
+
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            raise RuntimeError(f"{what} returned CUDA error {status}")
+
+    graph, exe = ctypes.c_void_p(), ctypes.c_void_p()
+    check(cudart.cudaStreamBeginCapture(ptr, ctypes.c_int(0)), "cudaStreamBeginCapture")  # global mode
+    try:
+        call()
+    finally:
+        check(cudart.cudaStreamEndCapture(ptr, ctypes.byref(graph)), "cudaStreamEndCapture")
+    check(cudart.cudaGraphInstantiateWithFlags(ctypes.byref(exe), graph, ctypes.c_ulonglong(0)),
+          "cudaGraphInstantiateWithFlags")
+
+    def launch() -> None:
+        check(cudart.cudaGraphLaunch(exe, ptr), "cudaGraphLaunch")
+
+    def free() -> None:
+        cudart.cudaGraphExecDestroy(exe)
+        cudart.cudaGraphDestroy(graph)
+
+    return launch, free
+
+
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-w", "--workdir", type=Path, required=True)
+    parser.add_argument("-c", "--config", type=Path, required=True)
+    parser.add_argument("-m", "--module", default="decoder")
+    parser.add_argument("--precision", default="fp16")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--case", default="", help="substring of the bench case (e.g. decode, prefill)")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--past", type=int, default=512)
+    parser.add_argument("--min-time", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    from polygraphy import cuda
+
+    trt = trt_env.load()
+    cfg = load_config(args.config)
+    case = next(c for c in cases(cfg, args.module, [args.batch], args.prompt, args.past) if args.case in c["case"])
+    backend = TensorRTBackend(args.workdir, Manifest.load(args.workdir), [args.module], args.precision)
+    runner = backend.runner(args.module, case["phase"])
+    results = []
+    try:
+        feed = {}
+        for name, host in backend._cast(args.module, case["feed"]).items():
+            feed[name] = host  # an empty cache stays on the host, as `device_call` allows
+            if host.size:
+                feed[name] = cuda.DeviceArray(shape=host.shape, dtype=host.dtype).copy_from(host)
+        results.append(("polygraphy", timed(lambda: runner.infer(feed, copy_outputs_to_host=False),
+                                            runner.stream.synchronize, 3, 10, args.min_time)))
+        call, sync, _ = backend.device_call(args.module, case["feed"], case["phase"])
+        results.append(("bound", timed(call, sync, 3, 10, args.min_time)))
+        call()  # once more outside the capture: TensorRT settles anything it defers to the first enqueue
+        sync()
+        try:
+            launch, free = graph_replay(call, runner.stream)
+        except (RuntimeError, AttributeError) as exc:
+            print(f"  cuda graph: not captured ({exc})")
+        else:
+            results.append(("cuda graph", timed(launch, sync, 3, 10, args.min_time)))
+            free()
+    finally:
+        for array in feed.values():
+            if hasattr(array, "free"):
+                array.free()
+        backend.close()
+    print(f"{args.module} {args.precision} {case['case']} batch {args.batch} "
+          f"(TensorRT {trt.__version__}, {trt_env.gpu()['name']}):")
+    base = float(np.median(results[0][1]))
+    for label, times in results:
+        p50 = float(np.median(times))
+        print(f"  {label:<11} p50 {1e3 * p50:8.3f} ms  p90 {1e3 * float(np.percentile(times, 90)):8.3f} ms  "
+              f"{base / p50:5.2f}x vs polygraphy  ({len(times)} iterations)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -78,17 +78,18 @@ def main(argv: List[str] = None) -> int:
     case = next(c for c in cases(cfg, args.module, [args.batch], args.prompt, args.past) if args.case in c["case"])
     backend = TensorRTBackend(args.workdir, Manifest.load(args.workdir), [args.module], args.precision)
     runner = backend.runner(args.module, case["phase"])
-    results = []
+    print(f"{args.module} {args.precision} {case['case']} batch {args.batch} "
+          f"(TensorRT {trt.__version__}, {trt_env.gpu()['name']}):", flush=True)
+    feed = {}
     try:
-        feed = {}
         for name, host in backend._cast(args.module, case["feed"]).items():
             feed[name] = host  # an empty cache stays on the host, as `device_call` allows
             if host.size:
                 feed[name] = cuda.DeviceArray(shape=host.shape, dtype=host.dtype).copy_from(host)
-        results.append(("polygraphy", timed(lambda: runner.infer(feed, copy_outputs_to_host=False),
-                                            runner.stream.synchronize, 3, 10, args.min_time)))
+        base = report("polygraphy", timed(lambda: runner.infer(feed, copy_outputs_to_host=False),
+                                          runner.stream.synchronize, 3, 10, args.min_time), 0.0)
         call, sync, _ = backend.device_call(args.module, case["feed"], case["phase"])
-        results.append(("bound", timed(call, sync, 3, 10, args.min_time)))
+        report("bound", timed(call, sync, 3, 10, args.min_time), base)
         call()  # once more outside the capture: TensorRT settles anything it defers to the first enqueue
         sync()
         try:
@@ -96,21 +97,22 @@ def main(argv: List[str] = None) -> int:
         except (RuntimeError, AttributeError) as exc:
             print(f"  cuda graph: not captured ({exc})")
         else:
-            results.append(("cuda graph", timed(launch, sync, 3, 10, args.min_time)))
+            report("cuda graph", timed(launch, sync, 3, 10, args.min_time), base)
             free()
     finally:
         for array in feed.values():
             if hasattr(array, "free"):
                 array.free()
         backend.close()
-    print(f"{args.module} {args.precision} {case['case']} batch {args.batch} "
-          f"(TensorRT {trt.__version__}, {trt_env.gpu()['name']}):")
-    base = float(np.median(results[0][1]))
-    for label, times in results:
-        p50 = float(np.median(times))
-        print(f"  {label:<11} p50 {1e3 * p50:8.3f} ms  p90 {1e3 * float(np.percentile(times, 90)):8.3f} ms  "
-              f"{base / p50:5.2f}x vs polygraphy  ({len(times)} iterations)")
     return 0
+
+
+def report(label: str, times: List[float], base: float) -> float:
+    """One line: p50/p90 and the speed-up over ``base`` (the Polygraphy p50, or 0 for this one)."""
+    p50 = float(np.median(times))
+    print(f"  {label:<11} p50 {1e3 * p50:8.3f} ms  p90 {1e3 * float(np.percentile(times, 90)):8.3f} ms  "
+          f"{(base or p50) / p50:5.2f}x vs polygraphy  ({len(times)} iterations)", flush=True)
+    return p50
 
 
 if __name__ == "__main__":

@@ -216,7 +216,8 @@ class TensorRTBackend(Backend):
         outputs = {}
         for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors)):
             if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                context.set_output_allocator(name, None)  # Polygraphy's `infer` may have set one
+                if hasattr(context, "set_output_allocator"):  # Polygraphy's `infer` may have set one
+                    context.set_output_allocator(name, None)
                 outputs[name] = bind(name, tuple(context.get_tensor_shape(name)), self.dtypes[module][name])
 
         def call() -> None:

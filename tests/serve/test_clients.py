@@ -90,14 +90,22 @@ def test_langchain_chatopenai_as_the_deployment_guide_calls_it(server, client):
     llm = ChatOpenAI(model="autoglm-phone-9b", temperature=0.5, api_key="EMPTY", base_url=server.base_url,
                      extra_body={"enable_thinking": True, "return_reasoning": True}, streaming=True)
     reply = llm.invoke("你是谁?")
-    assert isinstance(reply.content, str) and reply.content.strip()
+    # Unseeded sampling on random weights may pick a stop token while still thinking: the answer can be
+    # empty, never the reasoning's tags.
+    assert isinstance(reply.content, str) and reply.response_metadata["finish_reason"] in ("stop", "length")
     assert "<think>" not in reply.content and "</think>" not in reply.content
 
-    # Seeded, so the SDK's stream shows what LangChain got: the answer, with the reasoning apart.
+    # Seeded, so the SDK's stream shows what LangChain got: the answer, with the reasoning apart. The
+    # first seed whose sample reaches the answer (most do; the backend's numerics decide which).
+    for seed in range(1, 9):
+        reasoning, content, _, _ = _stream(client, messages=[{"role": "user", "content": "你是谁?"}],
+                                           temperature=0.5, seed=seed, extra_body=THINK)
+        if content.strip():
+            break
+    else:
+        pytest.fail("no seed of 1..8 reached the answer after the reasoning")
     seeded = ChatOpenAI(model="autoglm-phone-9b", temperature=0.5, api_key="EMPTY", base_url=server.base_url,
-                        extra_body={"enable_thinking": True, "return_reasoning": True}, streaming=True, seed=21)
-    reasoning, content, _, _ = _stream(client, messages=[{"role": "user", "content": "你是谁?"}], temperature=0.5,
-                                       seed=21, extra_body=THINK)
+                        extra_body={"enable_thinking": True, "return_reasoning": True}, streaming=True, seed=seed)
     assert seeded.invoke("你是谁?").content == content
     assert reasoning and reasoning not in content
 

@@ -34,6 +34,7 @@ from autoglm_build.modules import registry
 
 Feed = Dict[str, np.ndarray]
 BACKENDS = ("tensorrt", "torch", "onnxruntime")
+ALIASES = {"trt": "tensorrt", "ort": "onnxruntime", "pytorch": "torch"}
 
 
 # ---- analytic sizes ------------------------------------------------------------------------------
@@ -234,9 +235,11 @@ def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequ
           iters: int = 10, min_time: float = 1.0, status: Callable[[str], None] = lambda m: None) -> Dict[str, Any]:
     """Rows per module/case/batch/backend, device peaks and floors; stored in the manifest."""
     workdir = Path(workdir)
+    backends = [ALIASES.get(name, name) for name in backends]
     for name in backends:
         if name not in BACKENDS:
-            raise UserError(f"--backends: '{name}' is not one of {', '.join(BACKENDS)}")
+            raise UserError(f"--backends: '{name}' is not one of {', '.join(BACKENDS)} "
+                            f"(or {', '.join(ALIASES)})")
     manifest = Manifest.load(workdir)
     if not manifest.artifacts:
         raise UserError(f"{workdir}: no build here (manifest.json missing or empty)", hint="run `autoglm-build run`")

@@ -267,7 +267,7 @@ def bench(
     module: Optional[List[str]] = ModuleOpt,
     batches: str = typer.Option("1,4,8", "--batches", help="Comma-separated batch sizes."),
     backends: str = typer.Option("tensorrt,torch,onnxruntime", "--backends",
-                                 help="Any of tensorrt, torch, onnxruntime"),
+                                 help="Any of tensorrt (trt), torch, onnxruntime (ort)"),
     precision: Optional[List[str]] = typer.Option(None, "--precision",
                                                   help="Engine precisions (repeatable) [fp16, int8]"),
     prompt: int = typer.Option(512, "--prompt", min=1, help="Decoder prefill length (time to first token)."),

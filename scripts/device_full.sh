@@ -47,7 +47,7 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
       done
     done
   fi
-  for module in ${FULL_MODULES:-vision decoder}; do
+  for module in ${FULL_MODULES-vision decoder}; do  # FULL_MODULES= (empty): none
     f="-c $FULL -w $F -m $module"
     graphs="$CLI312 export $f && $CLI312 optimize $f"
     if [ "$module" = decoder ]; then  # the decoder calibrates on embedded text: embed is exported beside it

@@ -133,7 +133,7 @@ class TensorRTBackend(Backend):
         super().__init__(precision)
         self.runners: Dict[str, Dict[str, Any]] = {}
         self.dtypes: Dict[str, Dict[str, Any]] = {}
-        self._device_buffers: List[Any] = []
+        self._device_buffers: Dict[str, List[Any]] = {}  # runner name -> the buffers bound to its context
         try:
             for module in modules:
                 art = engine_artifact(manifest, module, precision)
@@ -189,6 +189,9 @@ class TensorRTBackend(Backend):
         allocator callbacks and stream synchronization of Polygraphy's ``infer``. ``sync`` waits;
         ``outputs`` hold the results on the GPU.
 
+        The binding lives in the phase's execution context: binding it again frees the earlier call's
+        buffers, so only the latest call of a module and phase may run.
+
         Raises:
             UserError: the feed's shapes lie outside the engine's profile for ``phase``.
         """
@@ -197,11 +200,15 @@ class TensorRTBackend(Backend):
         trt = trt_env.load()
         runner = self.runner(module, phase)
         context, engine, stream = runner.context, runner.engine, runner.stream
+        stream.synchronize()  # an earlier binding's work may still read its buffers
+        for buffer in self._device_buffers.pop(runner.name, []):
+            buffer.free()
+        buffers = self._device_buffers[runner.name] = []
 
         def bind(name: str, shape: Tuple[int, ...], dtype: Any) -> Any:
             # An empty tensor (the prefill's zero-length cache) still gets a buffer: a real address.
             array = cuda.DeviceArray(shape=shape if int(np.prod(shape)) else (1,), dtype=dtype)
-            self._device_buffers.append(array)
+            buffers.append(array)
             if not context.set_tensor_address(name, array.ptr):
                 raise UserError(f"{self.files[module]}: TensorRT refused the address of tensor '{name}'")
             return array
@@ -227,9 +234,10 @@ class TensorRTBackend(Backend):
         return DeviceCall(call, stream.synchronize, outputs)
 
     def close(self) -> None:
-        for buffer in getattr(self, "_device_buffers", []):
-            buffer.free()
-        self._device_buffers = []
+        for buffers in getattr(self, "_device_buffers", {}).values():
+            for buffer in buffers:
+                buffer.free()
+        self._device_buffers = {}
         for runners in self.runners.values():
             for runner in runners.values():
                 if runner.is_active:

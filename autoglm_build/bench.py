@@ -98,6 +98,20 @@ def cases(cfg: BuildConfig, module: str, batches: Sequence[int], prompt: int, pa
     return out
 
 
+def find_case(cfg: BuildConfig, module: str, batch: int, name: str, prompt: int = 512,
+              past: int = 512) -> Dict[str, Any]:
+    """The first of the module's cases at ``batch`` whose name contains ``name`` (e.g. "decode").
+
+    Raises:
+        UserError: no case of the module has that name.
+    """
+    found = cases(cfg, module, [batch], prompt, past)
+    for case in found:
+        if name in case["case"]:
+            return case
+    raise UserError(f"{module}: no bench case named like '{name}' (cases: {', '.join(c['case'] for c in found)})")
+
+
 def timed(fn: Callable[[], Any], sync: Callable[[], None], warmup: int, iters: int, min_time: float) -> List[float]:
     """Per-iteration seconds with a synchronized clock (``sync`` waits for the device)."""
     for _ in range(warmup):

@@ -11,33 +11,23 @@ kernels, not by the GPU), and the kernels that take the most time.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import List
 
-from autoglm_build.bench import _Torch, cases
-from autoglm_build.config import load_config
+from bench_case import case_parser, load_case  # scripts/bench_case.py
+
+from autoglm_build.bench import _Torch
 
 
 def main(argv: List[str] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-w", "--workdir", type=Path, required=True)
-    parser.add_argument("-c", "--config", type=Path, required=True)
-    parser.add_argument("-m", "--module", default="decoder")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--case", default="", help="substring of the bench case (e.g. decode, prefill)")
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--past", type=int, default=512)
+    parser = case_parser(__doc__, precision=False)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--top", type=int, default=10)
-    args = parser.parse_args(argv)
+    args, cfg, case = load_case(parser, argv)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = load_config(args.config)
-    case = next(c for c in cases(cfg, args.module, [args.batch], args.prompt, args.past) if args.case in c["case"])
     runner = _Torch(cfg, args.workdir, args.module)
     call = runner.prepare(case)
     for _ in range(5):

@@ -15,15 +15,13 @@ Runs on the GPU harness (Python 3.9, TensorRT). For the case's inputs, already o
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-from pathlib import Path
 from typing import Callable, List, Tuple
 
 import numpy as np
+from bench_case import case_parser, load_case  # scripts/bench_case.py
 
-from autoglm_build.bench import cases, timed
-from autoglm_build.config import load_config
+from autoglm_build.bench import timed
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.manifest import Manifest
 from autoglm_build.runtime.backends import TensorRTBackend
@@ -60,22 +58,12 @@ def graph_replay(call: Callable[[], None], stream) -> Tuple[Callable[[], None], 
 
 
 def main(argv: List[str] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-w", "--workdir", type=Path, required=True)
-    parser.add_argument("-c", "--config", type=Path, required=True)
-    parser.add_argument("-m", "--module", default="decoder")
-    parser.add_argument("--precision", default="fp16")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--case", default="", help="substring of the bench case (e.g. decode, prefill)")
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--past", type=int, default=512)
+    parser = case_parser(__doc__)
     parser.add_argument("--min-time", type=float, default=1.0)
-    args = parser.parse_args(argv)
+    args, cfg, case = load_case(parser, argv)
     from polygraphy import cuda
 
     trt = trt_env.load()
-    cfg = load_config(args.config)
-    case = next(c for c in cases(cfg, args.module, [args.batch], args.prompt, args.past) if args.case in c["case"])
     backend = TensorRTBackend(args.workdir, Manifest.load(args.workdir), [args.module], args.precision)
     runner = backend.runner(args.module, case["phase"])
     print(f"{args.module} {args.precision} {case['case']} batch {args.batch} "

@@ -11,34 +11,22 @@ how much of the total the Myelin ("ForeignNode") and reformatting layers take.
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
-from pathlib import Path
 from typing import List
 
-from autoglm_build.bench import cases
-from autoglm_build.config import load_config
+from bench_case import case_parser, load_case  # scripts/bench_case.py
+
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.manifest import Manifest
 from autoglm_build.runtime.backends import TensorRTBackend
 
 
 def main(argv: List[str] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-w", "--workdir", type=Path, required=True)
-    parser.add_argument("-c", "--config", type=Path, required=True)
-    parser.add_argument("-m", "--module", default="decoder")
-    parser.add_argument("--precision", default="fp16")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--case", default="", help="substring of the bench case (e.g. decode, prefill)")
-    parser.add_argument("--prompt", type=int, default=512)
-    parser.add_argument("--past", type=int, default=512)
+    parser = case_parser(__doc__)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--top", type=int, default=12)
-    args = parser.parse_args(argv)
+    args, cfg, case = load_case(parser, argv)
     trt = trt_env.load()
-    cfg = load_config(args.config)
-    case = next(c for c in cases(cfg, args.module, [args.batch], args.prompt, args.past) if args.case in c["case"])
     backend = TensorRTBackend(args.workdir, Manifest.load(args.workdir), [args.module], args.precision)
     call, sync, _ = backend.device_call(args.module, case["feed"], case["phase"])
     for _ in range(3):

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autoglm_build.bench import decode_step_bytes, decoder_parameters, vision_flops_per_image
+from autoglm_build.bench import decode_step_bytes, decoder_parameters, find_case, vision_flops_per_image
 from autoglm_build.cli import app
+from autoglm_build.config import load_config
+from autoglm_build.errors import UserError
 from autoglm_build.manifest import Manifest
 from tests.conftest import TINY
 
@@ -71,3 +73,12 @@ def test_a_later_run_shows_the_rows_an_earlier_one_stored(tiny_build_copy: Path)
     assert [r["backend"] for r in report["stored_rows"]] == ["torch fp32"]
     table = runner.invoke(app, base[:-1] + ["--backends", "onnxruntime"])
     assert "torch fp32 (stored)" in table.stdout and "onnxruntime fp32" in table.stdout
+
+
+def test_find_case_picks_by_name_and_batch():
+    cfg = load_config(TINY)
+    case = find_case(cfg, "decoder", 3, "decode", prompt=9, past=5)
+    assert (case["case"], case["batch"], case["phase"]) == ("decode @5", 3, "decode")
+    assert case["feed"]["past_key.0"].shape[0] == 3 and case["feed"]["past_key.0"].shape[2] == 5
+    with pytest.raises(UserError, match="no bench case named like 'decode'.*112px"):
+        find_case(cfg, "vision", 1, "decode")

@@ -219,21 +219,18 @@ def verify(
     """Precision graphs and engines vs ONNX Runtime on the FP32 graph, at batch 1, 4, 8 on real samples."""
     opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, None)
     with user_errors():
-        from autoglm_build.config import load_config
         from autoglm_build.errors import AccuracyError
-        from autoglm_build.modules import registry
         from autoglm_build.render import render_verify
         from autoglm_build.verify import verify as run_verify
 
-        cfg = load_config(opts.config)
-        names = [registry.get(m).name for m in module] if module else list(cfg.modules)
+        cfg, names, target = _target(opts, module)
         precisions = precision or ["fp16", "int8"]
         for p in precisions:
             if p not in ("fp16", "int8", "fp32"):
                 raise UserError(f"--precision: '{p}' is not one of fp16, int8, fp32")
         reporter = Reporter(opts.verbosity)
         with reporter.task("verify") as status:
-            report = run_verify(cfg, opts.workdir or Path("build") / cfg.name, names, precisions, status)
+            report = run_verify(cfg, target, names, precisions, status)
         for note in report["notes"]:
             reporter.warn(note)
         print_json(report) if opts.json else render_verify(report)
@@ -283,19 +280,16 @@ def bench(
     opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, None)
     with user_errors():
         from autoglm_build.bench import bench as run_bench
-        from autoglm_build.config import load_config
-        from autoglm_build.modules import registry
         from autoglm_build.render import render_bench
 
-        cfg = load_config(opts.config)
-        names = [registry.get(m).name for m in module] if module else list(cfg.modules)
+        cfg, names, target = _target(opts, module)
         try:
             sizes = [int(b) for b in batches.split(",") if b.strip()]
         except ValueError:
             raise UserError(f"--batches: '{batches}' is not a comma-separated list of integers") from None
         reporter = Reporter(opts.verbosity)
         with reporter.task("bench") as status:
-            report = run_bench(cfg, opts.workdir or Path("build") / cfg.name, names, sizes,
+            report = run_bench(cfg, target, names, sizes,
                                [b.strip() for b in backends.split(",") if b.strip()], precision or ["fp16", "int8"],
                                prompt, past, min_time=min_time, status=status)
         for note in report["notes"]:
@@ -323,15 +317,13 @@ def serve(
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions) over a build's engines or graphs."""
     opts = _merge(ctx.obj or Options(), config, workdir, None, verbose, quiet, None)
     with user_errors():
-        from autoglm_build.config import load_config
         from autoglm_build.serve.server import build_state
         from autoglm_build.serve.server import serve as run_server
 
         if precision is not None and precision not in ("fp16", "int8", "fp32"):
             raise UserError(f"--precision: '{precision}' is not one of fp16, int8, fp32")
-        cfg = load_config(opts.config)
-        state = build_state(cfg, opts.workdir or Path("build") / cfg.name, backend, precision, api_key, max_batch,
-                            queue_size)
+        cfg, _, target = _target(opts)
+        state = build_state(cfg, target, backend, precision, api_key, max_batch, queue_size)
         level = {-1: "warning", 0: "info", 1: "debug"}[opts.verbosity]
         run_server(state, host or cfg.serve.host, cfg.serve.port if port is None else port, level,
                    announce=lambda line: stderr.print(line, highlight=False, soft_wrap=True))
@@ -357,6 +349,17 @@ def _optimize_stage():
     return OptimizeStage()
 
 
+def _target(opts: Options, modules: Optional[List[str]] = None, overrides: Optional[dict] = None) -> tuple:
+    """``(cfg, module names, workdir)`` a command works on: every module of the config unless named,
+    the workdir ``build/<config name>`` unless given."""
+    from autoglm_build.config import load_config
+    from autoglm_build.modules import registry
+
+    cfg = load_config(opts.config, overrides)
+    names = [registry.get(m).name for m in modules] if modules else list(cfg.modules)
+    return cfg, names, opts.workdir or Path("build") / cfg.name
+
+
 def _workdir(opts: Options) -> Path:
     if opts.workdir is not None:
         return opts.workdir
@@ -367,18 +370,14 @@ def _workdir(opts: Options) -> Path:
 
 def _build(opts: Options, stage_names: List[str], modules: Optional[List[str]], checkpoint: Optional[Path],
            force: bool, overrides: Optional[dict] = None, engine_batches: tuple = (None, None)) -> None:
-    from autoglm_build.config import load_config
-    from autoglm_build.modules import registry
+    """Run ``stage_names``; ``overrides`` are the calibrate stages' (``--method``, ``--batches``, ...)."""
     from autoglm_build.pipeline import Pipeline
     from autoglm_build.render import render_outcomes, render_plan
     from autoglm_build.stages.calibrate import CalibrateStage
     from autoglm_build.stages.engine import EngineStage
     from autoglm_build.stages.samples import SamplesStage
 
-    overrides = {"checkpoint": str(checkpoint)} if checkpoint else None
-    cfg = load_config(opts.config, overrides)
-    names = [registry.get(m).name for m in modules] if modules else list(cfg.modules)
-    workdir = opts.workdir or Path("build") / cfg.name
+    cfg, names, workdir = _target(opts, modules, {"checkpoint": str(checkpoint)} if checkpoint else None)
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     stages = {
         "export": lambda: _export_stage(ckpt),

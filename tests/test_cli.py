@@ -109,3 +109,14 @@ def test_inspect_checks_artifacts(tiny_build_copy):
 def test_inspect_without_manifest(tmp_path):
     result = invoke("inspect", "-w", tmp_path)
     assert result.exit_code == 2 and "no manifest.json here" in result.stderr
+
+
+def test_calibrate_options_reach_the_stage(tiny_build_copy):
+    from autoglm_build.manifest import Manifest
+
+    assert invoke("optimize", "-c", TINY, "-w", tiny_build_copy, "-m", "audio").exit_code == 0
+    result = invoke("calibrate", "-c", TINY, "-w", tiny_build_copy, "-m", "audio", "--int8", "--method", "minmax",
+                    "--batches", "1")
+    assert result.exit_code == 0, result.output
+    record = Manifest.load(tiny_build_copy).record("calibrate-int8", "audio")
+    assert record.params["method"] == "minmax"

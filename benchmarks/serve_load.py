@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,41 +22,22 @@ import httpx
 import numpy as np
 from openai import AsyncOpenAI
 
+from autoglm_build.serve.launch import serve_process
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
 def server(args, max_batch: int):
-    port = free_port()
-    cmd = [sys.executable, "-m", "autoglm_build", "serve", "-c", args.config, "-w", args.workdir, "--host",
-           "127.0.0.1", "--port", str(port), "--backend", args.backend, "--max-batch", str(max_batch),
-           "--queue-size", str(args.clients), "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise SystemExit("server not ready in 120 s")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
+    serve_args = ["-c", args.config, "-w", args.workdir, "--backend", args.backend, "--max-batch", str(max_batch),
+                  "--queue-size", str(args.clients), "-q"]
+    with contextlib.ExitStack() as stack:
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-load-")))
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            url, _, _ = stack.enter_context(serve_process(serve_args, logs, ready_timeout=120))
+        except RuntimeError as exc:  # exited or not ready: the log's tail, no traceback
+            raise SystemExit(str(exc)) from None
+        yield url
 
 
 async def one_client(client: AsyncOpenAI, i: int, args) -> dict:

@@ -1,5 +1,5 @@
 """Precision in the graph: the mixed-precision policy, FP16 islands, what a graph really computes in,
-and TensorRT's implicit-INT8 calibration cache.
+and TensorRT's implicit-INT8 calibration cache (TensorRT <= 10).
 
 TensorRT 11 is strongly typed: a layer runs in the type its inputs have in the ONNX graph. So the
 policy is applied to the graph itself — Q/DQ pairs around INT8 layers (onnxruntime.quantization),
@@ -224,12 +224,32 @@ def _without_weights(model):
 
 
 # ---- TensorRT's calibration cache (implicit INT8, TensorRT 8.x-10) ---------------------------
+#
+# TensorRT 11 removed implicit INT8 (calibrators, the INT8 flag): there the Q/DQ graph is the only
+# way, and this cache is for TensorRT <= 10 only.
+
+# calibrate.method -> the calibrator whose cache TensorRT would write: entropy is IInt8EntropyCalibrator2,
+# minmax IInt8MinMaxCalibrator, percentile the quantile-based IInt8LegacyCalibrator.
+TRT_CALIBRATORS = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration", "percentile": "LegacyCalibration"}
 
 
-def trt_cache_header(trt_version: str, method: str = "EntropyCalibration2") -> str:
-    """``TRT-8503-EntropyCalibration2`` for TensorRT 8.5.3, ``TRT-10001-...`` for 10.0.1."""
+def trt_version_number(trt_version: str) -> int:
+    """``NV_TENSORRT_VERSION``: major*1000 + minor*100 + patch below 10 (8.5.3 -> 8503), major*10000 +
+    minor*100 + patch from 10.0 (10.3.0 -> 100300; NvInferRuntimeBase.h's ``NV_TENSORRT_VERSION_INT``)."""
     major, minor, patch = [int(p) for p in (trt_version.split(".") + ["0", "0"])[:3]]
-    return f"TRT-{major * 1000 + minor * 100 + patch}-{method}"  # NV_TENSORRT_VERSION
+    return major * (10000 if major >= 10 else 1000) + minor * 100 + patch
+
+
+def trt_cache_header(trt_version: str, method: str = "entropy") -> str:
+    """``TRT-8503-EntropyCalibration2`` for TensorRT 8.5.3 and entropy, ``TRT-100300-MinMaxCalibration``
+    for 10.3.0 and minmax.
+
+    Raises:
+        ValueError: TensorRT 11 or later (no implicit INT8 there), or an unknown method.
+    """
+    if int(trt_version.split(".")[0]) >= 11:
+        raise ValueError(f"TensorRT {trt_version} has no calibrators: the calibration cache is for TensorRT <= 10")
+    return f"TRT-{trt_version_number(trt_version)}-{TRT_CALIBRATORS[method]}"
 
 
 def write_trt_cache(path: Path, ranges: Mapping[str, Tuple[float, float]], header: str) -> int:

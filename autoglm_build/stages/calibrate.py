@@ -12,7 +12,8 @@ INT8 (explicit quantization, what TensorRT >= 8 reads and TensorRT 11 requires):
    islands between Casts; graph I/O stays FP32.
 4. Accuracy against the FP32 graph on held-out samples; with a ``target_cosine``, layers are ranked
    by the error their quantization alone adds and moved to FP16, worst first, until it holds.
-5. A TensorRT calibration cache from the same ranges, for implicit-INT8 builds on TensorRT 8.x-10.
+5. A TensorRT calibration cache from the same ranges, for implicit-INT8 builds on TensorRT 8.x-10
+   (TensorRT 11 has no calibrators; ``calibrate.trt_version`` 11 or later writes no cache).
 
 FP16: the whole graph converted by onnxruntime's float16 converter, I/O kept FP32.
 """
@@ -168,8 +169,11 @@ class CalibrateStage(Stage):
             model = quantizer(candidates)
             if settings.target_cosine is not None:
                 model, metrics["fallback"] = fallback(ctx, spec, cfg, source, quantizer, candidates, held, tmp_dir)
+        if int(settings.trt_version.split(".")[0]) >= 11:
+            metrics["trt_cache"] = {"skipped": f"TensorRT {settings.trt_version} has no implicit INT8 calibrators"}
+            return model, metrics, []
         cache = tmp_dir / f"{spec.name}.calib.cache"
-        header = trt_cache_header(settings.trt_version)
+        header = trt_cache_header(settings.trt_version, settings.method)
         metrics["trt_cache"] = {"header": header, "tensors": write_trt_cache(cache, ranges, header)}
         return model, metrics, [cache]
 

@@ -1,8 +1,8 @@
 """Stage ``engine-<precision>``: a TensorRT engine per module, through Polygraphy's loaders.
 
 Source graphs carry their precision: ``int8/`` (Q/DQ + FP16 islands), ``fp16/``, or the FP32
-``optimized/`` graph for ``fp32``. TensorRT >= 10 builds them as strongly typed networks; 8.5-9
-build the same graphs in flag mode (FP16 flag; INT8+FP16 flags for Q/DQ graphs). Profiles come from
+``optimized/`` graph for ``fp32``. TensorRT >= 10.12 builds them as strongly typed networks;
+8.5-10.11 build the same graphs in flag mode (FP16 flag; INT8+FP16 flags for Q/DQ graphs). Profiles come from
 :mod:`autoglm_build.engine.profiles`; the timing cache persists across builds in the cache dir.
 
 Imports on the GPU harness's Python 3.9 without torch.
@@ -11,12 +11,11 @@ Imports on the GPU harness's Python 3.9 without torch.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.engine.profiles import PROFILE_NAMES, profiles
@@ -98,7 +97,7 @@ class EngineStage(Stage):
         start = time.perf_counter()
         with for_this_tensorrt(trt, source, ctx.workdir) as (parsed, adapted):
             engine_bytes = build_isolated(parsed, self.precision, shapes, ctx.cfg.engine.workspace_mib, cache,
-                                          ctx.workdir, ctx.cfg.engine.preview_features)
+                                          ctx.workdir, ctx.cfg.engine.preview_features, ctx.status)
         seconds = time.perf_counter() - start
         final_dir = ctx.workdir / ENGINE_DIR
         final_dir.mkdir(parents=True, exist_ok=True)
@@ -160,37 +159,116 @@ def for_this_tensorrt(trt: Any, source: Path, workdir: Path):
 
 
 def build_isolated(source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,
-                   workdir: Path, preview: Optional[List[str]] = None) -> bytes:
+                   workdir: Path, preview: Optional[List[str]] = None,
+                   status: Callable[[str], None] = lambda message: None) -> bytes:
     """:func:`build` in a child process: a TensorRT abort (TensorRT 8.5's Myelin ``DCHECK`` on some
-    Q/DQ graphs, seen on the device) becomes a one-line error instead of killing the tool."""
-    import multiprocessing
+    Q/DQ graphs, seen on the device) becomes a one-line error instead of killing the tool.
 
+    The child reports back through a queue: ``status`` receives TensorRT >= 10's progress monitor
+    phases as they happen; a user-fixable error comes back as one (exit code kept), any other
+    exception as a :class:`BuildChildError` carrying the child's traceback.
+    """
+    import multiprocessing
+    import queue as queue_mod
+
+    spawn = multiprocessing.get_context("spawn")
+    messages = spawn.Queue()
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".engine-build-") as tmp:
         out = Path(tmp) / "engine.bin"
-        err = Path(tmp) / "error.txt"
-        child = multiprocessing.get_context("spawn").Process(
-            target=_build_child,
-            args=(str(source), precision, shapes, workspace_mib, str(cache), str(out), str(err), preview))
+        child = spawn.Process(target=_build_child, args=(str(source), precision, shapes, workspace_mib, str(cache),
+                                                         str(out), messages, preview))
         child.start()
+        failure = None
+        while True:
+            try:
+                kind, payload = messages.get(timeout=0.2)
+            except queue_mod.Empty:
+                if child.is_alive():
+                    continue
+                try:  # the child may have put its last message just before exiting
+                    kind, payload = messages.get(timeout=0.5)
+                except queue_mod.Empty:
+                    break
+            if kind == "status":
+                status(payload)
+            else:
+                failure = (kind, payload)
         child.join()
-        if err.is_file():
-            raise UserError(**json.loads(err.read_text()))
+        if failure is not None:
+            _raise_child_failure(*failure)
         if child.exitcode != 0 or not out.is_file():
             raise UserError(f"{source}: TensorRT aborted while building the {precision} engine "
-                            f"(exit code {child.exitcode}); its log is above",
+                            f"({_exit_description(child.exitcode)}); its log is above",
                             hint="a TensorRT bug or an unsupported pattern: try another precision or TensorRT version")
         return out.read_bytes()
 
 
+class BuildChildError(RuntimeError):
+    """An unexpected exception in the build child (a bug): the child's traceback is in the message."""
+
+
+def _raise_child_failure(kind: str, payload: Dict[str, Any]) -> None:
+    if kind == "user-error":
+        error = UserError(payload["message"], hint=payload.get("hint"))
+        error.exit_code = payload.get("exit_code", error.exit_code)
+        raise error
+    raise BuildChildError(f"the engine build child failed: {payload['type']}: {payload['message']}\n"
+                          f"--- traceback in the build child ---\n{payload['traceback']}")
+
+
+def _exit_description(code: Optional[int]) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 def _build_child(source: str, precision: str, shapes: List[Dict], workspace_mib: int, cache: str, out: str,
-                 err: str, preview: Optional[List[str]] = None) -> None:
-    trt = trt_env.load()
+                 messages: Any, preview: Optional[List[str]] = None) -> None:
+    """The child's whole body is inside the ``try``: whatever fails is reported, never 'aborted'."""
+    import traceback
+
     try:
-        data = build(trt, Path(source), precision, shapes, workspace_mib, Path(cache), lambda message: None, preview)
+        trt = trt_env.load()
+        data = build(trt, Path(source), precision, shapes, workspace_mib, Path(cache),
+                     lambda message: messages.put(("status", message)), preview)
+        Path(out).write_bytes(data)
     except UserError as exc:
-        Path(err).write_text(json.dumps({"message": exc.message, "hint": exc.hint}))
-        return
-    Path(out).write_bytes(data)
+        messages.put(("user-error", {"message": exc.message, "hint": exc.hint, "exit_code": exc.exit_code}))
+    except Exception as exc:
+        messages.put(("exception", {"type": type(exc).__name__, "message": str(exc),
+                                    "traceback": traceback.format_exc()}))
+    finally:
+        messages.close()
+        messages.join_thread()  # everything put is flushed before the child exits
+
+
+TACTICS = ("default", "none", "cublas")
+
+
+def tactic_sources(trt: Any, setting: str) -> Optional[List[Any]]:
+    """``AUTOGLM_BUILD_TRT_TACTICS`` as TensorRT tactic sources (None: TensorRT's default).
+
+    ``none``: no external tactic sources (the GPU harness's stubbed cuBLAS/cuDNN). ``cublas``: cuBLAS
+    and cuBLAS LT but no cuDNN (the harness with real cuBLAS, cuDNN still stubbed); TensorRT 11 has
+    neither cuBLAS nor cuDNN tactic sources (its kernels are its own), so there it means the default.
+
+    Raises:
+        UserError: an unknown setting.
+    """
+    if setting not in TACTICS:
+        raise UserError(f"AUTOGLM_BUILD_TRT_TACTICS: '{setting}' is not one of {', '.join(TACTICS)}")
+    if setting == "none":
+        return []
+    if setting == "cublas":
+        members = dict(getattr(trt.TacticSource, "__members__", {}))
+        sources = [members[name] for name in ("CUBLAS", "CUBLAS_LT") if name in members]
+        return sources or None
+    return None
 
 
 def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,
@@ -206,11 +284,9 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
     }
     if hasattr(trt, "MemoryPoolType"):
         kwargs["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: workspace_mib << 20}
-    tactics = os.environ.get("AUTOGLM_BUILD_TRT_TACTICS", "default")
-    if tactics == "none":  # the GPU harness's stubbed cuBLAS/cuDNN
-        kwargs["tactic_sources"] = []
-    elif tactics == "cublas":  # the harness with real cuBLAS (TRT_HARNESS_REAL_CUBLAS=1), cuDNN still stubbed
-        kwargs["tactic_sources"] = [trt.TacticSource.CUBLAS, trt.TacticSource.CUBLAS_LT]
+    sources = tactic_sources(trt, os.environ.get("AUTOGLM_BUILD_TRT_TACTICS", "default"))
+    if sources is not None:
+        kwargs["tactic_sources"] = sources
     if not strong:
         # An "int8" graph the precision policy left without Q/DQ (the embedding table) has no INT8
         # scales; TensorRT 8.5 refuses the INT8 flag without them ("no scaling factors detected").

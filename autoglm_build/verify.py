@@ -16,6 +16,8 @@ Imports on the GPU harness's Python 3.9 without torch.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -126,15 +128,17 @@ def _ort_run(path: Path) -> Run:
 
 
 def _trt_run(engine_info, module: str) -> Run:
-    """TensorRT through Polygraphy's TrtRunner; prefill steps on profile 0, decode steps on profile 1."""
-    from polygraphy.backend.trt import TrtRunner
-    from polygraphy.comparator import Comparator
+    """TensorRT through Polygraphy's TrtRunner; prefill steps on profile 0, decode steps on profile 1.
 
+    Polygraphy logs on stdout, which carries only the result (``--json``): its output goes to stderr."""
     path, sha = engine_info
     trt = trt_env.load()
+    with contextlib.redirect_stdout(sys.stderr):
+        from polygraphy.backend.trt import TrtRunner
+        from polygraphy.comparator import Comparator
     sidecar = check_loadable(path, sha, trt.__version__, trt_env.gpu()["compute_capability"])
     engine = deserialize(trt, path)
-    dtypes = {name: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(name))
+    dtypes = {name: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(name), name)
               for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors))}
 
     def run(steps: List[Feed]) -> List[Dict[str, np.ndarray]]:
@@ -143,7 +147,8 @@ def _trt_run(engine_info, module: str) -> Run:
             profile = 0 if len(sidecar.profiles) == 1 or k == 0 else 1
             feed = {n: np.ascontiguousarray(v.astype(dtypes.get(n, v.dtype))) for n, v in step.items()}
             runner = TrtRunner(engine, optimization_profile=profile, name=f"trt-{module}")
-            results = Comparator.run([runner], data_loader=[feed])  # activates and deactivates the runner
+            with contextlib.redirect_stdout(sys.stderr):
+                results = Comparator.run([runner], data_loader=[feed])  # activates and deactivates the runner
             out = results[0][1][0]
             outputs.append({name: np.asarray(out[name]).astype(np.float32) for name in out.keys()})
         return outputs

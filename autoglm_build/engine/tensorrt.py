@@ -48,7 +48,8 @@ def load() -> Any:
         import polygraphy
     except ImportError:
         raise EnvironmentMissing(f"TensorRT {tensorrt.__version__} is installed but Polygraphy is not",
-                                 hint=f"pip install 'autoglm-build[trt]' (polygraphy{SUPPORTED_POLYGRAPHY})") from None
+                                 hint=f"pip install 'polygraphy{SUPPORTED_POLYGRAPHY}' (autoglm-build's trt extra)"
+                                 ) from None
     check_pair(tensorrt.__version__, polygraphy.__version__)
     return tensorrt
 
@@ -65,7 +66,8 @@ def check_pair(trt_version: str, polygraphy_version: str) -> None:
             need = ".".join(map(str, poly_floor))
             raise EnvironmentMissing(
                 f"Polygraphy {polygraphy_version} does not work with TensorRT {trt_version}: {why}",
-                hint=f"pip install 'polygraphy>={need}' (the [trt] extra pins polygraphy{SUPPORTED_POLYGRAPHY})")
+                hint=f"pip install 'polygraphy>={need}' (autoglm-build's trt extra pins "
+                     f"polygraphy{SUPPORTED_POLYGRAPHY})")
 
 
 def available() -> bool:

@@ -131,7 +131,11 @@ def load_prompts(path: Path) -> List[str]:
     if not path.is_file():
         raise CalibrationDataError(f"{path}: prompt file not found")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationDataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -283,10 +283,7 @@ def bench(
         from autoglm_build.render import render_bench
 
         cfg, names, target = _target(opts, module)
-        try:
-            sizes = [int(b) for b in batches.split(",") if b.strip()]
-        except ValueError:
-            raise UserError(f"--batches: '{batches}' is not a comma-separated list of integers") from None
+        sizes = _batch_sizes(batches, cfg.engine.max_batch)
         reporter = Reporter(opts.verbosity)
         with reporter.task("bench") as status:
             report = run_bench(cfg, target, names, sizes,
@@ -354,18 +351,35 @@ def _target(opts: Options, modules: Optional[List[str]] = None, overrides: Optio
     the workdir ``build/<config name>`` unless given."""
     from autoglm_build.config import load_config
     from autoglm_build.modules import registry
+    from autoglm_build.workdir import check_workdir
 
     cfg = load_config(opts.config, overrides)
     names = [registry.get(m).name for m in modules] if modules else list(cfg.modules)
-    return cfg, names, opts.workdir or Path("build") / cfg.name
+    return cfg, names, check_workdir(opts.workdir or Path("build") / cfg.name)
 
 
 def _workdir(opts: Options) -> Path:
+    from autoglm_build.workdir import check_workdir
+
     if opts.workdir is not None:
-        return opts.workdir
+        return check_workdir(opts.workdir)
     from autoglm_build.config import load_config
 
-    return Path("build") / load_config(opts.config).name
+    return check_workdir(Path("build") / load_config(opts.config).name)
+
+
+def _batch_sizes(text: str, max_batch: int) -> List[int]:
+    """``--batches``: comma-separated sizes, each within the engines' batch profile ``1..max_batch``."""
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batches: '{text}' is not a comma-separated list of integers") from None
+    if not sizes:
+        raise UserError("--batches: no batch size given")
+    for size in sizes:
+        if not 1 <= size <= max_batch:
+            raise UserError(f"--batches: {size} is outside the batch profile 1..{max_batch} (engine.max_batch)")
+    return sizes
 
 
 def _build(opts: Options, stage_names: List[str], modules: Optional[List[str]], checkpoint: Optional[Path],

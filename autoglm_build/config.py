@@ -227,7 +227,8 @@ class BuildConfig(_Section):
     """The whole build: architecture, which modules to build, and how."""
 
     schema_version: int = SCHEMA_VERSION
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$",
+                      description="the default workdir's name (build/<name>): no leading dot, so never '..'")
     seed: int = Field(0, ge=0, description="seed for random weights when no checkpoint is given")
     modules: List[str] = Field(["vision", "audio", "embed", "decoder"], min_length=1)
     checkpoint: Optional[str] = Field(None, description="local safetensors checkpoint directory")
@@ -337,6 +338,8 @@ def load_config(path: Path, overrides: Optional[Dict[str, Any]] = None) -> Build
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
     data.update(overrides or {})

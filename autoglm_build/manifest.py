@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autoglm_build import __version__
 from autoglm_build.errors import UserError
+from autoglm_build.paths import IntegrityError, is_inside, relative_parts
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -87,23 +88,45 @@ class Manifest(BaseModel):
             UserError: the file exists but is not a manifest this version can read.
         """
         path = Path(workdir) / MANIFEST_NAME
-        if not path.exists():
+        if not path.is_file():
             return cls()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UserError(f"{path}: unreadable manifest ({exc})", hint="delete it or pass --force") from None
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: invalid UTF-8 or JSON
+            reason = str(exc).splitlines()[0][:120]
+            raise UserError(f"{path}: unreadable manifest ({reason})", hint="delete it or pass --force") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: not a manifest (a JSON {_json_type(data)}, expected an object)",
+                            hint="delete it and rebuild into this workdir")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise UserError(
                 f"{path}: schema_version: {data.get('schema_version')!r}, this tool reads {SCHEMA_VERSION}",
                 hint="rebuild into a fresh workdir",
             )
         try:
-            return cls.model_validate(data)
+            manifest = cls.model_validate(data)
         except ValidationError as exc:
             from autoglm_build.config import format_validation_error
 
             raise UserError(f"{path}: {format_validation_error(exc)}") from None
+        manifest.check_paths(path)
+        return manifest
+
+    def check_paths(self, source: Path) -> None:
+        """Every recorded path is relative and free of ``..`` (checked at load, before any use).
+
+        Raises:
+            IntegrityError: naming the manifest and the record.
+        """
+        for key, art in self.artifacts.items():
+            what = f"{source}: artifact record {art.stage}/{art.module}"
+            relative_parts(key, what)
+            if art.path != key:
+                raise IntegrityError(f"{what}: path '{art.path}' differs from its key '{key}'",
+                                     hint="delete the manifest and rebuild with --force")
+        for key, rec in self.records.items():
+            for rel in rec.artifacts:
+                relative_parts(rel, f"{source}: record {key}")
 
     def save(self, workdir: Path) -> None:
         """Write atomically: a temp file in the same directory, then ``os.replace``."""
@@ -195,8 +218,14 @@ def make_artifact(workdir: Path, path: Path, kind: str, module: str, stage: str)
 
 
 def artifact_state(workdir: Path, art: Artifact) -> str:
-    """``ok``, ``missing`` or ``modified`` (size/mtime changed and the sha256 no longer matches)."""
-    path = Path(workdir) / art.path
+    """``ok``, ``missing``, ``modified`` (size/mtime changed and the sha256 no longer matches) or
+    ``outside`` (the path leaves the workdir: absolute, ``..``, or through a symlink; never read)."""
+    try:
+        path = Path(workdir).joinpath(*relative_parts(art.path, art.path))
+    except IntegrityError:
+        return "outside"
+    if not is_inside(Path(workdir), path):
+        return "outside"
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -232,6 +261,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename; other files get 0666 - umask
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -240,3 +270,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask (read from /proc where it can be, so no thread sees it changed)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _json_type(data: Any) -> str:
+    return {list: "list", type(None): "null", str: "string", bool: "boolean"}.get(type(data), "number")

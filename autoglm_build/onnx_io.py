@@ -4,9 +4,11 @@ moving finished files into place atomically."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import numpy as np
+
+from autoglm_build.paths import IntegrityError, is_inside
 
 
 def tensor_bytes(tensor: Any) -> int:
@@ -47,6 +49,9 @@ def move_into_place(files: List[Path], final_dir: Path, stem: str, kind: str) ->
     older, smaller export is removed. Returns ``(path, kind)`` pairs (data files get ``<kind>-data``).
     """
     final_dir.mkdir(parents=True, exist_ok=True)
+    if not is_inside(final_dir.parent, final_dir):
+        raise IntegrityError(f"{final_dir}: resolves to {final_dir.resolve()}, outside {final_dir.parent} "
+                             "(a symlink leaves the workdir)", hint="replace the symlink by a directory")
     stale = final_dir / f"{stem}.onnx.data"
     if stale.name not in {f.name for f in files} and stale.exists():
         stale.unlink()
@@ -60,3 +65,39 @@ def move_into_place(files: List[Path], final_dir: Path, stem: str, kind: str) ->
 
 def _kind(path: Path, kind: str) -> str:
     return kind if path.suffix == ".onnx" else path.suffix.lstrip(".")
+
+
+def external_data_locations(path: Path) -> List[str]:
+    """The external-data ``location`` of every tensor in the graph at ``path`` (weights not read).
+
+    Raises:
+        IntegrityError: the file is not a readable ONNX graph.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors share no base class
+        raise IntegrityError(f"{path}: not a readable ONNX graph ({exc.__class__.__name__})",
+                             hint="rebuild with --force") from None
+    locations = []
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in tensor.external_data}
+            if entries.get("location", "") not in locations:
+                locations.append(entries.get("location", ""))
+    return locations
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Initializers and tensor attributes of ``graph`` and of its subgraphs (If/Loop bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)

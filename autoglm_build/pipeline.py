@@ -15,9 +15,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.console import Reporter
-from autoglm_build.errors import UserError
+from autoglm_build.errors import EXIT_USAGE, UserError
 from autoglm_build.manifest import Manifest, StageRecord, make_artifact
 from autoglm_build.stages.base import Stage, StageContext
+from autoglm_build.workdir import Build, BuildSession
 
 
 @dataclass
@@ -73,13 +74,16 @@ class Pipeline:
 
     def run(self) -> List[Outcome]:
         """Run every stage for every module; raises the first stage's :class:`UserError`."""
-        manifest = Manifest.load(self.workdir)
+        build = Build(self.workdir, cfg=self.cfg)
+        manifest = build.manifest
         manifest.config_name, manifest.config_path = self.cfg.name, self.config_path
         outcomes = []
-        for stage in self.stages:
-            for module in self.modules:
-                outcomes.append(self._run_one(manifest, stage, module))
-        manifest.commit(self.workdir)
+        with build.session() as session:
+            for stage in self.stages:
+                for module in self.modules:
+                    outcomes.append(self._run_one(manifest, stage, module, session))
+            session.ensure()
+            manifest.commit(self.workdir)
         return outcomes
 
     def plan(self) -> List[Dict[str, Any]]:
@@ -101,7 +105,7 @@ class Pipeline:
             and rec.fingerprint == fingerprint and manifest.intact(self.workdir, rec)
         )
 
-    def _run_one(self, manifest: Manifest, stage: Stage, module: str) -> Outcome:
+    def _run_one(self, manifest: Manifest, stage: Stage, module: str, session: BuildSession) -> Outcome:
         label = f"{stage.name} {module}"
         with self.reporter.task(label) as status:
             ctx = StageContext(self.cfg, self.workdir, manifest, status=status)
@@ -109,17 +113,20 @@ class Pipeline:
             if self._cached(manifest, stage.name, module, fingerprint):
                 self.reporter.info(f"{label}: cached (fingerprint {fingerprint[:12]} and outputs unchanged)")
                 return Outcome(stage.name, module, "cached", 0.0, manifest.record(stage.name, module))
+            ctx.build.check_paths(stage.name, module)  # what a rerun replaces or removes stays inside
             started = time.time()
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            session.ensure()
             try:
                 result = stage(ctx, module)
             except UserError as exc:
+                if exc.exit_code == EXIT_USAGE:  # bad input, refused before anything was made: nothing written
+                    raise
                 record = StageRecord(
                     stage=stage.name, module=module, status="failed", fingerprint=fingerprint,
                     started=started, duration_s=round(time.time() - started, 3),
                     metrics=getattr(exc, "metrics", {}), warnings=[exc.message],
                 )
-                self._drop_outputs(manifest, stage.name, module)
+                ctx.build.remove_outputs(stage.name, module)  # no stale output of an earlier config
                 manifest.commit(self.workdir, [(record, [])])
                 raise
         artifacts = [make_artifact(self.workdir, path, kind, module, stage.name) for path, kind in result.outputs]
@@ -133,8 +140,3 @@ class Pipeline:
             self.reporter.warn(f"{label}: {warning}")
         self.reporter.info(f"{label}: done in {record.duration_s:.1f}s")
         return Outcome(stage.name, module, "ran", record.duration_s, record)
-
-    def _drop_outputs(self, manifest: Manifest, stage: str, module: str) -> None:
-        """A failed rerun leaves no stale output of an earlier config behind."""
-        for art in manifest.artifacts_of(stage, module):
-            (self.workdir / art.path).unlink(missing_ok=True)

@@ -11,6 +11,9 @@ everywhere in this tool (:mod:`autoglm_build.validate`).
   ``Comparator`` with a ``TrtRunner`` (the decoder's prefill and decode profiles in turn) against an
   ``OnnxrtRunner`` on the FP32 graph.
 
+Every file (samples, graphs, engines) comes from the opened :class:`~autoglm_build.workdir.Build`,
+checked against its manifest record before it is read: a substituted file is refused (exit 2).
+
 Imports on the GPU harness's Python 3.9 without torch.
 """
 
@@ -27,12 +30,9 @@ from autoglm_build.config import BuildConfig, Tolerance
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.engine.sidecar import check_loadable, deserialize
 from autoglm_build.errors import UserError
-from autoglm_build.manifest import Manifest
-from autoglm_build.runtime.backends import engine_artifact, graph_artifact
-from autoglm_build.stages.base import StageContext
-from autoglm_build.stages.calibrate import fp32_graph
 from autoglm_build.stages.samples import load_samples
 from autoglm_build.validate import output_group
+from autoglm_build.workdir import Build
 
 Feed = Dict[str, np.ndarray]
 Run = Callable[[List[Feed]], List[Dict[str, np.ndarray]]]
@@ -41,41 +41,32 @@ Run = Callable[[List[Feed]], List[Dict[str, np.ndarray]]]
 def verify(cfg: BuildConfig, workdir: Path, modules: Sequence[str], precisions: Sequence[str],
            status: Callable[[str], None] = lambda m: None) -> Dict[str, Any]:
     """Rows (module | backend | precision | output | batch | max abs | max rel | tol | pass) and notes."""
-    manifest = Manifest.load(workdir)
-    ctx = StageContext(cfg, workdir, manifest)
+    build = Build(workdir, cfg=cfg)
     rows: List[Dict[str, Any]] = []
     notes: List[str] = []
     engines = trt_env.available()
     if not engines:
         notes.append("TensorRT engine checks skipped: TensorRT is not installed here (ONNX Runtime checks ran)")
     for module in modules:
-        samples = _samples(manifest, workdir, module)
-        reference = _ort_run(fp32_graph(ctx, module))
+        samples = load_samples(build.samples(module))
+        reference = _ort_run(build.fp32_graph(module))
         want = {b: reference(steps) for b, steps in samples.items()}
         for precision in precisions:
             tol = cfg.engine.tolerances[precision]
             # the fp32 graph is the reference itself: only calibrated graphs are compared to it
-            graph = graph_artifact(manifest, module, precision) if precision != "fp32" else None
+            graph = build.graph(module, precision) if precision != "fp32" else None
             if graph is not None:
                 status(f"{module} {precision}: ONNX Runtime")
-                rows += _compare(module, "onnxruntime", precision, _ort_run(workdir / graph.path), samples, want,
-                                 tol)
+                rows += _compare(module, "onnxruntime", precision, _ort_run(graph), samples, want, tol)
             if engines:
-                engine = engine_artifact(manifest, module, precision)
+                engine = build.artifact(f"engine-{precision}", module, "engine")
                 if engine is None:
                     notes.append(f"{module}: no {precision} engine in {workdir}")
                     continue
                 status(f"{module} {precision}: TensorRT")
-                run = _trt_run((workdir / engine.path, engine.sha256), module)
+                run = _trt_run((build.check(engine), engine.sha256), module)
                 rows += _compare(module, "tensorrt", precision, run, samples, want, tol)
     return {"rows": rows, "notes": notes, "passed": all(r["passed"] for r in rows), "engines_checked": engines}
-
-
-def _samples(manifest: Manifest, workdir: Path, module: str) -> Dict[int, List[Feed]]:
-    arts = manifest.artifacts_of("samples", module)
-    if not arts:
-        raise UserError(f"{module}: no verification samples in {workdir}", hint="run `autoglm-build run` first")
-    return load_samples(workdir / arts[0].path)
 
 
 def _compare(module: str, backend: str, precision: str, run: Run, samples: Dict[int, List[Feed]],

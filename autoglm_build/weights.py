@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ from autoglm_build.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own bound on the JSON header
+#: bytes per element of each safetensors dtype (the format's list)
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 @dataclass
@@ -199,11 +203,46 @@ def read_header(path: Path) -> Dict[str, Any]:
             if len(raw) != 8:
                 raise ValueError("shorter than the 8-byte header length")
             (length,) = struct.unpack("<Q", raw)
-            if length > _HEADER_LIMIT:
-                raise ValueError(f"header length {length} is implausible")
+            size = os.fstat(fh.fileno()).st_size
+            if length > min(_HEADER_LIMIT, size - 8):
+                raise ValueError(f"header length {length} is implausible for a file of {size} bytes")
             header = json.loads(fh.read(length))
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
-            return header
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or UTF-8 too
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    check_layout(path, header, size - 8 - length)
+    return header
+
+
+def check_layout(path: Path, header: Dict[str, Any], data_bytes: int) -> None:
+    """Every tensor of a safetensors header has a known dtype and a shape whose bytes fit its
+    ``data_offsets``, inside the file's data section: a truncated file, an offset past the end or an
+    unknown dtype is refused here, naming the tensor, before safetensors reads anything.
+
+    Raises:
+        CheckpointError: naming the file and the tensor's field.
+    """
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"{path}: tensor '{key}'"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            raise CheckpointError(f"{where}: dtype: unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{where}: shape: {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets: {offsets!r} is not [begin, end] with 0 <= begin <= end")
+        if offsets[1] > data_bytes:
+            raise CheckpointError(f"{where}: data_offsets: {offsets} run past the end of the file's "
+                                  f"{data_bytes} data bytes (truncated?)")
+        count = 1
+        for d in shape:
+            count *= d
+        if count * DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+            raise CheckpointError(f"{where}: data_offsets: {offsets} hold {offsets[1] - offsets[0]} bytes, "
+                                  f"shape {shape} of {dtype} needs {count * DTYPE_BYTES[dtype]}")

@@ -59,3 +59,41 @@ def tiny_build_copy(tiny_build: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "build"
     shutil.copytree(tiny_build, dest)
     return dest
+
+
+#: modules of :func:`trust_build` (no vision: its export is the most expensive and others cover it)
+TRUST_MODULES = ["audio", "embed", "decoder"]
+
+
+@pytest.fixture(scope="session")
+def trust_config(tmp_path_factory) -> Path:
+    """The tiny config without the vision tower (``modules: [audio, embed, decoder]``)."""
+    return write_config(tmp_path_factory.mktemp("trust-config") / "tiny-trust.yaml", {"modules": TRUST_MODULES})
+
+
+@pytest.fixture(scope="session")
+def trust_build(tmp_path_factory, trust_config: Path) -> Path:
+    """A workdir with every CPU stage's outputs for audio and embed (export, optimize, samples,
+    calibrate int8 and fp16) and the decoder's export: the artifacts the trust tests tamper with."""
+    from autoglm_build.console import Reporter
+    from autoglm_build.pipeline import Pipeline
+    from autoglm_build.stages.calibrate import CalibrateStage
+    from autoglm_build.stages.export import ExportStage
+    from autoglm_build.stages.optimize import OptimizeStage
+    from autoglm_build.stages.samples import SamplesStage
+
+    workdir = tmp_path_factory.mktemp("trust-build")
+    cfg = load_config(trust_config)
+    quiet = Reporter(-1)
+    Pipeline(cfg, workdir, [ExportStage()], TRUST_MODULES, reporter=quiet, config_path=str(trust_config)).run()
+    stages = [OptimizeStage(), SamplesStage(), CalibrateStage("int8"), CalibrateStage("fp16")]
+    Pipeline(cfg, workdir, stages, ["audio", "embed"], reporter=quiet, config_path=str(trust_config)).run()
+    return workdir
+
+
+@pytest.fixture
+def trust_copy(trust_build: Path, tmp_path: Path) -> Path:
+    """A private copy of :func:`trust_build` (mtimes kept, so the manifest still matches)."""
+    dest = tmp_path / "w"
+    shutil.copytree(trust_build, dest, symlinks=True)
+    return dest

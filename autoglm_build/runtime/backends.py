@@ -18,7 +18,7 @@ import numpy as np
 
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.errors import UserError
-from autoglm_build.manifest import Artifact, Manifest, artifact_state
+from autoglm_build.manifest import Artifact, Manifest
 
 Feed = Dict[str, np.ndarray]
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -62,12 +62,11 @@ class Backend:
                 "max_batch": self.max_batch, "context": self.context}
 
 
-def _checked(workdir: Path, art: Artifact) -> Path:
-    state = artifact_state(workdir, art)
-    if state != "ok":
-        raise UserError(f"{workdir / art.path}: {state} since the build recorded it (sha256 {art.sha256[:12]}…)",
-                        hint="rerun `autoglm-build run` to rebuild it")
-    return workdir / art.path
+def _checked(workdir: Path, manifest: Manifest, art: Artifact) -> Path:
+    """``art``'s file, checked by the opened build (inside the workdir, the recorded bytes)."""
+    from autoglm_build.workdir import Build
+
+    return Build(workdir, manifest).check(art)
 
 
 def graph_artifact(manifest: Manifest, module: str, precision: str) -> Optional[Artifact]:
@@ -109,7 +108,7 @@ class OnnxRuntimeBackend(Backend):
             if art is None:
                 raise UserError(f"{module}: no {precision} graph in {workdir}",
                                 hint="run `autoglm-build run` (fp32/int8/fp16 graphs) first")
-            path = _checked(workdir, art)
+            path = _checked(workdir, manifest, art)
             self.files[module] = art.path
             session = ort.InferenceSession(str(path), opts, providers=self.providers)
             self.sessions[module] = session
@@ -141,7 +140,7 @@ class TensorRTBackend(Backend):
                     raise UserError(f"{module}: no {precision} engine in {workdir}",
                                     hint=f"run `autoglm-build engine --precision {precision}` on the GPU machine")
                 self.files[module] = art.path
-                self._load(workdir / art.path, art.sha256, module)
+                self._load(_checked(workdir, manifest, art), art.sha256, module)
         except BaseException:
             self.close()
             raise

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from autoglm_build import __version__
 from autoglm_build.config import BuildConfig
 from autoglm_build.manifest import Manifest
+from autoglm_build.workdir import Build
 
 
 @dataclass
@@ -26,6 +27,11 @@ class StageContext:
     workdir: Path
     manifest: Manifest
     status: Callable[[str], None] = lambda message: None
+
+    @property
+    def build(self) -> Build:
+        """The opened build: a stage reads its inputs through it (checked against their records)."""
+        return Build(self.workdir, self.manifest, self.cfg)
 
 
 @dataclass
@@ -54,7 +60,7 @@ class Stage:
         data = {
             "stage": self.name,
             "stage_version": self.version,
-            "code": source_hash(type(self)),
+            "code": code_hash(type(self), module),
             "autoglm_build": __version__,
             "tools": {name: dist_version(name) for name in self.tools},
             "data": self.fingerprint_data(ctx, module),
@@ -63,6 +69,86 @@ class Stage:
 
     def __call__(self, ctx: StageContext, module: str) -> StageResult:
         raise NotImplementedError
+
+
+def code_hash(stage_cls: type, module: str) -> str:
+    """sha256 over every package file ``stage_cls`` runs for ``module``: the stage's file and every
+    ``autoglm_build`` module it imports, transitively (imports inside functions included), with the
+    modality files (``modules/<name>.py``) replaced by ``module``'s own. Editing ``precision.py``
+    then invalidates the calibrate records, editing ``modules/vision.py`` only the vision ones."""
+    names = import_closure(stage_cls.__module__, exclude=modality_modules())
+    own = f"{PACKAGE}.modules.{module}"
+    if module_file(own) is not None:
+        names |= import_closure(own, exclude=modality_modules() - {own})
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        path = module_file(name)
+        if path is not None:
+            digest.update(f"{name}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+PACKAGE = "autoglm_build"
+#: where the package's sources are read from (a test points it at a copy)
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_file(name: str) -> Optional[Path]:
+    """The source file of package module ``name`` (``autoglm_build.x.y``), or None if it has none."""
+    parts = name.split(".")[1:]
+    base = PACKAGE_ROOT.joinpath(*parts)
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def modality_modules() -> frozenset:
+    """Package modules that register a modality (``@register(...)`` in ``modules/``)."""
+    import re
+
+    folder = PACKAGE_ROOT / "modules"
+    return frozenset(f"{PACKAGE}.modules.{p.stem}" for p in sorted(folder.glob("*.py"))
+                     if re.search(r"^@register\(", p.read_text(encoding="utf-8"), re.M))
+
+
+def import_closure(name: str, exclude: frozenset = frozenset()) -> set:
+    """``name`` and every package module it imports, transitively, minus ``exclude`` (not followed)."""
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen or current in exclude or module_file(current) is None:
+            continue
+        seen.add(current)
+        todo += [n for n in _imports(module_file(current), current) if n not in seen]
+    return seen
+
+
+def _imports(path: Path, name: str) -> List[str]:
+    """Package modules named by the import statements of ``path`` (anywhere in it), with the packages
+    on the way (their ``__init__`` runs too)."""
+    import ast
+
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: List[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            parts = target.split(".")
+            if parts[0] == PACKAGE:
+                found += [".".join(parts[:i]) for i in range(2, len(parts) + 1)]
+    return found
 
 
 def source_hash(obj: Any) -> str:

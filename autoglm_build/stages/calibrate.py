@@ -66,11 +66,9 @@ def fp32_artifacts(manifest, module: str, kind: Optional[str] = None) -> list:
 
 
 def fp32_graph(ctx: StageContext, module: str) -> Path:
-    """The module's FP32 graph from the manifest: the optimized one, else the exported one."""
-    arts = fp32_artifacts(ctx.manifest, module, kind="onnx")
-    if not arts:
-        raise UserError(f"{module}: no exported ONNX in {ctx.workdir}", hint="run `autoglm-build export` first")
-    return ctx.workdir / arts[0].path
+    """The module's FP32 graph from the manifest (the optimized one, else the exported one), checked
+    against its record."""
+    return ctx.build.fp32_graph(module)
 
 
 class CalibrateStage(Stage):

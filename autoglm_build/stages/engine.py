@@ -43,7 +43,7 @@ def source_graph(ctx: StageContext, module: str, precision: str) -> Path:
     if not arts:
         raise UserError(f"{module}: no {precision} graph in {ctx.workdir}",
                         hint=f"run `autoglm-build {'calibrate --' + precision if precision != 'fp32' else 'optimize'}`")
-    return ctx.workdir / arts[0].path
+    return ctx.build.check(arts[0])  # inside the workdir, the recorded bytes
 
 
 class EngineStage(Stage):

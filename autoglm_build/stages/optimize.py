@@ -17,7 +17,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from autoglm_build.errors import AccuracyError, UserError
+from autoglm_build.errors import AccuracyError
 from autoglm_build.modules import registry
 from autoglm_build.onnx_io import move_into_place, save_model
 from autoglm_build.rewrites import REWRITES
@@ -43,10 +43,7 @@ class OptimizeStage(Stage):
         import onnx
 
         spec = registry.get(module)
-        arts = ctx.manifest.artifacts_of("export", module, kind="onnx")
-        if not arts:
-            raise UserError(f"{module}: no exported ONNX in {ctx.workdir}", hint="run `autoglm-build export` first")
-        source = ctx.workdir / arts[0].path
+        source = ctx.build.output("export", module, "onnx", hint="run `autoglm-build export` first")
         settings = ctx.cfg.optimize
         model = onnx.load(str(source))
         before = Counter(n.op_type for n in model.graph.node)
@@ -69,7 +66,8 @@ class OptimizeStage(Stage):
                 err.metrics = metrics  # type: ignore[attr-defined]
                 raise err
             outputs = move_into_place(files, ctx.workdir / OPTIMIZED_DIR, module, "onnx")
-        return StageResult(outputs=outputs, params={"source": arts[0].path}, metrics=metrics)
+        return StageResult(outputs=outputs, params={"source": source.relative_to(ctx.workdir).as_posix()},
+                           metrics=metrics)
 
     def rewrite(self, ctx: StageContext, model: Any, settings: Any):
         applied: Dict[str, Any] = {}

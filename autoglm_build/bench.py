@@ -9,14 +9,16 @@ Backends, on the same inputs in one run:
 - ``torch``: the same modules in PyTorch eager with the same weights (seeded or the checkpoint's),
   fp16 on a GPU, fp32 on a CPU.
 
-Cases: vision and audio at each batch; the decoder's prefill of ``--prompt`` tokens (time to first
+Cases: vision at each batch of ``image_size`` images and one 1080x2400 phone screenshot at native
+resolution (torch runs transformers' ``Glm4vVisionModel`` itself with sdpa attention, the baseline
+users run); audio at each batch; the decoder's prefill of ``--prompt`` tokens (time to first
 token) and one decode step at a ``--past``-token cache (per-token latency); embed at each batch.
 Each case: warm-up, then iterations until ``--min-time`` seconds (at least ``--iters``), each timed
 with a synchronized clock; p50/p90/p99 latency and items/s.
 
 Floors (GPU only, measured in the same run with torch): the decode step's bytes of weights and KV
-cache over the measured device-to-device copy bandwidth, and the vision encoder's FLOPs per image
-over the measured fp16 matmul rate. ``ratio`` = measured p50 / floor.
+cache over the measured device-to-device copy bandwidth, and the vision encoder's FLOPs per pack of
+images over the measured fp16 matmul rate. ``ratio`` = measured p50 / floor.
 """
 
 from __future__ import annotations
@@ -58,15 +60,30 @@ def decode_step_bytes(cfg: BuildConfig, batch: int, past: int, precision: str) -
     return decoder_parameters(cfg) * weight_bytes + kv
 
 
-def vision_flops_per_image(cfg: BuildConfig) -> int:
-    """Matmul FLOPs of one image through the vision tower (2 per multiply-add)."""
+def vision_flops(cfg: BuildConfig, patches: Sequence[int]) -> int:
+    """Matmul FLOPs of a pack of images (``patches`` per image) through the vision tower (2 per
+    multiply-add); attention is quadratic in each image's own patches."""
     v = cfg.vision
-    s, d, i = v.grid * v.grid, v.hidden_size, v.intermediate_size
-    tokens, out = v.num_tokens, v.out_hidden_size
-    macs = s * v.in_channels * v.patch_size ** 2 * d  # patch embedding
-    macs += v.depth * (4 * s * d * d + 2 * s * s * d + 3 * s * d * i)  # qkv+proj, attention, SwiGLU MLP
-    macs += tokens * (v.spatial_merge_size ** 2 * d * out + out * out + 3 * out * i)  # downsample + merger
+    d, i, out, window = v.hidden_size, v.intermediate_size, v.out_hidden_size, v.spatial_merge_size ** 2
+    macs = 0
+    for s in patches:
+        macs += s * v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * d  # patch embedding
+        macs += v.depth * (4 * s * d * d + 2 * s * s * d + 3 * s * d * i)  # qkv+proj, attention, SwiGLU MLP
+        macs += s // window * (window * d * out + out * out + 3 * out * i)  # downsample + merger
     return 2 * macs
+
+
+#: the phone agent's image: one full-size Android screenshot (width x height)
+SCREENSHOT = (1080, 2400)
+
+
+def screenshot_feed(cfg: BuildConfig, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    """One 1080x2400 screenshot's vision inputs at the config's ``max_pixels`` (within the engine's bound)."""
+    from autoglm_build.imaging import smart_resize
+    from autoglm_build.runtime.media import image_geometry
+
+    height, width = smart_resize(SCREENSHOT[1], SCREENSHOT[0], image_geometry(cfg))
+    return registry.get("vision").random_images(cfg, rng, [(height, width)])
 
 
 # ---- cases ---------------------------------------------------------------------------------------
@@ -91,10 +108,13 @@ def cases(cfg: BuildConfig, module: str, batches: Sequence[int], prompt: int, pa
             out.append({"case": f"{frames} frames", "batch": b, "phase": "prefill", "items": b,
                         "feed": {"input_features": spec.features(cfg, rng, b, frames)}})
         else:
+            if b == 1:
+                feed = screenshot_feed(cfg, rng)
+                out.append({"case": "screenshot {}x{} ({} patches)".format(*SCREENSHOT, len(feed["patch_pos"])),
+                            "batch": 1, "phase": "prefill", "items": 1, "feed": feed})
             size = cfg.vision.image_size
-            pixels = rng.standard_normal((b, cfg.vision.in_channels, size, size)).astype(np.float32)
             out.append({"case": f"{size}px", "batch": b, "phase": "prefill", "items": b,
-                        "feed": {"pixel_values": pixels}})
+                        "feed": spec.random_images(cfg, rng, [(size, size)] * b)})
     return out
 
 
@@ -173,12 +193,15 @@ class _Torch(_Runner):
         model = stage.build_module(ctx, registry.get(module))[0]
         self.model = model.to(self.device, self.dtype).eval()
         self.module, self.names = module, registry.get(module).input_names(cfg)
-        self.label = f"torch {'fp16' if self.dtype == torch.float16 else 'fp32'}"
+        # the label's last word is the precision; vision runs transformers' own forward with sdpa
+        self.label = f"torch{' sdpa' if module == 'vision' else ''} {'fp16' if self.dtype == torch.float16 else 'fp32'}"
         if self.device == "cuda":
             self.sync = torch.cuda.synchronize
 
     def prepare(self, case):
         torch = self.torch
+        if self.module == "vision":
+            return self._vision(case["feed"])
         args = []
         for name in self.names:
             value = torch.from_numpy(case["feed"][name]).to(self.device)
@@ -187,6 +210,21 @@ class _Torch(_Runner):
         def call():
             with torch.inference_mode():
                 return self.model(*args)
+
+        return call
+
+    def _vision(self, feed: Feed) -> Callable[[], Any]:
+        """transformers' ``Glm4vVisionModel(pixel_values, grid_thw)`` with sdpa attention (cu_seqlens per image)."""
+        from autoglm_build.imaging import unpack
+
+        torch, visual = self.torch, self.model.visual
+        visual.config._attn_implementation = "sdpa"
+        pixels = torch.from_numpy(feed["pixel_values"]).to(self.device, self.dtype)
+        grid = torch.tensor([[1, img.rows, img.cols] for img in unpack(feed)], device=self.device)
+
+        def call():
+            with torch.inference_mode():
+                return visual(pixels, grid).pooler_output
 
         return call
 
@@ -303,7 +341,10 @@ def _floor(cfg: BuildConfig, module: str, case: Dict[str, Any], precision: str,
         past = case["feed"]["past_key.0"].shape[2]
         return decode_step_bytes(cfg, case["batch"], past, precision) / peaks["copy_bytes_per_s"]
     if module == "vision":
-        return case["batch"] * vision_flops_per_image(cfg) / peaks["matmul_flops_per_s"]
+        from autoglm_build.imaging import unpack
+
+        patches = [img.patches for img in unpack(case["feed"])]
+        return vision_flops(cfg, patches) / peaks["matmul_flops_per_s"]
     return None
 
 

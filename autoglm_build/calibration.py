@@ -1,7 +1,8 @@
 """Calibration data: read and check the shipped files, preprocess them with real processors.
 
-- images (``images/*.jpg|png``): resized to the engine's square input, then rescaled and normalized
-  by transformers' ``Glm4vImageProcessorPil`` (CLIP mean/std, as the checkpoint's processor).
+- images (``images/*.jpg|png``, photos and phone screenshots): at native resolution, smart-resized,
+  normalized and cut into patches as transformers' ``Glm4vImageProcessor`` does
+  (:mod:`autoglm_build.imaging`).
 - speech (``audio/*.wav``): 16 kHz mono PCM, turned into log-mel features by transformers'
   ``WhisperFeatureExtractor`` (``num_mel_bins`` bins), cut to the clip's length.
 - prompts (``prompts.jsonl``): phone-agent instructions, tokenized by the config's tokenizer (a
@@ -71,24 +72,16 @@ def split(items: List, holdout: float) -> tuple:
 # ---- images ----------------------------------------------------------------------------------
 
 
-def load_image(source, size: int, name: Optional[str] = None) -> np.ndarray:
-    """``(3, size, size)`` float32, normalized as GLM-4.1V's image processor does.
+def load_image_patches(path: Path, vision):
+    """A calibration image at native resolution, as GLM-4.1V's processor prepares it
+    (:func:`autoglm_build.imaging.preprocess`: smart resize within ``vision.min_pixels``/``max_pixels``,
+    CLIP normalization, merge-window-major patches)."""
+    from autoglm_build.imaging import ImageError, VisionGeometry, open_image, preprocess
 
-    ``source`` is a file path or a binary stream (``name`` then says what it is in errors).
-    """
-    from PIL import Image, UnidentifiedImageError
-    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
-
-    path = name or source
     try:
-        with Image.open(source) as img:
-            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise CalibrationDataError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
-    processor = Glm4vImageProcessorPil()
-    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
-    arr = processor.rescale(arr, processor.rescale_factor)
-    return processor.normalize(arr, processor.image_mean, processor.image_std).astype(np.float32)
+        return preprocess(open_image(path, str(path)), VisionGeometry.of(vision))
+    except ImageError as exc:
+        raise CalibrationDataError(exc.message, hint=exc.hint) from None
 
 
 # ---- speech ----------------------------------------------------------------------------------

@@ -29,7 +29,12 @@ class _Section(BaseModel):
 
 
 class VisionConfig(_Section):
-    """GLM-4.1V vision tower (``Glm4vVisionConfig``), fed fixed-size images ``(B, 3, H, W)``."""
+    """GLM-4.1V vision tower (``Glm4vVisionConfig``) over images at native resolution.
+
+    ``image_size`` is the side the learned position table was trained at (24x24 patches at 336);
+    served images are smart-resized within ``[min_pixels, max_pixels]`` as transformers'
+    ``Glm4vImageProcessor`` does, and the table is interpolated to each image's patch grid.
+    """
 
     depth: int = Field(24, ge=1)
     hidden_size: int = Field(1536, ge=8)
@@ -37,7 +42,9 @@ class VisionConfig(_Section):
     intermediate_size: int = Field(13696, ge=1)
     out_hidden_size: int = Field(4096, ge=1, description="merger output; must equal text.hidden_size")
     patch_size: int = Field(14, ge=1)
-    image_size: int = Field(336, ge=1, description="square input side in pixels, the engine's H and W")
+    image_size: int = Field(336, ge=1, description="side of the learned position table's image, in pixels")
+    min_pixels: int = Field(112 * 112, ge=1, description="smart_resize lower bound (processor's shortest_edge)")
+    max_pixels: int = Field(5_000_000, ge=1, description="smart_resize upper bound (processor's longest_edge)")
     spatial_merge_size: int = Field(2, ge=1)
     temporal_patch_size: int = Field(2, ge=1)
     in_channels: int = Field(3, ge=1)
@@ -53,8 +60,15 @@ class VisionConfig(_Section):
 
     @property
     def num_tokens(self) -> int:
-        """Embeddings one image yields after the 2x2 merge."""
+        """Embeddings an ``image_size`` square image yields after the 2x2 merge."""
         return (self.grid // self.spatial_merge_size) ** 2
+
+    @property
+    def max_patches(self) -> int:
+        """The most patches one image has at ``max_pixels`` (a multiple of the merge window)."""
+        from autoglm_build.imaging import VisionGeometry
+
+        return VisionGeometry.of(self).max_patches()
 
 
 class TextConfig(_Section):
@@ -198,6 +212,11 @@ class EngineConfig(_Section):
     opt_seq: int = Field(64, ge=1, description="prefill length the profile is tuned for")
     opt_past: int = Field(256, ge=0, description="cache length the profile is tuned for")
     opt_audio_frames: int = Field(800, ge=8)
+    max_patches: Optional[int] = Field(
+        None, ge=4, description="vision patches per engine call (all images packed); default: one image at "
+        "vision.max_pixels")
+    opt_patches: Optional[int] = Field(None, ge=4, description="patch count the vision profile is tuned for; "
+                                       "default: max_patches")
     workspace_mib: int = Field(4096, ge=64)
     preview_features: Optional[List[str]] = Field(
         None, description="TensorRT PreviewFeature names to enable; default: FASTER_DYNAMIC_SHAPES_0805 on "
@@ -250,6 +269,11 @@ class BuildConfig(_Section):
             raise ValueError(problem)
         return self
 
+    def patch_range(self) -> Tuple[int, int, int]:
+        """[min, opt, max] vision patches per engine call (all images packed together)."""
+        top = self.engine.max_patches or self.vision.max_patches
+        return self.vision.spatial_merge_size ** 2, min(self.engine.opt_patches or top, top), top
+
     def section(self, name: str) -> Dict[str, Any]:
         """One section as plain JSON-able data (what fingerprints hash)."""
         return json.loads(getattr(self, name).model_dump_json())
@@ -268,6 +292,15 @@ def _architecture_problems(cfg: BuildConfig) -> List[str]:
             f"vision.image_size: {v.image_size} is not a multiple of patch_size x spatial_merge_size "
             f"({v.patch_size * v.spatial_merge_size})"
         )
+    if v.min_pixels > v.max_pixels:
+        problems.append(f"vision.min_pixels: {v.min_pixels} exceeds vision.max_pixels {v.max_pixels}")
+    if v.max_patches < v.spatial_merge_size ** 2:
+        problems.append(f"vision.max_pixels: {v.max_pixels} leaves no room for one merged patch")
+    window = v.spatial_merge_size ** 2
+    for field in ("max_patches", "opt_patches"):
+        value = getattr(cfg.engine, field)
+        if value is not None and value % window:
+            problems.append(f"engine.{field}: {value} must be a multiple of {window} (the merge window)")
     if v.out_hidden_size != t.hidden_size:
         problems.append(f"vision.out_hidden_size: {v.out_hidden_size} must equal text.hidden_size {t.hidden_size}")
     if t.hidden_size % t.num_attention_heads:

@@ -103,31 +103,35 @@ def photos(src: Path) -> None:
 
 
 def screens() -> None:
+    """Phone screenshots at a real phone's native resolution (1080x2400, 20:9), as the phone agent
+    sends them: the vision tower reads them at native resolution, so calibration must too."""
     out = OUT / "images"
-    font = ImageFont.truetype(FONT, 22)
-    small = ImageFont.truetype(FONT, 16)
+    s = 3  # layout units -> pixels (the layout was drawn for a 360-wide screen)
+    font = ImageFont.truetype(FONT, 22 * s)
+    small = ImageFont.truetype(FONT, 16 * s)
     rng = random.Random(0)
     for name, items in SCREENS:
-        w, h = 360, 720  # a 1:2 phone screen
+        w, h = 1080, 2400
         bg = (245, 245, 247) if name != "home" else (40 + rng.randrange(40), 80, 140)
         img = Image.new("RGB", (w, h), bg)
         d = ImageDraw.Draw(img)
-        d.rectangle([0, 0, w, 28], fill=(20, 20, 20))
-        d.text((10, 5), "9:41", font=small, fill="white")
-        d.text((w - 70, 5), "5G 87%", font=small, fill="white")
+        d.rectangle([0, 0, w, 28 * s], fill=(20, 20, 20))
+        d.text((10 * s, 5 * s), "9:41", font=small, fill="white")
+        d.text((w - 70 * s, 5 * s), "5G 87%", font=small, fill="white")
         if name == "home":
             for i, label in enumerate(items):
-                x, y = 24 + (i % 4) * 84, 80 + (i // 4) * 110
+                x, y = (24 + (i % 4) * 84) * s, (80 + (i // 4) * 110) * s
                 color = tuple(rng.randrange(60, 230) for _ in range(3))
-                d.rounded_rectangle([x, y, x + 60, y + 60], radius=14, fill=color)
-                d.text((x, y + 66), label, font=small, fill="white")
+                d.rounded_rectangle([x, y, x + 60 * s, y + 60 * s], radius=14 * s, fill=color)
+                d.text((x, y + 66 * s), label, font=small, fill="white")
         else:
-            d.rectangle([0, 28, w, 80], fill=(255, 255, 255))
-            d.text((16, 40), name.capitalize(), font=font, fill=(0, 0, 0))
+            d.rectangle([0, 28 * s, w, 80 * s], fill=(255, 255, 255))
+            d.text((16 * s, 40 * s), name.capitalize(), font=font, fill=(0, 0, 0))
             for i, label in enumerate(items):
-                y = 100 + i * 76
-                d.rounded_rectangle([12, y, w - 12, y + 60], radius=10, fill=(255, 255, 255), outline=(220, 220, 220))
-                d.text((28, y + 17), label, font=font, fill=(30, 30, 30))
+                y = (100 + i * 76) * s
+                d.rounded_rectangle([12 * s, y, w - 12 * s, y + 60 * s], radius=10 * s, fill=(255, 255, 255),
+                                    outline=(220, 220, 220), width=s)
+                d.text((28 * s, y + 17 * s), label, font=font, fill=(30, 30, 30))
         img.save(out / f"screen_{name}.png", optimize=True)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autoglm_build.bench import decode_step_bytes, decoder_parameters, find_case, vision_flops_per_image
+from autoglm_build.bench import decode_step_bytes, decoder_parameters, find_case, vision_flops
 from autoglm_build.cli import app
 from autoglm_build.config import load_config
 from autoglm_build.errors import UserError
@@ -23,8 +23,11 @@ def test_bench_cli_times_torch_and_onnxruntime_side_by_side(tiny_build_copy: Pat
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     keys = {(r["module"], r["case"], r["batch"], r["backend"]) for r in report["rows"]}
+    for torch_label, ort_label in (("torch sdpa fp32", "onnxruntime fp32"),):
+        for backend in (torch_label, ort_label):
+            assert ("vision", "112px", 2, backend) in keys
+            assert ("vision", "screenshot 1080x2400 (920 patches)", 1, backend) in keys
     for backend in ("torch fp32", "onnxruntime fp32"):
-        assert ("vision", "112px", 2, backend) in keys
         assert ("decoder", "prefill 16", 1, backend) in keys and ("decoder", "decode @16", 2, backend) in keys
     for r in report["rows"]:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["iters"] >= 10
@@ -43,15 +46,17 @@ def test_bench_rejects_bad_arguments(tiny_build_copy: Path):
 
 def test_floor_sizes_match_the_modules(tiny_cfg):
     torch = pytest.importorskip("torch")
+    import numpy as np
     from torch.utils.flop_counter import FlopCounterMode
 
     from autoglm_build.modules import registry
 
-    vision = registry.get("vision").build(tiny_cfg)
-    vision.finalize()
+    spec = registry.get("vision")
+    vision = spec.build(tiny_cfg)
+    feed = spec.random_images(tiny_cfg, np.random.default_rng(0), [(644, 280)])  # one tiny-config screenshot
     with FlopCounterMode(display=False) as counter:
-        vision(torch.randn(1, 3, tiny_cfg.vision.image_size, tiny_cfg.vision.image_size))
-    assert counter.get_total_flops() == vision_flops_per_image(tiny_cfg)
+        vision(*(torch.from_numpy(feed[n]) for n in spec.input_names(tiny_cfg)))
+    assert counter.get_total_flops() == vision_flops(tiny_cfg, [920])
     decoder = registry.get("decoder").build(tiny_cfg)
     assert sum(p.numel() for p in decoder.parameters()) == decoder_parameters(tiny_cfg)
     t = tiny_cfg.text

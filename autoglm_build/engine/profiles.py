@@ -1,7 +1,8 @@
 """Optimization profiles [min, opt, max] per module input, from the graph's named dynamic axes.
 
 Every dynamic axis of our graphs has a name (``batch``, ``seq``, ``past_seq``, ``total_seq``,
-``audio_frames``); the ranges come from ``engine:`` in the config. A graph with a KV cache gets
+``audio_frames``, the vision tower's packed ``patches``); the ranges come from ``engine:`` in the
+config. A graph with a KV cache gets
 two profiles, so that the cache is bounded by ``engine.context`` exactly and related axes stay
 consistent at min, opt and max (``total_seq = past_seq + seq``, which TensorRT checks through the
 Concat of cache and new keys):
@@ -30,6 +31,7 @@ def axis_ranges(cfg: BuildConfig, max_batch: int, opt_batch: int, profile: int =
     ranges = {
         "batch": (1, opt_batch, max_batch),
         "audio_frames": (cfg.audio.frame_multiple, g.opt_audio_frames, cfg.audio.max_frames),
+        "patches": cfg.patch_range(),
     }
     if profile == 0:
         ranges.update(seq=(1, g.opt_seq, g.context), past_seq=(0, 0, 0), total_seq=(1, g.opt_seq, g.context))

@@ -48,6 +48,8 @@ class ModuleSpec:
     weight_prefixes: Mapping[str, Tuple[str, ...]] = {}
     #: checkpoint keys under the chosen prefixes that belong to another module (not "unused")
     checkpoint_ignore: Tuple[str, ...] = ()
+    #: the name of axis 0 of every input: ``batch`` (rows), or ``patches`` for the packed vision tower
+    batch_axis: str = "batch"
 
     # ---- building ---------------------------------------------------------------------------
 
@@ -97,6 +99,14 @@ class ModuleSpec:
         """
         raise NotImplementedError
 
+    def take_rows(self, cfg: BuildConfig, feed: Dict[str, np.ndarray], batch: int) -> Dict[str, np.ndarray]:
+        """A feed of ``batch`` items made from ``feed``'s (repeating rows when it has fewer)."""
+        return {name: _repeat_rows(value, batch) for name, value in feed.items()}
+
+    def feed_items(self, feed: Dict[str, np.ndarray]) -> int:
+        """Items (batch rows; images for the vision tower) in a feed."""
+        return int(next(iter(feed.values())).shape[0])
+
     def tolerance(self, cfg: BuildConfig) -> Tolerance:
         return cfg.export.tolerances.get(self.name, Tolerance())
 
@@ -122,6 +132,11 @@ class Patch:
     owner: Any
     attr: str
     value: Any
+
+
+def _repeat_rows(value: np.ndarray, batch: int) -> np.ndarray:
+    reps = -(-batch // value.shape[0])
+    return np.concatenate([value] * reps, axis=0)[:batch]
 
 
 def batched(items: List[Any], size: int) -> List[List[Any]]:

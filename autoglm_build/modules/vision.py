@@ -1,17 +1,22 @@
-"""``vision``: the GLM-4.1V vision tower over a batch of fixed-size images.
+"""``vision``: the GLM-4.1V vision tower over images at native resolution, packed along one axis.
 
-transformers' ``Glm4vVisionModel`` packs the patches of all images into one sequence and splits
-attention by ``cu_seqlens`` at run time, which cannot carry a dynamic batch axis into an engine.
-The export wrapper keeps every weight and sub-module of ``Glm4vVisionModel`` (same state-dict keys)
-and runs the same math over ``(B, 3, H, W)``:
+The graph takes what transformers' ``Glm4vVisionModel(pixel_values, grid_thw)`` takes, with the
+per-image bookkeeping that its Python loops derive from ``grid_thw`` given per patch instead, so
+that one dynamic axis (``patches``) carries any mix of image sizes (:mod:`autoglm_build.imaging`
+makes these inputs):
 
-    pixels -> patch_embed (as a Conv2d, Glm4vImageProcessor's patch order) -> post_conv_layernorm
-           -> + position embedding -> blocks (batched attention) -> post_layernorm
-           -> 2x2 downsample conv -> merger -> (B, tokens, text hidden)
+- ``pixel_values`` (patches, 3*2*14*14): ``Glm4vImageProcessor``'s patches, merge-window-major
+- ``patch_pos`` (patches, 2) int64: each patch's row and column in its image's patch grid
+- ``patch_grid`` (patches, 3) int64: the patch's image index, and that image's patch rows and cols
 
-For a fixed image size the interpolated position embedding and the rotary cos/sin depend only on
-weights, so :meth:`VisionEncoder.finalize` computes them once with transformers' own code after
-the weights are loaded, and the graph carries them as constants (no GridSample in the engine).
+and computes, with the checkpoint's sub-modules (same state-dict keys)::
+
+    patch_embed -> post_conv_layernorm -> + learned position table, bicubic-interpolated to each
+    image's grid (grid_sample's arithmetic as 16 Gathers: TensorRT 8.5 has no GridSample)
+    -> blocks (2-D rotary from patch_pos; attention masked to the patch's own image)
+    -> post_layernorm -> 2x2 downsample conv -> merger -> image_embeds (patches / 4, text hidden)
+
+Image tokens come out in the images' order, each image's in its merge-window order.
 """
 
 from __future__ import annotations
@@ -21,8 +26,53 @@ from typing import Any, Dict, Iterator, List
 import numpy as np
 
 from autoglm_build.config import BuildConfig
-from autoglm_build.modules.base import Case, ModuleSpec, batched, npz_feeds, random_floats
+from autoglm_build.modules.base import Case, ModuleSpec, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
+
+#: image sizes (height, width) the validation cases cycle through: square, portrait, landscape
+CASE_SIZES = ((112, 112), (224, 112), (112, 168), (168, 224))
+#: the bicubic kernel's parameter in PyTorch's grid_sample
+CUBIC_A = -0.75
+
+
+def _cubic_weights(t):
+    """PyTorch's ``get_cubic_upsample_coefficients``: the 4 tap weights at fractional offset ``t``."""
+    a = CUBIC_A
+
+    def near(x):
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
+
+
+def interpolate_positions(table, side: int, patch_pos, patch_grid):
+    """``Glm4vVisionEmbeddings``' position term: the (side*side, D) table sampled at each patch's centre.
+
+    transformers calls ``grid_sample(bicubic, align_corners=False, padding_mode="border")``; here the
+    same sample is 4x4 Gathers of clamped taps, weighted by the cubic kernel, so the graph is plain
+    arithmetic that TensorRT 8.5 and later parse.
+    """
+    import torch
+
+    pos = patch_pos.to(torch.float32)
+    grid = patch_grid[:, 1:].to(torch.float32)
+    normalized = (pos + 0.5) / grid * 2 - 1  # grid_sample's [-1, 1] coordinates (row, col)
+    source = ((normalized + 1) * side - 1) / 2  # unnormalized, align_corners=False
+    base = torch.floor(source)
+    frac = source - base
+    base = base.to(torch.int64)
+    wy, wx = _cubic_weights(frac[:, 0:1]), _cubic_weights(frac[:, 1:2])
+    out = None
+    for i in range(4):
+        row = torch.clamp(base[:, 0] + (i - 1), 0, side - 1)
+        for j in range(4):
+            col = torch.clamp(base[:, 1] + (j - 1), 0, side - 1)
+            term = table[row * side + col] * (wy[i] * wx[j])
+            out = term if out is None else out + term
+    return out
 
 
 def _torch_module():
@@ -33,88 +83,60 @@ def _torch_module():
         apply_rotary_pos_emb_vision,
         eager_attention_forward,
     )
-    from transformers.vision_utils import get_vision_position_ids
 
     class VisionEncoder(nn.Module):
-        """``Glm4vVisionModel`` over ``pixel_values (B, C, H, W)`` -> ``image_embeds (B, N, D_text)``."""
+        """``Glm4vVisionModel`` over packed patches -> ``image_embeds (patches / merge^2, D_text)``."""
 
-        def __init__(self, hf_config: Any, image_size: int) -> None:
+        def __init__(self, hf_config: Any) -> None:
             super().__init__()
             self.visual = Glm4vVisionModel(hf_config)
-            self.channels = hf_config.in_channels
-            self.patch = hf_config.patch_size
-            self.temporal = hf_config.temporal_patch_size
+            self.window = hf_config.spatial_merge_size ** 2
             self.merge = hf_config.spatial_merge_size
-            self.grid = image_size // self.patch
-            self.seq = self.grid * self.grid
-            self.tokens = self.seq // (self.merge * self.merge)
             self.out_hidden = hf_config.out_hidden_size
-            zeros = torch.zeros(self.seq, hf_config.hidden_size)
-            head_dim = hf_config.hidden_size // hf_config.num_heads
-            self.register_buffer("pos_embed", zeros, persistent=False)
-            self.register_buffer("rope_cos", torch.zeros(self.seq, head_dim), persistent=False)
-            self.register_buffer("rope_sin", torch.zeros(self.seq, head_dim), persistent=False)
+            self.table_side = hf_config.image_size // hf_config.patch_size
 
-        @torch.no_grad()
-        def finalize(self) -> None:
-            """Weight-dependent constants for one image of the configured size (call after loading)."""
-            grid_thw = torch.tensor([[1, self.grid, self.grid]])
-            position_ids = get_vision_position_ids(grid_thw, self.merge)
-            zeros = torch.zeros_like(self.pos_embed)
-            lengths = torch.tensor([self.seq])
-            self.pos_embed.copy_(
-                self.visual.embeddings(zeros, lengths, grid_thw, position_ids[:, 0], position_ids[:, 1])
-            )
-            cos, sin = self.visual.rotary_pos_emb(zeros, position_ids)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        def attention(self, attn: nn.Module, x: torch.Tensor, rotary, mask: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, attn.head_dim).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, *rotary)
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            out, _ = eager_attention_forward(attn, q, k, v, mask, scaling=attn.scaling)
+            return attn.proj(out.reshape(n, -1))
 
-        def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
-            """``Glm4vVisionPatchEmbed`` on ``Glm4vImageProcessor``'s patch layout, as one Conv2d.
+        @staticmethod
+        def image_mask(patch_grid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            """(1, 1, N, N) additive mask: a patch attends to the patches of its own image only."""
+            image = patch_grid[:, 0]
+            same = image[:, None] == image[None, :]
+            zero = torch.zeros((), dtype=dtype)
+            return torch.where(same, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype))[None, None]
 
-            The processor repeats a still image ``temporal_patch_size`` times and the Conv3d's kernel
-            spans those copies, so the Conv3d equals a Conv2d whose kernel is the Conv3d's summed
-            over time. That keeps every tensor under TensorRT's 8 dimensions (the processor's own
-            patchify needs 9) and reads each pixel once. Patches come out merge-window-major.
-            """
-            proj = self.visual.patch_embed.proj
-            b, g, m = pixels.shape[0], self.grid // self.merge, self.merge
-            x = nn.functional.conv2d(pixels, proj.weight.sum(dim=2), proj.bias, stride=self.patch)
-            x = x.reshape(b, -1, g, m, g, m).permute(0, 2, 4, 3, 5, 1)
-            return x.reshape(b * self.seq, -1)
-
-        def attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            b, s, _ = x.shape
-            qkv = attn.qkv(x).reshape(b, s, 3, attn.num_heads, attn.head_dim).permute(2, 0, 1, 3, 4)
-            q, k, v = qkv.unbind(0)
-            q, k = apply_rotary_pos_emb_vision(q, k, self.rope_cos, self.rope_sin)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            out, _ = eager_attention_forward(attn, q, k, v, None, scaling=attn.scaling)
-            return attn.proj(out.reshape(b, s, -1))
-
-        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        def forward(self, pixel_values: torch.Tensor, patch_pos: torch.Tensor, patch_grid: torch.Tensor):
             visual = self.visual
-            b = pixel_values.shape[0]
-            h = visual.post_conv_layernorm(self.embed_patches(pixel_values))
-            h = h.reshape(b, self.seq, -1) + self.pos_embed
+            h = visual.post_conv_layernorm(visual.patch_embed(pixel_values))
+            h = h + interpolate_positions(visual.embeddings.position_embedding.weight, self.table_side, patch_pos,
+                                      patch_grid)
+            rotary = visual.rotary_pos_emb(h, patch_pos)
+            mask = self.image_mask(patch_grid, h.dtype)
             for blk in visual.blocks:
-                h = h + self.attention(blk.attn, blk.norm1(h))
+                h = h + self.attention(blk.attn, blk.norm1(h), rotary, mask)
                 h = h + blk.mlp(blk.norm2(h))
             h = visual.post_layernorm(h)
             h = h.reshape(-1, self.merge, self.merge, h.shape[-1]).permute(0, 3, 1, 2)
             h = visual.downsample(h).reshape(-1, self.out_hidden)
-            return visual.merger(h).reshape(b, self.tokens, self.out_hidden)
+            return visual.merger(h)
 
     return VisionEncoder
 
 
 @register("vision", order=0)
 class VisionSpec(ModuleSpec):
-    """GLM-4.1V vision tower: ``pixel_values (B,3,H,W)`` -> ``image_embeds (B, tokens, hidden)``."""
+    """GLM-4.1V vision tower: packed native-resolution patches -> ``image_embeds (tokens, hidden)``."""
 
-    description = "GLM-4.1V vision tower + 2x2 merger"
+    description = "GLM-4.1V vision tower + 2x2 merger, native resolution"
     sections = ("vision",)
     weight_prefixes = {"visual.": ("model.visual.", "visual.")}
+    batch_axis = "patches"
 
     def build(self, cfg: BuildConfig):
         import torch
@@ -123,35 +145,64 @@ class VisionSpec(ModuleSpec):
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed(cfg))
-            module = _torch_module()(vision_config(cfg.vision), cfg.vision.image_size)
+            module = _torch_module()(vision_config(cfg.vision))
         return module.eval()
 
     def input_names(self, cfg: BuildConfig) -> List[str]:
-        return ["pixel_values"]
+        return ["pixel_values", "patch_pos", "patch_grid"]
 
     def output_names(self, cfg: BuildConfig) -> List[str]:
         return ["image_embeds"]
 
     def dynamic_axes(self, cfg: BuildConfig) -> Dict[str, Dict[int, str]]:
-        return {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}
+        return {"pixel_values": {0: "patches"}, "patch_pos": {0: "patches"}, "patch_grid": {0: "patches"},
+                "image_embeds": {0: "image_tokens"}}
 
-    def pixel_shape(self, cfg: BuildConfig, batch: int) -> tuple:
-        v = cfg.vision
-        return (batch, v.in_channels, v.image_size, v.image_size)
+    def random_images(self, cfg: BuildConfig, rng: np.random.Generator, sizes) -> Dict[str, np.ndarray]:
+        """A packed feed of random-pixel images of the given (height, width) sizes."""
+        from autoglm_build.imaging import VisionGeometry, pack, patchify
+
+        geometry = VisionGeometry.of(cfg.vision)
+        images = [patchify(random_floats(rng, (3, h, w)), geometry) for h, w in sizes]
+        return pack(images, cfg.vision.spatial_merge_size)
 
     def export_inputs(self, cfg: BuildConfig) -> Dict[str, np.ndarray]:
-        return {"pixel_values": random_floats(np.random.default_rng(0), self.pixel_shape(cfg, 2))}
+        # two images of different shapes: no axis specialises to one image or one grid
+        return self.random_images(cfg, np.random.default_rng(0), CASE_SIZES[1:3])
 
     def cases(self, cfg: BuildConfig, rng: np.random.Generator) -> Iterator[Case]:
+        """``batch`` images per call, of the sizes in ``CASE_SIZES`` (portrait, landscape, square)."""
         for batch in cfg.export.batch_sizes:
-            pixels = random_floats(rng, self.pixel_shape(cfg, batch))
-            yield Case(label=f"{cfg.vision.image_size}px", batch=batch, steps=({"pixel_values": pixels},))
+            sizes = [CASE_SIZES[k % len(CASE_SIZES)] for k in range(batch)]
+            yield Case(label="native", batch=batch, steps=(self.random_images(cfg, rng, sizes),))
+
+    def take_rows(self, cfg: BuildConfig, feed: Dict[str, np.ndarray], batch: int) -> Dict[str, np.ndarray]:
+        """A pack of ``batch`` images made from ``feed``'s (repeating them when it has fewer), each
+        shrunk where needed so that the pack fits one engine call (``engine.max_patches``)."""
+        from autoglm_build.imaging import VisionGeometry, pack, shrink, unpack
+
+        images = unpack(feed)
+        window = cfg.vision.spatial_merge_size ** 2
+        budget = cfg.patch_range()[2] // batch // window * window
+        geometry = VisionGeometry.of(cfg.vision)
+        chosen = [shrink(images[k % len(images)], geometry, budget) for k in range(batch)]
+        return pack(chosen, cfg.vision.spatial_merge_size)
+
+    def feed_items(self, feed: Dict[str, np.ndarray]) -> int:
+        """Images in a packed feed."""
+        grid = feed["patch_grid"]
+        return int(grid[:, 0].max()) + 1 if len(grid) else 0
 
     def calibration_batches(self, cfg: BuildConfig, data, graphs):
-        from autoglm_build.calibration import load_image, split
+        """Real photos and phone screenshots at native resolution, ``calibrate.batch_size`` per pack."""
+        from autoglm_build.calibration import load_image_patches, split
+        from autoglm_build.imaging import group_within, pack
 
-        images = [load_image(p, cfg.vision.image_size) for p in data.require("images")]
+        images = [load_image_patches(p, cfg.vision) for p in data.require("images")]
         calib, held = split(images, cfg.calibrate.holdout)
-        size = cfg.calibrate.batch_size
-        feeds = [{"pixel_values": np.stack(b)} for b in batched(calib, size)][: cfg.calibrate.batches]
-        return feeds + npz_feeds(self, cfg, data), [{"pixel_values": np.stack(b)} for b in batched(held, size)]
+        merge, limit = cfg.vision.spatial_merge_size, cfg.patch_range()[2]
+
+        def packs(group):
+            return [pack(b, merge) for b in group_within(group, cfg.calibrate.batch_size, limit)]
+
+        return packs(calib)[: cfg.calibrate.batches] + npz_feeds(self, cfg, data), packs(held)

@@ -35,9 +35,29 @@ def rewire_qdq_consumers(model: Any, select: Select) -> int:
             if select(node, i, q.input[0]):
                 node.input[i] = q.input[0]
                 rewired += 1
+    rewired += _unquantize_outputs(model, producer)
     if rewired:
         drop_unused(model)
     return rewired
+
+
+def _unquantize_outputs(model: Any, producer: dict) -> int:
+    """A graph output that is ``DQ(Q(x))`` becomes ``x`` itself: nothing of ours consumes a quantized
+    graph output (the vision tower's last MatMul writes ``image_embeds`` directly)."""
+    count = 0
+    for out in model.graph.output:
+        dq = producer.get(out.name)
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        source = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+        if source is None:
+            continue
+        float_name = q.input[0]
+        dq.output[0] = out.name + "_dequantized_unused"
+        for node in model.graph.node:
+            node.input[:] = [out.name if name == float_name else name for name in node.input]
+        source.output[:] = [out.name if name == float_name else name for name in source.output]
+        count += 1
+    return count
 
 
 def drop_unused(model: Any) -> None:

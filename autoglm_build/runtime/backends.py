@@ -19,6 +19,7 @@ import numpy as np
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.errors import UserError
 from autoglm_build.manifest import Artifact, Manifest
+from autoglm_build.modules import registry
 
 Feed = Dict[str, np.ndarray]
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -49,6 +50,7 @@ class Backend:
         self.precision = precision
         self.max_batch: Optional[int] = None
         self.context: Optional[int] = None
+        self.vision_patches: Optional[int] = None  # TensorRT: the vision profile's patch bound
         self.files: Dict[str, str] = {}
 
     def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
@@ -155,8 +157,11 @@ class TensorRTBackend(Backend):
         engine = deserialize(trt, path)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.dtypes[module] = {n: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
-        batch_max = min(shapes[0][2][0] for shapes in [list(p.values()) for p in sidecar.profiles])
-        self.max_batch = batch_max if self.max_batch is None else min(self.max_batch, batch_max)
+        first_dims = min(shapes[0][2][0] for shapes in [list(p.values()) for p in sidecar.profiles])
+        if registry.get(module).batch_axis == "batch":
+            self.max_batch = first_dims if self.max_batch is None else min(self.max_batch, first_dims)
+        else:  # the vision tower's axis 0 is its packed patches
+            self.vision_patches = first_dims
         runners = {}
         for k, profile_name in enumerate(sidecar.profile_names):
             runner = TrtRunner(engine, optimization_profile=k, name=f"{module}-{profile_name}")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
+from typing import Optional
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.errors import UserError
@@ -43,17 +45,30 @@ def image_bytes(url: str, param: str) -> bytes:
     return decode_base64(payload, param)
 
 
-def encode_image(backend: Backend, cfg: BuildConfig, data: bytes, param: str) -> Segment:
-    """The vision encoder's embeddings of one image, with its merged-patch grid."""
-    from autoglm_build.calibration import CalibrationDataError, load_image
+def image_geometry(cfg: BuildConfig, capacity: Optional[int] = None):
+    """The preprocessing bounds for served images: the config's, with ``max_pixels`` lowered where
+    one image at it would not fit the vision engine's patch profile (``capacity`` patches)."""
+    from autoglm_build.imaging import VisionGeometry
 
+    geometry = VisionGeometry.of(cfg.vision)
+    top = min(cfg.patch_range()[2], capacity or cfg.patch_range()[2])
+    if geometry.max_patches() > top:
+        pixels = top * geometry.temporal_patch_size * geometry.patch_size ** 2
+        geometry = dataclasses.replace(geometry, max_pixels=pixels, min_pixels=min(geometry.min_pixels, pixels))
+    return geometry
+
+
+def encode_image(backend: Backend, cfg: BuildConfig, data: bytes, param: str) -> Segment:
+    """The vision encoder's embeddings of one image at native resolution, with its token grid."""
+    from autoglm_build.imaging import ImageError, open_image, pack, preprocess
+
+    merge = cfg.vision.spatial_merge_size
     try:
-        pixels = load_image(io.BytesIO(data), cfg.vision.image_size, name="image")
-    except CalibrationDataError as exc:
+        image = preprocess(open_image(io.BytesIO(data), "image"), image_geometry(cfg, backend.vision_patches))
+    except ImageError as exc:
         raise MediaError(exc.message.split(": ", 1)[-1], param) from None
-    embeds = backend.run("vision", {"pixel_values": pixels[None]})["image_embeds"][0]
-    side = cfg.vision.grid // cfg.vision.spatial_merge_size
-    return Segment(media="image", embeds=embeds, grid=(side, side))
+    embeds = backend.run("vision", pack([image], merge))["image_embeds"]
+    return Segment(media="image", embeds=embeds, grid=image.merged_grid(merge))
 
 
 def encode_audio(backend: Backend, cfg: BuildConfig, data: bytes, param: str) -> Segment:

@@ -104,8 +104,6 @@ class ExportStage(Stage):
                     f"{len(report.unused)} checkpoint tensors under {sorted(set(report.prefixes.values()))} "
                     f"unused by this config (e.g. {report.unused[0]})"
                 )
-        if hasattr(module, "finalize"):
-            module.finalize()
         return module, params, warns
 
 

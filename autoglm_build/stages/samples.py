@@ -48,8 +48,8 @@ class SamplesStage(Stage):
         arrays = {}
         for b in ctx.cfg.export.batch_sizes:
             for k, step in enumerate(steps):
-                for name, value in step.items():
-                    arrays[f"b{b}/s{k}/{name}"] = _rows(value, b)
+                for name, value in spec.take_rows(ctx.cfg, step, b).items():
+                    arrays[f"b{b}/s{k}/{name}"] = value
         with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix=f".samples-{module}-") as tmp:
             path = Path(tmp) / f"{module}.npz"
             np.savez(path, **arrays)
@@ -68,12 +68,6 @@ def _first_chain(feeds: List[Feed], module: str) -> List[Feed]:
             break  # the next prefill
         chain.append(feed)
     return chain
-
-
-def _rows(value: np.ndarray, batch: int) -> np.ndarray:
-    """``batch`` rows of ``value`` (repeating rows when the data has fewer)."""
-    reps = -(-batch // value.shape[0])
-    return np.concatenate([value] * reps, axis=0)[:batch]
 
 
 def load_samples(path: Path) -> Dict[int, List[Feed]]:

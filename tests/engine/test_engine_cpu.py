@@ -20,7 +20,10 @@ pytestmark = pytest.mark.skipif(trt_env.available(), reason="checks the behaviou
 
 def test_profiles_keep_cache_axes_consistent(tiny_build, tiny_cfg):
     (vision,) = profiles(tiny_cfg, tiny_build / "onnx" / "vision.onnx", 8, 4)
-    assert vision["pixel_values"] == ((1, 3, 112, 112), (4, 3, 112, 112), (8, 3, 112, 112))
+    # packed patches: from one merge window to one image at vision.max_pixels, tuned for one screenshot
+    assert vision["pixel_values"] == ((4, 1176), (920, 1176), (1024, 1176))
+    assert vision["patch_pos"] == ((4, 2), (920, 2), (1024, 2))
+    assert vision["patch_grid"] == ((4, 3), (920, 3), (1024, 3))
     prefill, decode = profiles(tiny_cfg, tiny_build / "onnx" / "decoder.onnx", 8, 4)
     context = tiny_cfg.engine.context
     for profile in (prefill, decode):

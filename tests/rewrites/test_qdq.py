@@ -68,3 +68,24 @@ def test_names_read_inside_a_subgraph_are_kept():
     model, _ = QDQOnlyOnQuantizedOps(["Conv"])(model)
     assert "w" in {t.name for t in model.graph.initializer}  # read only by the If's branches
     onnx.checker.check_model(model)
+
+
+def test_a_quantized_graph_output_becomes_the_float_tensor():
+    """onnxruntime.quantization may leave a graph output as DQ(Q(x)) (the vision tower's last MatMul writes
+    ``image_embeds``): the output is x itself, under its own name."""
+    inits = [numpy_helper.from_array(np.full((), 0.02, np.float32), "s"),
+             numpy_helper.from_array(np.zeros((), np.int8), "z"),
+             numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y_float"], name="mm"),
+             helper.make_node("QuantizeLinear", ["y_float", "s", "z"], ["yq"], name="q"),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"], name="dq")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model, count = QDQOnlyOnQuantizedOps(["MatMul", "Gemm", "Conv"])(model)
+    assert count == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMul"] and list(model.graph.node[0].output) == ["y"]
+    x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    (y,) = run_onnx(model, {"x": x})
+    np.testing.assert_allclose(y, x @ numpy_helper.to_array(inits[2]), rtol=1e-6)

@@ -125,7 +125,11 @@ def _chat_usage(client, parts):
 
 
 def test_image_and_audio_are_spliced_into_the_decoder_input(client, tiny_cfg):
-    pytest.importorskip("transformers", reason="image/audio preprocessing uses transformers' processors")
+    pytest.importorskip("transformers", reason="audio preprocessing uses transformers' Whisper features")
+    from PIL import Image
+
+    from autoglm_build.imaging import VisionGeometry, image_tokens
+
     images = sorted((ROOT / "calibration_data" / "images").glob("*.jpg"))[:2]
     wav = sorted((ROOT / "calibration_data" / "audio").glob("*.wav"))[0]
     text = [{"type": "text", "text": "这是什么?"}]
@@ -133,7 +137,8 @@ def test_image_and_audio_are_spliced_into_the_decoder_input(client, tiny_cfg):
     replies = []
     for image in images:
         reply, usage = _chat_usage(client, [{"type": "image_url", "image_url": {"url": _image_url(image)}}, *text])
-        n = tiny_cfg.vision.num_tokens
+        with Image.open(image) as img:
+            n = image_tokens(img.height, img.width, VisionGeometry.of(tiny_cfg.vision))
         assert usage.model_dump()["prompt_tokens_details"]["image_tokens"] == n, usage
         assert usage.prompt_tokens == base.prompt_tokens + n + 2  # + <|begin_of_image|>, <|end_of_image|>
         replies.append(reply)
@@ -148,6 +153,22 @@ def test_image_and_audio_are_spliced_into_the_decoder_input(client, tiny_cfg):
     assert usage.prompt_tokens == base.prompt_tokens + mel // a.frame_multiple + 2
     # different inputs, different greedy replies: the embeddings reached the decoder
     assert len({base_reply, *replies, reply}) == 4
+
+
+def test_a_phone_screenshot_is_read_at_native_resolution(client, tiny_cfg):
+    """The phone agent's request: a 1080x2400 PNG first, then the task text."""
+    screenshot = ROOT / "calibration_data" / "images" / "screen_settings.png"
+    text = {"type": "text", "text": "打开蓝牙\n\n{\"current_app\": \"Settings\"}"}
+    _, usage = _chat_usage(client, [{"type": "image_url", "image_url": {"url": _image_url(screenshot)}}, text])
+    from PIL import Image
+
+    small = io.BytesIO()
+    Image.open(screenshot).resize((112, 112)).save(small, format="PNG")
+    thumb_url = "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()
+    _, thumb = _chat_usage(client, [{"type": "image_url", "image_url": {"url": thumb_url}}, text])
+    # 1080x2400 at the tiny config's max_pixels: 644x280 px, 46x20 patches, 23x10 = 230 tokens
+    assert usage.model_dump()["prompt_tokens_details"]["image_tokens"] == 230
+    assert thumb.model_dump()["prompt_tokens_details"]["image_tokens"] == 16  # 112x112: 8x8 patches
 
 
 def test_wav_bytes_helper_is_what_calibration_ships():

@@ -37,8 +37,8 @@ class Options:
     dry_run: bool = False
 
 
-ConfigOpt = typer.Option(None, "-c", "--config", help="Build config YAML [default: configs/autoglm-phone-tiny.yaml]")
-WorkdirOpt = typer.Option(None, "-w", "--workdir", help="Artifacts and manifest [default: build/<config name>]")
+ConfigOpt = typer.Option(None, "-c", "--config", help="Build config YAML \\[default: configs/autoglm-phone-tiny.yaml]")
+WorkdirOpt = typer.Option(None, "-w", "--workdir", help="Artifacts and manifest \\[default: build/<config name>]")
 JsonOpt = typer.Option(None, "--json", help="One JSON document on stdout; logs stay on stderr.")
 VerboseOpt = typer.Option(None, "-v", "--verbose", help="More logs on stderr.")
 QuietOpt = typer.Option(None, "-q", "--quiet", help="Errors only on stderr.")
@@ -46,6 +46,13 @@ DryRunOpt = typer.Option(None, "--dry-run", help="Print the plan (modules, sizes
 CheckpointOpt = typer.Option(None, "--checkpoint", help="Local safetensors checkpoint directory.")
 ForceOpt = typer.Option(False, "--force", help="Rerun stages even when cached.")
 ModuleOpt = typer.Option(None, "-m", "--module", help="Only these modules (repeatable).")
+
+
+def _print_version(value: bool) -> None:
+    """``--version``: eager, so it answers before Click asks for a command."""
+    if value:
+        print(__version__)
+        raise typer.Exit(0)
 
 
 @app.callback()
@@ -57,11 +64,9 @@ def main_callback(
     verbose: Optional[bool] = VerboseOpt,
     quiet: Optional[bool] = QuietOpt,
     dry_run: Optional[bool] = DryRunOpt,
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the version and exit."),
 ) -> None:
-    if version:
-        print(__version__)
-        raise typer.Exit(0)
     ctx.obj = _merge(Options(), config, workdir, json_out, verbose, quiet, dry_run)
 
 
@@ -186,8 +191,8 @@ def calibrate(
 def engine(
     ctx: typer.Context,
     precision: str = typer.Option("fp16", "--precision", help="fp16 | int8 | fp32"),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Profile max batch [engine.max_batch]"),
-    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", min=1, help="Profile opt batch [engine.opt_batch]"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Profile max batch \\[engine.max_batch]"),
+    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", min=1, help="Profile opt batch \\[engine.opt_batch]"),
     module: Optional[List[str]] = ModuleOpt,
     force: bool = ForceOpt,
     config: Optional[Path] = ConfigOpt,
@@ -207,7 +212,7 @@ def engine(
 @app.command()
 def verify(
     ctx: typer.Context,
-    precision: Optional[List[str]] = typer.Option(None, "--precision", help="fp16 | int8 (repeatable) [both]"),
+    precision: Optional[List[str]] = typer.Option(None, "--precision", help="fp16 | int8 (repeatable) \\[both]"),
     strict: bool = typer.Option(False, "--strict", help="Exit 3 when anything is out of tolerance."),
     module: Optional[List[str]] = ModuleOpt,
     config: Optional[Path] = ConfigOpt,
@@ -266,7 +271,7 @@ def bench(
     backends: str = typer.Option("tensorrt,torch,onnxruntime", "--backends",
                                  help="Any of tensorrt (trt), torch, onnxruntime (ort)"),
     precision: Optional[List[str]] = typer.Option(None, "--precision",
-                                                  help="Engine precisions (repeatable) [fp16, int8]"),
+                                                  help="Engine precisions (repeatable) \\[fp16, int8]"),
     prompt: int = typer.Option(512, "--prompt", min=1, help="Decoder prefill length (time to first token)."),
     past: int = typer.Option(512, "--past", min=1, help="Cache length of the timed decode step."),
     min_time: float = typer.Option(1.0, "--min-time", min=0.0, help="Seconds of timed iterations per case."),
@@ -297,15 +302,15 @@ def bench(
 @app.command()
 def serve(
     ctx: typer.Context,
-    host: Optional[str] = typer.Option(None, "--host", help="Bind address [serve.host: 127.0.0.1]"),
-    port: Optional[int] = typer.Option(None, "--port", min=0, max=65535, help="Port [serve.port: 8000]"),
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address \\[serve.host: 127.0.0.1]"),
+    port: Optional[int] = typer.Option(None, "--port", min=0, max=65535, help="Port \\[serve.port: 8000]"),
     backend: str = typer.Option("auto", "--backend", help="auto | tensorrt | onnxruntime"),
     precision: Optional[str] = typer.Option(None, "--precision",
-                                            help="fp16 | int8 | fp32 [tensorrt: fp16, onnxruntime: fp32]"),
+                                            help="fp16 | int8 | fp32 \\[tensorrt: fp16, onnxruntime: fp32]"),
     api_key: Optional[str] = typer.Option(None, "--api-key",
-                                          help="Require this bearer key [env AUTOGLM_BUILD_API_KEY]"),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Decoder rows at once [serve.max_batch]"),
-    queue_size: Optional[int] = typer.Option(None, "--queue-size", min=0, help="Waiting requests [serve.queue_size]"),
+                                          help="Require this bearer key \\[env AUTOGLM_BUILD_API_KEY]"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Decoder rows at once \\[serve.max_batch]"),
+    queue_size: Optional[int] = typer.Option(None, "--queue-size", min=0, help="Waiting requests \\[serve.queue_size]"),
     config: Optional[Path] = ConfigOpt,
     workdir: Optional[Path] = WorkdirOpt,
     verbose: Optional[bool] = VerboseOpt,

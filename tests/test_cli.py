@@ -120,3 +120,29 @@ def test_calibrate_options_reach_the_stage(tiny_build_copy):
     assert result.exit_code == 0, result.output
     record = Manifest.load(tiny_build_copy).record("calibrate-int8", "audio")
     assert record.params["method"] == "minmax"
+
+
+def test_version_prints_the_version_and_exits_0():
+    from autoglm_build import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == __version__
+
+
+def _bracketed_helps():
+    """(command, help text) of every option whose help holds a bracket, the root's options included."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in [("", group)] + sorted(group.commands.items()):
+        for param in command.params:
+            if getattr(param, "help", None) and "[" in param.help:
+                yield name, param.help.replace("\\[", "[")
+
+
+@pytest.mark.parametrize("command, text", list(_bracketed_helps()))
+def test_bracketed_defaults_survive_rich_markup_in_help(command, text):
+    result = runner.invoke(app, [command, "--help"] if command else ["--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert " ".join(text.split()) in " ".join(result.stdout.split())

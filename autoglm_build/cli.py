@@ -221,7 +221,8 @@ def verify(
     verbose: Optional[bool] = VerboseOpt,
     quiet: Optional[bool] = QuietOpt,
 ) -> None:
-    """Precision graphs and engines vs ONNX Runtime on the FP32 graph, at batch 1, 4, 8 on real samples."""
+    """Precision graphs and engines vs ONNX Runtime on the FP32 graph, on real samples at the config's
+    export.batch_sizes; the rows are stored in the manifest."""
     opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, None)
     with user_errors():
         from autoglm_build.errors import AccuracyError
@@ -267,7 +268,8 @@ def inspect(
 def bench(
     ctx: typer.Context,
     module: Optional[List[str]] = ModuleOpt,
-    batches: str = typer.Option("1,4,8", "--batches", help="Comma-separated batch sizes."),
+    batches: Optional[str] = typer.Option(
+        None, "--batches", help="Comma-separated batch sizes \\[export.batch_sizes, within engine.max_batch]"),
     backends: str = typer.Option("tensorrt,torch,onnxruntime", "--backends",
                                  help="Any of tensorrt (trt), torch, onnxruntime (ort)"),
     precision: Optional[List[str]] = typer.Option(None, "--precision",
@@ -288,7 +290,8 @@ def bench(
         from autoglm_build.render import render_bench
 
         cfg, names, target = _target(opts, module)
-        sizes = _batch_sizes(batches, cfg.engine.max_batch)
+        sizes = (_batch_sizes(batches, cfg.engine.max_batch) if batches is not None
+                 else sorted({min(b, cfg.engine.max_batch) for b in cfg.export.batch_sizes}))
         reporter = Reporter(opts.verbosity)
         with reporter.task("bench") as status:
             report = run_bench(cfg, target, names, sizes,
@@ -309,7 +312,8 @@ def serve(
                                             help="fp16 | int8 | fp32 \\[tensorrt: fp16, onnxruntime: fp32]"),
     api_key: Optional[str] = typer.Option(None, "--api-key",
                                           help="Require this bearer key \\[env AUTOGLM_BUILD_API_KEY]"),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1, help="Decoder rows at once \\[serve.max_batch]"),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1,
+                                            help="Decoder rows at once \\[serve.max_batch]"),
     queue_size: Optional[int] = typer.Option(None, "--queue-size", min=0, help="Waiting requests \\[serve.queue_size]"),
     config: Optional[Path] = ConfigOpt,
     workdir: Optional[Path] = WorkdirOpt,

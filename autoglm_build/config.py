@@ -121,7 +121,8 @@ class AudioConfig(_Section):
 
 
 class Tolerance(_Section):
-    """``|a - b| <= atol + rtol * |b|`` elementwise, b being PyTorch's output."""
+    """Passes when ``max|a - b| <= atol + rtol * max|b|`` over the whole output (maxima, not element by
+    element), b being the reference (PyTorch's output, or ONNX Runtime on the FP32 graph)."""
 
     atol: float = Field(1e-4, ge=0)
     rtol: float = Field(1e-3, ge=0)

@@ -7,9 +7,15 @@ everywhere in this tool (:mod:`autoglm_build.validate`).
 
 - ONNX Runtime (always, CPU included): ``int8/`` and ``fp16/`` graphs vs the FP32 graph.
 - TensorRT (where it is installed): each engine in the manifest, checked before loading (sidecar
-  TensorRT version and compute capability, sha256 vs the manifest), run through Polygraphy's
-  ``Comparator`` with a ``TrtRunner`` (the decoder's prefill and decode profiles in turn) against an
-  ``OnnxrtRunner`` on the FP32 graph.
+  TensorRT version and compute capability, sha256 vs the manifest), run one step at a time by
+  Polygraphy's ``TrtRunner`` (driven by ``Comparator.run``; the decoder's prefill and decode
+  profiles in turn).
+
+The reference is an ONNX Runtime session on the FP32 graph, run once per batch; every backend's
+outputs are compared with it here (:func:`_compare`: ``max|a - b|`` against ``atol + rtol *
+max|ref|`` per output group), not by Polygraphy's ``OnnxrtRunner`` or its comparison functions.
+The rows are stored in the manifest (``verify/<module>`` records; the latest row per backend,
+precision, output and batch wins).
 
 Every file (samples, graphs, engines) comes from the opened :class:`~autoglm_build.workdir.Build`,
 checked against its manifest record before it is read: a substituted file is refused (exit 2).
@@ -66,7 +72,32 @@ def verify(cfg: BuildConfig, workdir: Path, modules: Sequence[str], precisions: 
                 status(f"{module} {precision}: TensorRT")
                 run = _trt_run((build.check(engine), engine.sha256), module)
                 rows += _compare(module, "tensorrt", precision, run, samples, want, tol)
-    return {"rows": rows, "notes": notes, "passed": all(r["passed"] for r in rows), "engines_checked": engines}
+    report = {"rows": rows, "notes": notes, "passed": all(r["passed"] for r in rows), "engines_checked": engines}
+    store(build, report)
+    return report
+
+
+def store(build: Build, report: Dict[str, Any]) -> None:
+    """Merge ``report``'s rows into the manifest's ``verify/<module>`` records under its lock: the
+    latest row per (backend, precision, output, batch) wins; status ``failed`` while any is out."""
+    import time
+
+    from autoglm_build.manifest import Manifest, StageRecord
+
+    def key(row: Dict[str, Any]) -> tuple:
+        return row["backend"], row["precision"], row["output"], row["batch"]
+
+    def merge(fresh: Manifest) -> None:
+        for module in sorted({r["module"] for r in report["rows"]}):
+            old = fresh.record("verify", module)
+            rows = {key(r): r for r in (old.metrics.get("rows", []) if old else [])}
+            rows.update({key(r): r for r in report["rows"] if r["module"] == module})
+            passed = all(r["passed"] for r in rows.values())
+            fresh.put(StageRecord(stage="verify", module=module, status="done" if passed else "failed",
+                                  fingerprint="", started=time.time(),
+                                  metrics={"passed": passed, "rows": list(rows.values())}), [])
+
+    build.manifest.update(build.workdir, merge)
 
 
 def _compare(module: str, backend: str, precision: str, run: Run, samples: Dict[int, List[Feed]],

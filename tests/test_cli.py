@@ -146,3 +146,46 @@ def test_bracketed_defaults_survive_rich_markup_in_help(command, text):
     result = runner.invoke(app, [command, "--help"] if command else ["--help"], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert " ".join(text.split()) in " ".join(result.stdout.split())
+
+
+def test_optimize_table_says_why_a_fusion_is_skipped_at_opset_17(tiny_build_copy, monkeypatch):
+    from rich.console import Console
+
+    from autoglm_build import render
+
+    wide = Console(record=True, width=400, file=open("/dev/null", "w"))
+    monkeypatch.setattr(render, "stdout", wide)
+    result = invoke("optimize", "-c", TINY, "-w", tiny_build_copy, "-m", "embed")
+    assert result.exit_code == 0, result.output
+    text = wide.export_text()
+    assert "fuse-gelu: skipped: needs opset >= 20" in text
+    assert "fuse-rmsnorm: skipped: needs opset >= 23" in text
+
+
+def test_bench_defaults_to_the_configs_batch_sizes(tmp_path, monkeypatch):
+    import autoglm_build.bench
+
+    seen = {}
+
+    def fake_bench(cfg, workdir, names, sizes, *args, **kwargs):
+        seen["sizes"] = sizes
+        return {"config": cfg.name, "rows": [], "notes": [], "peaks": None}
+
+    monkeypatch.setattr(autoglm_build.bench, "bench", fake_bench)
+    config = write_config(tmp_path / "c.yaml", {"export": {"batch_sizes": [1, 2]}})
+    result = invoke("bench", "-c", config, "-w", tmp_path / "w", "-m", "embed", "--json")
+    assert result.exit_code == 0, result.output
+    assert seen["sizes"] == [1, 2]
+
+
+def test_verify_help_names_the_configs_batches_and_rows_land_in_the_manifest(trust_copy, trust_config):
+    from autoglm_build.manifest import Manifest
+
+    help_text = " ".join(runner.invoke(app, ["verify", "--help"], env={"COLUMNS": "300"}).stdout.split())
+    assert "export.batch_sizes" in help_text and "batch 1, 4, 8" not in help_text
+    result = invoke("verify", "-c", trust_config, "-w", trust_copy, "-m", "embed", "--precision", "fp16", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert rows and {r["batch"] for r in rows} == {1, 4, 8}
+    record = Manifest.load(trust_copy).record("verify", "embed")
+    assert record is not None and record.metrics["rows"] == rows and record.status == "done"

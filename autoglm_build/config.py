@@ -206,10 +206,18 @@ def _default_engine_tolerances() -> Dict[str, Tolerance]:
 class EngineConfig(_Section):
     """TensorRT engines: profiles, workspace, timing cache, verification tolerances."""
 
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens per prefill call: ``prefill_chunk`` within the context."""
+        return min(self.prefill_chunk, self.context)
+
     precision: Literal["fp16", "int8", "fp32"] = "fp16"
     max_batch: int = Field(8, ge=1)
     opt_batch: int = Field(4, ge=1)
-    context: int = Field(2048, ge=2, description="decoder tokens (prompt + generated): the KV-cache bound")
+    context: int = Field(25480, ge=2, description="decoder tokens (prompt + generated): the KV-cache bound "
+                         "(25,480: the phone agent's reference deployment)")
+    prefill_chunk: int = Field(4096, ge=1, description="most prompt tokens one prefill call takes (the prefill "
+                               "profile's seq bound); longer prompts are prefilled in chunks")
     opt_seq: int = Field(64, ge=1, description="prefill length the profile is tuned for")
     opt_past: int = Field(256, ge=0, description="cache length the profile is tuned for")
     opt_audio_frames: int = Field(800, ge=8)
@@ -239,8 +247,10 @@ class ServeConfig(_Section):
     max_tokens: int = Field(256, ge=1, description="default max_tokens of a request")
     thinking_budget: Optional[int] = Field(
         None, ge=0, description="reasoning tokens before </think> is forced; default half of max_tokens")
-    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="request bodies above this get 413")
-    max_media_per_request: int = Field(4, ge=0, description="images + audio clips in one request")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="request bodies above this get 413 "
+                                "(10 full-size 1080x2400 PNG screenshots, base64, fit with room to spare)")
+    max_media_per_request: int = Field(10, ge=0, description="images + audio clips in one request (vLLM's "
+                                       "reference deployment allows 10 images)")
 
 
 class BuildConfig(_Section):
@@ -334,6 +344,8 @@ def _architecture_problems(cfg: BuildConfig) -> List[str]:
     g = cfg.engine
     if not 1 <= g.opt_batch <= g.max_batch:
         problems.append(f"engine.opt_batch: {g.opt_batch} must lie in [1, engine.max_batch={g.max_batch}]")
+    if g.opt_seq > g.prefill_tokens:
+        problems.append(f"engine.opt_seq: {g.opt_seq} exceeds engine.prefill_chunk {g.prefill_tokens}")
     if g.opt_seq + g.opt_past > g.context:
         problems.append(
             f"engine.opt_seq + engine.opt_past ({g.opt_seq + g.opt_past}) exceed engine.context {g.context}")

@@ -20,6 +20,9 @@ SPECIAL = ["<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|ass
            "<|begin_of_image|>", "<|image|>", "<|end_of_image|>", "<|begin_of_audio|>", "<|audio|>",
            "<|end_of_audio|>", "<think>", "</think>"]
 VOCAB = 2048  # <= text.vocab_size of the tiny config (4096)
+# GLM's answer tags, added after training (ids after the trained vocabulary, so earlier ids stay):
+# the phone agent sends its history back as <think>..</think><answer>..</answer> text.
+ADDED_SPECIAL = ["<answer>", "</answer>"]
 
 
 def corpus() -> list:
@@ -36,6 +39,7 @@ def main() -> None:
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.add_special_tokens(ADDED_SPECIAL)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(OUT))
     print(f"{OUT}: {tok.get_vocab_size()} tokens")

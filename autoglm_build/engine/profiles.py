@@ -7,7 +7,8 @@ two profiles, so that the cache is bounded by ``engine.context`` exactly and rel
 consistent at min, opt and max (``total_seq = past_seq + seq``, which TensorRT checks through the
 Concat of cache and new keys):
 
-- profile 0, prefill: ``seq`` 1..context, ``past_seq`` 0, ``total_seq`` = ``seq``
+- profile 0, prefill: ``seq`` 1..prefill_chunk, ``past_seq`` 0..context-1 (the chunks of a long
+  prompt after the first, and a prompt after a cached prefix), ``total_seq`` 1..context
 - profile 1, decode: ``seq`` 1, ``past_seq`` 1..context-1, ``total_seq`` = ``past_seq`` + 1
 """
 
@@ -34,7 +35,8 @@ def axis_ranges(cfg: BuildConfig, max_batch: int, opt_batch: int, profile: int =
         "patches": cfg.patch_range(),
     }
     if profile == 0:
-        ranges.update(seq=(1, g.opt_seq, g.context), past_seq=(0, 0, 0), total_seq=(1, g.opt_seq, g.context))
+        chunk = g.prefill_tokens
+        ranges.update(seq=(1, g.opt_seq, chunk), past_seq=(0, 0, g.context - 1), total_seq=(1, g.opt_seq, g.context))
     else:
         opt = max(1, min(g.opt_past, g.context - 1))
         ranges.update(seq=(1, 1, 1), past_seq=(1, opt, g.context - 1), total_seq=(2, opt + 1, g.context))

@@ -51,6 +51,7 @@ class Backend:
         self.max_batch: Optional[int] = None
         self.context: Optional[int] = None
         self.vision_patches: Optional[int] = None  # TensorRT: the vision profile's patch bound
+        self.prefill_chunk: Optional[int] = None  # TensorRT: the prefill profile's longest call
         self.files: Dict[str, str] = {}
 
     def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
@@ -170,6 +171,7 @@ class TensorRTBackend(Backend):
         self.runners[module] = runners
         if module == "decoder" and "attention_mask" in sidecar.profiles[-1]:
             self.context = sidecar.profiles[-1]["attention_mask"][2][1]
+            self.prefill_chunk = sidecar.profiles[0]["inputs_embeds"][2][1]
 
     def runner(self, module: str, phase: str = "prefill") -> Any:
         """The module's activated TrtRunner for ``phase`` (its only one for single-profile engines)."""

@@ -51,6 +51,9 @@ class SamplingParams:
     stop: Sequence[str] = ()
     thinking_budget: Optional[int] = None  # reasoning tokens before </think> is forced
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    frequency_penalty: float = 0.0  # OpenAI's: minus penalty x count of each id generated so far
+    presence_penalty: float = 0.0  # OpenAI's: minus penalty for each id generated at least once
+    skip_special_tokens: bool = True  # vLLM's default: <think>, <answer>, ... never in the text
 
 
 @dataclass
@@ -92,8 +95,8 @@ class _Row:
 
     def __init__(self, req: Request, tokenizer: ChatTokenizer) -> None:
         self.req = req
-        self.reasoning = Detokenizer(tokenizer)
-        self.content = Detokenizer(tokenizer)
+        self.reasoning = Detokenizer(tokenizer, req.params.skip_special_tokens)
+        self.content = Detokenizer(tokenizer, req.params.skip_special_tokens)
         self.stops = StopMatcher(req.params.stop)
         self.next_position = req.prompt.next_position
         self.pending = 0  # the token sampled last, fed at the next decode step
@@ -110,13 +113,19 @@ class Scheduler:
         max_batch: decoder rows at once (capped by the backend's engines).
         queue_size: requests allowed to wait for a row.
         context: prompt + generated tokens per request (capped by the backend's engines).
+        prefill_chunk: most prompt tokens per decoder call (default ``engine.prefill_chunk``, capped by
+            the prefill profile); longer prompts are prefilled in chunks.
     """
 
     def __init__(self, backend: Backend, cfg: BuildConfig, tokenizer: ChatTokenizer, max_batch: int,
-                 queue_size: int, context: int) -> None:
+                 queue_size: int, context: int, prefill_chunk: Optional[int] = None) -> None:
         self.backend, self.cfg, self.tokenizer = backend, cfg, tokenizer
         self.max_batch = min(max_batch, backend.max_batch or max_batch)
         self.context = min(context, backend.context or context)
+        chunk = prefill_chunk or cfg.engine.prefill_tokens
+        self.prefill_chunk = min(chunk, getattr(backend, "prefill_chunk", None) or chunk)
+        self.kv_dtype = np.float32
+        self.prefill_tokens = 0
         self.queue_size = queue_size
         self.layers = range(cfg.text.num_hidden_layers)
         self.waiting: Deque[Request] = collections.deque()
@@ -144,8 +153,8 @@ class Scheduler:
     def stats(self) -> Dict[str, int]:
         with self.lock:
             return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
-                    "queue_size": self.queue_size, "context": self.context, "decode_steps": self.steps,
-                    "tokens": self.tokens}
+                    "queue_size": self.queue_size, "context": self.context, "prefill_chunk": self.prefill_chunk,
+                    "decode_steps": self.steps, "tokens": self.tokens, "prefill_tokens": self.prefill_tokens}
 
     def start(self) -> None:
         self.running = True
@@ -215,6 +224,8 @@ class Scheduler:
         return self.backend.run("decoder", feed, phase)
 
     def _prefill(self, reqs: List[Request]) -> None:
+        """One batched prefill of the admitted prompts (left-padded to one length), in chunks of at most
+        ``prefill_chunk`` tokens: each chunk attends to the cache the earlier chunks wrote."""
         t = self.cfg.text
         length = max(len(r.prompt.ids) for r in reqs)
         ids = np.zeros((len(reqs), length), np.int64)
@@ -225,14 +236,20 @@ class Scheduler:
             ids[k, length - n:] = req.prompt.ids
             mask[k, length - n:] = 1
             positions[k, :, length - n:] = req.prompt.positions
-        embeds = self._embed(ids, "prefill")
-        for k, req in enumerate(reqs):
-            offset = length - len(req.prompt.ids)
-            for start, media in req.prompt.splices:
-                embeds[k, offset + start: offset + start + len(media)] = media
-        past = {f"past_{kind}.{i}": np.zeros((len(reqs), t.num_key_value_heads, 0, t.head_dim), np.float32)
+        past = {f"past_{kind}.{i}": np.zeros((len(reqs), t.num_key_value_heads, 0, t.head_dim), self.kv_dtype)
                 for i in self.layers for kind in ("key", "value")}
-        out = self._decoder(embeds, mask, positions, past, "prefill")
+        for start in range(0, length, self.prefill_chunk):
+            end = min(length, start + self.prefill_chunk)
+            embeds = self._embed(ids[:, start:end], "prefill")
+            for k, req in enumerate(reqs):
+                offset = length - len(req.prompt.ids)
+                for at, media in req.prompt.splices:
+                    lo, hi = max(start, offset + at), min(end, offset + at + len(media))
+                    if lo < hi:
+                        embeds[k, lo - start:hi - start] = media[lo - offset - at:hi - offset - at]
+            out = self._decoder(embeds, mask[:, :end], positions[:, :, start:end], past, "prefill")
+            past = {f"past_{kind}.{i}": out[f"present_{kind}.{i}"] for i in self.layers for kind in ("key", "value")}
+        self.prefill_tokens += int(mask.sum())
         rows = [_Row(req, self.tokenizer) for req in reqs]
         now = time.perf_counter()
         for row in rows:
@@ -314,7 +331,8 @@ class Scheduler:
                 allowed[close] = req.thinking
                 if params.ignore_eos:
                     allowed[list(tok.stop_ids)] = False
-                token = _pick(logits[k], allowed, params, req.rng)
+                scores = apply_penalties(logits[k], req.token_ids, params.frequency_penalty, params.presence_penalty)
+                token = _pick(scores, allowed, params, req.rng)
             self._accept(row, token)
 
     def _accept(self, row: _Row, token: int) -> None:
@@ -349,6 +367,15 @@ class Scheduler:
                 "prompt_tokens": prompt, "completion_tokens": req.generated, "total_tokens": prompt + req.generated,
                 "prompt_tokens_details": {"image_tokens": media.get("image", 0), "audio_tokens": media.get("audio", 0)},
                 "completion_tokens_details": {"reasoning_tokens": req.reasoning_tokens}}})
+
+
+def apply_penalties(logits: np.ndarray, generated: Sequence[int], frequency: float, presence: float) -> np.ndarray:
+    """OpenAI's frequency and presence penalties over the tokens generated so far:
+    ``logits[j] - count[j] * frequency - (count[j] > 0) * presence``."""
+    if not generated or (frequency == 0 and presence == 0):
+        return logits
+    counts = np.bincount(np.asarray(generated, dtype=np.int64), minlength=len(logits))[: len(logits)]
+    return logits - frequency * counts - presence * (counts > 0)
 
 
 def _pick(logits: np.ndarray, allowed: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

@@ -21,6 +21,9 @@ STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 SPECIAL = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>",
            "<|begin_of_image|>", "<|image|>", "<|end_of_image|>", "<|begin_of_audio|>", "<|audio|>",
            "<|end_of_audio|>", "<think>", "</think>")
+#: GLM's answer tags: special tokens of GLM's tokenizer that the model writes around its answer
+#: (``<think>..</think><answer>..</answer>``); sampled like text, never shown in ``content``
+ANSWER_TAGS = ("<answer>", "</answer>")
 
 
 @dataclass
@@ -65,19 +68,22 @@ class ChatTokenizer:
         if missing:
             raise UserError(f"tokenizer: special token(s) {', '.join(missing)} missing; not a GLM tokenizer")
         self.ids: Dict[str, int] = {t: tokenizer.token_to_id(t) for t in SPECIAL}
+        self.ids.update({t: tokenizer.token_to_id(t) for t in ANSWER_TAGS if tokenizer.token_to_id(t) is not None})
         self.stop_ids = {self.ids[t] for t in STOP_TOKENS}
         decodable = min(vocab_size, tokenizer.get_vocab_size(with_added_tokens=True))
         allowed = np.zeros(vocab_size, dtype=bool)
         allowed[:decodable] = True
         for token in SPECIAL:
             allowed[self.ids[token]] = self.ids[token] in self.stop_ids
-        self.allowed = allowed
+        self.allowed = allowed  # the answer tags stay allowed: the model writes them
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens (``<think>``, ``<answer>``, ...) dropped unless asked for, as vLLM
+        does by default (``skip_special_tokens``)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     # ---- prompts ----------------------------------------------------------------------------
 
@@ -147,16 +153,17 @@ class Detokenizer:
     holding text back while the decoder's output still ends in a replacement character.
     """
 
-    def __init__(self, tokenizer: ChatTokenizer) -> None:
+    def __init__(self, tokenizer: ChatTokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
         self.ids: List[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip)
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return text[len(prefix):]

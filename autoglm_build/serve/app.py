@@ -157,6 +157,8 @@ def create_app(state: ServerState):
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"request body is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply") from None
         if not isinstance(data, dict):
             raise APIError(400, "request body must be a JSON object")
         try:
@@ -214,7 +216,7 @@ def create_app(state: ServerState):
         try:
             async for event in events:
                 if event["type"] == "delta":
-                    text += event["content"]
+                    text += event["content"] if reasoning else event["reasoning"] + event["content"]
                     thought += event["reasoning"]
                 else:
                     done = event
@@ -290,7 +292,9 @@ def sampling(state: ServerState, body, prompt: Prompt, max_tokens: Optional[int]
         max_tokens = min(state.cfg.serve.max_tokens, room)
     budget = thinking_budget if thinking_budget is not None else state.cfg.serve.thinking_budget
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                          stop=tuple(body.stop or ()), thinking_budget=budget, ignore_eos=body.ignore_eos)
+                          stop=tuple(body.stop or ()), thinking_budget=budget, ignore_eos=body.ignore_eos,
+                          frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
+                          skip_special_tokens=body.skip_special_tokens)
 
 
 def submit(state: ServerState, prompt: Prompt, params: SamplingParams) -> Tuple[AsyncIterator[Dict], Request]:
@@ -340,9 +344,10 @@ async def stream_chunks(events: AsyncIterator[Dict], request: Request, ident: st
         async for event in events:
             if event["type"] == "delta":
                 if chat:
-                    delta = {}
-                    if event["content"]:
-                        delta["content"] = event["content"]
+                    # without return_reasoning the thinking text stays in content (vLLM without a reasoning
+                    # parser; the phone agent reads its thinking there), the tags never
+                    text = event["content"] if reasoning else event["reasoning"] + event["content"]
+                    delta = {"content": text} if text else {}
                     if reasoning and event["reasoning"]:
                         delta["reasoning_content"] = event["reasoning"]
                     if delta:

@@ -1,7 +1,7 @@
 """OpenAI request bodies (the fields this server honours), validated with pydantic.
 
-Unknown fields are ignored, as OpenAI-compatible servers do (clients send ``logprobs``,
-``presence_penalty`` and the like by default); fields we cannot honour with their non-default
+Unknown fields are ignored, as OpenAI-compatible servers do (clients send ``logprobs``, ``user``
+and the like by default); fields we cannot honour with their non-default
 values (``n`` > 1, ``echo``, ``logprobs``) are refused, never silently dropped.
 """
 
@@ -62,7 +62,10 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, List[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    skip_special_tokens: bool = Field(True, description="vLLM's: <think>, <answer>, ... left out of the text")
     ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens whatever is sampled")
     logprobs: Optional[Any] = None
     user: Optional[str] = None

@@ -127,3 +127,61 @@ def test_a_failing_backend_ends_every_affected_request_with_an_error(runtime):
     scheduler.run_until_idle()
     assert [e["type"] for e in events] == ["error", "error"]
     assert "device lost" in events[0]["message"]
+
+
+# ---- the request contract: penalties, long prompts -----------------------------------------------
+
+
+def _reference_penalties(logits, generated, frequency, presence):
+    """OpenAI's definition, written out plainly."""
+    out = [float(x) for x in logits]
+    for token in set(generated):
+        count = sum(1 for g in generated if g == token)
+        out[token] -= count * frequency + (presence if count > 0 else 0.0)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("frequency, presence", [(0.0, 0.0), (2.0, 0.0), (0.0, 1.5), (0.2, -0.5), (-2.0, 2.0)])
+def test_penalties_equal_a_plain_reference(frequency, presence):
+    from autoglm_build.runtime.generation import apply_penalties
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(50)
+    generated = list(rng.integers(0, 50, 30)) + [7, 7, 7]
+    np.testing.assert_allclose(apply_penalties(logits, generated, frequency, presence),
+                               _reference_penalties(logits, generated, frequency, presence))
+    np.testing.assert_array_equal(apply_penalties(logits, [], frequency, presence), logits)
+
+
+def test_frequency_penalty_changes_greedy_output(runtime):
+    prompt = [("Open the settings app and turn on dark mode", False)]
+    plain = _generate(runtime, prompt, temperature=0, max_tokens=40, ignore_eos=True)[0][0][1]
+    penalised = _generate(runtime, prompt, temperature=0, max_tokens=40, ignore_eos=True,
+                          frequency_penalty=2.0)[0][0][1]
+    assert plain != penalised
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_equal_to_one_call(runtime):
+    """>= 8,000 prompt tokens: four 2,048-token chunks (each attending to the cache the earlier ones wrote)
+    generate what one 8,192-token call generates."""
+    cfg, backend, tok = runtime
+    text = "在小红书上搜索成都旅游攻略, then open the settings app and turn on dark mode. " * 480
+    prompt = tok.chat_prompt([("user", [Segment(text=text)])], False)
+    prompt.ids, prompt.positions = prompt.ids[-8050:], prompt.positions[:, -8050:] - prompt.positions[0, -8050]
+    assert len(prompt.ids) >= 8000
+
+    def run(chunk):
+        scheduler = Scheduler(backend, cfg, tok, max_batch=1, queue_size=1, context=cfg.engine.context,
+                              prefill_chunk=chunk)
+        events = []
+        req = Request(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), emit=events.append)
+        scheduler.submit(req)
+        scheduler.run_until_idle()
+        assert events[-1]["type"] == "done" and events[-1]["usage"]["prompt_tokens"] == len(prompt.ids)
+        return req.token_ids, scheduler
+
+    chunked, s_chunked = run(2048)
+    whole, s_whole = run(8192)
+    assert s_chunked.prefill_chunk == 2048 and s_whole.prefill_chunk == 8192
+    assert s_chunked.prefill_tokens == s_whole.prefill_tokens == len(prompt.ids)
+    assert len(chunked) == 8 and chunked == whole

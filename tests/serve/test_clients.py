@@ -59,12 +59,16 @@ def test_streamed_and_whole_replies_agree_with_reasoning_separated(client):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
-def test_reasoning_is_stripped_unless_asked_for(client):
+def test_reasoning_stays_in_content_without_tags_unless_asked_for_separately(client):
+    """vLLM's default (skip_special_tokens, no reasoning parser): the thinking text is part of content, the
+    <think>/</think> tokens are not; return_reasoning moves the thinking to reasoning_content."""
     common = dict(model=MODEL, messages=[{"role": "user", "content": "你是谁?"}], max_tokens=40, seed=5)
     shown = client.chat.completions.create(**common, extra_body=THINK).choices[0].message
-    hidden = client.chat.completions.create(**common, extra_body={"enable_thinking": True}).choices[0].message
-    assert hidden.content == shown.content
-    assert "reasoning_content" not in (hidden.model_extra or {})
+    inline = client.chat.completions.create(**common, extra_body={"enable_thinking": True}).choices[0].message
+    assert shown.model_extra["reasoning_content"]
+    assert inline.content == shown.model_extra["reasoning_content"] + shown.content
+    assert "reasoning_content" not in (inline.model_extra or {})
+    assert "<think>" not in inline.content and "</think>" not in inline.content
 
 
 def test_completions_whole_and_streamed(client):

@@ -15,6 +15,17 @@ def _user(content):
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
 
 
+def _bomb_url() -> str:
+    """A 20000x20000 PNG of 47 KB: refused from its header, before any pixel is decoded."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 CASES = {
     "malformed JSON": (CHAT, b'{"model": "autoglm-phone-9b", "messages": [', 400, None, None),
     "not an object": (CHAT, b"[1, 2]", 400, None, None),
@@ -24,7 +35,7 @@ CASES = {
                  None),
     "n > 1": (CHAT, {**_user("hi"), "n": 2}, 400, "n", None),
     "unknown model": (CHAT, {**_user("hi"), "model": "gpt-4o"}, 404, "model", "model_not_found"),
-    "context overflow": (CHAT, {**_user("hi"), "max_tokens": 4096}, 400, "max_tokens", "context_length_exceeded"),
+    "context overflow": (CHAT, {**_user("hi"), "max_tokens": 16384}, 400, "max_tokens", "context_length_exceeded"),
     "remote image URL": (CHAT, _user([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]),
                          400, "messages.0.content.0.image_url.url", None),
     "corrupt image": (CHAT, _user([{"type": "image_url", "image_url": {
@@ -35,6 +46,11 @@ CASES = {
     "audio not wav": (CHAT, _user([{"type": "input_audio", "input_audio": {
         "data": base64.b64encode(b"RIFF....nope").decode(), "format": "wav"}}]),
         400, "messages.0.content.0.input_audio", None),
+    "negative seed": (CHAT, {**_user("hi"), "seed": -1}, 400, "seed", None),
+    "penalty out of range": (CHAT, {**_user("hi"), "frequency_penalty": 2.5}, 400, "frequency_penalty", None),
+    "deeply nested JSON": (CHAT, b"[" * 100_000 + b"]" * 100_000, 400, None, None),
+    "decompression bomb PNG": (CHAT, _user([{"type": "image_url", "image_url": {"url": _bomb_url()}}]),
+                               400, "messages.0.content.0.image_url", None),
     "completions echo": ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo", None),
     "empty prompt": ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt", None),
     "unknown path": ("/v1/embeddings", {"model": MODEL, "input": "hi"}, 404, None, None),

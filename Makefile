@@ -1,4 +1,4 @@
-# `make all` is what CI runs: set up .venv (pinned), lint, test, then build the tiny config.
+# `make all` is what CI runs: set up .venv (from the lock), lint, test, then build the tiny config.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,12 +11,15 @@ all: setup lint test run
 
 setup: $(STAMP)
 
-# torch==2.13.0 is pinned in requirements.lock: an unpinned torch would pull a multi-GB CUDA build.
+# requirements.lock is pip-compile's output (requirements.in): every package, transitive ones too, pinned
+# with its hashes, so setup installs exactly it with no resolver step (--no-deps, --require-hashes) and
+# `pip check` proves the set complete. torch is the CPU build's local wheel (pip's find-links, /opt/wheels
+# on this machine kind): an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.lock
-	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 lint: setup

@@ -42,6 +42,30 @@ def save_model(model: Any, out: Path, large_bytes: int) -> List[Path]:
     return [out]
 
 
+# ONNX Runtime's session entry for exact INT8 matrix products on x86 (kOrtSessionOptionsAvx2PrecisionMode).
+# ONNX Runtime runs a Q/DQ graph's MatMul/Conv as uint8 x int8 integer kernels; on an x86 CPU without VNNI
+# (AVX2 only, e.g. AMD Zen 3) those sum each pair of neighbouring products with PMADDUBSW in saturating
+# 16-bit arithmetic (255 x 127 x 2 = 64,770 is clamped to 32,767). Where activations and weights are both
+# near full scale the result is wrong: the tiny build's audio projector (uniform weights, so many near
+# +-127) read 0.357 max_rel there against 0.024 with exact arithmetic, and passed on VNNI CPUs. With this
+# entry ONNX Runtime uses its uint8 x uint8 kernels instead, exact as TensorRT's INT8 (int32 accumulation),
+# so an INT8 check's number is the graph's, not the host CPU's. No effect on float graphs or other CPUs.
+ORT_EXACT_INT8 = ("session.x64quantprecision", "1")
+
+
+def ort_options(threads: int = 0) -> Any:
+    """``onnxruntime.SessionOptions`` for every session that checks or runs a build's graphs:
+    errors only in the log, and exact INT8 products on any x86 CPU (:data:`ORT_EXACT_INT8`)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry(*ORT_EXACT_INT8)
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
 def move_into_place(files: List[Path], final_dir: Path, stem: str, kind: str) -> List[Tuple[Path, str]]:
     """``os.replace`` each file into ``final_dir`` (same file system: atomic per file).
 

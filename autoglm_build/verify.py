@@ -36,6 +36,7 @@ from autoglm_build.config import BuildConfig, Tolerance
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.engine.sidecar import check_loadable, deserialize
 from autoglm_build.errors import UserError
+from autoglm_build.onnx_io import ort_options
 from autoglm_build.stages.samples import load_samples
 from autoglm_build.validate import output_group
 from autoglm_build.workdir import Build
@@ -138,9 +139,7 @@ def _real_positions(name: str, step: Feed, value: np.ndarray, ref: np.ndarray):
 def _ort_run(path: Path) -> Run:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), ort_options(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
 
     def run(steps: List[Feed]) -> List[Dict[str, np.ndarray]]:

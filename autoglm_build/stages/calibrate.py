@@ -35,7 +35,7 @@ from autoglm_build.config import BuildConfig, CalibrateConfig
 from autoglm_build.errors import AccuracyError, UserError
 from autoglm_build.modules import registry
 from autoglm_build.modules.base import ModuleSpec
-from autoglm_build.onnx_io import move_into_place, save_model
+from autoglm_build.onnx_io import move_into_place, ort_options, save_model
 from autoglm_build.precision import (
     census,
     fp16_islands,
@@ -295,8 +295,7 @@ def accuracy(spec: ModuleSpec, cfg: BuildConfig, source: Path, model, held: Sequ
 
     path = tmp_dir / "candidate.onnx"
     save_model(model, path, cfg.export.large_model_bytes)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ort_options()
     ref = ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
     got = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     output = spec.output_names(cfg)[0]

@@ -8,7 +8,8 @@ consistent at min, opt and max (``total_seq = past_seq + seq``, which TensorRT c
 Concat of cache and new keys):
 
 - profile 0, prefill: ``seq`` 1..prefill_chunk, ``past_seq`` 0..context-1 (the chunks of a long
-  prompt after the first, and a prompt after a cached prefix), ``total_seq`` 1..context
+  prompt after the first, and a prompt after a cached prefix), ``total_seq`` their sum (the scheduler
+  keeps a request's total within the context; the profile's bound is the sum of the two bounds)
 - profile 1, decode: ``seq`` 1, ``past_seq`` 1..context-1, ``total_seq`` = ``past_seq`` + 1
 """
 
@@ -36,7 +37,8 @@ def axis_ranges(cfg: BuildConfig, max_batch: int, opt_batch: int, profile: int =
     }
     if profile == 0:
         chunk = g.prefill_tokens
-        ranges.update(seq=(1, g.opt_seq, chunk), past_seq=(0, 0, g.context - 1), total_seq=(1, g.opt_seq, g.context))
+        ranges.update(seq=(1, g.opt_seq, chunk), past_seq=(0, 0, g.context - 1),
+                      total_seq=(1, g.opt_seq, g.context - 1 + chunk))
     else:
         opt = max(1, min(g.opt_past, g.context - 1))
         ranges.update(seq=(1, 1, 1), past_seq=(1, opt, g.context - 1), total_seq=(2, opt + 1, g.context))

@@ -31,7 +31,9 @@ def test_profiles_keep_cache_axes_consistent(tiny_build, tiny_cfg):
             seq = profile["inputs_embeds"][k][1]
             past = profile["past_key.0"][k][2]
             assert profile["attention_mask"][k][1] == past + seq
-    assert prefill["past_key.0"][2][2] == 0 and decode["inputs_embeds"][2][1] == 1
+    chunk = tiny_cfg.engine.prefill_tokens  # a long prompt's later chunks prefill after the earlier ones' cache
+    assert prefill["inputs_embeds"][2][1] == chunk and prefill["past_key.0"][2][2] == context - 1
+    assert decode["inputs_embeds"][2][1] == 1
     assert decode["attention_mask"][2][1] == context  # the KV cache is bounded by the context
 
 

@@ -97,11 +97,10 @@ class OnnxRuntimeBackend(Backend):
                  providers: Optional[List[str]] = None, threads: int = 0) -> None:
         import onnxruntime as ort
 
+        from autoglm_build.onnx_io import ort_options
+
         super().__init__(precision)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts = ort_options(threads)  # exact INT8 products on CPUs without VNNI too
         available = ort.get_available_providers()
         self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         self.sessions: Dict[str, Any] = {}

@@ -63,6 +63,25 @@ class CalibrationData:
         return files
 
 
+def check_calibration_data(root: Path, modules: List[str]) -> None:
+    """Before any stage runs: ``calibrate.data`` is a directory holding what each module's
+    calibration reads (vision: images, audio: WAV clips, embed and decoder: prompts.jsonl).
+
+    Raises:
+        CalibrationDataError: one line naming the directory or file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CalibrationDataError(f"calibrate.data: {root}: calibration data directory not found",
+                                   hint="a relative calibrate.data is resolved against the config file's directory")
+    data = CalibrationData.discover(root)
+    for module in modules:
+        if module in ("vision", "audio"):
+            data.require({"vision": "images", "audio": "audio"}[module])
+        elif module in ("embed", "decoder") and not data.prompts_file.is_file():
+            raise CalibrationDataError(f"{data.prompts_file}: calibration prompts not found (calibrate.data)")
+
+
 def split(items: List, holdout: float) -> tuple:
     """(calibration, held-out): the last ``holdout`` fraction (at least one item) is held out."""
     n_hold = max(1, int(round(len(items) * holdout))) if len(items) > 1 else 0

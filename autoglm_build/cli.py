@@ -2,6 +2,10 @@
 
 Common options (-c, -w, --json, -v/-q, --dry-run) are accepted before the command (global) and
 after it; the later one wins. Exit codes are listed in :mod:`autoglm_build.errors`.
+
+A workdir carries its config (recorded in its manifest): without -c, a command on a workdir uses
+it; a -c whose config differs from the file the workdir was built with is refused (exit 2; build
+commands take --force to rebuild with it). See :func:`autoglm_build.workdir.resolve_target`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ app = typer.Typer(
 
 @dataclass(frozen=True)
 class Options:
-    config: Path = DEFAULT_CONFIG
+    config: Optional[Path] = None  # None: the workdir's recorded config, else DEFAULT_CONFIG
     workdir: Optional[Path] = None
     json: bool = False
     verbosity: int = 0
@@ -180,11 +184,14 @@ def calibrate(
     """Mixed precision in the graph: INT8 Q/DQ (+FP16 islands) and/or FP16, on real calibration data."""
     opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, dry_run)
     stages = [s for s, on in (("calibrate-int8", int8), ("calibrate-fp16", fp16)) if on]
-    overrides = {"method": method, "batches": batches, "target_cosine": target_cosine}
+    # settings of the build's config: recorded in the workdir's config, so later commands keep them
+    settings = {k: v for k, v in (("method", method), ("batches", batches), ("target_cosine", target_cosine))
+                if v is not None}
     with user_errors():
         if method is not None and method not in ("entropy", "minmax", "percentile"):
             raise UserError(f"--method: '{method}' is not one of entropy, minmax, percentile")
-        _build(opts, stages or ["calibrate-int8", "calibrate-fp16"], module, None, force, overrides)
+        _build(opts, stages or ["calibrate-int8", "calibrate-fp16"], module, None, force,
+               {"calibrate": settings} if settings else None)
 
 
 @app.command()
@@ -355,16 +362,22 @@ def _optimize_stage():
     return OptimizeStage()
 
 
-def _target(opts: Options, modules: Optional[List[str]] = None, overrides: Optional[dict] = None) -> tuple:
-    """``(cfg, module names, workdir)`` a command works on: every module of the config unless named,
-    the workdir ``build/<config name>`` unless given."""
-    from autoglm_build.config import load_config
+def _target(opts: Options, modules: Optional[List[str]] = None) -> tuple:
+    """``(cfg, module names, workdir)`` a read-only command (verify, bench, serve) works on: the
+    workdir's own config unless -c is given (:func:`_resolve`), every module of it unless named."""
     from autoglm_build.modules import registry
-    from autoglm_build.workdir import check_workdir
 
-    cfg = load_config(opts.config, overrides)
-    names = [registry.get(m).name for m in modules] if modules else list(cfg.modules)
-    return cfg, names, check_workdir(opts.workdir or Path("build") / cfg.name)
+    target = _resolve(opts, rebuild_hint="rebuild it: autoglm-build run -c {config} -w {workdir} --force")
+    names = [registry.get(m).name for m in modules] if modules else list(target.cfg.modules)
+    return target.cfg, names, target.workdir
+
+
+def _resolve(opts: Options, overrides: Optional[dict] = None, force: bool = False,
+             rebuild_hint: str = "pass --force to rebuild it with {config}"):
+    """The config and workdir of a command (:func:`autoglm_build.workdir.resolve_target`)."""
+    from autoglm_build.workdir import resolve_target
+
+    return resolve_target(opts.config, opts.workdir, DEFAULT_CONFIG, overrides, force, rebuild_hint)
 
 
 def _workdir(opts: Options) -> Path:
@@ -374,7 +387,7 @@ def _workdir(opts: Options) -> Path:
         return check_workdir(opts.workdir)
     from autoglm_build.config import load_config
 
-    return check_workdir(Path("build") / load_config(opts.config).name)
+    return check_workdir(Path("build") / load_config(opts.config or DEFAULT_CONFIG).name)
 
 
 def _batch_sizes(text: str, max_batch: int) -> List[int]:
@@ -393,30 +406,38 @@ def _batch_sizes(text: str, max_batch: int) -> List[int]:
 
 def _build(opts: Options, stage_names: List[str], modules: Optional[List[str]], checkpoint: Optional[Path],
            force: bool, overrides: Optional[dict] = None, engine_batches: tuple = (None, None)) -> None:
-    """Run ``stage_names``; ``overrides`` are the calibrate stages' (``--method``, ``--batches``, ...)."""
+    """Run ``stage_names``; ``overrides`` are config settings from the command line (``--checkpoint``,
+    calibrate's ``--method``, ``--batches``, ``--target-cosine``): they become part of the config the
+    workdir records."""
+    from autoglm_build.modules import registry
     from autoglm_build.pipeline import Pipeline
     from autoglm_build.render import render_outcomes, render_plan
     from autoglm_build.stages.calibrate import CalibrateStage
     from autoglm_build.stages.engine import EngineStage
     from autoglm_build.stages.samples import SamplesStage
 
-    cfg, names, workdir = _target(opts, modules, {"checkpoint": str(checkpoint)} if checkpoint else None)
+    overrides = dict(overrides or {}, **({"checkpoint": str(checkpoint.resolve())} if checkpoint else {}))
+    target = _resolve(opts, overrides, force)
+    cfg, workdir = target.cfg, target.workdir
+    names = [registry.get(m).name for m in modules] if modules else list(cfg.modules)
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else None
     stages = {
         "export": lambda: _export_stage(ckpt),
         "optimize": _optimize_stage,
         "samples": SamplesStage,
-        "calibrate-int8": lambda: CalibrateStage("int8", overrides),
-        "calibrate-fp16": lambda: CalibrateStage("fp16", overrides),
+        "calibrate-int8": lambda: CalibrateStage("int8"),
+        "calibrate-fp16": lambda: CalibrateStage("fp16"),
         **{f"engine-{p}": (lambda p=p: EngineStage(p, *engine_batches)) for p in ("fp16", "int8", "fp32")},
     }
     reporter = Reporter(opts.verbosity)
+    if target.changed:
+        reporter.warn(f"{target.config_path}: changed since {workdir}'s last build: {', '.join(target.changed)}")
     pipeline = Pipeline(cfg, workdir, [stages[s]() for s in stage_names], names, force=force,
-                        reporter=reporter, config_path=str(opts.config))
+                        reporter=reporter, config_path=target.config_path)
     if opts.dry_run:
         from autoglm_build.plan import build_plan
 
-        plan = build_plan(cfg, names, pipeline.plan())
+        plan = dict(build_plan(cfg, names, pipeline.plan()), workdir=str(workdir), config_path=target.config_path)
         print_json(plan) if opts.json else render_plan(plan)
         return
     outcomes = pipeline.run()

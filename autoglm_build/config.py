@@ -178,7 +178,8 @@ class ModuleCalibration(_Section):
 class CalibrateConfig(_Section):
     """INT8/FP16 mixed precision on real calibration data (calibration_data/README.md)."""
 
-    data: str = Field("calibration_data", description="calibration data directory (relative to the CWD)")
+    data: str = Field("calibration_data", description="calibration data directory; relative to the config file's "
+                      "directory, like tokenizer")
     method: Literal["entropy", "minmax", "percentile"] = "entropy"
     percentile: float = Field(99.999, gt=90, lt=100)
     batches: int = Field(8, ge=1, description="calibration batches per module, at most")
@@ -391,12 +392,24 @@ def load_config(path: Path, overrides: Optional[Dict[str, Any]] = None) -> Build
     data.update(overrides or {})
     if isinstance(data.get("tokenizer"), str):
         data["tokenizer"] = str((path.parent / data["tokenizer"]).resolve())
+    _resolve_data_dir(data, path.parent)
     try:
         cfg = BuildConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {format_validation_error(exc)}") from None
     _check_module_names(path, cfg)
     return cfg
+
+
+def _resolve_data_dir(data: Dict[str, Any], base: Path) -> None:
+    """``calibrate.data`` (given or default) made absolute against the config file's directory, so a
+    command run from any directory reads the same files (and the manifest records where)."""
+    section = data.get("calibrate", {})
+    if not isinstance(section, dict):
+        return  # validation names the field
+    where = section.get("data", CalibrateConfig.model_fields["data"].default)
+    if isinstance(where, str):
+        data["calibrate"] = {**section, "data": str((base / where).resolve())}
 
 
 def _check_module_names(path: Path, cfg: BuildConfig) -> None:

@@ -73,7 +73,10 @@ class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     tool_version: str = __version__
     config_name: str = ""
-    config_path: str = ""
+    config_path: str = Field("", description="the config file of the last build (absolute)")
+    config: Optional[Dict[str, Any]] = Field(
+        None, description="the validated config of the last build, paths resolved: commands without -c use it")
+    config_sha256: str = Field("", description="sha256 of `config` as canonical JSON")
     updated: float = 0.0
     artifacts: Dict[str, Artifact] = Field(default_factory=dict)
     records: Dict[str, StageRecord] = Field(default_factory=dict)
@@ -154,6 +157,8 @@ class Manifest(BaseModel):
             fresh = Manifest.load(workdir)
             fresh.config_name = self.config_name or fresh.config_name
             fresh.config_path = self.config_path or fresh.config_path
+            if self.config is not None:
+                fresh.config, fresh.config_sha256 = self.config, self.config_sha256
             change(fresh)
             fresh.save(workdir)
         for name in type(self).model_fields:

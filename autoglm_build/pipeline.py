@@ -3,7 +3,14 @@
 A stage is skipped for a module when its record says ``done``, its fingerprint equals the one
 computed now, and every artifact it listed is on disk with its recorded content (DVC's lockfile
 model). ``force`` reruns regardless. The manifest is saved after each stage/module, so an
-interrupted build keeps what finished.
+interrupted build keeps what finished, and records the config the build used (commands on the
+workdir without ``-c`` use it). Inputs from outside the workdir (calibration data) are checked
+before the first stage starts.
+
+:meth:`Pipeline.plan` (``--dry-run``) predicts the same decisions without running anything: a stage
+predicted to run marks its outputs as about to change, so the stages reading them later in the same
+command are predicted to run too, as they will once the new outputs' hashes enter their
+fingerprints (only an output rebuilt byte-identical lets ``run`` skip them after all).
 """
 
 from __future__ import annotations
@@ -16,9 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from autoglm_build.config import BuildConfig
 from autoglm_build.console import Reporter
 from autoglm_build.errors import EXIT_USAGE, UserError
-from autoglm_build.manifest import Manifest, StageRecord, make_artifact
+from autoglm_build.manifest import Artifact, Manifest, StageRecord, make_artifact
 from autoglm_build.stages.base import Stage, StageContext
-from autoglm_build.workdir import Build, BuildSession
+from autoglm_build.workdir import Build, BuildSession, config_record
 
 
 @dataclass
@@ -51,7 +58,7 @@ class Pipeline:
         modules: Module names, in order.
         force: Rerun even cached stages.
         reporter: Progress and logs (stderr).
-        config_path: Recorded in the manifest.
+        config_path: Recorded in the manifest (the config itself is recorded too).
     """
 
     def __init__(
@@ -74,9 +81,12 @@ class Pipeline:
 
     def run(self) -> List[Outcome]:
         """Run every stage for every module; raises the first stage's :class:`UserError`."""
+        for stage in self.stages:
+            stage.check_inputs(self.cfg, self.modules)
         build = Build(self.workdir, cfg=self.cfg)
         manifest = build.manifest
         manifest.config_name, manifest.config_path = self.cfg.name, self.config_path
+        manifest.config, manifest.config_sha256 = config_record(self.cfg)
         outcomes = []
         with build.session() as session:
             for stage in self.stages:
@@ -87,23 +97,45 @@ class Pipeline:
         return outcomes
 
     def plan(self) -> List[Dict[str, Any]]:
-        """Per stage/module: the fingerprint now and whether it would be skipped (no work done)."""
-        manifest = Manifest.load(self.workdir)
-        rows = []
+        """Per stage/module: the fingerprint now, whether ``run`` would skip it, and why it would not
+        (no work done, nothing written). Raises what :meth:`run` raises before its first stage."""
+        for stage in self.stages:
+            stage.check_inputs(self.cfg, self.modules)
+        on_disk = Manifest.load(self.workdir)
+        manifest = on_disk.model_copy(deep=True)  # gets the predicted runs' outputs marked as changing
+        rows, changing = [], False
         for stage in self.stages:
             for module in self.modules:
-                ctx = StageContext(self.cfg, self.workdir, manifest)
-                fingerprint = stage.fingerprint(ctx, module)
+                fingerprint = stage.fingerprint(StageContext(self.cfg, self.workdir, manifest), module)
+                reason = self._rerun_reason(manifest, stage.name, module, fingerprint)
+                if reason == "fingerprint changed" and changing:
+                    now = stage.fingerprint(StageContext(self.cfg, self.workdir, on_disk), module)
+                    if now == on_disk.records[Manifest.key(stage.name, module)].fingerprint:
+                        reason = "an input is rebuilt first"
+                if reason is not None:
+                    _mark_changing(manifest, stage.name, module)
+                    changing = True
                 rows.append({"stage": stage.name, "module": module, "fingerprint": fingerprint,
-                             "cached": self._cached(manifest, stage.name, module, fingerprint)})
+                             "cached": reason is None, "reason": reason or "fingerprint and outputs unchanged"})
         return rows
 
     def _cached(self, manifest: Manifest, stage: str, module: str, fingerprint: str) -> bool:
+        return self._rerun_reason(manifest, stage, module, fingerprint) is None
+
+    def _rerun_reason(self, manifest: Manifest, stage: str, module: str, fingerprint: str) -> Optional[str]:
+        """Why ``stage``/``module`` must run now; None when its record still holds."""
         rec = manifest.record(stage, module)
-        return (
-            not self.force and rec is not None and rec.status == "done"
-            and rec.fingerprint == fingerprint and manifest.intact(self.workdir, rec)
-        )
+        if self.force:
+            return "--force"
+        if rec is None:
+            return "no record"
+        if rec.status != "done":
+            return f"last run {rec.status}"
+        if rec.fingerprint != fingerprint:
+            return "fingerprint changed"
+        if not manifest.intact(self.workdir, rec):
+            return "outputs missing or modified"
+        return None
 
     def _run_one(self, manifest: Manifest, stage: Stage, module: str, session: BuildSession) -> Outcome:
         label = f"{stage.name} {module}"
@@ -140,3 +172,14 @@ class Pipeline:
             self.reporter.warn(f"{label}: {warning}")
         self.reporter.info(f"{label}: done in {record.duration_s:.1f}s")
         return Outcome(stage.name, module, "ran", record.duration_s, record)
+
+
+def _mark_changing(manifest: Manifest, stage: str, module: str) -> None:
+    """In a plan's copy of the manifest: ``stage``/``module`` is about to produce new outputs, so every
+    fingerprint that hashes them differs from its record (one placeholder if it has none yet)."""
+    arts = [a.model_copy(update={"sha256": "rebuilt"}) for a in manifest.artifacts_of(stage, module)]
+    arts = arts or [Artifact(path=f".planned/{stage}/{module}", kind="planned", module=module, stage=stage,
+                             sha256="rebuilt", bytes=0)]
+    record = manifest.record(stage, module) or StageRecord(stage=stage, module=module, status="planned",
+                                                           fingerprint="")
+    manifest.put(record.model_copy(), arts)

@@ -121,10 +121,11 @@ def render_plan(plan: Dict[str, Any]) -> None:
         )
     stdout.print(table)
     stages = Table(title="stages", title_justify="left")
-    for col in ("stage", "module", "fingerprint", "would"):
+    for col in ("stage", "module", "fingerprint", "would", "why"):
         stages.add_column(col)
     for s in plan["stages"]:
-        stages.add_row(s["stage"], s["module"], s["fingerprint"][:12], "skip (cached)" if s["cached"] else "run")
+        stages.add_row(s["stage"], s["module"], s["fingerprint"][:12], "skip (cached)" if s["cached"] else "run",
+                       s.get("reason", ""))
     stdout.print(stages)
 
 

@@ -1,7 +1,9 @@
 """One opened build: which file, is it intact, is it ours.
 
 A workdir travels through the tool as a :class:`Build`: the directory, its manifest and (when
-known) the config. Every lookup of "module X's graph at precision P" or "stage S's output for
+known) the config. The manifest records the config of the last build; :func:`resolve_target` makes
+it the config of every command on the workdir that names none, and refuses a ``-c`` from another
+file that differs from it. Every lookup of "module X's graph at precision P" or "stage S's output for
 module X" goes through it, and every file it hands out has been checked first:
 
 - the path resolves inside the workdir (no absolute path, no ``..``, no symlink leaving it);
@@ -22,14 +24,17 @@ Imports on the GPU harness's Python 3.9 without torch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
-from autoglm_build.errors import UserError
-from autoglm_build.manifest import Artifact, Manifest, artifact_state
+from autoglm_build.errors import ConfigError, UserError
+from autoglm_build.manifest import MANIFEST_NAME, Artifact, Manifest, artifact_state
 from autoglm_build.paths import IntegrityError, inside
 
 if TYPE_CHECKING:
@@ -54,6 +59,117 @@ def check_workdir(workdir: Path, option: str = "-w/--workdir") -> Path:
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"{option}: {workdir} is not a directory", hint="pass a directory (it is created if missing)")
     return workdir
+
+
+# ---- the workdir's config ------------------------------------------------------------------------
+
+
+def config_record(cfg: BuildConfig) -> Tuple[Dict[str, Any], str]:
+    """``cfg`` as the manifest stores it (JSON data, paths already absolute) and its sha256."""
+    data = json.loads(cfg.model_dump_json())
+    return data, hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def stored_config(manifest: Manifest, workdir: Path) -> Optional[BuildConfig]:
+    """The config the workdir's last build recorded, validated; None for a manifest without one."""
+    if manifest.config is None:
+        return None
+    from pydantic import ValidationError
+
+    from autoglm_build.config import BuildConfig, format_validation_error
+
+    try:
+        return BuildConfig.model_validate(manifest.config)
+    except ValidationError as exc:
+        raise ConfigError(f"{Path(workdir) / MANIFEST_NAME}: config.{format_validation_error(exc)}",
+                          hint="rebuild it: autoglm-build run -c <config> --force") from None
+
+
+def with_overrides(cfg: BuildConfig, overrides: Optional[Dict[str, Any]]) -> BuildConfig:
+    """``cfg`` with command-line settings merged in (``{"calibrate": {"method": ...}}``), validated.
+
+    Raises:
+        ConfigError: naming the option's config field.
+    """
+    if not overrides:
+        return cfg
+    from pydantic import ValidationError
+
+    from autoglm_build.config import BuildConfig, format_validation_error
+
+    data = json.loads(cfg.model_dump_json())
+    for section, value in overrides.items():
+        data[section] = {**data[section], **value} if isinstance(value, dict) else value
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"command line: {format_validation_error(exc)}") from None
+
+
+def config_diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    """Dotted fields whose values differ between two config records."""
+    fields = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            fields.append(f"{prefix}{key}")
+    return fields
+
+
+@dataclass
+class Target:
+    """What a command works on: the config, the workdir, the config's file, and the fields that
+    changed since the workdir's last build (``-c`` naming the file the workdir was built from)."""
+
+    cfg: BuildConfig
+    workdir: Path
+    config_path: str
+    changed: List[str]
+
+
+def resolve_target(config: Optional[Path], workdir: Optional[Path], default: Path,
+                   overrides: Optional[Dict[str, Any]] = None, force: bool = False,
+                   rebuild_hint: str = "pass --force to rebuild it with {config}") -> Target:
+    """The config and workdir of a command.
+
+    Without ``config``, a workdir whose manifest records a config uses it (``default`` only names
+    the default workdir, ``build/<its name>``, and serves a workdir with no build yet). With
+    ``config``, a workdir built from another file whose config differs is refused unless ``force``;
+    the file it was built from, edited, is taken (stages rerun by their fingerprints). ``overrides``
+    (command-line settings) apply on top of either.
+
+    Raises:
+        ConfigError: a conflicting ``-c`` (naming both files), or a bad config or override.
+    """
+    from autoglm_build.config import load_config
+
+    if config is None:
+        if workdir is None:
+            workdir = Path("build") / load_config(default).name
+        workdir = check_workdir(workdir)
+        manifest = Manifest.load(workdir)
+        stored = stored_config(manifest, workdir)
+        if stored is not None:
+            return Target(with_overrides(stored, overrides), workdir, manifest.config_path, [])
+        return Target(with_overrides(load_config(default), overrides), workdir, str(Path(default).resolve()), [])
+    cfg = with_overrides(load_config(config), overrides)
+    workdir = check_workdir(workdir if workdir is not None else Path("build") / cfg.name)
+    manifest = Manifest.load(workdir)
+    stored = stored_config(manifest, workdir)
+    path = str(Path(config).resolve())
+    if stored is None:
+        return Target(cfg, workdir, path, [])
+    changed = config_diff(config_record(with_overrides(stored, overrides))[0], config_record(cfg)[0])
+    same_file = bool(manifest.config_path) and Path(manifest.config_path).resolve() == Path(path)
+    if changed and not same_file and not force:
+        shown = ", ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
+        raise ConfigError(
+            f"-c {config}: differs from {manifest.config_path or 'the config'}, which {workdir / MANIFEST_NAME} "
+            f"was built with ({shown})",
+            hint="drop -c to use the workdir's config, or " + rebuild_hint.format(config=config, workdir=workdir))
+    return Target(cfg, workdir, path, changed)
 
 
 class Build:

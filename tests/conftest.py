@@ -31,6 +31,9 @@ def write_config(path: Path, changes: Dict[str, Any], base: Path = TINY) -> Path
     data = deep_update(yaml.safe_load(base.read_text()), changes)
     if data.get("tokenizer") and not Path(data["tokenizer"]).is_absolute():
         data["tokenizer"] = str(base.parent / data["tokenizer"])  # relative to the config it came from
+    calibrate = data.get("calibrate")
+    if isinstance(calibrate, dict) and isinstance(calibrate.get("data"), str):
+        calibrate["data"] = str((base.parent / calibrate["data"]).resolve())  # likewise (absolute stays)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

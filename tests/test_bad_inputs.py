@@ -165,15 +165,15 @@ def _bomb_image(env: Env) -> List[str]:
     rec = manifest.record("export", "audio").model_copy(update={"module": "vision"})
     manifest.put(rec, [make_artifact(env.workdir, env.workdir / "onnx" / "vision.onnx", "onnx", "vision", "export")])
     manifest.save(env.workdir)
-    config = config_with(env, {"calibrate": {"data": str(data)}})
-    return ["calibrate", "--int8", "-c", str(config), "-w", str(env.workdir), "-m", "vision"]
+    config = config_with(env, {"calibrate": {"data": str(data)}})  # another config: --force takes it
+    return ["calibrate", "--int8", "--force", "-c", str(config), "-w", str(env.workdir), "-m", "vision"]
 
 
 def _prompts_not_utf8(env: Env) -> List[str]:
     data = data_copy(env)
     (data / "prompts.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
-    config = config_with(env, {"calibrate": {"data": str(data)}})
-    return ["calibrate", "--int8", "-c", str(config), "-w", str(env.workdir), "-m", "decoder"]
+    config = config_with(env, {"calibrate": {"data": str(data)}})  # another config: --force takes it
+    return ["calibrate", "--int8", "--force", "-c", str(config), "-w", str(env.workdir), "-m", "decoder"]
 
 
 def _manifest(content: bytes) -> Callable[[Env], List[str]]:

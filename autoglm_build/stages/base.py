@@ -56,6 +56,10 @@ class Stage:
         """Everything that determines this stage's output for ``module``, as JSON-able data."""
         raise NotImplementedError
 
+    def check_inputs(self, cfg: BuildConfig, modules: List[str]) -> None:
+        """Inputs from outside the workdir (calibration data, ...), checked before any stage of a run
+        starts, so a missing one stops the run before anything is written. Raises UserError."""
+
     def fingerprint(self, ctx: StageContext, module: str) -> str:
         data = {
             "stage": self.name,

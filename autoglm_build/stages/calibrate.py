@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from autoglm_build.calibration import CalibrationData
+from autoglm_build.calibration import CalibrationData, check_calibration_data
 from autoglm_build.config import BuildConfig, CalibrateConfig
 from autoglm_build.errors import AccuracyError, UserError
 from autoglm_build.modules import registry
@@ -91,6 +91,9 @@ class CalibrateStage(Stage):
 
     def settings(self, cfg: BuildConfig) -> CalibrateConfig:
         return cfg.calibrate.model_copy(update=self.overrides)
+
+    def check_inputs(self, cfg: BuildConfig, modules: List[str]) -> None:
+        check_calibration_data(Path(self.settings(cfg).data), modules)
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
         settings = self.settings(ctx.cfg)

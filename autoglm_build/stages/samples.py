@@ -15,7 +15,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from autoglm_build.calibration import CalibrationData
+from autoglm_build.calibration import CalibrationData, check_calibration_data
+from autoglm_build.config import BuildConfig
 from autoglm_build.modules import registry
 from autoglm_build.onnx_io import move_into_place
 from autoglm_build.stages.base import Stage, StageContext, StageResult
@@ -30,6 +31,9 @@ class SamplesStage(Stage):
     name = "samples"
     version = 1
     tools = ("onnxruntime", "transformers", "tokenizers", "pillow")
+
+    def check_inputs(self, cfg: BuildConfig, modules: List[str]) -> None:
+        check_calibration_data(Path(cfg.calibrate.data), modules)
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
         graphs = {m: [a.sha256 for a in fp32_artifacts(ctx.manifest, m)] for m in _upstream(module)}

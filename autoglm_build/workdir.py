@@ -106,6 +106,12 @@ def with_overrides(cfg: BuildConfig, overrides: Optional[Dict[str, Any]]) -> Bui
         raise ConfigError(f"command line: {format_validation_error(exc)}") from None
 
 
+#: config fields that say where a file is, not what the build is: a workdir carried to another
+#: machine (the GPU harness) is used with the same config file at another path. What those files
+#: hold is in the fingerprints (checkpoint header, tokenizer and calibration data hashes).
+LOCATION_FIELDS = frozenset({"tokenizer", "checkpoint", "calibrate.data", "engine.timing_cache"})
+
+
 def config_diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
     """Dotted fields whose values differ between two config records."""
     fields = []
@@ -136,7 +142,8 @@ def resolve_target(config: Optional[Path], workdir: Optional[Path], default: Pat
 
     Without ``config``, a workdir whose manifest records a config uses it (``default`` only names
     the default workdir, ``build/<its name>``, and serves a workdir with no build yet). With
-    ``config``, a workdir built from another file whose config differs is refused unless ``force``;
+    ``config``, a workdir built from another file whose config differs (beyond
+    :data:`LOCATION_FIELDS`) is refused unless ``force``;
     the file it was built from, edited, is taken (stages rerun by their fingerprints). ``overrides``
     (command-line settings) apply on top of either.
 
@@ -162,9 +169,10 @@ def resolve_target(config: Optional[Path], workdir: Optional[Path], default: Pat
     if stored is None:
         return Target(cfg, workdir, path, [])
     changed = config_diff(config_record(with_overrides(stored, overrides))[0], config_record(cfg)[0])
+    conflicting = [f for f in changed if f not in LOCATION_FIELDS]
     same_file = bool(manifest.config_path) and Path(manifest.config_path).resolve() == Path(path)
-    if changed and not same_file and not force:
-        shown = ", ".join(changed[:3]) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
+    if conflicting and not same_file and not force:
+        shown = ", ".join(conflicting[:3]) + (f" (+{len(conflicting) - 3} more)" if len(conflicting) > 3 else "")
         raise ConfigError(
             f"-c {config}: differs from {manifest.config_path or 'the config'}, which {workdir / MANIFEST_NAME} "
             f"was built with ({shown})",

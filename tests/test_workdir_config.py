@@ -131,3 +131,18 @@ def test_dry_run_after_a_config_change_predicts_what_run_does(trust_copy, trust_
     assert all(ran.values())  # the export changed: everything after it reruns
     reasons = {s["stage"]: s["reason"] for s in plan["stages"]}
     assert reasons["export"] == "fingerprint changed" and reasons["optimize"] == "an input is rebuilt first"
+
+
+def test_the_same_config_at_another_path_with_its_files_elsewhere_is_no_conflict(tmp_path):
+    """A workdir carried to another machine: same config, repo (tokenizer, data) at another path."""
+    config, workdir = _second_build(tmp_path)
+    moved = tmp_path / "moved"
+    shutil.copytree(ROOT / "calibration_data", moved / "calibration_data")
+    data = yaml.safe_load(config.read_text())
+    tokenizer = moved / "tokenizer.json"
+    shutil.copyfile(data["tokenizer"], tokenizer)
+    data.update(tokenizer=str(tokenizer), calibrate={**data["calibrate"], "data": str(moved / "calibration_data")})
+    (moved / "second.yaml").write_text(yaml.safe_dump(data))
+    result = invoke("export", "-c", moved / "second.yaml", "-w", workdir, "--json")
+    assert result.exit_code == 0, result.output
+    assert [o["status"] for o in json.loads(result.stdout)["outcomes"]] == ["cached"]

@@ -32,7 +32,7 @@ def calibrated(tiny_build, tmp_path_factory):
 
 
 def _chdir_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # calibrate.data is relative to the CWD, as on the command line
+    monkeypatch.chdir(ROOT)  # as from the repo root (calibrate.data itself follows the config file)
 
 
 @pytest.fixture(autouse=True)

@@ -89,8 +89,10 @@ def screenshot_feed(cfg: BuildConfig, rng: np.random.Generator) -> Dict[str, np.
 # ---- cases ---------------------------------------------------------------------------------------
 
 
-def cases(cfg: BuildConfig, module: str, batches: Sequence[int], prompt: int, past: int) -> List[Dict[str, Any]]:
-    """``{name, batch, feed, phase, items}`` for one module."""
+def cases(cfg: BuildConfig, module: str, batches: Sequence[int], prompt: int, past: int,
+          prefix: int = 0) -> List[Dict[str, Any]]:
+    """``{name, batch, feed, phase, items}`` for one module (``prefix``: also the decoder's prefill of
+    ``prompt`` new tokens after a cached prefix of that many, the phone agent's step)."""
     spec = registry.get(module)
     rng = np.random.default_rng(0)
     out = []
@@ -100,6 +102,9 @@ def cases(cfg: BuildConfig, module: str, batches: Sequence[int], prompt: int, pa
                         "feed": spec.step_inputs(cfg, rng, b, prompt, past=0)})
             out.append({"case": f"decode @{past}", "batch": b, "phase": "decode", "items": b,
                         "feed": spec.step_inputs(cfg, rng, b, 1, past=past)})
+            if prefix:
+                out.append({"case": f"prefill {prompt} after {prefix}", "batch": b, "phase": "prefill",
+                            "items": b, "feed": spec.step_inputs(cfg, rng, b, prompt, past=prefix)})
         elif module == "embed":
             out.append({"case": f"seq {prompt}", "batch": b, "phase": "prefill", "items": b * prompt,
                         "feed": {"input_ids": spec.token_ids(cfg, rng, b, prompt)}})
@@ -284,7 +289,8 @@ def measure_peaks() -> Optional[Dict[str, Any]]:
 
 def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequence[int], backends: Sequence[str],
           precisions: Sequence[str] = ("fp16", "int8"), prompt: int = 512, past: int = 512, warmup: int = 3,
-          iters: int = 10, min_time: float = 1.0, status: Callable[[str], None] = lambda m: None) -> Dict[str, Any]:
+          iters: int = 10, min_time: float = 1.0, status: Callable[[str], None] = lambda m: None,
+          prefix: int = 0) -> Dict[str, Any]:
     """Rows per module/case/batch/backend, device peaks and floors; stored in the manifest."""
     workdir = Path(workdir)
     backends = [ALIASES.get(name, name) for name in backends]
@@ -295,8 +301,9 @@ def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequ
     manifest = Manifest.load(workdir)
     if not manifest.artifacts:
         raise UserError(f"{workdir}: no build here (manifest.json missing or empty)", hint="run `autoglm-build run`")
-    if past + 1 > cfg.engine.context or prompt > cfg.engine.context:
-        raise UserError(f"--prompt {prompt} / --past {past}: beyond engine.context {cfg.engine.context}")
+    if past + 1 > cfg.engine.context or prompt + prefix > cfg.engine.context:
+        raise UserError(f"--prompt {prompt} / --past {past} / --prefix {prefix}: beyond engine.context "
+                        f"{cfg.engine.context}")
     notes: List[str] = []
     status("measuring device peaks")
     peaks = measure_peaks()
@@ -307,7 +314,7 @@ def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequ
     rows: List[Dict[str, Any]] = []
     for module in modules:
         for runner in _runners(cfg, workdir, module, backends, precisions, notes):
-            for case in cases(cfg, module, batches, prompt, past):
+            for case in cases(cfg, module, batches, prompt, past, prefix):
                 status(f"{module} {case['case']} batch {case['batch']}: {runner.label}")
                 times = timed(runner.prepare(case), runner.sync, warmup, iters, min_time)
                 p50, p90, p99 = (float(np.percentile(times, q)) for q in (50, 90, 99))

@@ -283,6 +283,8 @@ def bench(
                                                   help="Engine precisions (repeatable) \\[fp16, int8]"),
     prompt: int = typer.Option(512, "--prompt", min=1, help="Decoder prefill length (time to first token)."),
     past: int = typer.Option(512, "--past", min=1, help="Cache length of the timed decode step."),
+    prefix: int = typer.Option(0, "--prefix", min=0, help="Also time the prefill of --prompt new tokens after a "
+                               "cached prefix of this many (the phone agent's step: 3,300 after 3,000)."),
     min_time: float = typer.Option(1.0, "--min-time", min=0.0, help="Seconds of timed iterations per case."),
     config: Optional[Path] = ConfigOpt,
     workdir: Optional[Path] = WorkdirOpt,
@@ -303,7 +305,7 @@ def bench(
         with reporter.task("bench") as status:
             report = run_bench(cfg, target, names, sizes,
                                [b.strip() for b in backends.split(",") if b.strip()], precision or ["fp16", "int8"],
-                               prompt, past, min_time=min_time, status=status)
+                               prompt, past, min_time=min_time, status=status, prefix=prefix)
         for note in report["notes"]:
             reporter.warn(note)
         print_json(report) if opts.json else render_bench(report)

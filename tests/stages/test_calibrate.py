@@ -150,8 +150,9 @@ def test_bad_calibration_data_is_one_line_naming_the_file(tiny_build_copy, tmp_p
 
     data = _bad_data(tmp_path, breaker)
     config = write_config(tmp_path / "c.yaml", {"calibrate": {"data": str(data)}})
-    result = CliRunner().invoke(app, ["calibrate", "--int8", "-c", str(config), "-w", str(tiny_build_copy),
-                                      "-m", module])
+    # another config than the one the build recorded: --force takes it (else exit 2 naming both files)
+    result = CliRunner().invoke(app, ["calibrate", "--int8", "--force", "-c", str(config),
+                                      "-w", str(tiny_build_copy), "-m", module])
     assert result.exit_code == 2, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and __import__("re").search(message, errors[0]), result.stderr

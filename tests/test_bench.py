@@ -40,7 +40,7 @@ def test_bench_rejects_bad_arguments(tiny_build_copy: Path):
     runner = CliRunner()
     bad = runner.invoke(app, ["bench", "-c", str(TINY), "-w", str(tiny_build_copy), "--backends", "tensorflow"])
     assert bad.exit_code == 2 and "tensorflow" in bad.output
-    bad = runner.invoke(app, ["bench", "-c", str(TINY), "-w", str(tiny_build_copy), "--past", "5000"])
+    bad = runner.invoke(app, ["bench", "-c", str(TINY), "-w", str(tiny_build_copy), "--past", "50000"])
     assert bad.exit_code == 2 and "engine.context" in bad.output
 
 
@@ -74,10 +74,11 @@ def test_a_later_run_shows_the_rows_an_earlier_one_stored(tiny_build_copy: Path)
     assert first.exit_code == 0, first.output
     second = runner.invoke(app, base + ["--backends", "onnxruntime"])
     report = json.loads(second.stdout)
-    assert [r["backend"] for r in report["rows"]] == ["onnxruntime fp32"]
-    assert [r["backend"] for r in report["stored_rows"]] == ["torch fp32"]
+    # vision at batch 1: the 112px image and the 1080x2400 screenshot
+    assert [r["backend"] for r in report["rows"]] == ["onnxruntime fp32"] * 2
+    assert [r["backend"] for r in report["stored_rows"]] == ["torch sdpa fp32"] * 2
     table = runner.invoke(app, base[:-1] + ["--backends", "onnxruntime"])
-    assert "torch fp32 (stored)" in table.stdout and "onnxruntime fp32" in table.stdout
+    assert "torch sdpa fp32 (stored)" in table.stdout and "onnxruntime fp32" in table.stdout
 
 
 def test_find_case_picks_by_name_and_batch():

@@ -71,7 +71,7 @@ def test_supported_pair_builds_verifies_binds_and_inspects(vision_build, tmp_pat
     assert bound.get("outputs") == ["image_embeds"] and bound["max_diff"] == 0.0, bound
     inspected = results["inspect"]
     assert inspected.get("exit_code") == 0 and "pixel_values" in inspected["stdout"], inspected
-    assert "min=(1, 3, 112, 112)" in inspected["stdout"]
+    assert "min=(4, 1176)" in inspected["stdout"]  # the patch profile: one merge window at least
     _check_builder_calls(trt, calls)
 
 

@@ -908,6 +908,12 @@ class _IExecutionContext:
                 buffer = (ctypes.c_byte * array.nbytes).from_address(self._addresses[name])
                 array = np.frombuffer(buffer, dtype=_NP[dtype]).reshape(shape).copy()
             feed[name] = array
+        # the engine's I/O types are TensorRT's (8.5 has INT32 where the graph says INT64): the graph
+        # run underneath gets its own types back, as TensorRT's parser casts inside the engine
+        graph_types = {i.name: i.type for i in self._session.get_inputs()}
+        for name, array in feed.items():
+            if graph_types.get(name) == "tensor(int64)" and array.dtype != np.int64:
+                feed[name] = array.astype(np.int64)
         names = [o.name for o in self._session.get_outputs()]
         return dict(zip(names, self._session.run(names, feed)))
 

@@ -18,6 +18,7 @@ Decompression bombs are refused from the header, before any pixel is decoded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
@@ -56,16 +57,20 @@ class VisionGeometry:
     def factor(self) -> int:
         return self.patch_size * self.spatial_merge_size
 
-    @property
-    def patch_dim(self) -> int:
-        """Values per patch as the processor lays them out: 3 channels x time x patch x patch."""
-        return 3 * self.temporal_patch_size * self.patch_size * self.patch_size
-
     def max_patches(self) -> int:
         """The most patches one image can have at ``max_pixels`` (a multiple of the merge window)."""
         window = self.spatial_merge_size ** 2
         per_frame = self.max_pixels // self.temporal_patch_size
         return per_frame // (self.patch_size ** 2) // window * window
+
+    def bounded_to(self, max_patches: int) -> VisionGeometry:
+        """These bounds with ``max_pixels`` set to ``max_patches`` patches' worth (``min_pixels`` kept under it)."""
+        pixels = max_patches * self.temporal_patch_size * self.patch_size ** 2
+        return dataclasses.replace(self, max_pixels=pixels, min_pixels=min(self.min_pixels, pixels))
+
+    def within(self, max_patches: int) -> VisionGeometry:
+        """These bounds, lowered (:meth:`bounded_to`) only where an image could have more than ``max_patches``."""
+        return self if self.max_patches() <= max_patches else self.bounded_to(max_patches)
 
 
 def smart_resize(height: int, width: int, geometry: VisionGeometry) -> Tuple[int, int]:
@@ -105,7 +110,7 @@ def image_tokens(height: int, width: int, geometry: VisionGeometry) -> int:
 
 @dataclass(frozen=True)
 class ImagePatches:
-    """One preprocessed image: ``pixel_values`` (rows x cols, patch_dim) and its patch grid."""
+    """One preprocessed image: ``pixel_values`` (rows x cols, 3 x time x patch x patch) and its patch grid."""
 
     pixel_values: np.ndarray
     rows: int
@@ -187,7 +192,7 @@ def pack(images: Sequence[ImagePatches], merge: int) -> Dict[str, np.ndarray]:
     """The vision graph's inputs for several images laid along one patch axis.
 
     Returns:
-        ``pixel_values`` (patches, patch_dim) float32; ``patch_pos`` (patches, 2) int64, each patch's
+        ``pixel_values`` (patches, 3 x time x patch x patch) float32; ``patch_pos`` (patches, 2) int64, each patch's
         row and column; ``patch_grid`` (patches, 3) int64, the image's index, patch rows and patch cols.
     """
     pos, grid = [], []
@@ -207,12 +212,6 @@ def unpack(feed: Dict[str, np.ndarray]) -> List[ImagePatches]:
         out.append(ImagePatches(pixels[start:start + rows * cols], rows, cols))
         start += rows * cols
     return out
-
-
-def split_embeds(embeds: np.ndarray, images: Sequence[ImagePatches], merge: int) -> List[np.ndarray]:
-    """Each image's tokens out of the vision graph's ``image_embeds`` (tokens follow the images' order)."""
-    sizes = np.cumsum([img.patches // (merge * merge) for img in images])[:-1]
-    return np.split(embeds, sizes)
 
 
 def group_within(images: Sequence[ImagePatches], per_group: int, max_patches: int) -> List[List[ImagePatches]]:
@@ -241,11 +240,7 @@ def shrink(img: ImagePatches, geometry: VisionGeometry, max_patches: int) -> Ima
 
     if img.patches <= max_patches:
         return img
-    smaller = VisionGeometry(geometry.patch_size, geometry.spatial_merge_size, geometry.temporal_patch_size,
-                             min(geometry.min_pixels, max_patches * geometry.temporal_patch_size
-                                 * geometry.patch_size ** 2),
-                             max_patches * geometry.temporal_patch_size * geometry.patch_size ** 2)
     pixels = unpatchify(img, geometry)
-    height, width = smart_resize(pixels.shape[1], pixels.shape[2], smaller)
+    height, width = smart_resize(pixels.shape[1], pixels.shape[2], geometry.bounded_to(max_patches))
     channels = [np.asarray(Image.fromarray(c, mode="F").resize((width, height), Image.BICUBIC)) for c in pixels]
     return patchify(np.stack(channels).astype(np.float32), geometry)

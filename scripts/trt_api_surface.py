@@ -26,7 +26,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "tests" / "engine" / "fake_trt" / "surfaces"
@@ -48,9 +48,9 @@ def strip_comments(text: str) -> str:
     return re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
 
 
-def _balanced(text: str, start: int, open_: str, close: str) -> int:
-    """Index just past the bracket that closes the one at ``start``."""
-    depth, i, in_str = 0, start, False
+def _code_chars(text: str, start: int) -> Iterator[Tuple[int, str]]:
+    """(index, char) of ``text`` from ``start``, skipping what is inside string literals."""
+    i, in_str = start, False
     while i < len(text):
         c = text[i]
         if in_str:
@@ -60,35 +60,34 @@ def _balanced(text: str, start: int, open_: str, close: str) -> int:
                 in_str = False
         elif c == '"':
             in_str = True
-        elif c == open_:
+        else:
+            yield i, c
+        i += 1
+
+
+def _balanced(text: str, start: int, open_: str, close: str) -> int:
+    """Index just past the bracket that closes the one at ``start``."""
+    depth = 0
+    for i, c in _code_chars(text, start):
+        if c == open_:
             depth += 1
         elif c == close:
             depth -= 1
             if depth == 0:
                 return i + 1
-        i += 1
     return len(text)
 
 
 def _statement_end(text: str, start: int) -> int:
     """Index of the ``;`` ending the statement that starts at ``start`` (outside brackets and strings)."""
-    depth, i, in_str = 0, start, False
-    while i < len(text):
-        c = text[i]
-        if in_str:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                in_str = False
-        elif c == '"':
-            in_str = True
-        elif c in "([{":
+    depth = 0
+    for i, c in _code_chars(text, start):
+        if c in "([{":
             depth += 1
         elif c in ")]}":
             depth -= 1
         elif c == ";" and depth <= 0:
             return i
-        i += 1
     return len(text)
 
 

@@ -90,7 +90,6 @@ def _torch_module():
         def __init__(self, hf_config: Any) -> None:
             super().__init__()
             self.visual = Glm4vVisionModel(hf_config)
-            self.window = hf_config.spatial_merge_size ** 2
             self.merge = hf_config.spatial_merge_size
             self.out_hidden = hf_config.out_hidden_size
             self.table_side = hf_config.image_size // hf_config.patch_size

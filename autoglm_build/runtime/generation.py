@@ -124,7 +124,6 @@ class Scheduler:
         self.context = min(context, backend.context or context)
         chunk = prefill_chunk or cfg.engine.prefill_tokens
         self.prefill_chunk = min(chunk, getattr(backend, "prefill_chunk", None) or chunk)
-        self.kv_dtype = np.float32
         self.prefill_tokens = 0
         self.queue_size = queue_size
         self.layers = range(cfg.text.num_hidden_layers)
@@ -236,7 +235,7 @@ class Scheduler:
             ids[k, length - n:] = req.prompt.ids
             mask[k, length - n:] = 1
             positions[k, :, length - n:] = req.prompt.positions
-        past = {f"past_{kind}.{i}": np.zeros((len(reqs), t.num_key_value_heads, 0, t.head_dim), self.kv_dtype)
+        past = {f"past_{kind}.{i}": np.zeros((len(reqs), t.num_key_value_heads, 0, t.head_dim), np.float32)
                 for i in self.layers for kind in ("key", "value")}
         for start in range(0, length, self.prefill_chunk):
             end = min(length, start + self.prefill_chunk)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import io
 from typing import Optional
 
@@ -50,12 +49,8 @@ def image_geometry(cfg: BuildConfig, capacity: Optional[int] = None):
     one image at it would not fit the vision engine's patch profile (``capacity`` patches)."""
     from autoglm_build.imaging import VisionGeometry
 
-    geometry = VisionGeometry.of(cfg.vision)
-    top = min(cfg.patch_range()[2], capacity or cfg.patch_range()[2])
-    if geometry.max_patches() > top:
-        pixels = top * geometry.temporal_patch_size * geometry.patch_size ** 2
-        geometry = dataclasses.replace(geometry, max_pixels=pixels, min_pixels=min(geometry.min_pixels, pixels))
-    return geometry
+    top = cfg.patch_range()[2]
+    return VisionGeometry.of(cfg.vision).within(min(top, capacity or top))
 
 
 def encode_image(backend: Backend, cfg: BuildConfig, data: bytes, param: str) -> Segment:

@@ -216,7 +216,7 @@ def create_app(state: ServerState):
         try:
             async for event in events:
                 if event["type"] == "delta":
-                    text += event["content"] if reasoning else event["reasoning"] + event["content"]
+                    text += shown_content(event, reasoning)
                     thought += event["reasoning"]
                 else:
                     done = event
@@ -297,6 +297,12 @@ def sampling(state: ServerState, body, prompt: Prompt, max_tokens: Optional[int]
                           skip_special_tokens=body.skip_special_tokens)
 
 
+def shown_content(event: Dict[str, Any], reasoning: bool) -> str:
+    """A delta event's ``content``: without ``return_reasoning`` the thinking text stays in it, as vLLM
+    returns it without a reasoning parser (the phone agent reads its thinking there); the tags never."""
+    return event["content"] if reasoning else event["reasoning"] + event["content"]
+
+
 def submit(state: ServerState, prompt: Prompt, params: SamplingParams) -> Tuple[AsyncIterator[Dict], Request]:
     """Queue a request; its events arrive on an asyncio queue of the calling loop."""
     loop = asyncio.get_running_loop()
@@ -344,9 +350,7 @@ async def stream_chunks(events: AsyncIterator[Dict], request: Request, ident: st
         async for event in events:
             if event["type"] == "delta":
                 if chat:
-                    # without return_reasoning the thinking text stays in content (vLLM without a reasoning
-                    # parser; the phone agent reads its thinking there), the tags never
-                    text = event["content"] if reasoning else event["reasoning"] + event["content"]
+                    text = shown_content(event, reasoning)
                     delta = {"content": text} if text else {}
                     if reasoning and event["reasoning"]:
                         delta["reasoning_content"] = event["reasoning"]

@@ -21,9 +21,9 @@ import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple, Union
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
@@ -114,135 +114,163 @@ async def _send_error(send, err: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the scheduler; on shutdown finish what is running, stop it and release the backend."""
+    state: ServerState = app.state.server
+    state.scheduler.start()
+    try:
+        yield
+    finally:
+        await run_in_threadpool(state.scheduler.stop)
+        state.backend.close()
+
+
+async def _api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: HTTPRequest, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+
+
+async def _internal(request: HTTPRequest, exc: Exception) -> JSONResponse:
+    return JSONResponse(APIError(500, f"internal error: {exc.__class__.__name__}", "server_error").body(),
+                        status_code=500)
+
+
 def create_app(state: ServerState):
-    """The FastAPI application (the scheduler is started and stopped by its lifespan)."""
-    @asynccontextmanager
-    async def lifespan(app):
-        state.scheduler.start()
-        try:
-            yield
-        finally:
-            await run_in_threadpool(state.scheduler.stop)  # finishes what is running, then ends
-            state.backend.close()
+    """The ASGI application: the routes below over ``state`` (``app.state.server``), behind the body cap.
+    The scheduler is started and stopped by the app's lifespan."""
+    app = FastAPI(title="autoglm-build serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  exception_handlers={APIError: _api_error, StarletteHTTPException: _http_error,
+                                      Exception: _internal})
+    app.state.server = state
+    app.include_router(router)
+    return BodyLimit(app, state.cfg.serve.max_body_bytes)
 
-    app = FastAPI(title="autoglm-build serve", lifespan=lifespan, docs_url=None, redoc_url=None)
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+# ---- routes ------------------------------------------------------------------------------------
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(APIError(exc.status_code, str(exc.detail), kind).body(), status_code=exc.status_code)
+router = APIRouter()
 
-    @app.exception_handler(Exception)
-    async def _internal(request, exc):
-        return JSONResponse(APIError(500, f"internal error: {exc.__class__.__name__}", "server_error").body(),
-                            status_code=500)
 
-    def authorize(request: HTTPRequest) -> None:
-        if not state.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+def get_state(request: HTTPRequest) -> ServerState:
+    """The serving state of the app that received ``request`` (set by :func:`create_app`)."""
+    return request.app.state.server
+
+
+def authorized(request: HTTPRequest, state: ServerState = Depends(get_state)) -> ServerState:
+    """The state, once the request carries the API key (when the server has one): 401 otherwise."""
+    if state.api_key:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                            "authentication_error", code="invalid_api_key")
+    return state
 
-    async def parse(request: HTTPRequest, model):
-        authorize(request)
-        raw = await request.body()
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"request body is not valid JSON ({exc.__class__.__name__}: {exc})") from None
-        except RecursionError:
-            raise APIError(400, "request body is nested too deeply") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object")
-        try:
-            body = model.model_validate(data)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
-        if body.model not in state.model_ids:
-            raise APIError(404, f"model '{body.model}' does not exist; this server serves "
-                                f"{', '.join(state.model_ids)}", "invalid_request_error", "model", "model_not_found")
-        return body
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
 
-    @app.get("/ready")
-    async def ready():
-        s = state.scheduler
-        body = {"status": "ready" if s.running else "not ready", **state.backend.describe(), **s.stats()}
-        return JSONResponse(body, status_code=200 if s.running else 503)
 
-    @app.get("/v1/models")
-    async def models(request: HTTPRequest):
-        authorize(request)
-        return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": state.created, "owned_by": "autoglm-build",
-             "max_model_len": state.scheduler.context} for m in state.model_ids]}
+@router.get("/ready")
+async def ready(state: ServerState = Depends(get_state)):
+    s = state.scheduler
+    body = {"status": "ready" if s.running else "not ready", **state.backend.describe(), **s.stats()}
+    return JSONResponse(body, status_code=200 if s.running else 503)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: HTTPRequest):
-        body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
-        prompt = await run_in_threadpool(chat_prompt, state, body)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        params = sampling(state, body, prompt, max_tokens, body.thinking_budget)
-        return await respond(state, body, prompt, params, chat=True, reasoning=body.return_reasoning)
 
-    @app.post("/v1/completions")
-    async def completions(request: HTTPRequest):
-        body: CompletionRequest = await parse(request, CompletionRequest)
-        prompt = state.tokenizer.text_prompt(body.prompt)
-        params = sampling(state, body, prompt, body.max_tokens, None)
-        return await respond(state, body, prompt, params, chat=False, reasoning=False)
+@router.get("/v1/models")
+async def models(state: ServerState = Depends(authorized)):
+    return {"object": "list", "data": [
+        {"id": m, "object": "model", "created": state.created, "owned_by": "autoglm-build",
+         "max_model_len": state.scheduler.context} for m in state.model_ids]}
 
-    async def respond(state: ServerState, body, prompt: Prompt, params: SamplingParams, chat: bool,
-                      reasoning: bool):
-        events, request = submit(state, prompt, params)
-        ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        created = int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = stream_chunks(events, request, ident, created, body.model, chat, reasoning, include_usage)
-            return StreamingResponse(chunks, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, thought, done = "", "", None
-        try:
-            async for event in events:
-                if event["type"] == "delta":
-                    text += shown_content(event, reasoning)
-                    thought += event["reasoning"]
-                else:
-                    done = event
-        finally:
-            request.cancel()
-        if done["type"] == "error":
-            raise APIError(500, done["message"], "server_error")
-        if chat:
-            message = {"role": "assistant", "content": text}
-            if reasoning:
-                message["reasoning_content"] = thought
-            choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
-            kind = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": done["finish_reason"], "logprobs": None}
-            kind = "text_completion"
-        return {"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice],
-                "usage": done["usage"]}
 
-    return BodyLimit(app, state.cfg.serve.max_body_bytes)
+@router.post("/v1/chat/completions")
+async def chat(request: HTTPRequest, state: ServerState = Depends(authorized)):
+    body: ChatCompletionRequest = await parse(request, state, ChatCompletionRequest)
+    prompt = await run_in_threadpool(chat_prompt, state, body)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    params = sampling(state, body, prompt, max_tokens, body.thinking_budget)
+    return await respond(state, body, prompt, params, chat=True, reasoning=body.return_reasoning)
+
+
+@router.post("/v1/completions")
+async def completions(request: HTTPRequest, state: ServerState = Depends(authorized)):
+    body: CompletionRequest = await parse(request, state, CompletionRequest)
+    prompt = state.tokenizer.text_prompt(body.prompt)
+    params = sampling(state, body, prompt, body.max_tokens, None)
+    return await respond(state, body, prompt, params, chat=False, reasoning=False)
+
+
+async def parse(request: HTTPRequest, state: ServerState, model):
+    """The request body as ``model`` (400 naming the field), for a model this server serves (404)."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        body = model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    if body.model not in state.model_ids:
+        raise APIError(404, f"model '{body.model}' does not exist; this server serves "
+                            f"{', '.join(state.model_ids)}", "invalid_request_error", "model", "model_not_found")
+    return body
+
+
+async def respond(state: ServerState, body, prompt: Prompt, params: SamplingParams, chat: bool, reasoning: bool):
+    """The completion: streamed as server-sent events when the body asks, else one JSON object."""
+    events, request = submit(state, prompt, params)
+    ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = stream_chunks(events, request, ident, created, body.model, chat, reasoning, include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    text, thought, done = await collect(events, request, reasoning)
+    if chat:
+        message = {"role": "assistant", "content": text}
+        if reasoning:
+            message["reasoning_content"] = thought
+        choice = {"index": 0, "message": message, "finish_reason": done["finish_reason"], "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": done["finish_reason"], "logprobs": None}
+    return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": body.model, "choices": [choice], "usage": done["usage"]}
+
+
+async def collect(events: AsyncIterator[Dict], request: Request, reasoning: bool) -> Tuple[str, str, Dict]:
+    """A whole generation: ``(content, reasoning text, the final event)``; a failed one is a 500."""
+    text, thought, done = "", "", None
+    try:
+        async for event in events:
+            if event["type"] == "delta":
+                text += shown_content(event, reasoning)
+                thought += event["reasoning"]
+            else:
+                done = event
+    finally:
+        request.cancel()
+    if done["type"] == "error":
+        raise APIError(500, done["message"], "server_error")
+    return text, thought, done
 
 
 def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> Prompt:
     """The chat turns as segments (media through their encoders), in GLM's chat format."""
     turns: List[Tuple[str, List[Segment]]] = []
-    media = 0
+    limit, media = state.cfg.serve.max_media_per_request, 0
     for i, message in enumerate(body.messages):
         role = "system" if message.role == "developer" else message.role
         parts = [TextPart(type="text", text=message.content or "")] if not isinstance(message.content, list) \
@@ -254,28 +282,31 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> Prompt:
                 segments.append(Segment(text=part.text))
                 continue
             media += 1
-            if media > state.cfg.serve.max_media_per_request:
-                raise APIError(400, f"{param}: more than {state.cfg.serve.max_media_per_request} images/audio clips "
-                                    f"in one request", param=param)
-            needed = "vision" if isinstance(part, ImagePart) else "audio"
-            if needed not in state.backend.files:
-                raise APIError(400, f"{param}: this build has no {needed} module", param=param)
-            try:
-                with state.media_lock:
-                    if isinstance(part, ImagePart):
-                        data = image_bytes(part.image_url.url, f"{param}.image_url.url")
-                        segments.append(encode_image(state.backend, state.cfg, data, f"{param}.image_url"))
-                    elif isinstance(part, AudioPart):
-                        data = decode_base64(part.input_audio.data, f"{param}.input_audio.data")
-                        segments.append(encode_audio(state.backend, state.cfg, data, f"{param}.input_audio"))
-            except MediaError as exc:
-                raise APIError(400, exc.message, param=exc.param) from None
-            except ImportError as exc:  # e.g. the GPU harness's Python without Pillow/transformers
-                kind, field = ("images", "image_url") if needed == "vision" else ("audio", "input_audio")
-                raise APIError(400, f"{param}.{field}: this server cannot preprocess {kind} ({exc.name} is not "
-                                    f"installed)", param=f"{param}.{field}", code="unsupported_media") from None
+            if media > limit:
+                raise APIError(400, f"{param}: more than {limit} images/audio clips in one request", param=param)
+            segments.append(media_segment(state, part, param))
         turns.append((role, segments))
     return state.tokenizer.chat_prompt(turns, body.thinking())
+
+
+def media_segment(state: ServerState, part: Union[ImagePart, AudioPart], param: str) -> Segment:
+    """One image or audio part through its encoder; what cannot be used is a 400 naming the field."""
+    needed, field = ("vision", "image_url") if isinstance(part, ImagePart) else ("audio", "input_audio")
+    if needed not in state.backend.files:
+        raise APIError(400, f"{param}: this build has no {needed} module", param=param)
+    try:
+        with state.media_lock:
+            if isinstance(part, ImagePart):
+                data = image_bytes(part.image_url.url, f"{param}.image_url.url")
+                return encode_image(state.backend, state.cfg, data, f"{param}.image_url")
+            data = decode_base64(part.input_audio.data, f"{param}.input_audio.data")
+            return encode_audio(state.backend, state.cfg, data, f"{param}.input_audio")
+    except MediaError as exc:
+        raise APIError(400, exc.message, param=exc.param) from None
+    except ImportError as exc:  # e.g. the GPU harness's Python without Pillow/transformers
+        kind = "images" if needed == "vision" else "audio"
+        raise APIError(400, f"{param}.{field}: this server cannot preprocess {kind} ({exc.name} is not "
+                            f"installed)", param=f"{param}.{field}", code="unsupported_media") from None
 
 
 def sampling(state: ServerState, body, prompt: Prompt, max_tokens: Optional[int],
@@ -327,41 +358,54 @@ def submit(state: ServerState, prompt: Prompt, params: SamplingParams) -> Tuple[
     return events(), request
 
 
-async def stream_chunks(events: AsyncIterator[Dict], request: Request, ident: str, created: int, model: str,
-                        chat: bool, reasoning: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the request."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
+@dataclass
+class Chunks:
+    """OpenAI's stream chunks of one completion, each as a server-sent event."""
 
-    def chunk(delta: Optional[Dict[str, Any]] = None, text: str = "", finish: Optional[str] = None,
+    ident: str
+    created: int
+    model: str
+    chat: bool
+
+    def event(self, delta: Optional[Dict[str, Any]] = None, text: str = "", finish: Optional[str] = None,
               usage: Optional[Dict] = None, choices: bool = True) -> str:
-        if chat:
+        if self.chat:
             choice = {"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        data = {"id": ident, "object": kind, "created": created, "model": model,
-                "choices": [choice] if choices else []}
+        data = {"id": self.ident, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice] if choices else []}
         if usage is not None:
             data["usage"] = usage
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
+    def delta(self, event: Dict[str, Any], reasoning: bool) -> Optional[str]:
+        """The chunk of a delta event, or None when it shows nothing."""
+        if not self.chat:
+            return self.event(text=event["content"]) if event["content"] else None
+        text = shown_content(event, reasoning)
+        delta = {"content": text} if text else {}
+        if reasoning and event["reasoning"]:
+            delta["reasoning_content"] = event["reasoning"]
+        return self.event(delta) if delta else None
+
+
+async def stream_chunks(events: AsyncIterator[Dict], request: Request, ident: str, created: int, model: str,
+                        chat: bool, reasoning: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the request."""
+    chunks = Chunks(ident, created, model, chat)
     try:
         if chat:
-            yield chunk({"role": "assistant", "content": ""})
+            yield chunks.event({"role": "assistant", "content": ""})
         async for event in events:
             if event["type"] == "delta":
-                if chat:
-                    text = shown_content(event, reasoning)
-                    delta = {"content": text} if text else {}
-                    if reasoning and event["reasoning"]:
-                        delta["reasoning_content"] = event["reasoning"]
-                    if delta:
-                        yield chunk(delta)
-                elif event["content"]:
-                    yield chunk(text=event["content"])
+                line = chunks.delta(event, reasoning)
+                if line:
+                    yield line
             elif event["type"] == "done":
-                yield chunk({}, finish=event["finish_reason"])
+                yield chunks.event({}, finish=event["finish_reason"])
                 if include_usage:
-                    yield chunk(usage=event["usage"], choices=False)
+                    yield chunks.event(usage=event["usage"], choices=False)
             else:
                 err = APIError(500, event["message"], "server_error")
                 yield f"data: {json.dumps(err.body())}\n\n"

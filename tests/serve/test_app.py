@@ -1,0 +1,52 @@
+"""The app's routes are module-level (one ``APIRouter``) and reach the server's state through a
+dependency, so two apps in one process each serve their own state."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from autoglm_build.config import load_config
+from autoglm_build.serve.app import ServerState, create_app, get_state, router
+from tests.conftest import TINY
+
+
+class _Scheduler:
+    running, context, max_batch, queue_size = True, 64, 1, 0
+
+    def stats(self):
+        return {"active": 0, "waiting": 0}
+
+
+class _Backend:
+    files = {}
+
+    def describe(self):
+        return {"backend": "fake", "precision": "fp32"}
+
+
+def _state(model_ids, api_key=None) -> ServerState:
+    return ServerState(cfg=load_config(TINY), backend=_Backend(), tokenizer=None, scheduler=_Scheduler(),
+                       api_key=api_key, model_ids=model_ids)
+
+
+def _ids(resp):
+    assert resp.status_code == 200, resp.text
+    return [m["id"] for m in resp.json()["data"]]
+
+
+def test_two_apps_serve_their_own_state():
+    first = TestClient(create_app(_state(("first",))))
+    second = TestClient(create_app(_state(("second",), api_key="k2")))
+    assert _ids(first.get("/v1/models")) == ["first"]
+    assert second.get("/v1/models").status_code == 401
+    assert _ids(second.get("/v1/models", headers={"Authorization": "Bearer k2"})) == ["second"]
+    resp = first.post("/v1/chat/completions", json={"model": "second", "messages": [{"role": "user", "content": "x"}]})
+    assert resp.status_code == 404 and "this server serves first" in resp.json()["error"]["message"]
+
+
+def test_routes_are_module_level_and_state_is_a_dependency():
+    paths = {route.path for route in router.routes}
+    assert paths == {"/health", "/ready", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    asgi = create_app(_state(("served",)))
+    asgi.app.dependency_overrides[get_state] = lambda: _state(("overridden",))
+    assert _ids(TestClient(asgi).get("/v1/models")) == ["overridden"]

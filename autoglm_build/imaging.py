@@ -137,7 +137,9 @@ def open_image(source, what: str, max_pixels: int = MAX_DECODE_PIXELS):
         img = Image.open(source)
     except Image.DecompressionBombError as exc:  # Pillow's own bound (2x its MAX_IMAGE_PIXELS) on the header
         raise ImageError(f"{what}: {exc.args[0].split(',')[0]} (refused before decoding)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:  # its text names the stream object (an address) for a non-file source
+        raise ImageError(f"{what}: not a readable image (format not recognized)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{what}: not a readable image ({exc.__class__.__name__}: {exc})") from None
     with img:
         width, height = img.size

@@ -41,6 +41,8 @@ def image_bytes(url: str, param: str) -> bytes:
     header, _, payload = url.partition(",")
     if not header.startswith("data:image/") or not header.endswith(";base64"):
         raise MediaError(f"expected data:image/<type>;base64,<data>, got '{header[:40]}'", param)
+    if not payload:
+        raise MediaError("the data: URL holds no image data", param)
     return decode_base64(payload, param)
 
 
@@ -74,7 +76,7 @@ def encode_audio(backend: Backend, cfg: BuildConfig, data: bytes, param: str) ->
     try:
         samples = load_wav(io.BytesIO(data), name="audio")
     except CalibrationDataError as exc:
-        raise MediaError(exc.message.split(": ", 1)[-1], param) from None
+        raise MediaError(wav_problem(data) or exc.message.split(": ", 1)[-1], param) from None
     seconds = len(samples) / SAMPLE_RATE
     if seconds > a.max_frames / 100:
         raise MediaError(f"{seconds:.1f} s of audio; the speech encoder takes at most {a.max_frames / 100:.0f} s",
@@ -82,3 +84,28 @@ def encode_audio(backend: Backend, cfg: BuildConfig, data: bytes, param: str) ->
     features = log_mel(samples, a.num_mel_bins, a.frame_multiple, a.max_frames)
     embeds = backend.run("audio", {"input_features": features[None]})["audio_embeds"][0]
     return Segment(media="audio", embeds=embeds)
+
+
+WAV_WANTED = "send 16 kHz mono 16-bit PCM WAV"
+#: WAVE_FORMAT_* codes of encodings clients send by mistake
+WAV_ENCODINGS = {2: "ADPCM", 3: "32-bit float", 6: "A-law", 7: "mu-law", 0x55: "MP3", 0xFFFE: "extensible-format"}
+
+
+def wav_problem(data: bytes) -> Optional[str]:
+    """What makes ``data`` unreadable as PCM WAV, read from its chunk headers (None: the headers are
+    fine, so :func:`~autoglm_build.calibration.load_wav`'s own reason stands)."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return f"not a WAV file (no RIFF/WAVE header); {WAV_WANTED}"
+    chunks, pos = {}, 12
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos + 4:pos + 8], "little")
+        chunks.setdefault(data[pos:pos + 4], data[pos + 8:pos + 8 + min(size, 16)])
+        pos += 8 + size + (size & 1)
+    if len(chunks.get(b"fmt ", b"")) < 2:
+        return f"truncated WAV data (no complete 'fmt ' chunk); {WAV_WANTED}"
+    code = int.from_bytes(chunks[b"fmt "][:2], "little")
+    if code != 1:
+        return f"{WAV_ENCODINGS.get(code, f'format {code}')} WAV is not supported; {WAV_WANTED}"
+    if b"data" not in chunks:
+        return f"truncated WAV data (no 'data' chunk); {WAV_WANTED}"
+    return None

@@ -36,6 +36,7 @@ from autoglm_build.runtime.generation import QueueFull, Request, SamplingParams,
 from autoglm_build.runtime.media import MediaError, decode_base64, encode_audio, encode_image, image_bytes
 from autoglm_build.runtime.text import ChatTokenizer, Prompt, Segment
 from autoglm_build.serve.protocol import (
+    BRANCH_TAG,
     AudioPart,
     ChatCompletionRequest,
     CompletionRequest,
@@ -74,7 +75,7 @@ class ServerState:
 def validation_error(exc: ValidationError) -> APIError:
     """The first problem as one line naming the field, e.g. ``messages.0.role: Input should be ...``."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[")))
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", BRANCH_TAG)))
     msg = err["msg"].replace("Value error, ", "")
     return APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from typing_extensions import Annotated
 
 
 class _Body(BaseModel):
@@ -35,18 +36,53 @@ class InputAudio(_Body):
     data: str = Field(description="base64 WAV, 16 kHz mono 16-bit")
     format: Literal["wav"] = "wav"
 
+    @field_validator("format", mode="before")
+    @classmethod
+    def _wav_only(cls, value):
+        if value != "wav":
+            raise ValueError(f"audio format {value!r} is not supported; send 'wav' (16 kHz mono 16-bit PCM)")
+        return value
+
 
 class AudioPart(_Body):
     type: Literal["input_audio"]
     input_audio: InputAudio
 
 
-ContentPart = Union[TextPart, ImagePart, AudioPart]
+#: Tags of the unions below, in angle brackets so that they are told apart from fields (pydantic
+#: puts the tag of the branch it took in an error's location; :data:`BRANCH_TAG` strips it).
+BRANCH_TAG = "<"
+PART_TYPES = ("text", "image_url", "input_audio")
+
+
+def _part_type(value: Any) -> Optional[str]:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"<{kind}>" if kind in PART_TYPES else None
+
+
+def _content_shape(value: Any) -> Optional[str]:
+    if value is None or isinstance(value, str):
+        return "<string>"
+    return "<parts>" if isinstance(value, list) else None
+
+
+# A part is validated against the model its ``type`` names only (not against every model in turn,
+# whose errors would name the wrong one).
+ContentPart = Annotated[
+    Union[Annotated[TextPart, Tag("<text>")], Annotated[ImagePart, Tag("<image_url>")],
+          Annotated[AudioPart, Tag("<input_audio>")]],
+    Discriminator(_part_type, custom_error_type="part_type",
+                  custom_error_message="a content part needs a type of 'text', 'image_url' or 'input_audio'")]
+
+Content = Annotated[
+    Union[Annotated[Optional[str], Tag("<string>")], Annotated[List[ContentPart], Tag("<parts>")]],
+    Discriminator(_content_shape, custom_error_type="content_type",
+                  custom_error_message="content must be a string or a list of content parts")]
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, List[ContentPart], None] = None
+    content: Content = None
 
 
 class StreamOptions(_Body):

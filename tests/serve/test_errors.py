@@ -90,3 +90,68 @@ def test_chunked_body_over_the_cap_is_413(server, tiny_cfg):
 
     resp = httpx.post(server.url + CHAT, content=chunks(), timeout=60)
     assert resp.status_code == 413
+
+
+def _wav(encoding: int = 1, width: int = 2) -> str:
+    """A 0.1 s 16 kHz mono WAV, its format code (1 = PCM) set to ``encoding``, base64."""
+    import io
+    import struct
+    import wave
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as fh:
+        fh.setnchannels(1)
+        fh.setsampwidth(width)
+        fh.setframerate(16000)
+        fh.writeframes(b"\0" * 1600 * width)
+    data = buffer.getvalue()
+    return base64.b64encode(data[:20] + struct.pack("<H", encoding) + data[22:]).decode()
+
+
+def _image(data: bytes) -> list:
+    return [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}]
+
+
+def _audio(data: str, fmt: str = "wav") -> list:
+    return [{"type": "input_audio", "input_audio": {"data": data, "format": fmt}}]
+
+
+# content of the second message -> (param, what the message must say after it)
+MEDIA_CASES = {
+    "image of unknown format": (_image(b"GIF? no, just text"), "messages.1.content.0.image_url",
+                                "not a readable image (format not recognized)"),
+    "empty image data": (_image(b""), "messages.1.content.0.image_url.url", "the data: URL holds no image data"),
+    "mp3 format": (_audio(_wav(), "mp3"), "messages.1.content.0.input_audio.format",
+                   "audio format 'mp3' is not supported; send 'wav'"),
+    "float WAV": (_audio(_wav(encoding=3, width=4)), "messages.1.content.0.input_audio",
+                  "32-bit float WAV is not supported; send 16 kHz mono 16-bit PCM WAV"),
+    "not a WAV": (_audio(base64.b64encode(b"ID3\x03" + bytes(64)).decode()), "messages.1.content.0.input_audio",
+                  "not a WAV file (no RIFF/WAVE header)"),
+    "unknown part type": ([{"type": "video_url", "video_url": {"url": "x"}}], "messages.1.content.0",
+                          "a content part needs a type of 'text', 'image_url' or 'input_audio'"),
+    "content not a list": (42, "messages.1.content", "content must be a string or a list of content parts"),
+}
+
+
+@pytest.mark.parametrize("case", list(MEDIA_CASES))
+def test_media_errors_name_the_field_in_one_line(server, case):
+    content, param, says = MEDIA_CASES[case]
+    body = {"model": MODEL, "max_tokens": 2,
+            "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]}
+    resp = httpx.post(server.url + CHAT, json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param
+    assert error["message"].startswith(f"{param}: ") and says in error["message"], error
+    assert "\n" not in error["message"] and " at 0x" not in error["message"]
+
+
+def test_wav_problem_reads_the_chunk_headers():
+    from autoglm_build.runtime.media import wav_problem
+
+    pcm = base64.b64decode(_wav())
+    assert wav_problem(pcm) is None  # well-formed: load_wav's own reason (rate, channels) stands
+    assert wav_problem(pcm[:14]).startswith("truncated WAV data (no complete 'fmt ' chunk)")
+    assert wav_problem(pcm[:36]).startswith("truncated WAV data (no 'data' chunk)")
+    assert wav_problem(base64.b64decode(_wav(encoding=7))).startswith("mu-law WAV is not supported")
+    assert wav_problem(base64.b64decode(_wav(encoding=0x1234))).startswith("format 4660 WAV is not supported")

@@ -165,7 +165,7 @@ class OptimizeConfig(_Section):
     tolerance: Tolerance = Field(default_factory=lambda: Tolerance(atol=1e-5, rtol=1e-5))
 
 
-DEFAULT_FP16_PATTERNS = ["op:Softmax", "op:LayerNormalization", "norm", "lm_head", "embed_tokens"]
+DEFAULT_FP16_PATTERNS = ["lm_head", "embed_tokens"]
 
 
 class ModuleCalibration(_Section):

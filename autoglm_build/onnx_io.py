@@ -4,7 +4,7 @@ moving finished files into place atomically."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import numpy as np
 
@@ -64,6 +64,21 @@ def ort_options(threads: int = 0) -> Any:
     if threads:
         opts.intra_op_num_threads = threads
     return opts
+
+
+_ORT_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+def feed_for(session: Any, feed: Mapping[str, Any]) -> Dict[str, Any]:
+    """``feed`` with each float array in the float type the session's graph declares for that input
+    (an FP16 graph's KV cache takes FP16; the reference feeds are FP32). Other arrays pass as they are."""
+    declared = {i.name: _ORT_FLOATS.get(i.type) for i in session.get_inputs()}
+    out = {}
+    for name, value in feed.items():
+        dtype = declared.get(name)
+        value = np.asarray(value)
+        out[name] = value.astype(dtype, copy=False) if dtype and value.dtype.kind == "f" else value
+    return out
 
 
 def move_into_place(files: List[Path], final_dir: Path, stem: str, kind: str) -> List[Tuple[Path, str]]:

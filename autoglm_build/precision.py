@@ -20,6 +20,13 @@ import numpy as np
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 _FLOAT16, _FLOAT, _INT8 = 10, 1, 3
 
+#: Ops that must not compute in FP16 (the graph-precision check): a normalization's square and mean
+#: overflow FP16 for |x| > 256 (x^2 > 65504), and a softmax's exponentials want FP32 sums. Strongly
+#: typed TensorRT (10.12+, 11) computes exactly the graph's types, so the graph has to say FP32.
+FP32_OPS = ("Pow", "ReduceMean", "LayerNormalization", "RMSNormalization", "Softmax")
+# Elementwise ops between a normalization's reduction and the multiply that applies it.
+_NORM_CHAIN_OPS = ("Add", "Sub", "Sqrt", "Div", "Reciprocal", "Mul")
+
 
 def matches(node, patterns: Sequence[str]) -> bool:
     """``op:Softmax`` matches an op type; anything else is a regex searched in the node's name."""
@@ -37,37 +44,151 @@ def policy_nodes(model, patterns: Sequence[str]) -> List[str]:
     return [n.name for n in model.graph.node if n.name and matches(n, patterns)]
 
 
-def fp16_islands(model, fp16_nodes: Iterable[str]):
-    """Convert only ``fp16_nodes`` to FP16 (Casts at their borders); I/O and every other node stay."""
+def fp32_nodes(model) -> List[str]:
+    """Names of the nodes that stay FP32 in every FP16 and INT8 graph: each normalization whole
+    (``Pow -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul(x, .)`` as RMSNorm exports, the
+    decomposed LayerNorm, ``LayerNormalization``/``RMSNormalization``), every ``Softmax`` and
+    ``Pow``, and the residual ``Add`` that feeds a normalization (the residual stream stays FP32, as
+    strongly typed deployments of GLM/Qwen-VL towers keep it).
+
+    Unnamed nodes get names first (``<op>_<index>``), so the list can be used as a block list.
+    """
+    _name_nodes(model)
+    nodes = list(model.graph.node)
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    producers = {o: n for n in nodes for o in n.output}
+    readers: Dict[str, List] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    keep = set()
+    for node in nodes:
+        if node.op_type not in FP32_OPS:
+            continue
+        keep.add(node.name)
+        if node.op_type in ("Pow", "ReduceMean", "LayerNormalization", "RMSNormalization"):
+            residual = producers.get(node.input[0])
+            if residual is not None and residual.op_type == "Add" and not any(i in constants for i in residual.input):
+                keep.add(residual.name)
+        if node.op_type != "ReduceMean":
+            continue
+        current = node  # follow the mean to the node that applies it: the first with a second runtime input
+        for _ in range(6):
+            users = readers.get(current.output[0], [])
+            if len(users) != 1 or users[0].op_type not in _NORM_CHAIN_OPS:
+                break
+            current = users[0]
+            keep.add(current.name)
+            if sum(1 for i in current.input if i and i not in constants) > 1:
+                break
+    return [n.name for n in nodes if n.name in keep]
+
+
+def fp16_islands(model, fp16_nodes: Iterable[str], fp16_io: Sequence[str] = ()):
+    """Convert only ``fp16_nodes`` to FP16 (Casts at their borders), never :func:`fp32_nodes`; I/O and
+    every other node stay, except the graph inputs and outputs named in ``fp16_io`` (see :func:`io_to_fp16`)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    keep = set(fp16_nodes)
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
+    keep = set(fp16_nodes) - set(fp32_nodes(model))
     _split_shared_initializers(model, keep)
     _add_value_info(model)
     block = [n.name for n in model.graph.node if n.name not in keep]
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=block, disable_shape_infer=True)
-    return tidy(converted)
+    return tidy(io_to_fp16(converted, fp16_io))
 
 
-def to_fp16(model):
-    """The whole graph in FP16 (I/O kept FP32), ops without FP16 kernels in ONNX Runtime blocked."""
+def to_fp16(model, fp16_io: Sequence[str] = ()):
+    """The graph in FP16 but for :func:`fp32_nodes` (FP32 islands between Casts); graph I/O kept FP32
+    except the inputs and outputs named in ``fp16_io`` (the decoder's KV cache), which become FP16."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    block = fp32_nodes(model)
     _add_value_info(model)
-    return tidy(convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True))
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=block, disable_shape_infer=True)
+    return tidy(io_to_fp16(converted, fp16_io))
+
+
+def io_to_fp16(model, names: Sequence[str]):
+    """Retype the FP32 graph inputs and outputs in ``names`` to FP16, with a Cast beside each inside
+    the graph; :func:`tidy` then folds the Casts that meet the converter's own (lossless FP16 -> FP32
+    -> FP16 round trips). The decoder's KV cache crosses the boundary this way: half the bytes each
+    decode step reads and each cache holds."""
+    from onnx import helper
+
+    wanted = set(names)
+    for value in model.graph.input:
+        if value.name in wanted and value.type.tensor_type.elem_type == _FLOAT:
+            inner = f"{value.name}__fp32"
+            for node in model.graph.node:
+                node.input[:] = [inner if i == value.name else i for i in node.input]
+            model.graph.node.insert(0, helper.make_node("Cast", [value.name], [inner], to=_FLOAT,
+                                                        name=f"{value.name}__to_fp32"))
+            value.type.tensor_type.elem_type = _FLOAT16
+    for value in model.graph.output:
+        if value.name in wanted and value.type.tensor_type.elem_type == _FLOAT:
+            inner = f"{value.name}__fp32"
+            for node in model.graph.node:
+                node.output[:] = [inner if o == value.name else o for o in node.output]
+                node.input[:] = [inner if i == value.name else i for i in node.input]
+            model.graph.node.append(helper.make_node("Cast", [inner], [value.name], to=_FLOAT16,
+                                                     name=f"{value.name}__to_fp16"))
+            value.type.tensor_type.elem_type = _FLOAT16
+    return model
+
+
+def fp16_reductions(model) -> List[str]:
+    """The graph-precision check: nodes of :data:`FP32_OPS` whose input is FP16 in the graph
+    (``"<op> <name>"`` each). Empty for every graph the precision stage writes."""
+    types = _tensor_types(model)
+    return [f"{n.op_type} {n.name}" for n in model.graph.node
+            if n.op_type in FP32_OPS and n.input and types.get(n.input[0]) == _FLOAT16]
+
+
+def _name_nodes(model) -> None:
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
 
 
 def tidy(model):
     """What the float16 converter leaves to be fixed: Cast round trips, duplicate Casts, name clashes,
     node order."""
     _unique_node_names(model)
-    while _drop_cast_round_trips(model):  # folding one round trip can expose the next
+    while _drop_cast_round_trips(model) + _drop_lossless_round_trips(model):  # one fold can expose the next
         pass
     _toposort(model)
     return model
+
+
+def _drop_lossless_round_trips(model) -> int:
+    """``x(fp16) -> Cast(fp32) -> Cast(fp16) -> y`` becomes ``x -> y`` (exact: FP16 fits in FP32), where
+    the FP32 tensor has no other reader. Where ``y`` is a graph output, an Identity keeps its name."""
+    from onnx import helper
+
+    fp16 = {name for name, elem in _declared_types(model).items() if elem == _FLOAT16}
+    to = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
+    readers: Dict[str, int] = Counter(i for n in model.graph.node for i in n.input)
+    graph_outputs = {o.name for o in model.graph.output}
+    drop, identities = set(), []
+    for node in model.graph.node:
+        if node.op_type != "Cast" or _cast_to(node) != _FLOAT16:
+            continue
+        first = to.get(node.input[0])
+        if (first is None or id(first) in drop or _cast_to(first) != _FLOAT or readers[first.output[0]] != 1
+                or first.input[0] not in fp16 or first.output[0] in graph_outputs):
+            continue
+        source = first.input[0]
+        if node.output[0] in graph_outputs:
+            identities.append(helper.make_node("Identity", [source], [node.output[0]], name=f"{node.name}__identity"))
+        else:
+            for reader in model.graph.node:
+                reader.input[:] = [source if i == node.output[0] else i for i in reader.input]
+        drop.update({id(node), id(first)})
+    keep = [n for n in model.graph.node if id(n) not in drop] + identities
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return len(drop)
 
 
 def _drop_cast_round_trips(model) -> int:
@@ -77,26 +198,39 @@ def _drop_cast_round_trips(model) -> int:
     through an FP16-typed tensor (a DequantizeLinear feeding a MatMul, say) end up joined by a
     lossy round trip that also hides the Q/DQ pair from TensorRT.
     """
+    from onnx import helper
+
     to = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
     readers: Dict[str, int] = Counter(i for n in model.graph.node for i in n.input)
     graph_outputs = {o.name for o in model.graph.output}
-    drop = set()
+    known = _declared_types(model)
+    drop, identities = set(), []
     for node in model.graph.node:
         if node.op_type != "Cast" or _cast_to(node) != _FLOAT:
             continue
         first = to.get(node.input[0])
-        if first is None or _cast_to(first) != _FLOAT16 or readers[first.output[0]] != 1:
-            continue
-        source = first.input[0]  # FP32: the converter only casts FP32 tensors to FP16
-        if node.output[0] in graph_outputs:
-            continue
-        for reader in model.graph.node:
-            reader.input[:] = [source if i == node.output[0] else i for i in reader.input]
+        if (first is None or id(first) in drop or _cast_to(first) != _FLOAT16 or readers[first.output[0]] != 1
+                or first.output[0] in graph_outputs or known.get(first.input[0], _FLOAT) != _FLOAT):
+            continue  # (the converter turns a model's own Cast-to-FP32 into a Cast-to-FP16 of an FP16 tensor)
+        source = first.input[0]
+        if node.output[0] in graph_outputs:  # e.g. an FP32 Softmax feeding a graph output
+            identities.append(helper.make_node("Identity", [source], [node.output[0]], name=f"{node.name}__identity"))
+        else:
+            for reader in model.graph.node:
+                reader.input[:] = [source if i == node.output[0] else i for i in reader.input]
         drop.update({id(node), id(first)})
-    keep = [n for n in model.graph.node if id(n) not in drop]
+    keep = [n for n in model.graph.node if id(n) not in drop] + identities
     del model.graph.node[:]
     model.graph.node.extend(keep)
     return len(drop)
+
+
+def _declared_types(model) -> Dict[str, int]:
+    """Element types the graph states: inputs, initializers, value_info, and every Cast's output."""
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.value_info)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    types.update({n.output[0]: _cast_to(n) for n in model.graph.node if n.op_type == "Cast"})
+    return types
 
 
 def _cast_to(node) -> int:
@@ -147,13 +281,13 @@ def _split_shared_initializers(model, keep: set) -> None:
 
 
 def _unique_node_names(model) -> None:
-    """The float16 converter can emit the border Cast of a shared initializer twice (same name, same
-    output): keep one of identical nodes, and give any other name clash a suffix."""
+    """The float16 converter can emit a border Cast twice (same output, for two readers): keep one of
+    nodes that compute the same thing into the same output, and give any other name clash a suffix."""
     produced = {}
     duplicates = []
     for node in model.graph.node:
         key = tuple(node.output)
-        if key in produced and produced[key].SerializeToString() == node.SerializeToString():
+        if key in produced and _same_computation(produced[key], node):
             duplicates.append(node)
         produced.setdefault(key, node)
     for node in duplicates:
@@ -163,6 +297,13 @@ def _unique_node_names(model) -> None:
         seen[node.name] += 1
         if seen[node.name] > 1:
             node.name = f"{node.name}_{seen[node.name] - 1}"
+
+
+def _same_computation(a, b) -> bool:
+    """Same op, inputs and attributes (the name may differ: the converter names a border Cast after
+    each reader it inserts it for)."""
+    return (a.op_type == b.op_type and list(a.input) == list(b.input) and a.domain == b.domain
+            and [x.SerializeToString() for x in a.attribute] == [x.SerializeToString() for x in b.attribute])
 
 
 def qdq_count(model) -> Dict[str, int]:
@@ -176,12 +317,7 @@ def census(model, categories: Mapping[str, Sequence[str]]) -> Dict[str, Dict[str
     Read from the graph: an input produced by ``DequantizeLinear`` counts as int8 (TensorRT fuses
     the pair), otherwise the input's element type as ONNX type inference gives it.
     """
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
-    types = {vi.name: vi.type.tensor_type.elem_type
-             for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-    types.update({t.name: t.data_type for t in model.graph.initializer})
+    types = _tensor_types(model)
     producers = {o: n.op_type for n in model.graph.node for o in n.output}
     result: Dict[str, Dict[str, int]] = {}
     for category, patterns in categories.items():
@@ -196,6 +332,17 @@ def census(model, categories: Mapping[str, Sequence[str]]) -> Dict[str, Dict[str
                 counts["fp16" if types[first] == _FLOAT16 else "fp32"] += 1
         result[category] = dict(counts)
     return result
+
+
+def _tensor_types(model) -> Dict[str, int]:
+    """Every tensor's element type, by ONNX type inference on a weightless copy."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(model))
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    return types
 
 
 def _add_value_info(model) -> None:

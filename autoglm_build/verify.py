@@ -36,7 +36,7 @@ from autoglm_build.config import BuildConfig, Tolerance
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.engine.sidecar import check_loadable, deserialize
 from autoglm_build.errors import UserError
-from autoglm_build.onnx_io import ort_options
+from autoglm_build.onnx_io import feed_for, ort_options
 from autoglm_build.stages.samples import load_samples
 from autoglm_build.validate import output_group
 from autoglm_build.workdir import Build
@@ -143,7 +143,7 @@ def _ort_run(path: Path) -> Run:
     names = [o.name for o in session.get_outputs()]
 
     def run(steps: List[Feed]) -> List[Dict[str, np.ndarray]]:
-        return [dict(zip(names, session.run(names, step))) for step in steps]
+        return [dict(zip(names, session.run(names, feed_for(session, step)))) for step in steps]
 
     return run
 

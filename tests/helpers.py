@@ -8,6 +8,7 @@ from typing import Dict
 import numpy as np
 
 from autoglm_build.config import BuildConfig
+from autoglm_build.onnx_io import feed_for
 
 
 def save_hf_checkpoint(cfg: BuildConfig, directory: Path, seed: int = 7, shards: int = 2):
@@ -51,4 +52,4 @@ def session(path: Path):
 def run_onnx(path: Path, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     sess = session(path)
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, {i.name: feed[i.name] for i in sess.get_inputs()})))
+    return dict(zip(names, sess.run(names, feed_for(sess, {i.name: feed[i.name] for i in sess.get_inputs()}))))

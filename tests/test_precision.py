@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from autoglm_build.precision import read_trt_cache, trt_cache_header, trt_version_number, write_trt_cache
@@ -38,3 +39,106 @@ def test_cache_round_trips(tmp_path):
     header, scales = read_trt_cache(path)
     assert written == 1 and header == "TRT-100300-MinMaxCalibration"
     assert scales == {"x": pytest.approx(2.54 / 127)}
+
+
+# ---- FP32 islands and the FP16 KV boundary -------------------------------------------------------
+
+def _rmsnorm_block(hidden: int = 64):
+    """``h = x + r; y = RMSNorm(h) @ W`` as transformers' RMSNorm exports (Pow, ReduceMean, Add(eps),
+    Sqrt, Div(1, .), Mul(h, .), Mul(w)), plus a Softmax and a KV-style input concatenated into an output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.ones(hidden, np.float32), "w"),
+        numpy_helper.from_array((rng.standard_normal((hidden, hidden)) / 8).astype(np.float32), "W"),
+    ]
+    nodes = [
+        helper.make_node("Add", ["x", "r"], ["h"], name="/layers.0/residual/Add"),
+        helper.make_node("Pow", ["h", "two"], ["sq"], name="/layers.0/norm/Pow"),
+        helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1, name="/layers.0/norm/ReduceMean"),
+        helper.make_node("Add", ["ms", "eps"], ["mse"], name="/layers.0/norm/Add"),
+        helper.make_node("Sqrt", ["mse"], ["rms"], name="/layers.0/norm/Sqrt"),
+        helper.make_node("Div", ["one", "rms"], ["inv"], name="/layers.0/norm/Div"),
+        helper.make_node("Mul", ["h", "inv"], ["normed"], name="/layers.0/norm/Mul"),
+        helper.make_node("Mul", ["normed", "w"], ["scaled"], name="/layers.0/norm/Mul_1"),
+        helper.make_node("MatMul", ["scaled", "W"], ["proj"], name="/layers.0/proj/MatMul"),
+        helper.make_node("Softmax", ["proj"], ["y"], axis=-1, name="/layers.0/Softmax"),
+        helper.make_node("Concat", ["past", "proj"], ["present"], axis=1, name="/layers.0/Concat"),
+    ]
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "block",
+        [helper.make_tensor_value_info("x", f32, [2, hidden]), helper.make_tensor_value_info("r", f32, [2, hidden]),
+         helper.make_tensor_value_info("past", f32, [2, "p"])],
+        [helper.make_tensor_value_info("y", f32, [2, hidden]),
+         helper.make_tensor_value_info("present", f32, [2, None])],
+        inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _run(model, feed):
+    import onnxruntime as ort
+
+    from autoglm_build.onnx_io import feed_for, ort_options
+
+    session = ort.InferenceSession(model.SerializeToString(), ort_options(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed_for(session, feed))))
+
+
+def test_fp32_nodes_are_the_normalization_the_softmax_and_the_residual_add():
+    from autoglm_build.precision import fp32_nodes
+
+    kept = set(fp32_nodes(_rmsnorm_block()))
+    assert kept == {"/layers.0/residual/Add", "/layers.0/norm/Pow", "/layers.0/norm/ReduceMean",
+                    "/layers.0/norm/Add", "/layers.0/norm/Sqrt", "/layers.0/norm/Div", "/layers.0/norm/Mul",
+                    "/layers.0/Softmax"}
+
+
+def test_fp16_graph_keeps_reductions_fp32_where_naive_fp16_overflows():
+    """A residual stream of |x| ~ 1000 (GLM's towers reach that): x^2 overflows FP16 (65504).
+    Without the fix, ``to_fp16`` was the naive conversion."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from autoglm_build.precision import fp16_reductions, to_fp16
+
+    rng = np.random.default_rng(1)
+    feed = {"x": (rng.standard_normal((2, 64)) * 600).astype(np.float32),
+            "r": (rng.standard_normal((2, 64)) * 600).astype(np.float32),
+            "past": rng.standard_normal((2, 3)).astype(np.float32)}
+    ref = _run(_rmsnorm_block(), feed)["y"]
+    naive = convert_float_to_float16(_rmsnorm_block(), keep_io_types=True)
+    assert fp16_reductions(naive)  # the check sees the old policy's FP16 Pow/ReduceMean/Softmax
+    # What a strongly typed engine would compute there (ONNX Runtime's CPU kernels widen FP16 to FP32
+    # inside, so the overflow is shown in numpy): the square of the residual stream is inf in FP16.
+    assert np.isinf(np.square((feed["x"] + feed["r"]).astype(np.float16))).any()
+    ours = to_fp16(_rmsnorm_block())
+    assert fp16_reductions(ours) == []
+    assert np.allclose(_run(ours, feed)["y"], ref, atol=2e-3)
+
+
+def test_kv_io_becomes_fp16_without_cast_round_trips():
+    from autoglm_build.precision import fp16_islands, to_fp16
+
+    for convert in (lambda m: to_fp16(m, ["past", "present"]),
+                    lambda m: fp16_islands(m, ["/layers.0/proj/MatMul"], ["past", "present"])):
+        model = convert(_rmsnorm_block())
+        types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+        assert types == {"x": 1, "r": 1, "past": 10, "y": 1, "present": 10}
+        producers = {o: n for n in model.graph.node for o in n.output}
+        for node in model.graph.node:  # no Cast fed by a Cast back to the type it started from
+            first = producers.get(node.input[0]) if node.op_type == "Cast" else None
+            assert not (first is not None and first.op_type == "Cast" and
+                        next(a.i for a in first.attribute if a.name == "to") != next(a.i for a in node.attribute
+                                                                                if a.name == "to")), node.name
+        rng = np.random.default_rng(2)
+        feed = {"x": rng.standard_normal((2, 64)).astype(np.float32),
+                "r": rng.standard_normal((2, 64)).astype(np.float32),
+                "past": rng.standard_normal((2, 3)).astype(np.float16)}
+        out = _run(model, feed)
+        assert out["present"].dtype == np.float16 and out["present"].shape == (2, 67)
+        assert np.array_equal(out["present"][:, :3], feed["past"])  # the cache passes through exactly

@@ -73,6 +73,11 @@ class ModuleSpec:
         """Named dynamic axes of every input and output (``batch`` is always axis 0)."""
         raise NotImplementedError
 
+    def fp16_io(self, cfg: BuildConfig) -> List[str]:
+        """Inputs and outputs that are FP16 in the module's FP16 and INT8 graphs (all other I/O stays
+        FP32, as the FP32 graph has it)."""
+        return []
+
     def export_patches(self) -> List[Patch]:
         """Attributes replaced while exporting (optimum's ``ModelPatcher``); each must compute the same."""
         return []

@@ -164,6 +164,11 @@ class DecoderSpec(ModuleSpec):
             names += [f"present_key.{i}", f"present_value.{i}"]
         return names
 
+    def fp16_io(self, cfg: BuildConfig) -> List[str]:
+        """The KV cache crosses the graph boundary in FP16 (the graph computes in FP16 around it anyway):
+        half the memory per cached token, half the bytes each decode step reads."""
+        return [n for n in self.input_names(cfg) + self.output_names(cfg) if n.startswith(("past_", "present_"))]
+
     def dynamic_axes(self, cfg: BuildConfig) -> Dict[str, Dict[int, str]]:
         axes: Dict[str, Dict[int, str]] = {
             "inputs_embeds": {0: "batch", 1: "seq"},

@@ -20,6 +20,7 @@ from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.errors import UserError
 from autoglm_build.manifest import Artifact, Manifest
 from autoglm_build.modules import registry
+from autoglm_build.onnx_io import feed_for
 
 Feed = Dict[str, np.ndarray]
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -118,7 +119,8 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
         names = self.outputs[module]
-        return dict(zip(names, self.sessions[module].run(names, feed)))
+        session = self.sessions[module]
+        return dict(zip(names, session.run(names, feed_for(session, feed))))
 
 
 class TensorRTBackend(Backend):

@@ -8,14 +8,18 @@ INT8 (explicit quantization, what TensorRT >= 8 reads and TensorRT 11 requires):
    activations, per-channel symmetric INT8 weights (Q/DQ pairs on the FP32 weights, dedicated pairs
    per consumer, as TensorRT wants), on ``calibrate.op_types`` minus the nodes the policy keeps FP16;
    other consumers of a quantized tensor read the float tensor (:class:`QDQOnlyOnQuantizedOps`).
-3. The policy's nodes (embedding table, normalizations, softmax, LM head by default) become FP16
-   islands between Casts; graph I/O stays FP32.
+3. The policy's nodes (embedding table and LM head by default) become FP16 islands between Casts;
+   normalizations, softmax and the residual adds feeding a normalization stay FP32 whatever the
+   policy says (:func:`~autoglm_build.precision.fp32_nodes`); graph I/O stays FP32 but for the
+   decoder's KV cache, which is FP16 (``ModuleSpec.fp16_io``).
 4. Accuracy against the FP32 graph on held-out samples; with a ``target_cosine``, layers are ranked
    by the error their quantization alone adds and moved to FP16, worst first, until it holds.
 5. A TensorRT calibration cache from the same ranges, for implicit-INT8 builds on TensorRT 8.x-10
    (TensorRT 11 has no calibrators; ``calibrate.trt_version`` 11 or later writes no cache).
 
-FP16: the whole graph converted by onnxruntime's float16 converter, I/O kept FP32.
+FP16: the graph converted by onnxruntime's float16 converter but for the same FP32 islands, I/O kept
+FP32 but for the KV cache. Every graph written is checked: no FP16 ``Pow``/``ReduceMean``/
+``LayerNormalization``/``RMSNormalization``/``Softmax`` (:func:`~autoglm_build.precision.fp16_reductions`).
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ from autoglm_build.config import BuildConfig, CalibrateConfig
 from autoglm_build.errors import AccuracyError, UserError
 from autoglm_build.modules import registry
 from autoglm_build.modules.base import ModuleSpec
-from autoglm_build.onnx_io import move_into_place, ort_options, save_model
+from autoglm_build.onnx_io import feed_for, move_into_place, ort_options, save_model
 from autoglm_build.precision import (
     census,
     fp16_islands,
+    fp16_reductions,
     policy_nodes,
     qdq_count,
     to_fp16,
@@ -119,11 +124,14 @@ class CalibrateStage(Stage):
         with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix=f".{self.name}-{module}-") as tmp:
             tmp_dir = Path(tmp)
             if self.precision == "fp16":
-                model, metrics, extra = self.to_fp16(source), {}, []
+                model, metrics, extra = to_fp16(onnx.load(str(source)), spec.fp16_io(cfg)), {}, []
             else:
                 model, metrics, extra = self.to_int8(ctx, spec, cfg, source, calib, held, tmp_dir)
             ctx.status("measuring accuracy on held-out samples")
             metrics["accuracy"] = accuracy(spec, cfg, source, model, held, tmp_dir)
+            offenders = fp16_reductions(model)
+            if offenders:  # a bug in the precision policy, not the user's: the engine would overflow
+                raise RuntimeError(f"{module}: FP16 reductions in the {self.precision} graph: {offenders[:5]}")
             metrics.update(qdq=qdq_count(model), precision_census=census(model, CENSUS),
                            calibration_batches=len(calib), heldout_batches=len(held))
             files = save_model(model, tmp_dir / f"{module}.onnx", ctx.cfg.export.large_model_bytes)
@@ -131,13 +139,6 @@ class CalibrateStage(Stage):
             outputs = move_into_place(files + extra, ctx.workdir / self.precision, module, "onnx-" + self.precision)
         params = {"method": settings.method, "batch_size": settings.batch_size, "source": str(source)}
         return StageResult(outputs=outputs, params=params, metrics=metrics)
-
-    # ---- fp16 -----------------------------------------------------------------------------------
-
-    def to_fp16(self, source: Path):
-        import onnx
-
-        return to_fp16(onnx.load(str(source)))
 
     # ---- int8 -----------------------------------------------------------------------------------
 
@@ -162,11 +163,11 @@ class CalibrateStage(Stage):
             kept, candidates = [n.name for n in base.graph.node], []
         metrics: Dict[str, Any] = {"fp16_policy_nodes": len(kept), "int8_candidates": len(candidates)}
         if not candidates:  # e.g. the embedding table: nothing to quantize, the policy keeps it FP16
-            model, ranges = fp16_islands(onnx.load(str(source)), kept), {}
+            model, ranges = fp16_islands(onnx.load(str(source)), kept, spec.fp16_io(cfg)), {}
         else:
             ranges_file = tmp_dir / "ranges.json"
             ranges = calibrate_ranges(ctx, source, settings, calib, ranges_file, tmp_dir)
-            quantizer = Quantizer(source, settings, ranges_file, kept, tmp_dir)
+            quantizer = Quantizer(source, settings, ranges_file, kept, tmp_dir, spec.fp16_io(cfg))
             model = quantizer(candidates)
             if settings.target_cosine is not None:
                 model, metrics["fallback"] = fallback(ctx, spec, cfg, source, quantizer, candidates, held, tmp_dir)
@@ -243,9 +244,9 @@ class Quantizer:
     """Q/DQ graphs from saved ranges, for any set of INT8 nodes (configured once, called per set)."""
 
     def __init__(self, source: Path, settings: CalibrateConfig, ranges_file: Path, fp16_nodes: List[str],
-                 tmp_dir: Path) -> None:
+                 tmp_dir: Path, fp16_io: Sequence[str] = ()) -> None:
         self.source, self.settings, self.ranges_file = source, settings, ranges_file
-        self.fp16_nodes, self.tmp_dir = list(fp16_nodes), tmp_dir
+        self.fp16_nodes, self.tmp_dir, self.fp16_io = list(fp16_nodes), tmp_dir, list(fp16_io)
 
     def __call__(self, int8_nodes: Sequence[str], extra_fp16: Sequence[str] = ()):
         import onnx
@@ -267,7 +268,7 @@ class Quantizer:
             )
         model = onnx.load(str(out))
         QDQOnlyOnQuantizedOps(self.settings.op_types)(model)
-        return fp16_islands(model, self.fp16_nodes + list(extra_fp16))
+        return fp16_islands(model, self.fp16_nodes + list(extra_fp16), self.fp16_io)
 
 
 class _quiet:
@@ -304,8 +305,8 @@ def accuracy(spec: ModuleSpec, cfg: BuildConfig, source: Path, model, held: Sequ
     output = spec.output_names(cfg)[0]
     cosines, max_abs, scale, agree, total = [], 0.0, 0.0, 0, 0
     for feed in held:
-        a = ref.run([output], feed)[0].astype(np.float64)
-        b = got.run([output], feed)[0].astype(np.float64)
+        a = ref.run([output], feed_for(ref, feed))[0].astype(np.float64)
+        b = got.run([output], feed_for(got, feed))[0].astype(np.float64)
         for row_a, row_b in zip(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)):
             cosines.append(_cosine(row_a, row_b))
         max_abs, scale = max(max_abs, float(np.abs(a - b).max())), max(scale, float(np.abs(a).max()))

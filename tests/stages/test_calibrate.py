@@ -51,8 +51,10 @@ def test_int8_graphs_have_qdq_and_keep_the_policy_fp16_in_the_graph(calibrated):
 
         seen = census(model, CENSUS)  # read from the graph itself
         assert seen["matmul/conv (other)"].get("int8", 0) == n_int8, (module, seen)
-        for category in ("embedding", "normalization", "softmax", "lm_head"):
+        for category in ("embedding", "lm_head"):
             assert set(seen[category]) <= {"fp16"}, (module, category, seen[category])
+        for category in ("normalization", "softmax"):  # FP32 whatever the policy (strongly typed TensorRT)
+            assert set(seen[category]) <= {"fp32"}, (module, category, seen[category])
         assert records[("calibrate-int8", module)].metrics["qdq"]["QuantizeLinear"] == ops.count("QuantizeLinear")
     decoder = onnx.load(str(workdir / "int8" / "decoder.onnx"))
     assert census(decoder, CENSUS)["lm_head"] == {"fp16": 1}
@@ -62,14 +64,21 @@ def test_int8_graphs_have_qdq_and_keep_the_policy_fp16_in_the_graph(calibrated):
     assert onnx.TensorProto.FLOAT16 in table.values()  # the table itself is stored FP16
 
 
-def test_int8_and_fp16_graphs_run_at_batch_1_4_8_with_fp32_io(calibrated, tiny_cfg):
+def test_int8_and_fp16_graphs_run_at_batch_1_4_8_with_fp32_io_but_an_fp16_kv_cache(calibrated, tiny_cfg):
     workdir, _ = calibrated
     for precision in ("int8", "fp16"):
         for module in registry.names():
             spec = registry.get(module)
+            fp16_io = set(spec.fp16_io(tiny_cfg))
+            assert bool(fp16_io) == (module == "decoder")
+            graph = onnx.load(str(workdir / precision / f"{module}.onnx"), load_external_data=False).graph
+            for value in list(graph.input) + list(graph.output):
+                if value.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+                    want = onnx.TensorProto.FLOAT16 if value.name in fp16_io else onnx.TensorProto.FLOAT
+                    assert value.type.tensor_type.elem_type == want, (precision, module, value.name)
             for case in spec.cases(tiny_cfg, np.random.default_rng(0)):
                 out = run_onnx(workdir / precision / f"{module}.onnx", case.steps[0])
-                assert all(v.dtype == np.float32 for v in out.values())
+                assert all(v.dtype == (np.float16 if n in fp16_io else np.float32) for n, v in out.items())
                 if spec.batch_axis == "batch":
                     assert all(v.shape[0] == case.batch for v in out.values())
 

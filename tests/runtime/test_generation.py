@@ -185,3 +185,82 @@ def test_a_long_prompt_is_prefilled_in_chunks_equal_to_one_call(runtime):
     assert s_chunked.prefill_chunk == 2048 and s_whole.prefill_chunk == 8192
     assert s_chunked.prefill_tokens == s_whole.prefill_tokens == len(prompt.ids)
     assert len(chunked) == 8 and chunked == whole
+
+
+# ---- one row's failure is that row's (issue 16, item 3) ------------------------------------------
+
+
+class _PoisonedDecoder:
+    """The tiny build's backend, except that a decode step raises while some row is at ``position``:
+    a backend error caused by one row (as a bad input of one request would be)."""
+
+    max_batch = context = None
+
+    def __init__(self, inner, position: int) -> None:
+        self.inner, self.position = inner, position
+
+    def run(self, module, feed, phase="prefill"):
+        if module == "decoder" and phase == "decode" and (feed["position_ids"] == self.position).any():
+            raise RuntimeError("row poisoned")
+        return self.inner.run(module, feed, phase)
+
+
+def _run_requests(runtime, backend, specs):
+    """Submit ``(text, params, emit_wrapper)`` requests together; events per index."""
+    cfg, _, tok = runtime
+    scheduler = Scheduler(backend, cfg, tok, max_batch=8, queue_size=8, context=cfg.engine.context)
+    events = {i: [] for i in range(len(specs))}
+    for i, (text, params, wrap) in enumerate(specs):
+        emit = events[i].append
+        prompt = tok.chat_prompt([("user", [Segment(text=text)])], False)
+        scheduler.submit(Request(prompt, params, emit=wrap(emit) if wrap else emit))
+    scheduler.run_until_idle()
+    return events, scheduler
+
+
+def _content(evs):
+    return "".join(e["content"] for e in evs if e["type"] == "delta")
+
+
+def _gone_after(n):
+    """An emit that raises from its n-th event on (the client's event loop is gone)."""
+    def wrap(emit):
+        calls = []
+
+        def send(event):
+            calls.append(event)
+            if len(calls) >= n:
+                raise RuntimeError("Event loop is closed")
+            emit(event)
+        return send
+    return wrap
+
+
+@pytest.mark.parametrize("failure", ["bad seed", "backend error in one row", "client gone"])
+def test_a_failing_row_ends_alone_and_the_others_generate_what_they_generate_alone(runtime, failure):
+    cfg, backend, tok = runtime
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    others = [PROMPTS[0][0], PROMPTS[2][0], PROMPTS[3][0]]
+    alone = [_content(_run_requests(runtime, backend, [(text, greedy, None)])[0][0]) for text in others]
+    bad_text, bad_params, wrap, used = PROMPTS[1][0] * 2, greedy, None, backend
+    if failure == "bad seed":  # numpy refuses it when the row's generator is made
+        bad_params = SamplingParams(temperature=0.7, seed=-1, max_tokens=12)
+    elif failure == "backend error in one row":  # its 4th decode step raises; the others never get there
+        position = tok.chat_prompt([("user", [Segment(text=bad_text)])], False).next_position + 3
+        short = max(tok.chat_prompt([("user", [Segment(text=t)])], False).next_position for t in others)
+        assert short + greedy.max_tokens < position
+        used = _PoisonedDecoder(backend, position)
+    else:
+        wrap = _gone_after(3)
+    events, scheduler = _run_requests(runtime, used, [(text, greedy, None) for text in others] +
+                                      [(bad_text, bad_params, wrap)])
+    for i, text in enumerate(others):
+        assert events[i][-1]["type"] == "done", events[i][-1]
+        assert _content(events[i]) == alone[i]
+    bad = events[len(others)]
+    if failure == "client gone":
+        assert len(bad) == 2  # two deltas got through; the error had nobody to reach
+    else:
+        assert bad[-1]["type"] == "error" and [e["type"] for e in bad].count("error") == 1
+        assert ("row poisoned" if failure == "backend error in one row" else "ValueError") in bad[-1]["message"]
+    assert scheduler.stats()["active"] == 0 and scheduler.cache.top == 0

@@ -1,0 +1,232 @@
+"""The decoder's KV cache between calls: one preallocated slot per batch row, owned through the backend.
+
+The decoder graph takes ``past_key.{i}``/``past_value.{i}`` as ``(batch, kv_heads, past, head_dim)``
+and returns ``present_*`` = its input with the new tokens' keys/values appended on axis 2. A
+:class:`KVCache` keeps every layer's cache as one array ``(slots, kv_heads, capacity, head_dim)`` in the
+dtype the backend's graph/engine declares for ``past_*`` (FP32 or FP16):
+
+- slot ``s`` holds one row's tokens in columns ``[0, lengths[s])`` (left-aligned; keys are stored after
+  their rotary positions, so a column's place in the row does not matter, only the mask);
+- a decode step feeds slots ``0..top`` as they are (the first ``top`` slots of a slot-major array are one
+  contiguous block: nothing is gathered or copied), with the mask ``1`` on each row's own columns and
+  on the appended column ``capacity``; afterwards each row's new column (the present's last) is written
+  to column ``lengths[s]`` of its slot. Empty slots below ``top`` run as masked rows;
+- a row joins by copying its prefill cache into a free slot and leaves by freeing its slot: no other
+  row is copied. :meth:`move` moves one row into a lower free slot so the batch can shrink;
+- ``capacity`` grows (and shrinks) in pages of about 1/8 of the longest row, so the attention the
+  engine computes beyond the longest row stays under about 12 %, and re-laying the cache (the one
+  whole copy) happens every ``capacity/8`` steps at most.
+
+Paged attention (vLLM's) would need an attention kernel that reads pages; the exported graph's
+attention is standard ONNX over a dense past, which TensorRT 8.5 parses, so slots it is.
+
+:class:`KVCache` keeps host arrays and runs the graphs through :meth:`Backend.run`; it serves every
+backend. ONNX Runtime's subclass binds the slots and the outputs with IOBinding, so a step allocates and
+copies nothing but the new columns. A device backend (TensorRT) subclasses it with the arrays on the GPU:
+what it must do is in docs/decisions.md ("The KV cache").
+
+Imports on the GPU harness's Python 3.9 without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+MIN_PAGE = 16  # columns: the smallest growth step of the capacity
+
+#: one prefill chunk: (inputs_embeds (n, seq, hidden), attention_mask (n, total), position_ids (n, 3, seq))
+Chunk = Tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The decoder's cache geometry (from the build config's ``text`` section)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def names(self) -> List[str]:
+        """``key.0``, ``value.0``, ``key.1``, ... (the graph's ``past_<name>``/``present_<name>``)."""
+        return [f"{kind}.{i}" for i in range(self.layers) for kind in ("key", "value")]
+
+
+def capacity_for(need: int, limit: Optional[int] = None) -> int:
+    """Columns to allocate for ``need``: rounded up to a page of about ``need / 8`` (a power of two, at
+    least :data:`MIN_PAGE`), at most ``limit`` but never below ``need``."""
+    page = max(MIN_PAGE, 1 << max(0, (need // 8).bit_length() - 1))
+    cap = -(-need // page) * page
+    return max(need, min(cap, limit)) if limit else cap
+
+
+class KVCache:
+    """Per-slot KV cache on host arrays, run through ``backend.run`` (every backend).
+
+    Args:
+        backend: runs ``embed`` and ``decoder`` (``run(module, feed, phase)``).
+        spec: layers, KV heads and head size.
+        slots: batch rows (the scheduler's ``max_batch``).
+        context: the longest row, prompt and generated tokens (the decode call's past stays below it).
+        dtype: the dtype the decoder declares for ``past_*``.
+    """
+
+    def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any = np.float32) -> None:
+        self.backend, self.spec, self.slots, self.context = backend, spec, slots, context
+        self.dtype = np.dtype(dtype)
+        self.lengths = np.zeros(slots, np.int64)  # tokens held per slot
+        self.used = np.zeros(slots, bool)
+        self.capacity = 0
+        self.store: Dict[str, np.ndarray] = {}
+        self.mask = np.zeros((slots, 1), np.int64)  # decode mask per slot: own columns, then the new one
+        self._allocate(0)
+
+    # ---- geometry -----------------------------------------------------------------------------
+
+    @property
+    def top(self) -> int:
+        """Slots a decode step runs: up to the highest used one."""
+        used = np.flatnonzero(self.used)
+        return int(used[-1]) + 1 if used.size else 0
+
+    def free_slots(self) -> List[int]:
+        return [int(s) for s in np.flatnonzero(~self.used)]
+
+    def _empty(self, slots: int, columns: int) -> np.ndarray:
+        return np.zeros((slots, self.spec.kv_heads, columns, self.spec.head_dim), self.dtype)
+
+    def _allocate(self, capacity: int) -> None:
+        """Re-lay the cache at ``capacity`` columns (the one whole copy; rows keep their slots)."""
+        keep = min(capacity, self.capacity)
+        top = self.top
+        store = {}
+        for name in self.spec.names:
+            array = self._empty(self.slots, capacity)
+            if top and keep:
+                array[:top, :, :keep] = self.store[name][:top, :, :keep]
+            store[name] = array
+        self.store, self.capacity = store, capacity
+        self.mask = np.zeros((self.slots, capacity + 1), np.int64)
+        self.mask[:, capacity] = 1
+        self.mask[:, :capacity] = np.arange(capacity)[None, :] < self.lengths[:, None]
+
+    def fit(self, need: int) -> None:
+        """Make room for ``need`` columns per row; give back room when the longest row needs under half."""
+        if need > self.capacity or (self.capacity > 4 * MIN_PAGE and 2 * need < self.capacity):
+            self._allocate(capacity_for(need, self.context - 1))
+
+    # ---- rows -------------------------------------------------------------------------------
+
+    def prefill(self, slots: Sequence[int], lengths: Sequence[int], chunks: Iterable[Chunk]) -> np.ndarray:
+        """Run the decoder over ``chunks`` of left-padded prompts (each chunk attends to the cache the
+        earlier ones wrote), then copy row ``k``'s last ``lengths[k]`` columns into slot ``slots[k]``.
+
+        Returns:
+            The last chunk's logits, one row per slot in ``slots``. Nothing is stored if a call raises.
+        """
+        past = {name: self._empty(len(slots), 0) for name in self.spec.names}
+        out: Dict[str, np.ndarray] = {}
+        for embeds, mask, positions in chunks:
+            out = self._run_prefill(embeds, mask, positions, past)
+            past = {name: out[f"present_{name}"] for name in self.spec.names}
+        self.fit(max([int(self.lengths[self.used].max(initial=0))] + list(lengths)) + 1)
+        for k, (slot, n) in enumerate(zip(slots, lengths)):
+            for name in self.spec.names:
+                self.store[name][slot, :, :n] = past[name][k, :, past[name].shape[2] - n:]
+            self._take(slot, n)
+        return out["logits"]
+
+    def _take(self, slot: int, length: int) -> None:
+        self.used[slot], self.lengths[slot] = True, length
+        self.mask[slot, :self.capacity] = 0
+        self.mask[slot, :length] = 1
+
+    def release(self, slot: int) -> None:
+        """The row in ``slot`` leaves; no other row moves."""
+        self.used[slot], self.lengths[slot] = False, 0
+        self.mask[slot, :self.capacity] = 0
+
+    def move(self, source: int, target: int) -> None:
+        """Move the row in ``source`` to the free slot ``target`` (one row's columns copied)."""
+        n = int(self.lengths[source])
+        for name in self.spec.names:
+            self.store[name][target, :, :n] = self.store[name][source, :, :n]
+        self._take(target, n)
+        self.release(source)
+
+    # ---- decode -----------------------------------------------------------------------------
+
+    def decode(self, ids: np.ndarray, positions: np.ndarray, slot: Optional[int] = None,
+               commit: bool = True) -> np.ndarray:
+        """One decode step of slots ``0..top`` (or of ``slot`` alone): ``ids`` (rows, 1) and
+        ``positions`` (rows, 3, 1) per slot (anything for empty slots). With ``commit`` each used slot's
+        new keys/values are stored and its length grows by one; without, the cache is left as it was.
+
+        Returns:
+            logits (rows, vocab).
+        """
+        self.fit(int(self.lengths[self.used].max(initial=0)) + 1)
+        rows = slice(0, self.top) if slot is None else slice(slot, slot + 1)
+        embeds = self.backend.run("embed", {"input_ids": ids}, "decode")["inputs_embeds"]
+        logits, new = self._run_decode(embeds, positions, rows)
+        if commit:
+            used = np.flatnonzero(self.used[rows]) + rows.start
+            at = self.lengths[used]
+            for name in self.spec.names:
+                self.store[name][used, :, at] = new[name][used - rows.start]
+            self.mask[used, at] = 1
+            self.lengths[used] += 1
+        return logits
+
+    def _run_prefill(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                     past: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        feed.update({f"past_{name}": v for name, v in past.items()})
+        return self.backend.run("decoder", feed, "prefill")
+
+    def _run_decode(self, embeds: np.ndarray, positions: np.ndarray,
+                    rows: slice) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        """The decoder on ``rows`` of the slots: (logits, each cache's new column (rows, heads, dim))."""
+        feed = {"inputs_embeds": embeds, "attention_mask": self.mask[rows], "position_ids": positions}
+        feed.update({f"past_{name}": self.store[name][rows] for name in self.spec.names})
+        out = self.backend.run("decoder", feed, "decode")
+        return out["logits"], {name: out[f"present_{name}"][:, :, -1] for name in self.spec.names}
+
+
+class OrtKVCache(KVCache):
+    """The host cache bound to ONNX Runtime's decoder with IOBinding: a decode step reads the slots where
+    they are and writes each ``present_*`` into a preallocated array, so nothing is allocated per step and
+    only the new columns are copied (into the slots) afterwards."""
+
+    def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any = np.float32) -> None:
+        self.session = backend.sessions["decoder"]
+        self.binding = self.session.io_binding()
+        self.present: Dict[str, np.ndarray] = {}
+        self.embeds_dtype = backend.input_dtype("decoder", "inputs_embeds")
+        super().__init__(backend, spec, slots, context, dtype)
+
+    def _allocate(self, capacity: int) -> None:
+        super()._allocate(capacity)
+        self.present = {name: self._empty(self.slots, capacity + 1) for name in self.spec.names}
+
+    def _bind_input(self, name: str, array: np.ndarray) -> None:
+        self.binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+    def _run_decode(self, embeds: np.ndarray, positions: np.ndarray,
+                    rows: slice) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        keep = [np.ascontiguousarray(embeds, self.embeds_dtype), self.mask[rows],
+                np.ascontiguousarray(positions, np.int64)]  # alive until the run returns
+        binding = self.binding
+        binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
+        for name, array in zip(("inputs_embeds", "attention_mask", "position_ids"), keep):
+            self._bind_input(name, array)
+        for name in self.spec.names:
+            self._bind_input(f"past_{name}", self.store[name][rows])
+            present = self.present[name][rows]
+            binding.bind_output(f"present_{name}", "cpu", 0, present.dtype, list(present.shape), present.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return logits, {name: self.present[name][rows, :, -1] for name in self.spec.names}

@@ -254,7 +254,7 @@ def test_a_failing_row_ends_alone_and_the_others_generate_what_they_generate_alo
         wrap = _gone_after(3)
     events, scheduler = _run_requests(runtime, used, [(text, greedy, None) for text in others] +
                                       [(bad_text, bad_params, wrap)])
-    for i, text in enumerate(others):
+    for i in range(len(others)):
         assert events[i][-1]["type"] == "done", events[i][-1]
         assert _content(events[i]) == alone[i]
     bad = events[len(others)]

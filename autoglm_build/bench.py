@@ -17,8 +17,13 @@ Each case: warm-up, then iterations until ``--min-time`` seconds (at least ``--i
 with a synchronized clock; p50/p90/p99 latency and items/s.
 
 Floors (GPU only, measured in the same run with torch): the decode step's bytes of weights and KV
-cache over the measured device-to-device copy bandwidth, and the vision encoder's FLOPs per pack of
-images over the measured fp16 matmul rate. ``ratio`` = measured p50 / floor.
+cache over the measured device-to-device copy bandwidth, and the vision encoder's and the decoder
+prefill's FLOPs over the measured fp16 matmul rate. ``ratio`` = measured p50 / floor.
+
+Extrapolation (``extrapolate_to``, e.g. the 9B config beside its 2-layer slice): each row's p50 times
+the full model's work over the slice's for the same case — bytes for a decode step, FLOPs for a
+prefill or an image pack — i.e. every layer and the head run at the efficiency the slice measured.
+A slice's LM head and embedding are already full size, so this is not the naive layers ratio.
 """
 
 from __future__ import annotations
@@ -71,6 +76,33 @@ def vision_flops(cfg: BuildConfig, patches: Sequence[int]) -> int:
         macs += v.depth * (4 * s * d * d + 2 * s * s * d + 3 * s * d * i)  # qkv+proj, attention, SwiGLU MLP
         macs += s // window * (window * d * out + out * out + 3 * out * i)  # downsample + merger
     return 2 * macs
+
+
+def decoder_prefill_flops(cfg: BuildConfig, batch: int, new: int, past: int) -> int:
+    """Matmul FLOPs of prefilling ``new`` tokens after ``past`` cached ones (2 per multiply-add): the
+    layers' projections and MLP per new token, attention over all ``past + new`` positions, and the
+    LM head on the last position only (``export.logits: last``)."""
+    t = cfg.text
+    h, kv, ffn = t.hidden_size, t.num_key_value_heads * t.head_dim, t.intermediate_size
+    q = t.num_attention_heads * t.head_dim
+    per_token = h * q + 2 * h * kv + q * h + 3 * h * ffn
+    attention = 2 * new * (past + new) * q  # scores and the weighted sum
+    return 2 * batch * (t.num_hidden_layers * (new * per_token + attention) + h * t.vocab_size)
+
+
+def case_work(cfg: BuildConfig, module: str, case: Dict[str, Any]) -> Optional[float]:
+    """What bounds a case's time: bytes a decode step reads, or FLOPs of a prefill or image pack."""
+    feed = case["feed"]
+    if module == "decoder":
+        past = feed["past_key.0"].shape[2]
+        if case["phase"] == "decode":
+            return float(decode_step_bytes(cfg, case["batch"], past, "fp16"))
+        return float(decoder_prefill_flops(cfg, case["batch"], feed["inputs_embeds"].shape[1], past))
+    if module == "vision":
+        from autoglm_build.imaging import unpack
+
+        return float(vision_flops(cfg, [img.patches for img in unpack(feed)]))
+    return None
 
 
 #: the phone agent's image: one full-size Android screenshot (width x height)
@@ -290,8 +322,10 @@ def measure_peaks() -> Optional[Dict[str, Any]]:
 def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequence[int], backends: Sequence[str],
           precisions: Sequence[str] = ("fp16", "int8"), prompt: int = 512, past: int = 512, warmup: int = 3,
           iters: int = 10, min_time: float = 1.0, status: Callable[[str], None] = lambda m: None,
-          prefix: int = 0) -> Dict[str, Any]:
-    """Rows per module/case/batch/backend, device peaks and floors; stored in the manifest."""
+          prefix: int = 0, extrapolate_to: Optional[BuildConfig] = None) -> Dict[str, Any]:
+    """Rows per module/case/batch/backend, device peaks and floors; stored in the manifest. With
+    ``extrapolate_to``, each row also gets ``full_ms``: its p50 scaled to that config's depth
+    (:func:`case_work`)."""
     workdir = Path(workdir)
     backends = [ALIASES.get(name, name) for name in backends]
     for name in backends:
@@ -324,11 +358,16 @@ def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequ
                 floor = _floor(cfg, module, case, runner.label.split()[-1], peaks)
                 if floor is not None:
                     row.update(floor_ms=1e3 * floor, ratio=p50 / floor)
+                if extrapolate_to is not None and case_work(cfg, module, case):
+                    scale = case_work(extrapolate_to, module, case) / case_work(cfg, module, case)
+                    row["full_ms"] = 1e3 * p50 * scale
+                    if floor is not None:
+                        row["full_floor_ms"] = 1e3 * floor * scale
                 rows.append(row)
             if hasattr(runner, "backend"):
                 runner.backend.close()
     report = {"config": cfg.name, "workdir": str(workdir), "peaks": peaks, "rows": rows, "notes": notes,
-              "prompt": prompt, "past": past}
+              "prompt": prompt, "past": past, "full_config": extrapolate_to.name if extrapolate_to else None}
     _store(manifest, workdir, report)
     # Side by side with what other runs stored here (the torch side measured on another Python).
     ran = {(r["module"], r["case"], r["batch"], r["backend"]) for r in rows}
@@ -347,11 +386,8 @@ def _floor(cfg: BuildConfig, module: str, case: Dict[str, Any], precision: str,
     if module == "decoder" and case["phase"] == "decode":
         past = case["feed"]["past_key.0"].shape[2]
         return decode_step_bytes(cfg, case["batch"], past, precision) / peaks["copy_bytes_per_s"]
-    if module == "vision":
-        from autoglm_build.imaging import unpack
-
-        patches = [img.patches for img in unpack(case["feed"])]
-        return vision_flops(cfg, patches) / peaks["matmul_flops_per_s"]
+    if module in ("decoder", "vision"):  # a prefill or an image pack: compute-bound
+        return case_work(cfg, module, case) / peaks["matmul_flops_per_s"]
     return None
 
 

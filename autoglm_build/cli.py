@@ -286,6 +286,9 @@ def bench(
     prefix: int = typer.Option(0, "--prefix", min=0, help="Also time the prefill of --prompt new tokens after a "
                                "cached prefix of this many (the phone agent's step: 3,300 after 3,000)."),
     min_time: float = typer.Option(1.0, "--min-time", min=0.0, help="Seconds of timed iterations per case."),
+    extrapolate_to: Optional[Path] = typer.Option(
+        None, "--extrapolate-to", help="A deeper config of the same widths (the 9B beside its 2-layer slice): "
+        "each row also scaled to its depth by bytes (decode) or FLOPs (prefill, images)."),
     config: Optional[Path] = ConfigOpt,
     workdir: Optional[Path] = WorkdirOpt,
     json_out: Optional[bool] = JsonOpt,
@@ -301,11 +304,12 @@ def bench(
         cfg, names, target = _target(opts, module)
         sizes = (_batch_sizes(batches, cfg.engine.max_batch) if batches is not None
                  else sorted({min(b, cfg.engine.max_batch) for b in cfg.export.batch_sizes}))
+        full = _extrapolation_config(extrapolate_to)
         reporter = Reporter(opts.verbosity)
         with reporter.task("bench") as status:
             report = run_bench(cfg, target, names, sizes,
                                [b.strip() for b in backends.split(",") if b.strip()], precision or ["fp16", "int8"],
-                               prompt, past, min_time=min_time, status=status, prefix=prefix)
+                               prompt, past, min_time=min_time, status=status, prefix=prefix, extrapolate_to=full)
         for note in report["notes"]:
             reporter.warn(note)
         print_json(report) if opts.json else render_bench(report)
@@ -380,6 +384,15 @@ def _resolve(opts: Options, overrides: Optional[dict] = None, force: bool = Fals
     from autoglm_build.workdir import resolve_target
 
     return resolve_target(opts.config, opts.workdir, DEFAULT_CONFIG, overrides, force, rebuild_hint)
+
+
+def _extrapolation_config(path: Optional[Path]):
+    """``bench --extrapolate-to``: a config of the same widths, loaded and checked like ``-c``."""
+    if path is None:
+        return None
+    from autoglm_build.config import load_config
+
+    return load_config(path)
 
 
 def _workdir(opts: Options) -> Path:

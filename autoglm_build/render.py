@@ -174,15 +174,22 @@ def render_bench(report: Dict[str, Any]) -> None:
         title += (f" on {peaks['gpu']}: copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s, "
                   f"fp16 matmul {peaks['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")
     table = Table(title=title, title_justify="left")
-    for col in ("module", "case", "batch", "backend", "p50 ms", "p90 ms", "p99 ms", "items/s", "floor ms", "x floor"):
+    full = report.get("full_config")
+    columns = ["module", "case", "batch", "backend", "p50 ms", "p90 ms", "p99 ms", "items/s", "floor ms", "x floor"]
+    columns += [f"{full} ms (extrapolated)", f"{full} floor ms"] if full else []
+    for col in columns:
         table.add_column(col, justify="right" if col not in ("module", "case", "backend") else "left")
     stored = report.get("stored_rows", [])
     rows = sorted(report["rows"] + stored, key=lambda r: (r["module"], r["case"], r["batch"], r["backend"]))
     stored_ids = {id(r) for r in stored}
     for r in rows:
         backend = r["backend"] + (" (stored)" if id(r) in stored_ids else "")
-        table.add_row(r["module"], r["case"], str(r["batch"]), backend, f"{r['p50_ms']:.3f}",
-                      f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['items_per_s']:.1f}",
-                      "" if r["floor_ms"] is None else f"{r['floor_ms']:.3f}",
-                      "" if r["ratio"] is None else f"{r['ratio']:.1f}")
+        cells = [r["module"], r["case"], str(r["batch"]), backend, f"{r['p50_ms']:.3f}",
+                 f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['items_per_s']:.1f}",
+                 "" if r["floor_ms"] is None else f"{r['floor_ms']:.3f}",
+                 "" if r["ratio"] is None else f"{r['ratio']:.1f}"]
+        if full:
+            cells += [f"{r['full_ms']:.2f}" if r.get("full_ms") else "",
+                      f"{r['full_floor_ms']:.2f}" if r.get("full_floor_ms") else ""]
+        table.add_row(*cells)
     stdout.print(table)

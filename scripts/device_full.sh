@@ -13,7 +13,9 @@
 #   bash scripts/device_full.sh profile                full width: TensorRT per-layer times, torch.profiler kernels
 #   bash scripts/device_full.sh bench                  full width: torch, then TensorRT
 #   bash scripts/device_full.sh overhead               full width: TensorRT called through Polygraphy, bound, CUDA graph
-# Wheels for the Python 3.12 side (pydantic, platformdirs, onnxslim, ...) travel in .whl/.
+# Wheels: .whl/ for the Python 3.12 side (pydantic, onnxslim, the tested transformers, ...) and .whl39/
+# for the harness's Python 3.9 (Pillow, pytest, openai, ...), made by scripts/fetch_device_wheels.sh from
+# the lists beside it.
 set -uo pipefail
 PHASE=${1:?phase}
 D=/tmp/dev; L=$D/logs; F=$D/full; W=$D/w
@@ -35,7 +37,7 @@ case $PHASE in
 start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TINY_MODULES names modules
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site312 .whl/*.whl \
     || exit 1
-  if ls .whl39/*.whl >/dev/null 2>&1; then  # langchain-openai for the server tests on Python 3.9
+  if ls .whl39/*.whl >/dev/null 2>&1; then  # Pillow, pytest, openai for the engine path and tests on Python 3.9
     for w in .whl39/*.whl; do python3 -m zipfile -e "$w" /tmp/site39; done
   fi
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
@@ -104,13 +106,22 @@ overhead)  # how much of a TensorRT call is the host (scripts/trt_call_overhead.
       --case $2 --batch $3 2>&1 | grep -v "^\[" | tee -a "$OUT/overhead.txt"
   done
   ;;
-bench)
-  $CLI312 bench -c $FULL -w $F ${BENCH_MODULES:--m vision -m decoder} --backends torch --batches 1,8 --min-time 1 2>&1 \
-    | tee "$OUT/bench_torch.txt"
-  $CLI39 bench -c $FULL -w $F ${BENCH_MODULES:--m vision -m decoder} --backends tensorrt --batches 1,8 --min-time 1 \
-    $(printf -- "--precision %s " ${FULL_PRECISIONS:-fp16 int8}) 2>&1 \
+bench)  # the phone agent's step: one screenshot; prefill of 3,300 new tokens after 3,000; decode at 20,000
+  ext="--extrapolate-to configs/autoglm-phone-9b.yaml --min-time 1"
+  shapes="--prompt 3300 --prefix 3000 --past 20000"
+  $CLI312 bench -c $FULL -w $F -m vision --backends torch --batches 1,8 $ext 2>&1 | tee "$OUT/bench_torch.txt"
+  $CLI312 bench -c $FULL -w $F -m decoder --backends torch --batches 1 $shapes $ext 2>&1 | tee -a "$OUT/bench_torch.txt"
+  precisions=$(printf -- "--precision %s " ${FULL_PRECISIONS:-fp16 int8})
+  $CLI39 bench -c $FULL -w $F -m vision --backends tensorrt --batches 1,8 $ext $precisions 2>&1 \
     | grep -v "^\[W\]" | tee "$OUT/bench_full.txt"
+  $CLI39 bench -c $FULL -w $F -m decoder --backends tensorrt --batches 1 $shapes $ext $precisions 2>&1 \
+    | grep -v "^\[W\]" | tee -a "$OUT/bench_full.txt"
   cp "$F/manifest.json" "$OUT/manifest_full.json"
+  ;;
+verify)  # full width: every engine against ONNX Runtime on its own precision graph, real samples
+  $CLI39 verify -c $FULL -w $F --strict $(printf -- "--precision %s " ${FULL_PRECISIONS:-fp16 int8}) 2>&1 \
+    | grep -v "^\[W\]" | tee "$OUT/verify_full.txt"
+  echo "verify exit: ${PIPESTATUS[0]}"
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac

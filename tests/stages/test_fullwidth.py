@@ -28,7 +28,7 @@ def test_full_width_two_layer_exports_and_validates(tmp_path):
     for module in cfg.modules:
         record = manifest["records"][f"export/{module}"]
         assert record["status"] == "done" and record["metrics"]["passed"], module
-        assert record["metrics"]["batches"] == [1, 4, 8]
+        assert record["metrics"]["batches"] == [1]  # the long-context slice runs at batch 1
     data = {a["module"]: a["bytes"] for a in manifest["artifacts"].values() if a["kind"] == "onnx-data"}
     assert data["decoder"] > 2**31 and data["embed"] > 2**31  # past protobuf's 2 GB limit
     onnx.checker.check_model(str(tmp_path / "onnx" / "decoder.onnx"))

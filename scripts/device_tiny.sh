@@ -11,7 +11,7 @@
 #   bash scripts/device_tiny.sh job NAME CMD...    one more background job (a CLI command on the workdir)
 #   bash scripts/device_tiny.sh cache MODULE       timing cache: cold, warm and fresh-cache builds
 #   bash scripts/device_tiny.sh check              verify --strict, inspect, pytest -m trt, tests/serve, bench
-# Extra wheels for the Python 3.9 side (langchain-openai and its needs) travel in .whl39/.
+# Extra wheels for the Python 3.9 side (Pillow, pytest, openai: scripts/device-wheels-py39.txt) travel in .whl39/.
 set -uo pipefail
 PHASE=${1:?phase}
 D=/tmp/dev; W=$D/w; L=$D/logs; CFG=configs/autoglm-phone-tiny.yaml
@@ -61,8 +61,8 @@ start)
     for w in .whl39/*.whl; do python3 -m zipfile -e "$w" /tmp/site39; done
   fi
   nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
-  $PY39 -c "import sys, tensorrt, langchain_openai, autoglm_build.stages.engine, autoglm_build.serve.app
-print(sys.version.split()[0], 'tensorrt', tensorrt.__version__, 'langchain-openai ok; torch imported:', 'torch' in sys.modules)"
+  $PY39 -c "import sys, tensorrt, openai, PIL, autoglm_build.stages.engine, autoglm_build.serve.app
+print(sys.version.split()[0], "tensorrt", tensorrt.__version__, "openai", openai.__version__, "Pillow", PIL.__version__, "torch imported:", "torch" in sys.modules)"
   echo "== background builds"
   for precision in fp16 int8; do
     for module in decoder audio embed; do job "$module-$precision" "$(engine --precision $precision -m $module)"; done

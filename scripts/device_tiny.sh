@@ -62,7 +62,8 @@ start)
   fi
   nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader
   $PY39 -c "import sys, tensorrt, openai, PIL, autoglm_build.stages.engine, autoglm_build.serve.app
-print(sys.version.split()[0], "tensorrt", tensorrt.__version__, "openai", openai.__version__, "Pillow", PIL.__version__, "torch imported:", "torch" in sys.modules)"
+print(sys.version.split()[0], 'tensorrt', tensorrt.__version__, 'openai', openai.__version__, 'Pillow',
+      PIL.__version__, 'torch imported:', 'torch' in sys.modules)"
   echo "== background builds"
   for precision in fp16 int8; do
     for module in decoder audio embed; do job "$module-$precision" "$(engine --precision $precision -m $module)"; done

@@ -51,10 +51,12 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
   fi
   for module in ${FULL_MODULES-vision decoder}; do  # FULL_MODULES= (empty): none
     f="-c $FULL -w $F -m $module"
-    graphs="$CLI312 export $f && $CLI312 optimize $f"
+    samples="env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $f"
+    graphs="$CLI312 export $f && $CLI312 optimize $f && $samples"
     if [ "$module" = decoder ]; then  # the decoder calibrates on embedded text: embed is exported beside it
       e="-c $FULL -w $F -m embed"
       graphs="{ $CLI312 export $f & $CLI312 export $e & wait; } && { $CLI312 optimize $f & $CLI312 optimize $e & wait; }"
+      graphs="$graphs && $samples"
     fi
     engines=""  # one engine per precision (FULL_PRECISIONS), each built as soon as its graph is calibrated
     for precision in ${FULL_PRECISIONS:-fp16 int8}; do

@@ -221,6 +221,9 @@ def verify(
     ctx: typer.Context,
     precision: Optional[List[str]] = typer.Option(None, "--precision", help="fp16 | int8 (repeatable) \\[both]"),
     strict: bool = typer.Option(False, "--strict", help="Exit 3 when anything is out of tolerance."),
+    backend: str = typer.Option(
+        "auto", "--backend", help="onnxruntime: precision graphs vs FP32 under calibrate.gate; tensorrt: engines "
+        "vs their own graphs; auto: both (engines where TensorRT is installed)"),
     module: Optional[List[str]] = ModuleOpt,
     config: Optional[Path] = ConfigOpt,
     workdir: Optional[Path] = WorkdirOpt,
@@ -228,8 +231,8 @@ def verify(
     verbose: Optional[bool] = VerboseOpt,
     quiet: Optional[bool] = QuietOpt,
 ) -> None:
-    """Precision graphs and engines vs ONNX Runtime on the FP32 graph, on real samples at the config's
-    export.batch_sizes; the rows are stored in the manifest."""
+    """Precision graphs vs the FP32 graph (accuracy gate) and engines vs their own graphs (tight
+    tolerance), on real samples at the config's export.batch_sizes; the rows are stored in the manifest."""
     opts = _merge(ctx.obj or Options(), config, workdir, json_out, verbose, quiet, None)
     with user_errors():
         from autoglm_build.errors import AccuracyError
@@ -241,9 +244,13 @@ def verify(
         for p in precisions:
             if p not in ("fp16", "int8", "fp32"):
                 raise UserError(f"--precision: '{p}' is not one of fp16, int8, fp32")
+        backends = {"auto": ("onnxruntime", "tensorrt"), "onnxruntime": ("onnxruntime",),
+                    "tensorrt": ("tensorrt",)}.get(backend)
+        if backends is None:
+            raise UserError(f"--backend: '{backend}' is not one of auto, onnxruntime, tensorrt")
         reporter = Reporter(opts.verbosity)
         with reporter.task("verify") as status:
-            report = run_verify(cfg, target, names, precisions, status)
+            report = run_verify(cfg, target, names, precisions, status, backends)
         for note in report["notes"]:
             reporter.warn(note)
         print_json(report) if opts.json else render_verify(report)

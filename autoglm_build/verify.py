@@ -1,21 +1,22 @@
-"""``verify``: every precision graph and every engine against ONNX Runtime on the FP32 graph.
+"""``verify``: two questions, asked separately, on real samples at each batch size.
 
-Inputs are the ``samples`` stage's real calibration samples at each batch size (for the decoder: a
-prefill and greedy decode steps, with the cache from the FP32 graph, so all backends see identical
-inputs). Tolerances are per precision (``engine.tolerances``), relative to each output's scale as
-everywhere in this tool (:mod:`autoglm_build.validate`).
+1. Is each precision graph accurate enough? (``onnxruntime``) The ``int8/`` and ``fp16/`` graphs in
+   ONNX Runtime against the FP32 graph: cosine of every sample's main output and, for the decoder,
+   greedy next-token agreement, held against ``calibrate.gate`` (:mod:`autoglm_build.accuracy`, the
+   same measure and gate as calibrate's report).
+2. Is each engine a faithful build of its own graph? (``tensorrt``, where TensorRT is installed) The
+   engine against ONNX Runtime running the graph it was built from (int8 engine vs the int8 graph,
+   fp16 vs fp16, fp32 vs the FP32 graph), every output at a tight tolerance (``engine.tolerances``:
+   ``max|a - b| <= atol + rtol * max|ref|`` per output group, :func:`_compare`). A broken build (a
+   wrong kernel, a layer run in the wrong type, a bias) shows here, not hidden under the
+   quantization error that question 1 allows.
 
-- ONNX Runtime (always, CPU included): ``int8/`` and ``fp16/`` graphs vs the FP32 graph.
-- TensorRT (where it is installed): each engine in the manifest, checked before loading (sidecar
-  TensorRT version and compute capability, sha256 vs the manifest), run one step at a time by
-  Polygraphy's ``TrtRunner`` (driven by ``Comparator.run``; the decoder's prefill and decode
-  profiles in turn).
-
-The reference is an ONNX Runtime session on the FP32 graph, run once per batch; every backend's
-outputs are compared with it here (:func:`_compare`: ``max|a - b|`` against ``atol + rtol *
-max|ref|`` per output group), not by Polygraphy's ``OnnxrtRunner`` or its comparison functions.
-The rows are stored in the manifest (``verify/<module>`` records; the latest row per backend,
-precision, output and batch wins).
+Inputs are the ``samples`` stage's (for the decoder: a prefill and decode steps, the cache from the
+FP32 graph, so all backends see identical inputs). Engines are checked before loading (sidecar
+TensorRT version and compute capability, sha256 vs the manifest) and run one step at a time by
+Polygraphy's ``TrtRunner`` (driven by ``Comparator.run``; the decoder's prefill and decode profiles
+in turn). The rows are stored in the manifest (``verify/<module>`` records; the latest row per
+backend, precision, output and batch wins).
 
 Every file (samples, graphs, engines) comes from the opened :class:`~autoglm_build.workdir.Build`,
 checked against its manifest record before it is read: a substituted file is refused (exit 2).
@@ -32,50 +33,100 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
-from autoglm_build.config import BuildConfig, Tolerance
+from autoglm_build.accuracy import Agreement, gate_failures, gate_of
+from autoglm_build.config import AccuracyGate, BuildConfig, Tolerance
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.engine.sidecar import check_loadable, deserialize
-from autoglm_build.errors import UserError
+from autoglm_build.errors import EnvironmentMissing, UserError
 from autoglm_build.onnx_io import feed_for, ort_options
 from autoglm_build.stages.samples import load_samples
 from autoglm_build.validate import output_group
 from autoglm_build.workdir import Build
 
 Feed = Dict[str, np.ndarray]
+Outputs = Dict[int, List[Dict[str, np.ndarray]]]  # batch -> per step, output name -> array
 Run = Callable[[List[Feed]], List[Dict[str, np.ndarray]]]
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def verify(cfg: BuildConfig, workdir: Path, modules: Sequence[str], precisions: Sequence[str],
-           status: Callable[[str], None] = lambda m: None) -> Dict[str, Any]:
-    """Rows (module | backend | precision | output | batch | max abs | max rel | tol | pass) and notes."""
+           status: Callable[[str], None] = lambda m: None, backends: Sequence[str] = BACKENDS) -> Dict[str, Any]:
+    """Rows (module | backend | precision | reference | output | batch | figures | pass) and notes.
+
+    Args:
+        backends: ``onnxruntime`` (precision graphs vs FP32 under ``calibrate.gate``) and/or
+            ``tensorrt`` (engines vs their own graphs; skipped with a note where TensorRT is missing
+            unless it is the only one asked for).
+
+    Raises:
+        EnvironmentMissing: only ``tensorrt`` was asked for and TensorRT is not installed here.
+    """
     build = Build(workdir, cfg=cfg)
     rows: List[Dict[str, Any]] = []
     notes: List[str] = []
-    engines = trt_env.available()
-    if not engines:
+    engines = "tensorrt" in backends and trt_env.available()
+    if "tensorrt" in backends and not engines:
+        if list(backends) == ["tensorrt"]:
+            raise EnvironmentMissing("verify --backend tensorrt: TensorRT is not installed here",
+                                     hint="--backend onnxruntime checks the precision graphs without it")
         notes.append("TensorRT engine checks skipped: TensorRT is not installed here (ONNX Runtime checks ran)")
+    gate = gate_of(cfg)
     for module in modules:
         samples = load_samples(build.samples(module))
-        reference = _ort_run(build.fp32_graph(module))
-        want = {b: reference(steps) for b, steps in samples.items()}
+        outputs = _GraphOutputs(build, module, samples)
         for precision in precisions:
-            tol = cfg.engine.tolerances[precision]
-            # the fp32 graph is the reference itself: only calibrated graphs are compared to it
-            graph = build.graph(module, precision) if precision != "fp32" else None
-            if graph is not None:
-                status(f"{module} {precision}: ONNX Runtime")
-                rows += _compare(module, "onnxruntime", precision, _ort_run(graph), samples, want, tol)
+            if "onnxruntime" in backends and precision != "fp32":
+                status(f"{module} {precision}: ONNX Runtime vs FP32")
+                rows += _accuracy_rows(module, precision, outputs(precision), outputs("fp32"), gate)
             if engines:
                 engine = build.artifact(f"engine-{precision}", module, "engine")
                 if engine is None:
                     notes.append(f"{module}: no {precision} engine in {workdir}")
                     continue
-                status(f"{module} {precision}: TensorRT")
+                status(f"{module} {precision}: TensorRT vs the {precision} graph")
                 run = _trt_run((build.check(engine), engine.sha256), module)
-                rows += _compare(module, "tensorrt", precision, run, samples, want, tol)
+                tol = cfg.engine.tolerances[precision]
+                rows += _compare(module, "tensorrt", precision, run, samples, outputs(precision), tol)
     report = {"rows": rows, "notes": notes, "passed": all(r["passed"] for r in rows), "engines_checked": engines}
     store(build, report)
     return report
+
+
+class _GraphOutputs:
+    """ONNX Runtime's outputs of a module's graphs on the samples, each graph run once when first asked."""
+
+    def __init__(self, build: Build, module: str, samples: Dict[int, List[Feed]]) -> None:
+        self.build, self.module, self.samples = build, module, samples
+        self.runs: Dict[str, Outputs] = {}
+
+    def __call__(self, precision: str) -> Outputs:
+        if precision not in self.runs:
+            build, module = self.build, self.module
+            run = _ort_run(build.fp32_graph(module) if precision == "fp32" else build.graph(module, precision))
+            self.runs[precision] = {b: run(steps) for b, steps in self.samples.items()}
+        return self.runs[precision]
+
+
+def _accuracy_rows(module: str, precision: str, got: Outputs, want: Outputs,
+                   gate: AccuracyGate) -> List[Dict[str, Any]]:
+    """The precision graph's main output (the graph's first) vs the FP32 graph's, per batch."""
+    rows = []
+    for batch, steps in want.items():
+        output = next(iter(steps[0]))
+        agreement = Agreement(output)
+        for out_want, out_got in zip(steps, got[batch]):
+            agreement.add(out_want[output], out_got[output])
+        result = agreement.result()
+        failures = gate_failures(result, gate)
+        rows.append({
+            "module": module, "backend": "onnxruntime", "precision": precision, "reference": "fp32 graph",
+            "output": output, "batch": batch, "steps": len(steps), "max_abs": result["max_abs"],
+            "max_rel": result["max_rel"], "cosine_min": result["cosine_min"],
+            "greedy_agreement": result.get("greedy_agreement"), "gate_cosine": gate.cosine,
+            "gate_greedy": gate.greedy_agreement if "greedy_agreement" in result else None,
+            "failures": failures, "passed": not failures,
+        })
+    return rows
 
 
 def store(build: Build, report: Dict[str, Any]) -> None:
@@ -102,7 +153,8 @@ def store(build: Build, report: Dict[str, Any]) -> None:
 
 
 def _compare(module: str, backend: str, precision: str, run: Run, samples: Dict[int, List[Feed]],
-             want: Dict[int, List[Dict[str, np.ndarray]]], tol: Tolerance) -> List[Dict[str, Any]]:
+             want: Outputs, tol: Tolerance) -> List[Dict[str, Any]]:
+    """Every output of ``run`` against ``want`` (ONNX Runtime on the same graph), at ``tol``."""
     rows = []
     for batch, steps in samples.items():
         got = run(steps)
@@ -115,12 +167,13 @@ def _compare(module: str, backend: str, precision: str, run: Run, samples: Dict[
                                     f"expected {list(ref.shape)}")
                 err = errors.setdefault(output_group(name), [0.0, 0.0])
                 value, ref = _real_positions(name, step, value, ref)
-                diff = np.abs(value.astype(np.float64) - ref)
+                diff = np.abs(value.astype(np.float64) - ref.astype(np.float64))
                 err[0] = max(err[0], float(diff.max()) if diff.size else 0.0)
                 err[1] = max(err[1], float(np.abs(ref).max()) if ref.size else 0.0)
         for group, (max_abs, scale) in errors.items():
             rows.append({
-                "module": module, "backend": backend, "precision": precision, "output": group, "batch": batch,
+                "module": module, "backend": backend, "precision": precision, "reference": f"{precision} graph",
+                "output": group, "batch": batch,
                 "steps": len(steps), "max_abs": max_abs, "max_rel": max_abs / scale if scale else 0.0,
                 "atol": tol.atol, "rtol": tol.rtol, "passed": max_abs <= tol.atol + tol.rtol * scale,
             })

@@ -12,8 +12,11 @@ INT8 (explicit quantization, what TensorRT >= 8 reads and TensorRT 11 requires):
    normalizations, softmax and the residual adds feeding a normalization stay FP32 whatever the
    policy says (:func:`~autoglm_build.precision.fp32_nodes`); graph I/O stays FP32 but for the
    decoder's KV cache, which is FP16 (``ModuleSpec.fp16_io``).
-4. Accuracy against the FP32 graph on held-out samples; with a ``target_cosine``, layers are ranked
-   by the error their quantization alone adds and moved to FP16, worst first, until it holds.
+4. Accuracy against the FP32 graph on held-out samples (:mod:`autoglm_build.accuracy`), held
+   against ``calibrate.gate`` (cosine; greedy agreement for the decoder, with a checkpoint). When the
+   INT8 graph misses the gate, or a ``target_cosine`` is set, layers are ranked by the error their
+   quantization alone adds and moved to FP16, worst first, until gate and target hold; a graph
+   that still misses the gate fails the stage (exit 3, its numbers recorded).
 5. A TensorRT calibration cache from the same ranges, for implicit-INT8 builds on TensorRT 8.x-10
    (TensorRT 11 has no calibrators; ``calibrate.trt_version`` 11 or later writes no cache).
 
@@ -34,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from autoglm_build.accuracy import Agreement, gate_failures, gate_of
 from autoglm_build.calibration import CalibrationData, check_calibration_data
 from autoglm_build.config import BuildConfig, CalibrateConfig
 from autoglm_build.errors import AccuracyError, UserError
@@ -129,6 +133,7 @@ class CalibrateStage(Stage):
                 model, metrics, extra = self.to_int8(ctx, spec, cfg, source, calib, held, tmp_dir)
             ctx.status("measuring accuracy on held-out samples")
             metrics["accuracy"] = accuracy(spec, cfg, source, model, held, tmp_dir)
+            check_gate(module, self.precision, cfg, metrics)
             offenders = fp16_reductions(model)
             if offenders:  # a bug in the precision policy, not the user's: the engine would overflow
                 raise RuntimeError(f"{module}: FP16 reductions in the {self.precision} graph: {offenders[:5]}")
@@ -169,7 +174,8 @@ class CalibrateStage(Stage):
             ranges = calibrate_ranges(ctx, source, settings, calib, ranges_file, tmp_dir)
             quantizer = Quantizer(source, settings, ranges_file, kept, tmp_dir, spec.fp16_io(cfg))
             model = quantizer(candidates)
-            if settings.target_cosine is not None:
+            if settings.target_cosine is not None or gate_failures(
+                    accuracy(spec, cfg, source, model, held, tmp_dir), gate_of(cfg)):
                 model, metrics["fallback"] = fallback(ctx, spec, cfg, source, quantizer, candidates, held, tmp_dir)
         if int(settings.trt_version.split(".")[0]) >= 11:
             metrics["trt_cache"] = {"skipped": f"TensorRT {settings.trt_version} has no implicit INT8 calibrators"}
@@ -303,37 +309,53 @@ def accuracy(spec: ModuleSpec, cfg: BuildConfig, source: Path, model, held: Sequ
     ref = ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
     got = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     output = spec.output_names(cfg)[0]
-    cosines, max_abs, scale, agree, total = [], 0.0, 0.0, 0, 0
+    agreement = Agreement(output)
     for feed in held:
-        a = ref.run([output], feed_for(ref, feed))[0].astype(np.float64)
-        b = got.run([output], feed_for(got, feed))[0].astype(np.float64)
-        for row_a, row_b in zip(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)):
-            cosines.append(_cosine(row_a, row_b))
-        max_abs, scale = max(max_abs, float(np.abs(a - b).max())), max(scale, float(np.abs(a).max()))
-        if output == "logits":
-            agree += int((a.reshape(a.shape[0], -1, a.shape[-1]).argmax(-1) ==
-                          b.reshape(b.shape[0], -1, b.shape[-1]).argmax(-1)).sum())
-            total += a.shape[0] if a.ndim == 2 else a.shape[0] * a.shape[1]
-    result = {"output": output, "samples": len(cosines), "cosine_min": min(cosines),
-              "cosine_mean": float(np.mean(cosines)), "max_abs": max_abs, "max_rel": max_abs / scale if scale else 0.0}
-    if total:
-        result["greedy_agreement"] = agree / total
-        result["greedy_positions"] = total
-    return result
+        agreement.add(ref.run([output], feed_for(ref, feed))[0], got.run([output], feed_for(got, feed))[0])
+    return agreement.result()
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(a @ b / denom) if denom else float(np.array_equal(a, b))
+def check_gate(module: str, precision: str, cfg: BuildConfig, metrics: Dict[str, Any]) -> None:
+    """Record the gate in ``metrics``; raise when the graph's accuracy misses it.
+
+    Raises:
+        AccuracyError: carrying ``metrics`` (the pipeline stores them in the failed record).
+    """
+    gate = gate_of(cfg)
+    failures = gate_failures(metrics["accuracy"], gate)
+    metrics["gate"] = {"cosine": gate.cosine, "greedy_agreement": gate.greedy_agreement, "passed": not failures}
+    if failures:
+        err = AccuracyError(
+            f"{module}: the {precision} graph misses calibrate.gate vs FP32: {'; '.join(failures)}",
+            hint="see the sensitivity fallback in the record; keep the module FP16 (calibrate.modules.<name>.int8: "
+                 "false) or lower calibrate.gate" if precision == "int8" else "lower calibrate.gate",
+        )
+        err.metrics = metrics  # type: ignore[attr-defined]
+        raise err
 
 
 def fallback(ctx, spec, cfg, source, quantizer: Quantizer, candidates: List[str], held, tmp_dir):
-    """Move the layers whose quantization costs most to FP16 until ``target_cosine`` holds.
+    """Move the layers whose quantization costs most to FP16 until the gate and ``target_cosine`` hold.
 
     Sensitivity of a layer = 1 - cosine of the graph with only that layer in INT8 (everything else
-    FP32/FP16 as the policy says). Raises AccuracyError when even all layers in FP16 miss the target.
+    FP32/FP16 as the policy says). All layers in FP16 are tried first: when even that misses, no
+    order of moves can reach the target and AccuracyError says so at once.
     """
-    target = cfg.calibrate.target_cosine
+    gate = gate_of(cfg)
+    target = max(cfg.calibrate.target_cosine or 0.0, gate.cosine)
+    goal = gate.model_copy(update={"cosine": target})
+    ctx.status(f"fallback: all {len(candidates)} layer(s) in FP16")
+    floor = accuracy(spec, cfg, source, quantizer([], extra_fp16=candidates), held, tmp_dir)
+    missed = gate_failures(floor, goal)
+    if missed:
+        err = AccuracyError(
+            f"{spec.name}: target cosine {target} is unreachable: with all {len(candidates)} quantizable layers in "
+            f"FP16, {'; '.join(missed)}",
+            hint="lower calibrate.target_cosine or calibrate.gate, or keep this module FP16 "
+                 "(calibrate.modules.<name>.int8: false)",
+        )
+        err.metrics = {"accuracy_all_fp16": floor}  # type: ignore[attr-defined]
+        raise err
     sensitivity = {}
     for i, node in enumerate(candidates):
         ctx.status(f"sensitivity {i + 1}/{len(candidates)}: {node}")
@@ -341,19 +363,13 @@ def fallback(ctx, spec, cfg, source, quantizer: Quantizer, candidates: List[str]
     ranked = sorted(candidates, key=sensitivity.get, reverse=True)
     moved: List[str] = []
     while True:
-        int8 = [n for n in candidates if n not in moved]
-        model = quantizer(int8, extra_fp16=moved)
-        reached = accuracy(spec, cfg, source, model, held, tmp_dir)["cosine_min"]
-        ctx.status(f"fallback: {len(moved)} layer(s) in FP16, cosine {reached:.6f} (target {target})")
-        if reached >= target:
+        model = quantizer([n for n in candidates if n not in moved], extra_fp16=moved)
+        reached = accuracy(spec, cfg, source, model, held, tmp_dir)
+        ctx.status(f"fallback: {len(moved)} layer(s) in FP16, cosine {reached['cosine_min']:.6f} (target {target})")
+        if not gate_failures(reached, goal) or len(moved) == len(ranked):
             break
-        if len(moved) == len(ranked):
-            raise AccuracyError(
-                f"{spec.name}: target cosine {target} is unreachable: with all {len(ranked)} quantizable layers in "
-                f"FP16 the cosine vs FP32 is {reached:.6f}",
-                hint="lower calibrate.target_cosine, or keep this module FP16 (calibrate.modules.<name>.int8: false)",
-            )
         moved.append(ranked[len(moved)])
-    report = {"target_cosine": target, "reached_cosine": reached, "moved_to_fp16": moved,
-              "sensitivity": {n: sensitivity[n] for n in ranked[:20]}}
+    report = {"target_cosine": target, "greedy_agreement": goal.greedy_agreement,
+              "reached_cosine": reached["cosine_min"], "reached_greedy": reached.get("greedy_agreement"),
+              "moved_to_fp16": moved, "sensitivity": {n: sensitivity[n] for n in ranked[:20]}}
     return model, report

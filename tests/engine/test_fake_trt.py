@@ -41,6 +41,41 @@ def vision_build(tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.fixture(scope="module")
+def decoder_build(tmp_path_factory) -> Path:
+    """The tiny config's embed and decoder graphs (fp32, fp16, int8) and verification samples."""
+    workdir = tmp_path_factory.mktemp("fake-trt-decoder") / "w"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_TRT")}
+    out = harness.run(["-m", "autoglm_build", "run", "-c", str(TINY), "-w", str(workdir), "-m", "embed", "-m",
+                       "decoder", "-q"], env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+def test_verify_strict_catches_a_broken_int8_engine(decoder_build, tmp_path):
+    """Issue 16: an INT8 decoder engine whose logits carry a random bias of +-9 % of max|logit| (a
+    broken build, ``FAKE_TRT_OUTPUT_BIAS``) fails ``verify --strict`` against its own INT8 graph; the
+    faithful build of the same graph passes. Compared with FP32 at the old INT8 tolerance
+    (0.15 max|ref|) the broken engine passed."""
+    workdir = tmp_path / "w"
+    shutil.copytree(decoder_build, workdir)
+    env = harness.environment("10.13.0", "0.53.6", tmp_path / "calls.jsonl")
+    args = ["-w", str(workdir), "-m", "decoder", "--precision", "int8"]
+    built = harness.run(["-m", "autoglm_build", "engine", *args], env)
+    assert built.returncode == 0, built.stderr[-3000:]
+    verify = ["-m", "autoglm_build", "verify", *args, "--backend", "tensorrt", "--strict", "--json"]
+    faithful = harness.run(verify, env)
+    assert faithful.returncode == 0, faithful.stderr[-3000:]
+    rows = json.loads(faithful.stdout)["rows"]
+    assert {(r["output"], r["reference"]) for r in rows} >= {("logits", "int8 graph"), ("present_key", "int8 graph")}
+    assert all(r["passed"] and r["backend"] == "tensorrt" for r in rows)
+    broken = harness.run(verify, {**env, "FAKE_TRT_OUTPUT_BIAS": f"logits:{0.09}"})
+    assert broken.returncode == 3, broken.stderr[-3000:]
+    failed = {(r["output"], r["batch"]) for r in json.loads(broken.stdout)["rows"] if not r["passed"]}
+    assert failed == {("logits", b) for b in (1, 4, 8)}, failed
+    assert "Traceback" not in broken.stderr
+
+
 def _drive(vision_build: Path, tmp_path: Path, trt: str, polygraphy: str):
     workdir = tmp_path / "w"
     shutil.copytree(vision_build, workdir)

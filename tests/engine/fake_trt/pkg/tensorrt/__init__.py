@@ -15,7 +15,8 @@ network, parser, engine and execution context behave:
 - the engine is JSON naming the ONNX file; an execution context runs that ONNX with ONNX Runtime on
   host memory that the fake CUDA runtime (:mod:`fake_cuda`) hands out as device pointers.
 
-Environment: ``FAKE_TRT_VERSION`` (e.g. ``11.1.0``), ``FAKE_TRT_LOG`` (JSON lines of recorded calls).
+Environment: ``FAKE_TRT_VERSION`` (e.g. ``11.1.0``), ``FAKE_TRT_LOG`` (JSON lines of recorded calls),
+``FAKE_TRT_OUTPUT_BIAS`` (``logits:0.09``: INT8 engines are broken builds, :func:`_broken`).
 """
 
 # ruff: noqa: F821 (the bound classes, DataType, ITensor..., are made from the surface at import time)
@@ -894,10 +895,12 @@ class _IExecutionContext:
         if self._session is None:
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            opts.add_session_config_entry("session.x64quantprecision", "1")  # INT8 as TensorRT: exact products
             import base64
 
             model = base64.b64decode(self._engine._data["model"])
             self._session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            self._int8 = b"QuantizeLinear" in model
         feed = {}
         for name, dtype, _, mode in self._engine._io:
             if mode != "INPUT":
@@ -915,7 +918,23 @@ class _IExecutionContext:
             if graph_types.get(name) == "tensor(int64)" and array.dtype != np.int64:
                 feed[name] = array.astype(np.int64)
         names = [o.name for o in self._session.get_outputs()]
-        return dict(zip(names, self._session.run(names, feed)))
+        outputs = dict(zip(names, self._session.run(names, feed)))
+        return _broken(outputs) if self._int8 else outputs
+
+
+def _broken(outputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """``FAKE_TRT_OUTPUT_BIAS=name:fraction`` makes every engine built from a Q/DQ graph a broken
+    build: a fixed random bias of up to ``fraction`` of max|output| added along that output's last
+    axis (issue 16: a +-9 % logit bias on the INT8 decoder)."""
+    spec = os.environ.get("FAKE_TRT_OUTPUT_BIAS")
+    if not spec:
+        return outputs
+    name, fraction = spec.split(":")
+    if name not in outputs:
+        return outputs
+    value = outputs[name]
+    bias = np.random.default_rng(0).uniform(-1.0, 1.0, value.shape[-1]) * float(fraction) * np.abs(value).max()
+    return {**outputs, name: (value + bias).astype(value.dtype)}
 
 
 # ---- the module ---------------------------------------------------------------------------------

@@ -186,6 +186,18 @@ def tokenizer_for(cfg) -> tuple:
     return load_tokenizer(path), path
 
 
+def check_prompts(cfg, modules: List[str]) -> None:
+    """Before any stage runs, where embed or decoder tokenize the calibration prompts: the tokenizer
+    is there and every prompt encodes within ``text.vocab_size`` (a missing or foreign tokenizer
+    otherwise stops a run only at its samples stage, after export and optimize wrote their graphs).
+
+    Raises:
+        CalibrationDataError: one line naming the tokenizer or prompt file.
+    """
+    if {"embed", "decoder"} & set(modules):
+        prompt_ids(cfg, CalibrationData.discover(Path(cfg.calibrate.data)))
+
+
 def prompt_ids(cfg, data: CalibrationData) -> List[List[int]]:
     """The calibration prompts in GLM's chat format, as token ids."""
     tokenizer, path = tokenizer_for(cfg)

@@ -4,8 +4,8 @@ A stage is skipped for a module when its record says ``done``, its fingerprint e
 computed now, and every artifact it listed is on disk with its recorded content (DVC's lockfile
 model). ``force`` reruns regardless. The manifest is saved after each stage/module, so an
 interrupted build keeps what finished, and records the config the build used (commands on the
-workdir without ``-c`` use it). Inputs from outside the workdir (calibration data) are checked
-before the first stage starts.
+workdir without ``-c`` use it). Inputs from outside the workdir (calibration data, and the
+tokenizer where a stage tokenizes the calibration prompts) are checked before the first stage starts.
 
 :meth:`Pipeline.plan` (``--dry-run``) predicts the same decisions without running anything: a stage
 predicted to run marks its outputs as about to change, so the stages reading them later in the same
@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from autoglm_build.calibration import CalibrationDataError, check_prompts
 from autoglm_build.config import BuildConfig
 from autoglm_build.console import Reporter
 from autoglm_build.errors import EXIT_USAGE, UserError
 from autoglm_build.manifest import Artifact, Manifest, StageRecord, make_artifact
 from autoglm_build.stages.base import Stage, StageContext
 from autoglm_build.workdir import Build, BuildSession, config_record
+
+#: stages that tokenize the calibration prompts (for embed and decoder)
+PROMPT_STAGES = ("samples", "calibrate-int8", "calibrate-fp16")
 
 
 @dataclass
@@ -83,6 +87,7 @@ class Pipeline:
         """Run every stage for every module; raises the first stage's :class:`UserError`."""
         for stage in self.stages:
             stage.check_inputs(self.cfg, self.modules)
+        self.check_prompts()
         build = Build(self.workdir, cfg=self.cfg)
         manifest = build.manifest
         manifest.config_name, manifest.config_path = self.cfg.name, self.config_path
@@ -96,11 +101,21 @@ class Pipeline:
             manifest.commit(self.workdir)
         return outcomes
 
+    def check_prompts(self) -> None:
+        """The tokenizer and calibration prompts, where a stage of this pipeline tokenizes them."""
+        if any(stage.name in PROMPT_STAGES for stage in self.stages):
+            check_prompts(self.cfg, self.modules)
+
     def plan(self) -> List[Dict[str, Any]]:
         """Per stage/module: the fingerprint now, whether ``run`` would skip it, and why it would not
-        (no work done, nothing written). Raises what :meth:`run` raises before its first stage."""
+        (no work done, nothing written). Raises what :meth:`run` raises before its first stage, but for
+        the tokenizer: that is a warning (a full-size config's plan is useful before its checkpoint is)."""
         for stage in self.stages:
             stage.check_inputs(self.cfg, self.modules)
+        try:
+            self.check_prompts()
+        except CalibrationDataError as exc:
+            self.reporter.warn(f"run would stop before its first stage: {exc.message}")
         on_disk = Manifest.load(self.workdir)
         manifest = on_disk.model_copy(deep=True)  # gets the predicted runs' outputs marked as changing
         rows, changing = [], False

@@ -189,3 +189,20 @@ def test_verify_help_names_the_configs_batches_and_rows_land_in_the_manifest(tru
     assert rows and {r["batch"] for r in rows} == {1, 4, 8}
     record = Manifest.load(trust_copy).record("verify", "embed")
     assert record is not None and record.metrics["rows"] == rows and record.status == "done"
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"tokenizer": "/nonexistent/tokenizer.json"}, "/nonexistent/tokenizer.json: tokenizer file not found"),
+    ({"text": {"vocab_size": 1000}}, "is outside text.vocab_size 1000"),
+])
+def test_a_bad_tokenizer_stops_run_before_anything_is_written(tmp_path, change, says):
+    config = write_config(tmp_path / "c.yaml", change)
+    workdir = tmp_path / "w"
+    result = invoke("run", "-c", config, "-w", workdir, "-m", "embed")
+    assert result.exit_code == 2, result.output
+    assert says in result.stderr.strip().splitlines()[0]
+    assert not workdir.exists()  # export and optimize wrote nothing
+    plan = invoke("run", "-c", config, "-w", workdir, "-m", "embed", "--dry-run")
+    assert plan.exit_code == 0, plan.output
+    assert "run would stop before its first stage" in plan.stderr and says in " ".join(plan.stderr.split())
+    assert not workdir.exists()

@@ -315,17 +315,21 @@ class Build:
 
 class BuildSession:
     """A run's hold on a workdir: the workdir exists and is writable, a shared ``flock`` on the
-    directory is held, and stale temps were removed if no other run held it."""
+    directory is held, and stale temps were removed if no other run held it. A workdir the run
+    created and left without a manifest (refused before recording anything) is removed on close."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.fd: Optional[int] = None
         self.cleaned: List[str] = []
+        self.created: Optional[Path] = None  # the topmost directory this run made for the workdir
 
     def ensure(self) -> None:
         """Create the workdir if needed, check it is writable, take the lock (once)."""
         if self.fd is not None:
             return
+        missing = [p for p in (self.workdir, *self.workdir.parents) if not p.exists()]
+        self.created = missing[-1] if missing else None
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=self.workdir, prefix=".write-probe-")
@@ -348,9 +352,42 @@ class BuildSession:
         fcntl.flock(self.fd, fcntl.LOCK_SH)
 
     def close(self) -> None:
-        if self.fd is not None:
+        if self.fd is None:
+            return
+        try:
+            if self.created is not None and self._alone():
+                self._remove_if_empty()
+        finally:
             os.close(self.fd)  # releases the lock
             self.fd = None
+
+    def _alone(self) -> bool:
+        """No other run holds the workdir (the shared lock upgrades to an exclusive one)."""
+        try:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except (ImportError, OSError):
+            return False
+
+    def _remove_if_empty(self) -> None:
+        """The workdir this run created, if it holds nothing but the manifest lock, and the
+        directories made for it: a command refused before recording anything leaves nothing."""
+        from autoglm_build.manifest import LOCK_NAME
+
+        if any(p.name != LOCK_NAME for p in self.workdir.iterdir()):
+            return
+        (self.workdir / LOCK_NAME).unlink(missing_ok=True)
+        path = self.workdir
+        while True:
+            try:
+                path.rmdir()
+            except OSError:
+                return
+            if path == self.created:
+                return
+            path = path.parent
 
 
 def remove_stale_temps(workdir: Path) -> List[str]:

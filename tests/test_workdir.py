@@ -118,3 +118,25 @@ def test_manifest_is_written_with_the_mode_of_other_artifacts(tmp_path):
         os.umask(old)
     mode = (tmp_path / "manifest.json").stat().st_mode & 0o777
     assert mode == 0o644 == (tmp_path / "a.onnx").stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("command", ["optimize", "calibrate"])
+def test_a_command_refused_on_a_new_workdir_leaves_no_directory(tmp_path, command):
+    parent = tmp_path / "builds"  # neither it nor the workdir exists yet
+    result = runner.invoke(app, [command, "-c", str(write_config(tmp_path / "c.yaml", {})), "-w",
+                                 str(parent / "nested" / "w"), "-m", "embed"])
+    assert result.exit_code == 2, result.output
+    assert "export" in result.stderr  # no exported graph yet: run export first
+    assert not parent.exists()
+
+
+def test_a_new_workdir_shared_with_another_run_is_kept(tmp_path):
+    from autoglm_build.workdir import BuildSession
+
+    first, second = BuildSession(tmp_path / "w"), BuildSession(tmp_path / "w")
+    first.ensure()
+    second.ensure()  # another run holds it too: the one that created it must not remove it
+    first.close()
+    assert (tmp_path / "w").is_dir()
+    second.close()
+    assert (tmp_path / "w").is_dir()  # the second did not create it

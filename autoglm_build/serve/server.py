@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -51,6 +52,11 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
         import uvicorn
     except ImportError:
         raise EnvironmentMissing("uvicorn is not installed here", hint="pip install fastapi uvicorn") from None
+    try:
+        sock = listen(host, port)
+    except UserError:
+        state.backend.close()
+        raise
     app = create_app(state)
     d = state.backend.describe()
     announce(f"serving {', '.join(state.model_ids)} on http://{host}:{port} ({d['backend']} {d['precision']}, "
@@ -62,4 +68,27 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
     # before it: make that a no-op, so a drained server exits 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here rather than by uvicorn, whose failure to bind is a log line
+    and exit 3 (this tool's accuracy code): a port in use is one line, exit 2.
+
+    Raises:
+        UserError: the address does not resolve or cannot be bound.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise UserError(f"--host {host}: cannot listen there ({exc.strerror or exc})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})",
+                        hint="pass a free --port (serve.port in the config)") from None
+    return sock

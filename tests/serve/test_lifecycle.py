@@ -105,3 +105,23 @@ def test_sigterm_finishes_inflight_streams_then_exits(served_build: Path, tmp_pa
         assert srv.proc.wait(timeout=30) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(srv.url + "/health", timeout=5)
+
+
+def test_a_port_in_use_is_one_line_exit_2(served_build: Path):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.serve.conftest import BACKEND, TINY
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "autoglm_build", "serve", "-c", str(TINY), "-w", str(served_build),
+                               "--backend", BACKEND, "--host", "127.0.0.1", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr  # uvicorn's own bind failure exits 3, this tool's accuracy code
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)"]
+    assert "Traceback" not in proc.stderr and "INFO:" not in proc.stderr

@@ -278,6 +278,11 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
 
     strong = trt_env.strongly_typed(trt)
     network = NetworkFromOnnxPath(str(source), strongly_typed=True) if strong else NetworkFromOnnxPath(str(source))
+    halves = [] if strong else fp16_outputs(source)
+    if halves:  # flag mode leaves network outputs FP32 whatever the graph says (TensorRT 8.5: the KV cache)
+        from polygraphy.backend.trt import SetTensorDatatypes
+
+        network = SetTensorDatatypes(network, {name: trt.float16 for name in halves})
     kwargs: Dict[str, Any] = {
         "profiles": [_profile(Profile(), p) for p in shapes],
         "load_timing_cache": str(cache) if cache.is_file() else None,
@@ -304,6 +309,14 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
         raise UserError(f"{source}: TensorRT could not build the {precision} engine ({exc})",
                         hint=f"if TensorRT's log above says 'insufficient workspace' or 'insufficient memory', "
                              f"raise engine.workspace_mib (now {workspace_mib})") from None
+
+
+def fp16_outputs(source: Path) -> List[str]:
+    """The graph's FP16 outputs (the decoder's ``present_*`` in its FP16 and INT8 graphs)."""
+    import onnx
+
+    graph = onnx.load(str(source), load_external_data=False).graph
+    return [o.name for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16]
 
 
 def preview_features(trt: Any, names: Optional[List[str]]) -> List[Any]:

@@ -55,7 +55,7 @@ def test_truncated_engine_is_refused(workdir):
     engine = workdir / "engines" / "vision.fp16.engine"
     engine.write_bytes(engine.read_bytes()[:1000])
     result = _verify(workdir)
-    assert result.exit_code == 2 and "does not match the manifest" in _error_line(result)
+    assert result.exit_code == 2 and "bytes differ from its manifest record" in _error_line(result)
 
 
 def test_corrupt_engine_with_matching_hashes_fails_to_deserialize_cleanly(workdir):

@@ -282,6 +282,10 @@ class _ITensor:
     def dtype(self) -> EnumMember:
         return self._t.dtype
 
+    @dtype.setter
+    def dtype(self, value: EnumMember) -> None:  # the network I/O types a flag-mode build may set (SetTensorDatatypes)
+        self._t.dtype = value
+
     @property
     def shape(self) -> Any:
         return Dims(self._t.shape)

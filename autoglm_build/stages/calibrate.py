@@ -341,16 +341,19 @@ def fallback(ctx, spec, cfg, source, quantizer: Quantizer, candidates: List[str]
     FP32/FP16 as the policy says). All layers in FP16 are tried first: when even that misses, no
     order of moves can reach the target and AccuracyError says so at once.
     """
-    gate = gate_of(cfg)
-    target = max(cfg.calibrate.target_cosine or 0.0, gate.cosine)
-    goal = gate.model_copy(update={"cosine": target})
+    gate, target = gate_of(cfg), cfg.calibrate.target_cosine
+
+    def missed(acc: Dict[str, Any]) -> List[str]:
+        low = [] if target is None or acc["cosine_min"] >= target else [f"cosine {acc['cosine_min']:.6f} < {target}"]
+        return low + gate_failures(acc, gate)
+
     ctx.status(f"fallback: all {len(candidates)} layer(s) in FP16")
     floor = accuracy(spec, cfg, source, quantizer([], extra_fp16=candidates), held, tmp_dir)
-    missed = gate_failures(floor, goal)
-    if missed:
+    if missed(floor):
+        goal = f"target cosine {target}" if target is not None else "calibrate.gate"
         err = AccuracyError(
-            f"{spec.name}: target cosine {target} is unreachable: with all {len(candidates)} quantizable layers in "
-            f"FP16, {'; '.join(missed)}",
+            f"{spec.name}: {goal} is unreachable: with all {len(candidates)} quantizable layers in "
+            f"FP16, {'; '.join(missed(floor))}",
             hint="lower calibrate.target_cosine or calibrate.gate, or keep this module FP16 "
                  "(calibrate.modules.<name>.int8: false)",
         )
@@ -366,10 +369,10 @@ def fallback(ctx, spec, cfg, source, quantizer: Quantizer, candidates: List[str]
         model = quantizer([n for n in candidates if n not in moved], extra_fp16=moved)
         reached = accuracy(spec, cfg, source, model, held, tmp_dir)
         ctx.status(f"fallback: {len(moved)} layer(s) in FP16, cosine {reached['cosine_min']:.6f} (target {target})")
-        if not gate_failures(reached, goal) or len(moved) == len(ranked):
+        if not missed(reached) or len(moved) == len(ranked):
             break
         moved.append(ranked[len(moved)])
-    report = {"target_cosine": target, "greedy_agreement": goal.greedy_agreement,
+    report = {"target_cosine": target, "gate": gate.model_dump(),
               "reached_cosine": reached["cosine_min"], "reached_greedy": reached.get("greedy_agreement"),
               "moved_to_fp16": moved, "sensitivity": {n: sensitivity[n] for n in ranked[:20]}}
     return model, report

@@ -179,7 +179,7 @@ class AccuracyGate(_Section):
     """What a precision graph must reach against the FP32 graph on held-out samples (calibrate exits 3
     below it; ``verify --backend onnxruntime`` checks it)."""
 
-    cosine: float = Field(0.99, ge=0, le=1, description="least cosine of any held-out sample's main output")
+    cosine: float = Field(0.99, ge=0, le=1, description="least mean cosine of the held-out samples' main output")
     greedy_agreement: float = Field(0.95, ge=0, le=1, description="decoder: least share of greedy next tokens "
                                     "equal to FP32's (gated with a checkpoint only: random logits are flat)")
 
@@ -401,8 +401,9 @@ def load_config(path: Path, overrides: Optional[Dict[str, Any]] = None) -> Build
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
     data.update(overrides or {})
-    if isinstance(data.get("tokenizer"), str):
-        data["tokenizer"] = str((path.parent / data["tokenizer"]).resolve())
+    for field in ("tokenizer", "checkpoint"):
+        if isinstance(data.get(field), str):
+            data[field] = str((path.parent / data[field]).resolve())
     _resolve_data_dir(data, path.parent)
     try:
         cfg = BuildConfig.model_validate(data)

@@ -29,8 +29,9 @@ def deep_update(base: Dict[str, Any], changes: Dict[str, Any]) -> Dict[str, Any]
 def write_config(path: Path, changes: Dict[str, Any], base: Path = TINY) -> Path:
     """A copy of ``base`` with ``changes`` merged in, written to ``path``."""
     data = deep_update(yaml.safe_load(base.read_text()), changes)
-    if data.get("tokenizer") and not Path(data["tokenizer"]).is_absolute():
-        data["tokenizer"] = str(base.parent / data["tokenizer"])  # relative to the config it came from
+    for field in ("tokenizer", "checkpoint"):
+        if data.get(field) and not Path(data[field]).is_absolute():
+            data[field] = str(base.parent / data[field])  # relative to the config it came from
     calibrate = data.get("calibrate")
     if isinstance(calibrate, dict) and isinstance(calibrate.get("data"), str):
         calibrate["data"] = str((base.parent / calibrate["data"]).resolve())  # likewise (absolute stays)

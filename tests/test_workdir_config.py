@@ -104,6 +104,7 @@ def test_calibration_data_follows_the_config_file_and_is_checked_before_any_stag
     shutil.copytree(ROOT / "calibration_data", tmp_path / "calibration_data")
     data = yaml.safe_load(TINY.read_text())
     data["tokenizer"] = str(TINY.parent / data["tokenizer"])
+    data["checkpoint"] = str(TINY.parent / data["checkpoint"])
     (configs / "tiny.yaml").write_text(yaml.safe_dump(data))  # keeps `data: ../calibration_data`
     from autoglm_build.config import load_config
 

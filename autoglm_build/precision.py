@@ -158,7 +158,18 @@ def tidy(model):
     while _drop_cast_round_trips(model) + _drop_lossless_round_trips(model):  # one fold can expose the next
         pass
     _toposort(model)
+    _drop_io_value_info(model)
     return model
+
+
+def _drop_io_value_info(model) -> None:
+    """value_info entries named like a graph input or output: the converter's copies of the FP32 types
+    the I/O had before :func:`io_to_fp16`. Readers that merge value_info into I/O types
+    (onnx-graphsurgeon: the engine stage's rewrite for TensorRT 8.5) would retype FP16 I/O as FP32."""
+    io = {v.name for v in list(model.graph.input) + list(model.graph.output)}
+    keep = [v for v in model.graph.value_info if v.name not in io]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
 
 
 def _drop_lossless_round_trips(model) -> int:

@@ -142,3 +142,17 @@ def test_kv_io_becomes_fp16_without_cast_round_trips():
         out = _run(model, feed)
         assert out["present"].dtype == np.float16 and out["present"].shape == (2, 67)
         assert np.array_equal(out["present"][:, :3], feed["past"])  # the cache passes through exactly
+
+
+def test_fp16_io_survives_onnx_graphsurgeon():
+    """The engine stage's rewrite for TensorRT 8.5 goes through onnx-graphsurgeon, which merges
+    value_info into I/O types: a stale FP32 entry for an FP16 output made the engine's present_* FP32."""
+    import onnx_graphsurgeon as gs
+
+    from autoglm_build.precision import to_fp16
+
+    block = _rmsnorm_block()
+    block.graph.value_info.extend(block.graph.output)  # as onnxslim leaves an optimized graph
+    model = to_fp16(block, ["past", "present"])
+    outputs = {o.name: o.dtype for o in gs.import_onnx(model).outputs}
+    assert outputs == {"y": np.float32, "present": np.float16}

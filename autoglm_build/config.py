@@ -92,6 +92,14 @@ class TextConfig(_Section):
         return self.hidden_size // self.num_attention_heads
 
 
+class DecoderConfig(_Section):
+    """How the ``decoder`` module is built (not what it computes: that is ``text``)."""
+
+    stages: int = Field(1, ge=1, description=(
+        "contiguous layer ranges, each its own graph, precision graph and engine (decoder.stage0, ...): "
+        "the first takes inputs_embeds, the last adds the final norm and LM head; 1 = one graph"))
+
+
 class AudioConfig(_Section):
     """Whisper-large-v3 encoder (``WhisperConfig`` encoder half) plus a projector into the decoder.
 
@@ -276,6 +284,7 @@ class BuildConfig(_Section):
     checkpoint: Optional[str] = Field(None, description="local safetensors checkpoint directory")
     vision: VisionConfig = Field(default_factory=VisionConfig)
     text: TextConfig = Field(default_factory=TextConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig)
@@ -306,6 +315,9 @@ def _architecture_problems(cfg: BuildConfig) -> List[str]:
     """Cross-field rules the model code would otherwise fail on deep inside a forward pass."""
     v, t, a, e = cfg.vision, cfg.text, cfg.audio, cfg.export
     problems = []
+    if cfg.decoder.stages > t.num_hidden_layers:
+        problems.append(f"decoder.stages: {cfg.decoder.stages} exceeds text.num_hidden_layers {t.num_hidden_layers} "
+                        "(each stage holds at least one layer)")
     if v.hidden_size % v.num_heads:
         problems.append(f"vision.num_heads: {v.num_heads} does not divide vision.hidden_size {v.hidden_size}")
     elif (v.hidden_size // v.num_heads) % 4:

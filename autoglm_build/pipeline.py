@@ -86,7 +86,7 @@ class Pipeline:
     def run(self) -> List[Outcome]:
         """Run every stage for every module; raises the first stage's :class:`UserError`."""
         for stage in self.stages:
-            stage.check_inputs(self.cfg, self.modules)
+            stage.check_inputs(self.cfg, self.module_names())
         self.check_prompts()
         build = Build(self.workdir, cfg=self.cfg)
         manifest = build.manifest
@@ -95,23 +95,36 @@ class Pipeline:
         outcomes = []
         with build.session() as session:
             for stage in self.stages:
-                for module in self.modules:
+                for module in self.units(stage):
                     outcomes.append(self._run_one(manifest, stage, module, session))
             session.ensure()
             manifest.commit(self.workdir)
         return outcomes
 
+    def units(self, stage: Stage) -> List[str]:
+        """What ``stage`` runs over: the modules, with a staged module as its parts where the stage
+        builds each part on its own (:attr:`Stage.per_part`)."""
+        from autoglm_build.modules import registry
+
+        return registry.expand(self.cfg, self.modules, parts=stage.per_part)
+
+    def module_names(self) -> List[str]:
+        """The modules (a part named on the command line stands for its module)."""
+        from autoglm_build.modules import registry
+
+        return registry.expand(self.cfg, self.modules, parts=False)
+
     def check_prompts(self) -> None:
         """The tokenizer and calibration prompts, where a stage of this pipeline tokenizes them."""
         if any(stage.name in PROMPT_STAGES for stage in self.stages):
-            check_prompts(self.cfg, self.modules)
+            check_prompts(self.cfg, self.module_names())
 
     def plan(self) -> List[Dict[str, Any]]:
         """Per stage/module: the fingerprint now, whether ``run`` would skip it, and why it would not
         (no work done, nothing written). Raises what :meth:`run` raises before its first stage, but for
         the tokenizer: that is a warning (a full-size config's plan is useful before its checkpoint is)."""
         for stage in self.stages:
-            stage.check_inputs(self.cfg, self.modules)
+            stage.check_inputs(self.cfg, self.module_names())
         try:
             self.check_prompts()
         except CalibrationDataError as exc:
@@ -120,7 +133,7 @@ class Pipeline:
         manifest = on_disk.model_copy(deep=True)  # gets the predicted runs' outputs marked as changing
         rows, changing = [], False
         for stage in self.stages:
-            for module in self.modules:
+            for module in self.units(stage):
                 fingerprint = stage.fingerprint(StageContext(self.cfg, self.workdir, manifest), module)
                 reason = self._rerun_reason(manifest, stage.name, module, fingerprint)
                 if reason == "fingerprint changed" and changing:

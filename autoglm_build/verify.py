@@ -18,6 +18,9 @@ Polygraphy's ``TrtRunner`` (driven by ``Comparator.run``; the decoder's prefill 
 in turn). The rows are stored in the manifest (``verify/<module>`` records; the latest row per
 backend, precision, output and batch wins).
 
+A staged module (``decoder.stages`` > 1) is verified as one: its stages' graphs (engines) run
+chained (:mod:`autoglm_build.parts`) on the module's samples, and its rows are the module's.
+
 Every file (samples, graphs, engines) comes from the opened :class:`~autoglm_build.workdir.Build`,
 checked against its manifest record before it is read: a substituted file is refused (exit 2).
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -38,7 +41,9 @@ from autoglm_build.config import AccuracyGate, BuildConfig, Tolerance
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.engine.sidecar import check_loadable, deserialize
 from autoglm_build.errors import EnvironmentMissing, UserError
+from autoglm_build.modules import registry
 from autoglm_build.onnx_io import feed_for, ort_options
+from autoglm_build.parts import chain_steps
 from autoglm_build.stages.samples import load_samples
 from autoglm_build.validate import output_group
 from autoglm_build.workdir import Build
@@ -71,7 +76,7 @@ def verify(cfg: BuildConfig, workdir: Path, modules: Sequence[str], precisions: 
                                      hint="--backend onnxruntime checks the precision graphs without it")
         notes.append("TensorRT engine checks skipped: TensorRT is not installed here (ONNX Runtime checks ran)")
     gate = gate_of(cfg)
-    for module in modules:
+    for module in registry.expand(cfg, modules, parts=False):
         samples = load_samples(build.samples(module))
         outputs = _GraphOutputs(build, module, samples)
         for precision in precisions:
@@ -79,12 +84,13 @@ def verify(cfg: BuildConfig, workdir: Path, modules: Sequence[str], precisions: 
                 status(f"{module} {precision}: ONNX Runtime vs FP32")
                 rows += _accuracy_rows(module, precision, outputs(precision), outputs("fp32"), gate)
             if engines:
-                engine = build.artifact(f"engine-{precision}", module, "engine")
-                if engine is None:
-                    notes.append(f"{module}: no {precision} engine in {workdir}")
+                parts = registry.get(module).parts(cfg)
+                found = [build.artifact(f"engine-{precision}", part, "engine") for part in parts]
+                if None in found:
+                    notes.append(f"{parts[found.index(None)]}: no {precision} engine in {workdir}")
                     continue
                 status(f"{module} {precision}: TensorRT vs the {precision} graph")
-                run = _trt_run((build.check(engine), engine.sha256), module)
+                run = chain_steps([_trt_part((build.check(e), e.sha256), part) for e, part in zip(found, parts)])
                 tol = cfg.engine.tolerances[precision]
                 rows += _compare(module, "tensorrt", precision, run, samples, outputs(precision), tol)
     report = {"rows": rows, "notes": notes, "passed": all(r["passed"] for r in rows), "engines_checked": engines}
@@ -101,8 +107,10 @@ class _GraphOutputs:
 
     def __call__(self, precision: str) -> Outputs:
         if precision not in self.runs:
-            build, module = self.build, self.module
-            run = _ort_run(build.fp32_graph(module) if precision == "fp32" else build.graph(module, precision))
+            build = self.build
+            parts = registry.get(self.module).parts(build.cfg)  # a staged module: its stages chained
+            graphs = [build.fp32_graph(p) if precision == "fp32" else build.graph(p, precision) for p in parts]
+            run = chain_steps([_ort_part(graph) for graph in graphs])
             self.runs[precision] = {b: run(steps) for b, steps in self.samples.items()}
         return self.runs[precision]
 
@@ -190,6 +198,12 @@ def _real_positions(name: str, step: Feed, value: np.ndarray, ref: np.ndarray):
 
 
 def _ort_run(path: Path) -> Run:
+    """ONNX Runtime on one graph."""
+    return _ort_part(path)[1]
+
+
+def _ort_part(path: Path) -> Tuple[List[str], Run]:
+    """(input names, run) of ONNX Runtime on one graph (a module's, or one stage's)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), ort_options(), providers=["CPUExecutionProvider"])
@@ -198,11 +212,12 @@ def _ort_run(path: Path) -> Run:
     def run(steps: List[Feed]) -> List[Dict[str, np.ndarray]]:
         return [dict(zip(names, session.run(names, feed_for(session, step)))) for step in steps]
 
-    return run
+    return [i.name for i in session.get_inputs()], run
 
 
-def _trt_run(engine_info, module: str) -> Run:
-    """TensorRT through Polygraphy's TrtRunner; prefill steps on profile 0, decode steps on profile 1.
+def _trt_part(engine_info, module: str) -> Tuple[List[str], Run]:
+    """(input names, run) of TensorRT through Polygraphy's TrtRunner; prefill steps on profile 0,
+    decode steps on profile 1.
 
     Polygraphy logs on stdout, which carries only the result (``--json``): its output goes to stderr."""
     path, sha = engine_info
@@ -227,4 +242,4 @@ def _trt_run(engine_info, module: str) -> Run:
             outputs.append({name: np.asarray(out[name]).astype(np.float32) for name in out.keys()})
         return outputs
 
-    return run
+    return list(sidecar.profiles[0]), run

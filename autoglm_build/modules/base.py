@@ -51,6 +51,16 @@ class ModuleSpec:
     #: the name of axis 0 of every input: ``batch`` (rows), or ``patches`` for the packed vision tower
     batch_axis: str = "batch"
 
+    @property
+    def module(self) -> str:
+        """The registered module this spec builds (a part's module: ``decoder`` for ``decoder.stage1``);
+        config entries by module name (tolerances, calibration policy) are looked up under it."""
+        return self.name
+
+    def parts(self, cfg: BuildConfig) -> List[str]:
+        """The build units of this module: ``[name]``, or its parts when the config stages it."""
+        return [self.name]
+
     # ---- building ---------------------------------------------------------------------------
 
     def build(self, cfg: BuildConfig) -> torch.nn.Module:
@@ -59,7 +69,7 @@ class ModuleSpec:
 
     def seed(self, cfg: BuildConfig) -> int:
         """Per-module seed: changing one module's config leaves the others' weights as they were."""
-        return (cfg.seed * 1_000_003 + zlib.crc32(self.name.encode())) % (2**63)
+        return (cfg.seed * 1_000_003 + zlib.crc32(self.module.encode())) % (2**63)
 
     # ---- ONNX interface ---------------------------------------------------------------------
 
@@ -104,6 +114,17 @@ class ModuleSpec:
         """
         raise NotImplementedError
 
+    def accuracy_around(self, cfg: BuildConfig, graphs: Mapping[str, Any], earlier: Mapping[str, Any]) -> Any:
+        """How calibrate measures a precision graph of this spec: None (its first output against the FP32
+        graph's on the held-out feeds), or for one stage of a staged module an
+        :class:`~autoglm_build.parts.Around` (the module's output, the stage run inside the module).
+
+        Args:
+            graphs: FP32 graphs by name (``calibrate``'s upstream); earlier: the precision graphs of
+                the stages before this one, by name.
+        """
+        return None
+
     def take_rows(self, cfg: BuildConfig, feed: Dict[str, np.ndarray], batch: int) -> Dict[str, np.ndarray]:
         """A feed of ``batch`` items made from ``feed``'s (repeating rows when it has fewer)."""
         return {name: _repeat_rows(value, batch) for name, value in feed.items()}
@@ -113,12 +134,12 @@ class ModuleSpec:
         return int(next(iter(feed.values())).shape[0])
 
     def tolerance(self, cfg: BuildConfig) -> Tolerance:
-        return cfg.export.tolerances.get(self.name, Tolerance())
+        return cfg.export.tolerances.get(self.module, Tolerance())
 
     def fingerprint_data(self, cfg: BuildConfig) -> Dict[str, Any]:
         """What determines this module's export: its sections, the seed and the export settings."""
         export = cfg.section("export")
-        export["tolerances"] = export["tolerances"].get(self.name)
+        export["tolerances"] = export["tolerances"].get(self.module)
         from autoglm_build.stages.base import source_hash
 
         return {

@@ -14,6 +14,10 @@ Inputs (B = batch, S = seq, P = past_seq, T = P + S):
   the three rows are equal for text
 - ``past_key.{i}``, ``past_value.{i}`` float32 (B, kv_heads, P, head_dim)
 
+With ``decoder.stages`` > 1 the decoder is built as stages (:class:`DecoderStageSpec`,
+``decoder.stage0`` ...), contiguous layer ranges chained through ``hidden_states`` (B, S, hidden);
+:mod:`autoglm_build.parts` says how the build and the runtime treat them.
+
 Outputs: ``logits`` float32 (B, vocab) for the last position (``export.logits: last``, the default:
 what generation needs, and 2048x less memory at full vocab) or (B, S, vocab) with ``all``; and the
 ``present_*`` tensors (B, kv_heads, T, head_dim).
@@ -21,13 +25,14 @@ what generation needs, and 2048x less memory at full vocab) or (B, S, vocab) wit
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.modules.base import Case, ModuleSpec, Patch, batched, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
+from autoglm_build.parts import HIDDEN, Around, chain, layer_ranges, ort_part, part_name
 
 
 def _torch_module():
@@ -38,9 +43,9 @@ def _torch_module():
     class ExplicitCache:
         """The part of transformers' ``Cache`` that ``Glm4vTextAttention`` calls: ``update``."""
 
-        def __init__(self, past: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
-            self.past = past
-            self.present: List[Tuple[torch.Tensor, torch.Tensor]] = [None] * len(past)  # type: ignore
+        def __init__(self, past: Dict[int, Tuple[torch.Tensor, torch.Tensor]]) -> None:
+            self.past = past  # by the layer's global index (a stage holds a range of layers)
+            self.present: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
         def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
             past_key, past_value = self.past[layer_idx]
@@ -50,9 +55,16 @@ def _torch_module():
             return key, value
 
     class TextDecoder(nn.Module):
-        """``Glm4vTextModel`` layers + final norm + LM head, cache in and out as tensors."""
+        """``Glm4vTextModel`` layers + final norm + LM head, cache in and out as tensors.
 
-        def __init__(self, hf_text_config: Any, vocab_size: int, last_logits_only: bool) -> None:
+        ``layers`` (a stage of a staged decoder) keeps only that range of layers, at their global
+        indices (state-dict keys and cache names stay the unstaged decoder's); ``final`` False
+        leaves out the final norm and LM head and returns the hidden states of every position.
+        The whole decoder is built first, so a stage's weights are the unstaged decoder's.
+        """
+
+        def __init__(self, hf_text_config: Any, vocab_size: int, last_logits_only: bool,
+                     layers: Optional[range] = None, final: bool = True) -> None:
             super().__init__()
             # The embedding table is the `embed` module's; build the text model without a real one.
             self.language_model = Glm4vTextModel(hf_text_config)
@@ -60,6 +72,14 @@ def _torch_module():
             self.lm_head = nn.Linear(hf_text_config.hidden_size, vocab_size, bias=False)
             self.lm_head.weight.data.normal_(0.0, hf_text_config.initializer_range)
             self.last_logits_only = last_logits_only
+            self.stage_layers = list(layers if layers is not None else range(len(self.language_model.layers)))
+            self.final = final
+            for i in range(len(self.language_model.layers)):
+                if i not in self.stage_layers:
+                    self.language_model.layers[i] = nn.Identity()
+            if not final:
+                self.language_model.norm = None
+                self.lm_head = None
 
         @staticmethod
         def causal_mask(attention_mask: torch.Tensor, seq: int, dtype: torch.dtype) -> torch.Tensor:
@@ -72,17 +92,19 @@ def _torch_module():
             return torch.where(allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype))
 
         def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-            lm = self.language_model
-            cache = ExplicitCache([(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)])
+            lm, layers = self.language_model, self.stage_layers
+            cache = ExplicitCache({i: (past[2 * j], past[2 * j + 1]) for j, i in enumerate(layers)})
             mask = self.causal_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
             rotary = lm.rotary_emb(inputs_embeds, position_ids=position_ids.permute(1, 0, 2))
             hidden = inputs_embeds
-            for layer in lm.layers:
-                hidden = layer(hidden, position_embeddings=rotary, attention_mask=mask, past_key_values=cache)
+            for i in layers:
+                hidden = lm.layers[i](hidden, position_embeddings=rotary, attention_mask=mask, past_key_values=cache)
+            presents = [t for i in layers for t in cache.present[i]]
+            if not self.final:
+                return (hidden, *presents)
             hidden = lm.norm(hidden)
             if self.last_logits_only:
                 hidden = hidden[:, -1, :]
-            presents = [t for pair in cache.present for t in pair]
             return (self.lm_head(hidden), *presents)
 
     return TextDecoder
@@ -128,6 +150,9 @@ class DecoderSpec(ModuleSpec):
     checkpoint_ignore = ("embed_tokens.",)
 
     def build(self, cfg: BuildConfig):
+        return self._build(cfg, None, True)
+
+    def _build(self, cfg: BuildConfig, layers: Optional[range], final: bool):
         import torch
 
         from autoglm_build.modules.hf_configs import text_config
@@ -136,8 +161,17 @@ class DecoderSpec(ModuleSpec):
         hf = text_config(cfg.text, vocab_size=1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed(cfg))
-            module = _torch_module()(hf, cfg.text.vocab_size, cfg.export.logits == "last")
+            module = _torch_module()(hf, cfg.text.vocab_size, cfg.export.logits == "last", layers, final)
         return module.eval()
+
+    def parts(self, cfg: BuildConfig) -> List[str]:
+        """``decoder``, or ``decoder.stage0`` .. with ``decoder.stages`` > 1 (:mod:`autoglm_build.parts`)."""
+        stages = cfg.decoder.stages
+        return [self.name] if stages == 1 else [part_name(self.name, k) for k in range(stages)]
+
+    def part(self, index: int) -> DecoderStageSpec:
+        """The spec of stage ``index`` (``decoder.stage{index}``)."""
+        return DecoderStageSpec(index)
 
     def export_patches(self) -> List[Patch]:
         from transformers.models.glm4v import modeling_glm4v
@@ -211,10 +245,10 @@ class DecoderSpec(ModuleSpec):
 
     def cases(self, cfg: BuildConfig, rng: np.random.Generator) -> Iterator[Case]:
         """Prefill of N tokens (first row left-padded by 2), then decode steps from the returned cache."""
-        chain = {}
+        fed_back = {}
         for i in self.layers(cfg):
-            chain[f"present_key.{i}"] = f"past_key.{i}"
-            chain[f"present_value.{i}"] = f"past_value.{i}"
+            fed_back[f"present_key.{i}"] = f"past_key.{i}"
+            fed_back[f"present_value.{i}"] = f"past_value.{i}"
         for seq in cfg.export.decoder_seq_lens:
             for batch in cfg.export.batch_sizes:
                 pad = min(2, seq - 1)
@@ -224,7 +258,7 @@ class DecoderSpec(ModuleSpec):
                     decode = self.step_inputs(cfg, rng, batch, 1, past=past, pad=pad)
                     steps.append({k: v for k, v in decode.items() if not k.startswith("past_")})
                 yield Case(label=f"prefill {seq}+{cfg.export.decoder_decode_steps} decode",
-                           batch=batch, steps=tuple(steps), chain=chain)
+                           batch=batch, steps=tuple(steps), chain=fed_back)
 
     #: greedy decode steps after each prefill, in calibration and in the accuracy report
     calibration_decode_steps = 3
@@ -238,7 +272,7 @@ class DecoderSpec(ModuleSpec):
 
         calib, held = split(prompt_ids(cfg, data), cfg.calibrate.holdout)
         embed = ort.InferenceSession(str(graphs["embed"]), providers=["CPUExecutionProvider"])
-        decoder = ort.InferenceSession(str(graphs["decoder"]), providers=["CPUExecutionProvider"])
+        decoder = decoder_run(cfg, graphs)
 
         def feeds(group, limit):
             out = []
@@ -248,14 +282,17 @@ class DecoderSpec(ModuleSpec):
 
         return feeds(calib, cfg.calibrate.batches) + npz_feeds(self, cfg, data), feeds(held, len(held))
 
-    def greedy_feeds(self, cfg: BuildConfig, batch, embed, decoder, steps: int) -> List[Dict[str, np.ndarray]]:
-        """The decoder's inputs for a left-padded prefill of ``batch`` and ``steps`` greedy decode steps."""
+    def greedy_feeds(self, cfg: BuildConfig, batch, embed, decoder: Callable[[Feed], Feed],
+                     steps: int) -> List[Dict[str, np.ndarray]]:
+        """The decoder's inputs for a left-padded prefill of ``batch`` and ``steps`` greedy decode steps
+        (``decoder``: the whole FP32 decoder, feed -> outputs, :func:`decoder_run`)."""
         from autoglm_build.calibration import left_pad
 
         ids, mask = left_pad(batch)
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        layers = range(cfg.text.num_hidden_layers)
         feed = {f"past_{k}.{i}": np.zeros(self.kv_shape(cfg, len(batch), 0), np.float32)
-                for i in self.layers(cfg) for k in ("key", "value")}
+                for i in layers for k in ("key", "value")}
         out = []
         for _ in range(steps + 1):
             feed.update(
@@ -264,10 +301,119 @@ class DecoderSpec(ModuleSpec):
                 position_ids=np.repeat(positions[:, None, :], 3, axis=1).astype(np.int64),
             )
             out.append(dict(feed))
-            names = [o.name for o in decoder.get_outputs()]
-            result = dict(zip(names, decoder.run(names, feed)))
+            result = decoder(feed)
             ids = result["logits"].reshape(len(batch), -1, cfg.text.vocab_size)[:, -1].argmax(-1)[:, None]
             mask = np.concatenate([mask, np.ones((len(batch), 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1
-            feed = {f"past_{k}.{i}": result[f"present_{k}.{i}"] for i in self.layers(cfg) for k in ("key", "value")}
+            feed = {f"past_{k}.{i}": result[f"present_{k}.{i}"] for i in layers for k in ("key", "value")}
         return out
+
+
+Feed = Dict[str, np.ndarray]
+
+
+def decoder_run(cfg: BuildConfig, graphs) -> Callable[[Feed], Feed]:
+    """The whole FP32 decoder in ONNX Runtime (CPU) as one call: its graph, or its stages' graphs
+    chained (``graphs``: paths by module or part name)."""
+    return chain([ort_part(graphs[name]) for name in DecoderSpec().parts(cfg)])
+
+
+class DecoderStageSpec(DecoderSpec):
+    """Stage ``index`` of the decoder cut into ``decoder.stages`` contiguous layer ranges.
+
+    Stage 0 takes ``inputs_embeds``, later stages the previous stage's ``hidden_states`` (B, S,
+    hidden); the last stage adds the final norm and LM head and returns ``logits``, the others return
+    ``hidden_states``. Each stage takes and returns its own layers' ``past_*``/``present_*`` under
+    their global indices. Its weights are the whole decoder's (same seed, or the same checkpoint
+    tensors), its validation cases the decoder's with the stage's inputs.
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.name = part_name(DecoderSpec.name, index)
+        self.description = f"decoder stage {index}: a contiguous range of its layers"
+
+    @property
+    def module(self) -> str:
+        return DecoderSpec.name
+
+    def parts(self, cfg: BuildConfig) -> List[str]:
+        return DecoderSpec().parts(cfg)
+
+    def first(self) -> bool:
+        return self.index == 0
+
+    def last(self, cfg: BuildConfig) -> bool:
+        return self.index == cfg.decoder.stages - 1
+
+    def layers(self, cfg: BuildConfig) -> range:
+        if self.index >= cfg.decoder.stages:
+            raise ValueError(f"{self.name}: the config has decoder.stages {cfg.decoder.stages}")
+        return layer_ranges(cfg.text.num_hidden_layers, cfg.decoder.stages)[self.index]
+
+    def build(self, cfg: BuildConfig):
+        # What the checkpoint holds beyond this stage's weights is the other stages': not "unused".
+        others = [i for i in range(cfg.text.num_hidden_layers) if i not in self.layers(cfg)]
+        self.checkpoint_ignore = DecoderSpec.checkpoint_ignore + tuple(f"layers.{i}." for i in others)
+        if not self.last(cfg):
+            self.checkpoint_ignore += ("norm.",)
+            self.weight_prefixes = {k: v for k, v in DecoderSpec.weight_prefixes.items() if k != "lm_head."}
+        return self._build(cfg, self.layers(cfg), self.last(cfg))
+
+    def input_names(self, cfg: BuildConfig) -> List[str]:
+        names = super().input_names(cfg)
+        return names if self.first() else [HIDDEN] + names[1:]
+
+    def output_names(self, cfg: BuildConfig) -> List[str]:
+        names = super().output_names(cfg)
+        return names if self.last(cfg) else [HIDDEN] + names[1:]
+
+    def dynamic_axes(self, cfg: BuildConfig) -> Dict[str, Dict[int, str]]:
+        axes = super().dynamic_axes(cfg)
+        if not self.first():
+            axes[HIDDEN] = axes.pop("inputs_embeds")
+        if not self.last(cfg):
+            del axes["logits"]
+            axes[HIDDEN] = {0: "batch", 1: "seq"}
+        return axes
+
+    def step_inputs(self, cfg: BuildConfig, rng: np.random.Generator, batch: int, seq: int, past: int,
+                    pad: int = 0) -> Dict[str, np.ndarray]:
+        inputs = super().step_inputs(cfg, rng, batch, seq, past, pad)
+        if not self.first():
+            inputs[HIDDEN] = inputs.pop("inputs_embeds")
+        return inputs
+
+    def fingerprint_data(self, cfg: BuildConfig) -> Dict[str, Any]:
+        data = super().fingerprint_data(cfg)
+        data.update(module=self.name, stages=cfg.decoder.stages, layers=[self.layers(cfg).start, self.layers(cfg).stop])
+        return data
+
+    def calibration_batches(self, cfg: BuildConfig, data, graphs):
+        """The decoder's calibration and held-out feeds (its stages chained in FP32), each turned into
+        this stage's feed: the earlier stages' FP32 ``hidden_states`` and this stage's own cache. The
+        decoder's own held-out feeds are kept for :meth:`accuracy_around`."""
+        calib, held = super().calibration_batches(cfg, data, graphs)
+        self.module_heldout = held
+        earlier = DecoderSpec().parts(cfg)[:self.index]
+        run = chain([ort_part(graphs[name]) for name in earlier]) if earlier else None
+        inputs = self.input_names(cfg)
+
+        def own(feed: Feed) -> Feed:
+            full = dict(feed)
+            if run is not None:
+                full[HIDDEN] = run(feed)[HIDDEN]
+            return {n: full[n] for n in inputs}
+
+        return [own(f) for f in calib], [own(f) for f in held]
+
+    def accuracy_around(self, cfg: BuildConfig, graphs, earlier) -> Around:
+        """This stage measured as the decoder (after :meth:`calibration_batches`): the logits of the
+        decoder's held-out feeds, through ``earlier`` (the precision graphs of the stages before this
+        one, by name) and the FP32 stages after it (``graphs``)."""
+        names = DecoderSpec().parts(cfg)
+        return Around(feeds=self.module_heldout,
+                      before_ref=[ort_part(graphs[n]) for n in names[:self.index]],
+                      before_got=[ort_part(earlier[n]) for n in names[:self.index]],
+                      after=[ort_part(graphs[n]) for n in names[self.index + 1:]],
+                      output=DecoderSpec().output_names(cfg)[0])

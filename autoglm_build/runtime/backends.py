@@ -4,7 +4,8 @@
 module from the workdir's manifest (refusing files whose sha256 no longer matches it) and runs it
 on numpy feeds. The decoder runs in two phases, ``prefill`` and ``decode``, which on TensorRT are
 the engine's two optimization profiles (:mod:`autoglm_build.engine.profiles`), each with its own
-execution context.
+execution context. A staged module (``decoder.stages`` > 1) loads one graph/engine per stage and
+``run("decoder", ...)`` chains them (:mod:`autoglm_build.parts`), on either backend alike.
 
 Imports on the GPU harness's Python 3.9 without torch.
 """
@@ -20,6 +21,7 @@ from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.errors import UserError
 from autoglm_build.manifest import Artifact, Manifest
 from autoglm_build.modules import registry
+from autoglm_build.parts import HIDDEN, chain, module_parts
 from autoglm_build.runtime.kv_cache import CacheSpec, KVCache
 
 Feed = Dict[str, np.ndarray]
@@ -55,10 +57,25 @@ class Backend:
         self.context: Optional[int] = None
         self.vision_patches: Optional[int] = None  # TensorRT: the vision profile's patch bound
         self.prefill_chunk: Optional[int] = None  # TensorRT: the prefill profile's longest call
-        self.files: Dict[str, str] = {}
+        self.files: Dict[str, str] = {}  # module, or each stage of a staged module -> its file
+        self.parts: Dict[str, List[str]] = {}  # module -> what was loaded for it (its stages, or itself)
+        self.inputs: Dict[str, List[str]] = {}  # loaded graph/engine -> its input names
 
     def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
+        """The module's outputs on ``feed``; a staged module's stages run in turn, each on its own inputs."""
+        units = self.parts.get(module, [module])
+        if len(units) == 1:
+            return self.run_part(units[0], feed, phase)
+        return chain([(self.inputs[u], lambda f, u=u: self.run_part(u, f, phase)) for u in units])(feed)
+
+    def run_part(self, part: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
+        """One loaded graph/engine (a module, or one stage of a staged module) on ``feed``."""
         raise NotImplementedError
+
+    def part_of(self, module: str, name: str) -> str:
+        """The loaded graph/engine of ``module`` that takes input ``name`` (a stage, for a staged module)."""
+        units = self.parts.get(module, [module])
+        return next((u for u in units if name in self.inputs.get(u, ())), units[0])
 
     def input_dtype(self, module: str, name: str) -> np.dtype:
         """The numpy dtype the module's graph/engine declares for input ``name``."""
@@ -123,28 +140,31 @@ class OnnxRuntimeBackend(Backend):
         self.outputs: Dict[str, List[str]] = {}
         self.dtypes: Dict[str, Dict[str, np.dtype]] = {}
         for module in modules:
-            art = graph_artifact(manifest, module, precision)
-            if art is None:
-                raise UserError(f"{module}: no {precision} graph in {workdir}",
-                                hint="run `autoglm-build run` (fp32/int8/fp16 graphs) first")
-            path = _checked(workdir, manifest, art)
-            self.files[module] = art.path
-            session = ort.InferenceSession(str(path), opts, providers=self.providers)
-            self.sessions[module] = session
-            self.outputs[module] = [o.name for o in session.get_outputs()]
-            self.dtypes[module] = {i.name: np.dtype(_ORT_TYPES[i.type]) for i in session.get_inputs()
-                                   if i.type in _ORT_TYPES}
+            self.parts[module] = module_parts(manifest.config, module)
+            for part in self.parts[module]:
+                art = graph_artifact(manifest, part, precision)
+                if art is None:
+                    raise UserError(f"{part}: no {precision} graph in {workdir}",
+                                    hint="run `autoglm-build run` (fp32/int8/fp16 graphs) first")
+                path = _checked(workdir, manifest, art)
+                self.files[part] = art.path
+                session = ort.InferenceSession(str(path), opts, providers=self.providers)
+                self.sessions[part] = session
+                self.outputs[part] = [o.name for o in session.get_outputs()]
+                self.inputs[part] = [i.name for i in session.get_inputs()]
+                self.dtypes[part] = {i.name: np.dtype(_ORT_TYPES[i.type]) for i in session.get_inputs()
+                                     if i.type in _ORT_TYPES}
 
     def input_dtype(self, module: str, name: str) -> np.dtype:
-        return self.dtypes[module][name]
+        return self.dtypes[self.part_of(module, name)][name]
 
-    def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
-        """The module's outputs; float inputs are cast to the float type the graph declares (an FP16
+    def run_part(self, part: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
+        """The graph's outputs; float inputs are cast to the float type the graph declares (an FP16
         graph's KV cache takes FP16, embeddings come as FP32)."""
-        names, dtypes = self.outputs[module], self.dtypes[module]
+        names, dtypes = self.outputs[part], self.dtypes[part]
         feed = {n: v.astype(dtypes[n], copy=False) if v.dtype.kind == "f" and n in dtypes and dtypes[n].kind == "f"
                 else v for n, v in feed.items()}
-        return dict(zip(names, self.sessions[module].run(names, feed)))
+        return dict(zip(names, self.sessions[part].run(names, feed)))
 
     def kv_cache(self, spec: CacheSpec, slots: int, context: int) -> KVCache:
         from autoglm_build.runtime.kv_cache import OrtKVCache
@@ -168,12 +188,14 @@ class TensorRTBackend(Backend):
         self._device_buffers: Dict[str, List[Any]] = {}  # runner name -> the buffers bound to its context
         try:
             for module in modules:
-                art = engine_artifact(manifest, module, precision)
-                if art is None:
-                    raise UserError(f"{module}: no {precision} engine in {workdir}",
-                                    hint=f"run `autoglm-build engine --precision {precision}` on the GPU machine")
-                self.files[module] = art.path
-                self._load(_checked(workdir, manifest, art), art.sha256, module)
+                self.parts[module] = module_parts(manifest.config, module)
+                for part in self.parts[module]:
+                    art = engine_artifact(manifest, part, precision)
+                    if art is None:
+                        raise UserError(f"{part}: no {precision} engine in {workdir}",
+                                        hint=f"run `autoglm-build engine --precision {precision}` on the GPU machine")
+                    self.files[part] = art.path
+                    self._load(_checked(workdir, manifest, art), art.sha256, part)
         except BaseException:
             self.close()
             raise
@@ -188,8 +210,10 @@ class TensorRTBackend(Backend):
         engine = deserialize(trt, path)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.dtypes[module] = {n: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
+        self.inputs[module] = list(sidecar.profiles[0])
         first_dims = min(shapes[0][2][0] for shapes in [list(p.values()) for p in sidecar.profiles])
-        if registry.get(module).batch_axis == "batch":
+        spec = registry.get(module)  # ``module``: a module, or one stage of a staged module
+        if spec.batch_axis == "batch":
             self.max_batch = first_dims if self.max_batch is None else min(self.max_batch, first_dims)
         else:  # the vision tower's axis 0 is its packed patches
             self.vision_patches = first_dims
@@ -199,12 +223,16 @@ class TensorRTBackend(Backend):
             runner.activate()
             runners[profile_name] = runner
         self.runners[module] = runners
-        if module == "decoder" and "attention_mask" in sidecar.profiles[-1]:
-            self.context = sidecar.profiles[-1]["attention_mask"][2][1]
-            self.prefill_chunk = sidecar.profiles[0]["inputs_embeds"][2][1]
+        if spec.module == "decoder" and "attention_mask" in sidecar.profiles[-1]:
+            # a staged decoder: the bounds every stage's engine accepts
+            context = sidecar.profiles[-1]["attention_mask"][2][1]
+            chunk = sidecar.profiles[0][self.inputs[module][0]][2][1]  # inputs_embeds or hidden_states
+            self.context = context if self.context is None else min(self.context, context)
+            self.prefill_chunk = chunk if self.prefill_chunk is None else min(self.prefill_chunk, chunk)
 
     def input_dtype(self, module: str, name: str) -> np.dtype:
-        return np.dtype(self.dtypes[module][name])
+        part = self.part_of(module, name)
+        return np.dtype(self.dtypes[part][name])
 
     def runner(self, module: str, phase: str = "prefill") -> Any:
         """The module's activated TrtRunner for ``phase`` (its only one for single-profile engines)."""
@@ -215,12 +243,35 @@ class TensorRTBackend(Backend):
         dtypes = self.dtypes[module]
         return {n: np.ascontiguousarray(v.astype(dtypes.get(n, v.dtype), copy=False)) for n, v in feed.items()}
 
-    def run(self, module: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
-        out = self.runner(module, phase).infer(self._cast(module, feed))
+    def run_part(self, part: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
+        out = self.runner(part, phase).infer(self._cast(part, feed))
         # Polygraphy reuses its host buffers on the next call: copy.
         return {n: np.array(v, dtype=np.float32 if v.dtype == np.float16 else None, copy=True) for n, v in out.items()}
 
     def device_call(self, module: str, feed: Feed, phase: str = "prefill") -> DeviceCall:
+        """:meth:`device_call_part` for a module; a staged module's stages are bound each to its own
+        inputs (the later stages' ``hidden_states`` from one host run of the chain first) and ``call``
+        runs them in turn, waiting for each stage's stream before the next one starts. What it does
+        not time is moving ``hidden_states`` between stages (one device copy per stage on one GPU)."""
+        units = self.parts.get(module, [module])
+        if len(units) == 1:
+            return self.device_call_part(units[0], feed, phase)
+        carried, feeds = dict(feed), []
+        for unit in units:  # before binding: a host run rebinds the phase's context
+            feeds.append({n: carried[n] for n in self.inputs[unit] if n in carried})
+            carried.update(self.run_part(unit, feeds[-1], phase))
+        calls = [self.device_call_part(unit, own, phase) for unit, own in zip(units, feeds)]
+
+        def call() -> None:
+            for bound in calls[:-1]:
+                bound.call()
+                bound.sync()
+            calls[-1].call()
+
+        outputs = {n: v for bound in calls for n, v in bound.outputs.items() if n != HIDDEN}
+        return DeviceCall(call, calls[-1].sync, outputs)
+
+    def device_call_part(self, module: str, feed: Feed, phase: str = "prefill") -> DeviceCall:
         """What a benchmark times: the engine alone. The inputs are copied to the GPU
         once, beforehand (the torch side's are on the GPU too); input shapes and every tensor's
         address are set once and the output buffers allocated once, so ``call`` is one
@@ -305,15 +356,18 @@ def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
         raise UserError(f"{workdir}: no build here (manifest.json missing or empty)",
                         hint="run `autoglm-build run` first")
     required = [m for m in modules if m not in optional]
+
+    def built(module: str, find: Callable[[Manifest, str, str], Optional[Artifact]], prec: str) -> bool:
+        return all(find(manifest, part, prec) for part in module_parts(manifest.config, module))
+
     if backend == "auto":
-        engine_precision = precision or "fp16"
-        has_engines = all(engine_artifact(manifest, m, engine_precision) for m in required)
+        has_engines = all(built(m, engine_artifact, precision or "fp16") for m in required)
         backend = "tensorrt" if has_engines and trt_env.available() else "onnxruntime"
     if backend == "tensorrt":
         trt_env.load()
         precision = precision or "fp16"
-        present = [m for m in modules if m in required or engine_artifact(manifest, m, precision)]
+        present = [m for m in modules if m in required or built(m, engine_artifact, precision)]
         return TensorRTBackend(workdir, manifest, present, precision)
     precision = precision or "fp32"
-    present = [m for m in modules if m in required or graph_artifact(manifest, m, precision)]
+    present = [m for m in modules if m in required or built(m, graph_artifact, precision)]
     return OnnxRuntimeBackend(workdir, manifest, present, precision)

@@ -199,34 +199,40 @@ class KVCache:
 class OrtKVCache(KVCache):
     """The host cache bound to ONNX Runtime's decoder with IOBinding: a decode step reads the slots where
     they are and writes each ``present_*`` into a preallocated array, so nothing is allocated per step and
-    only the new columns are copied (into the slots) afterwards."""
+    only the new columns are copied (into the slots) afterwards. A staged decoder binds each stage to its
+    own layers' slots; the ``hidden_states`` between stages are the one array that moves."""
 
     def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any = np.float32) -> None:
-        self.session = backend.sessions["decoder"]
-        self.binding = self.session.io_binding()
+        self.stages = []  # per stage: session, its binding, its first input's dtype, its own cache names
+        for unit in backend.parts.get("decoder", ["decoder"]):
+            session, inputs = backend.sessions[unit], backend.inputs[unit]
+            own = [n[len("past_"):] for n in inputs if n.startswith("past_")]
+            self.stages.append((session, session.io_binding(), inputs[0], backend.dtypes[unit][inputs[0]], own))
         self.present: Dict[str, np.ndarray] = {}
-        self.embeds_dtype = backend.input_dtype("decoder", "inputs_embeds")
         super().__init__(backend, spec, slots, context, dtype)
 
     def _allocate(self, capacity: int) -> None:
         super()._allocate(capacity)
         self.present = {name: self._empty(self.slots, capacity + 1) for name in self.spec.names}
 
-    def _bind_input(self, name: str, array: np.ndarray) -> None:
-        self.binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+    @staticmethod
+    def _bind_input(binding: Any, name: str, array: np.ndarray) -> None:
+        binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
     def _run_decode(self, embeds: np.ndarray, positions: np.ndarray,
                     rows: slice) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-        keep = [np.ascontiguousarray(embeds, self.embeds_dtype), self.mask[rows],
-                np.ascontiguousarray(positions, np.int64)]  # alive until the run returns
-        binding = self.binding
-        binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
-        for name, array in zip(("inputs_embeds", "attention_mask", "position_ids"), keep):
-            self._bind_input(name, array)
-        for name in self.spec.names:
-            self._bind_input(f"past_{name}", self.store[name][rows])
-            present = self.present[name][rows]
-            binding.bind_output(f"present_{name}", "cpu", 0, present.dtype, list(present.shape), present.ctypes.data)
-        self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
-        return logits, {name: self.present[name][rows, :, -1] for name in self.spec.names}
+        hidden = embeds
+        for session, binding, first, first_dtype, own in self.stages:
+            keep = [np.ascontiguousarray(hidden, first_dtype), self.mask[rows],
+                    np.ascontiguousarray(positions, np.int64)]  # alive until the run returns
+            binding.bind_output(session.get_outputs()[0].name, "cpu")  # logits, or hidden_states
+            for name, array in zip((first, "attention_mask", "position_ids"), keep):
+                self._bind_input(binding, name, array)
+            for name in own:
+                self._bind_input(binding, f"past_{name}", self.store[name][rows])
+                present = self.present[name][rows]
+                binding.bind_output(f"present_{name}", "cpu", 0, present.dtype, list(present.shape),
+                                    present.ctypes.data)
+            session.run_with_iobinding(binding)
+            hidden = binding.get_outputs()[0].numpy()
+        return hidden, {name: self.present[name][rows, :, -1] for name in self.spec.names}

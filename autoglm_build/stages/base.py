@@ -51,6 +51,9 @@ class Stage:
     version: int = 1
     #: distributions whose versions change this stage's output (hashed into the fingerprint)
     tools: Tuple[str, ...] = ()
+    #: runs once per part of a staged module (``decoder.stage0``, ...; each part its own graph), or
+    #: once per module (False: the stage takes a staged module as one)
+    per_part: bool = True
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
         """Everything that determines this stage's output for ``module``, as JSON-able data."""
@@ -80,8 +83,10 @@ def code_hash(stage_cls: type, module: str) -> str:
     ``autoglm_build`` module it imports, transitively (imports inside functions included), with the
     modality files (``modules/<name>.py``) replaced by ``module``'s own. Editing ``precision.py``
     then invalidates the calibrate records, editing ``modules/vision.py`` only the vision ones."""
+    from autoglm_build.parts import split_name
+
     names = import_closure(stage_cls.__module__, exclude=modality_modules())
-    own = f"{PACKAGE}.modules.{module}"
+    own = f"{PACKAGE}.modules.{split_name(module)[0]}"  # a stage of a staged module: the module's file
     if module_file(own) is not None:
         names |= import_closure(own, exclude=modality_modules() - {own})
     digest = hashlib.sha256()

@@ -44,6 +44,7 @@ from autoglm_build.errors import AccuracyError, UserError
 from autoglm_build.modules import registry
 from autoglm_build.modules.base import ModuleSpec
 from autoglm_build.onnx_io import feed_for, move_into_place, ort_options, save_model
+from autoglm_build.parts import Around, ort_part
 from autoglm_build.precision import (
     census,
     fp16_islands,
@@ -106,10 +107,12 @@ class CalibrateStage(Stage):
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
         settings = self.settings(ctx.cfg)
-        graphs = {m: fp32_artifacts(ctx.manifest, m) for m in _upstream(module)}
+        graphs = {m: fp32_artifacts(ctx.manifest, m) for m in _upstream(ctx.cfg, module)}
+        earlier = {p: [a.sha256 for a in ctx.manifest.artifacts_of(self.name, p)] for p in _earlier(ctx.cfg, module)}
         return {
             "module": module,
             "inputs": {m: [a.sha256 for a in arts] for m, arts in graphs.items()},
+            "earlier": earlier,  # a stage of a staged module is measured after the stages before it
             "settings": settings.model_dump(mode="json"),
             "data": data_fingerprint(Path(settings.data), ctx.cfg),
             "text": ctx.cfg.section("text"),
@@ -122,17 +125,18 @@ class CalibrateStage(Stage):
         settings = self.settings(ctx.cfg)
         cfg = ctx.cfg.model_copy(update={"calibrate": settings})
         source = fp32_graph(ctx, module)
-        graphs = {m: fp32_graph(ctx, m) for m in _upstream(module)}
+        graphs = {m: fp32_graph(ctx, m) for m in _upstream(ctx.cfg, module)}
         ctx.status("preprocessing calibration data")
         calib, held = spec.calibration_batches(cfg, CalibrationData.discover(Path(settings.data)), graphs)
+        around = spec.accuracy_around(cfg, graphs, self.earlier_graphs(ctx, module))
         with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix=f".{self.name}-{module}-") as tmp:
             tmp_dir = Path(tmp)
             if self.precision == "fp16":
                 model, metrics, extra = to_fp16(onnx.load(str(source)), spec.fp16_io(cfg)), {}, []
             else:
-                model, metrics, extra = self.to_int8(ctx, spec, cfg, source, calib, held, tmp_dir)
+                model, metrics, extra = self.to_int8(ctx, spec, cfg, source, calib, held, tmp_dir, around)
             ctx.status("measuring accuracy on held-out samples")
-            metrics["accuracy"] = accuracy(spec, cfg, source, model, held, tmp_dir)
+            metrics["accuracy"] = accuracy(spec, cfg, source, model, held, tmp_dir, around)
             check_gate(module, self.precision, cfg, metrics)
             offenders = fp16_reductions(model)
             if offenders:  # a bug in the precision policy, not the user's: the engine would overflow
@@ -145,9 +149,25 @@ class CalibrateStage(Stage):
         params = {"method": settings.method, "batch_size": settings.batch_size, "source": str(source)}
         return StageResult(outputs=outputs, params=params, metrics=metrics)
 
+    def earlier_graphs(self, ctx: StageContext, module: str) -> Dict[str, Path]:
+        """This precision's graphs of the stages before ``module`` (a stage of a staged module), checked.
+
+        Raises:
+            UserError: one of them is not made yet.
+        """
+        out = {}
+        for part in _earlier(ctx.cfg, module):
+            graph = ctx.build.graph(part, self.precision)
+            if graph is None:
+                raise UserError(f"{module}: no {self.precision} graph of {part} in {ctx.workdir}: a stage is "
+                                "calibrated after the stages before it",
+                                hint=f"autoglm-build calibrate --{self.precision} -m {part.split('.')[0]}")
+            out[part] = graph
+        return out
+
     # ---- int8 -----------------------------------------------------------------------------------
 
-    def to_int8(self, ctx, spec, cfg, source, calib, held, tmp_dir):
+    def to_int8(self, ctx, spec, cfg, source, calib, held, tmp_dir, around=None):
         import onnx
 
         settings = cfg.calibrate
@@ -158,7 +178,7 @@ class CalibrateStage(Stage):
                 "(onnxruntime.quantization writes QuantizeLinear nodes that fail validation at opset >= 21)",
                 hint=f"set optimize.opset: {MAX_INT8_OPSET} or lower for INT8 builds",
             )
-        module_policy = settings.modules.get(spec.name)
+        module_policy = settings.modules.get(spec.module)
         patterns = (module_policy.fp16_patterns if module_policy and module_policy.fp16_patterns
                     else settings.fp16_patterns)
         base = onnx.load(str(source), load_external_data=False)
@@ -175,8 +195,9 @@ class CalibrateStage(Stage):
             quantizer = Quantizer(source, settings, ranges_file, kept, tmp_dir, spec.fp16_io(cfg))
             model = quantizer(candidates)
             if settings.target_cosine is not None or gate_failures(
-                    accuracy(spec, cfg, source, model, held, tmp_dir), gate_of(cfg)):
-                model, metrics["fallback"] = fallback(ctx, spec, cfg, source, quantizer, candidates, held, tmp_dir)
+                    accuracy(spec, cfg, source, model, held, tmp_dir, around), gate_of(cfg)):
+                model, metrics["fallback"] = fallback(ctx, spec, cfg, source, quantizer, candidates, held, tmp_dir,
+                                                      around)
         if int(settings.trt_version.split(".")[0]) >= 11:
             metrics["trt_cache"] = {"skipped": f"TensorRT {settings.trt_version} has no implicit INT8 calibrators"}
             return model, metrics, []
@@ -186,9 +207,20 @@ class CalibrateStage(Stage):
         return model, metrics, [cache]
 
 
-def _upstream(module: str) -> List[str]:
-    """Graphs a module's calibration reads: the decoder embeds its prompts with ``embed``."""
-    return ["embed", "decoder"] if module == "decoder" else [module]
+def _upstream(cfg: BuildConfig, module: str) -> List[str]:
+    """Graphs a module's calibration reads: the decoder embeds its prompts with ``embed`` and, staged,
+    runs every stage (the later stages' inputs, the greedy tokens)."""
+    spec = registry.get(module)
+    if spec.module == "decoder":
+        return ["embed", *spec.parts(cfg)]
+    return [module]
+
+
+def _earlier(cfg: BuildConfig, module: str) -> List[str]:
+    """The stages before ``module`` when it is one stage of a staged module, else none."""
+    spec = registry.get(module)
+    parts = spec.parts(cfg)
+    return parts[:parts.index(module)] if module in parts and module != spec.module else []
 
 
 def data_fingerprint(root: Path, cfg: BuildConfig) -> str:
@@ -298,9 +330,10 @@ class _quiet:
 
 
 def accuracy(spec: ModuleSpec, cfg: BuildConfig, source: Path, model, held: Sequence[Feed],
-             tmp_dir: Path) -> Dict[str, Any]:
+             tmp_dir: Path, around: Optional[Around] = None) -> Dict[str, Any]:
     """The quantized graph vs the FP32 graph on held-out feeds: cosine, max abs/rel of the first
-    output; for the decoder also greedy next-token agreement."""
+    output; for the decoder also greedy next-token agreement. With ``around`` (one stage of a staged
+    module), both run inside the module and its output is compared (:class:`~autoglm_build.parts.Around`)."""
     import onnxruntime as ort
 
     path = tmp_dir / "candidate.onnx"
@@ -308,6 +341,12 @@ def accuracy(spec: ModuleSpec, cfg: BuildConfig, source: Path, model, held: Sequ
     opts = ort_options()
     ref = ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
     got = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if around is not None:
+        run_ref, run_got = around.runs(ort_part(source, ref), ort_part(path, got))
+        agreement = Agreement(around.output)
+        for feed in around.feeds:
+            agreement.add(run_ref(feed)[around.output], run_got(feed)[around.output])
+        return agreement.result()
     output = spec.output_names(cfg)[0]
     agreement = Agreement(output)
     for feed in held:
@@ -334,7 +373,7 @@ def check_gate(module: str, precision: str, cfg: BuildConfig, metrics: Dict[str,
         raise err
 
 
-def fallback(ctx, spec, cfg, source, quantizer: Quantizer, candidates: List[str], held, tmp_dir):
+def fallback(ctx, spec, cfg, source, quantizer: Quantizer, candidates: List[str], held, tmp_dir, around=None):
     """Move the layers whose quantization costs most to FP16 until the gate and ``target_cosine`` hold.
 
     Sensitivity of a layer = 1 - cosine of the graph with only that layer in INT8 (everything else
@@ -348,7 +387,7 @@ def fallback(ctx, spec, cfg, source, quantizer: Quantizer, candidates: List[str]
         return low + gate_failures(acc, gate)
 
     ctx.status(f"fallback: all {len(candidates)} layer(s) in FP16")
-    floor = accuracy(spec, cfg, source, quantizer([], extra_fp16=candidates), held, tmp_dir)
+    floor = accuracy(spec, cfg, source, quantizer([], extra_fp16=candidates), held, tmp_dir, around)
     if missed(floor):
         goal = f"target cosine {target}" if target is not None else "calibrate.gate"
         err = AccuracyError(
@@ -362,12 +401,12 @@ def fallback(ctx, spec, cfg, source, quantizer: Quantizer, candidates: List[str]
     sensitivity = {}
     for i, node in enumerate(candidates):
         ctx.status(f"sensitivity {i + 1}/{len(candidates)}: {node}")
-        sensitivity[node] = 1.0 - accuracy(spec, cfg, source, quantizer([node]), held, tmp_dir)["cosine_min"]
+        sensitivity[node] = 1.0 - accuracy(spec, cfg, source, quantizer([node]), held, tmp_dir, around)["cosine_min"]
     ranked = sorted(candidates, key=sensitivity.get, reverse=True)
     moved: List[str] = []
     while True:
         model = quantizer([n for n in candidates if n not in moved], extra_fp16=moved)
-        reached = accuracy(spec, cfg, source, model, held, tmp_dir)
+        reached = accuracy(spec, cfg, source, model, held, tmp_dir, around)
         ctx.status(f"fallback: {len(moved)} layer(s) in FP16, cosine {reached['cosine_min']:.6f} (target {target})")
         if not missed(reached) or len(moved) == len(ranked):
             break

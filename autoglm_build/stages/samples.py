@@ -31,12 +31,13 @@ class SamplesStage(Stage):
     name = "samples"
     version = 1
     tools = ("onnxruntime", "transformers", "tokenizers", "pillow")
+    per_part = False  # a staged decoder's samples are the whole decoder's inputs (verify chains its stages)
 
     def check_inputs(self, cfg: BuildConfig, modules: List[str]) -> None:
         check_calibration_data(Path(cfg.calibrate.data), modules)
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
-        graphs = {m: [a.sha256 for a in fp32_artifacts(ctx.manifest, m)] for m in _upstream(module)}
+        graphs = {m: [a.sha256 for a in fp32_artifacts(ctx.manifest, m)] for m in _upstream(ctx.cfg, module)}
         return {"module": module, "graphs": graphs, "batches": ctx.cfg.export.batch_sizes,
                 "data": data_fingerprint(Path(ctx.cfg.calibrate.data), ctx.cfg)}
 
@@ -45,7 +46,7 @@ class SamplesStage(Stage):
         batch = max(ctx.cfg.export.batch_sizes)
         cfg = ctx.cfg.model_copy(update={"calibrate": ctx.cfg.calibrate.model_copy(
             update={"batch_size": batch, "holdout": 0.5})})
-        graphs = {m: fp32_graph(ctx, m) for m in _upstream(module)}
+        graphs = {m: fp32_graph(ctx, m) for m in _upstream(ctx.cfg, module)}
         ctx.status("preprocessing calibration data")
         calib, held = spec.calibration_batches(cfg, CalibrationData.discover(Path(cfg.calibrate.data)), graphs)
         steps = _first_chain(held + calib, module)

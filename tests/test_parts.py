@@ -1,0 +1,216 @@
+"""A staged decoder (``decoder.stages: 2``, issue 15): two graphs whose chained outputs are the one
+graph's, calibrated, verified and served as one module (ONNX Runtime, tiny config, trained weights)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from autoglm_build.cli import app
+from autoglm_build.config import load_config
+from autoglm_build.console import Reporter
+from autoglm_build.errors import UserError
+from autoglm_build.manifest import Manifest
+from autoglm_build.modules import registry
+from autoglm_build.parts import chain, layer_ranges, ort_part, split_name
+from autoglm_build.pipeline import Pipeline
+from tests.conftest import write_config
+
+MODULES = ["embed", "decoder"]
+
+
+def _export(config: Path, workdir: Path, more_stages=()) -> Path:
+    """``config``'s embed and decoder exported with the tiny config's trained checkpoint, then ``more_stages``."""
+    from autoglm_build.stages.export import ExportStage
+
+    cfg = load_config(config)
+    quiet = Reporter(-1)
+    Pipeline(cfg, workdir, [ExportStage(cfg.checkpoint)], MODULES, reporter=quiet, config_path=str(config)).run()
+    if more_stages:
+        Pipeline(cfg, workdir, list(more_stages), MODULES, reporter=quiet, config_path=str(config)).run()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory) -> Path:
+    """The tiny config with ``decoder.stages: 2``: every CPU stage for embed and the decoder's two stages."""
+    from autoglm_build.stages.calibrate import CalibrateStage
+    from autoglm_build.stages.optimize import OptimizeStage
+    from autoglm_build.stages.samples import SamplesStage
+
+    root = tmp_path_factory.mktemp("staged")
+    config = write_config(root / "staged.yaml", {"modules": MODULES, "decoder": {"stages": 2}})
+    stages = [OptimizeStage(), SamplesStage(), CalibrateStage("int8"), CalibrateStage("fp16")]
+    return _export(config, root / "w", stages)
+
+
+@pytest.fixture(scope="module")
+def unstaged(tmp_path_factory) -> Path:
+    """The same weights exported as one decoder graph."""
+    root = tmp_path_factory.mktemp("unstaged")
+    return _export(write_config(root / "one.yaml", {"modules": MODULES}), root / "w")
+
+
+def test_layers_are_cut_into_contiguous_ranges():
+    assert layer_ranges(40, 3) == [range(0, 14), range(14, 27), range(27, 40)]
+    assert layer_ranges(2, 2) == [range(0, 1), range(1, 2)]
+    assert split_name("decoder.stage1") == ("decoder", 1) and split_name("decoder") == ("decoder", None)
+
+
+def test_a_staged_module_expands_into_its_stages_and_refuses_others(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", {"decoder": {"stages": 2}}))
+    assert registry.expand(cfg, ["embed", "decoder"]) == ["embed", "decoder.stage0", "decoder.stage1"]
+    assert registry.expand(cfg, ["decoder.stage1"]) == ["decoder.stage1"]
+    assert registry.expand(cfg, ["decoder.stage1"], parts=False) == ["decoder"]
+    with pytest.raises(UserError, match="decoder.stage2.*builds decoder.stage0, decoder.stage1"):
+        registry.expand(cfg, ["decoder.stage2"])
+    with pytest.raises(UserError, match="not built in stages"):
+        registry.get("embed.stage0")
+    one = load_config(write_config(tmp_path / "one.yaml", {}))
+    assert registry.expand(one, ["decoder"]) == ["decoder"]
+
+
+def test_more_stages_than_layers_is_a_config_error(tmp_path):
+    result = CliRunner().invoke(app, ["run", "--dry-run", "-c", str(write_config(tmp_path / "c.yaml", {
+        "decoder": {"stages": 3}})), "-w", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "decoder.stages: 3 exceeds text.num_hidden_layers 2" in result.output
+
+
+def test_each_stage_is_its_own_graph_with_its_own_layers(staged):
+    manifest = Manifest.load(staged)
+    for stage in ("export", "optimize", "calibrate-int8", "calibrate-fp16"):
+        assert manifest.record(stage, "decoder") is None
+        assert [manifest.record(stage, f"decoder.stage{k}").status for k in (0, 1)] == ["done", "done"]
+    assert manifest.record("samples", "decoder").status == "done"  # the module's samples, taken as one
+    first, last = (ort_part(staged / "onnx" / f"decoder.stage{k}.onnx") for k in (0, 1))
+    assert first[0] == ["inputs_embeds", "attention_mask", "position_ids", "past_key.0", "past_value.0"]
+    assert last[0] == ["hidden_states", "attention_mask", "position_ids", "past_key.1", "past_value.1"]
+    # each stage's precision graph answers to the decoder's gate at the logits, the stages before it quantized
+    for k in (0, 1):
+        accuracy = manifest.record("calibrate-int8", f"decoder.stage{k}").metrics["accuracy"]
+        assert accuracy["output"] == "logits" and accuracy["greedy_agreement"] >= 0.95
+
+
+def _step(rng, batch: int, seq: int, past: int, hidden: int = 128) -> dict:
+    mask = np.ones((batch, past + seq), np.int64)
+    mask[0, :2] = 0  # left padding
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, past:]
+    return {"inputs_embeds": rng.standard_normal((batch, seq, hidden)).astype(np.float32), "attention_mask": mask,
+            "position_ids": np.repeat(positions[:, None], 3, axis=1)}
+
+
+@pytest.mark.parametrize("folder", ["onnx", "optimized"])
+def test_chained_stages_equal_the_one_graph_in_prefill_and_decode(staged, unstaged, folder):
+    one = ort_part(unstaged / "onnx" / "decoder.onnx")[1]
+    two = chain([ort_part(staged / folder / f"decoder.stage{k}.onnx") for k in (0, 1)])
+    rng = np.random.default_rng(0)
+    batch, seq = 3, 9
+    caches = {}
+    for step in range(4):  # a prefill, then decode steps on each side's own cache
+        past = 0 if step == 0 else seq + step - 1
+        feed = _step(rng, batch, seq if step == 0 else 1, past)
+        want_feed = {**feed, **(caches.get("one") or _empty(batch))}
+        got_feed = {**feed, **(caches.get("two") or _empty(batch))}
+        want, got = one(want_feed), two(got_feed)
+        assert list(got) == list(want)  # logits first, then every present_*, as the one graph orders them
+        for name, ref in want.items():
+            np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-5, err_msg=f"step {step} {name}")
+        caches = {side: {n.replace("present_", "past_"): v for n, v in out.items() if n.startswith("present_")}
+                  for side, out in (("one", want), ("two", got))}
+
+
+def _empty(batch: int) -> dict:
+    return {f"past_{kind}.{i}": np.zeros((batch, 2, 0, 32), np.float32) for i in (0, 1) for kind in ("key", "value")}
+
+
+def test_the_backend_runs_the_staged_decoder_as_one(staged, unstaged):
+    from autoglm_build.runtime.backends import open_backend
+
+    backends = [open_backend(w, MODULES, "onnxruntime") for w in (unstaged, staged)]
+    assert set(backends[1].files) == {"embed", "decoder.stage0", "decoder.stage1"}
+    feed = {**_step(np.random.default_rng(1), 2, 5, 0), **_empty(2)}
+    want, got = (b.run("decoder", feed) for b in backends)
+    assert list(got) == list(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+    fp16 = open_backend(staged, MODULES, "onnxruntime", "fp16")
+    assert {fp16.input_dtype("decoder", f"past_key.{i}") for i in (0, 1)} == {np.dtype(np.float16)}
+
+
+def test_verify_strict_passes_on_the_staged_build(staged):
+    result = CliRunner().invoke(app, ["verify", "-w", str(staged), "--strict", "--backend", "onnxruntime", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [r for r in json.loads(result.stdout)["rows"] if r["module"].startswith("decoder")]
+    assert {(r["module"], r["precision"], r["batch"]) for r in rows} == {
+        ("decoder", p, b) for p in ("int8", "fp16") for b in (1, 4, 8)}
+    assert all(r["output"] == "logits" and r["passed"] for r in rows), rows
+    assert Manifest.load(staged).record("verify", "decoder").status == "done"
+
+
+def _chat(workdir: Path, prompt: str) -> dict:
+    from fastapi.testclient import TestClient
+
+    from autoglm_build.serve.app import create_app
+    from autoglm_build.serve.server import build_state
+
+    cfg = Manifest.load(workdir).config
+    state = build_state(load_config_from(cfg), workdir, backend="onnxruntime")
+    try:
+        with TestClient(create_app(state)) as client:
+            resp = client.post("/v1/chat/completions", json={
+                "model": state.model_ids[0], "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 16, "temperature": 0})
+    finally:
+        state.backend.close()
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def load_config_from(data: dict):
+    from autoglm_build.config import BuildConfig
+
+    return BuildConfig.model_validate(data)
+
+
+def test_a_served_chat_on_the_staged_build_returns_the_unstaged_tokens(staged, unstaged):
+    prompt = "Open WeChat and send hello to Alice"
+    want, got = _chat(unstaged, prompt), _chat(staged, prompt)
+    assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
+    assert got["usage"] == want["usage"] and got["usage"]["completion_tokens"] > 1
+
+
+@pytest.mark.slow
+def test_tensorrt_chains_the_staged_engines_symmetrically(staged, tmp_path):
+    """Under the fake TensorRT 10.13 (tests/engine/fake_trt): `engine -m decoder` builds one engine per
+    stage; verify's engine path, the backend's `run` and `device_call`, and a served chat chain them
+    and equal ONNX Runtime on the same INT8 graphs."""
+    import shutil
+
+    from tests.engine.fake_trt import harness
+
+    workdir = tmp_path / "w"
+    shutil.copytree(staged, workdir)
+    env = harness.environment("10.13.0", "0.53.6", tmp_path / "calls.jsonl")
+    args = ["-w", str(workdir), "--precision", "int8"]
+    built = harness.run(["-m", "autoglm_build", "engine", *args, "-m", "embed", "-m", "decoder"], env, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    manifest = Manifest.load(workdir)
+    assert [manifest.record("engine-int8", f"decoder.stage{k}").status for k in (0, 1)] == ["done", "done"]
+    verify = harness.run(["-m", "autoglm_build", "verify", *args, "-m", "decoder", "--backend", "tensorrt",
+                          "--strict", "--json"], env, timeout=600)
+    assert verify.returncode == 0, verify.stderr[-3000:]
+    rows = json.loads(verify.stdout)["rows"]
+    assert {(r["module"], r["output"]) for r in rows} == {("decoder", o) for o in ("logits", "present_key",
+                                                                                     "present_value")}
+    driven = harness.run([str(Path(harness.__file__).with_name("drive_staged.py")), str(workdir), "int8"], env)
+    assert driven.returncode == 0, driven.stderr[-3000:]
+    result = json.loads(driven.stdout.strip().splitlines()[-1])
+    assert result["files"] == ["decoder.stage0", "decoder.stage1", "embed"]
+    assert result["outputs"] == ["logits", "present_key.0", "present_value.0", "present_key.1", "present_value.1"]
+    assert result["run_max_diff"] == 0.0 and result["device_max_diff"] == 0.0
+    assert result["device_outputs"] == sorted(result["outputs"])
+    assert result["chat"]["tensorrt"] == result["chat"]["onnxruntime"] and result["chat"]["tensorrt"]

@@ -46,14 +46,16 @@ def tiny_cfg() -> BuildConfig:
 
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory) -> Path:
-    """A workdir holding the tiny config's full export (built once per test session)."""
+    """A workdir holding the tiny config's full export from its checkpoint, as `autoglm-build export`
+    makes it (built once per test session)."""
     from autoglm_build.console import Reporter
     from autoglm_build.pipeline import Pipeline
     from autoglm_build.stages.export import ExportStage
 
     workdir = tmp_path_factory.mktemp("tiny-build")
     cfg = load_config(TINY)
-    Pipeline(cfg, workdir, [ExportStage()], cfg.modules, reporter=Reporter(-1), config_path=str(TINY)).run()
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None  # as the CLI exports it: the trained weights
+    Pipeline(cfg, workdir, [ExportStage(checkpoint)], cfg.modules, reporter=Reporter(-1), config_path=str(TINY)).run()
     return workdir
 
 
@@ -89,7 +91,9 @@ def trust_build(tmp_path_factory, trust_config: Path) -> Path:
     workdir = tmp_path_factory.mktemp("trust-build")
     cfg = load_config(trust_config)
     quiet = Reporter(-1)
-    Pipeline(cfg, workdir, [ExportStage()], TRUST_MODULES, reporter=quiet, config_path=str(trust_config)).run()
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else None  # as the CLI exports it
+    Pipeline(cfg, workdir, [ExportStage(checkpoint)], TRUST_MODULES, reporter=quiet,
+             config_path=str(trust_config)).run()
     stages = [OptimizeStage(), SamplesStage(), CalibrateStage("int8"), CalibrateStage("fp16")]
     Pipeline(cfg, workdir, stages, ["audio", "embed"], reporter=quiet, config_path=str(trust_config)).run()
     return workdir

@@ -123,7 +123,7 @@ def test_dry_run_after_a_config_change_predicts_what_run_does(trust_copy, trust_
     config = tmp_path / "c.yaml"
     shutil.copyfile(trust_config, config)
     assert invoke("export", "-c", config, "-w", trust_copy, "-m", "audio").exit_code == 0  # same content
-    write_config(config, {"audio": {"encoder_ffn_dim": 96}}, base=trust_config)
+    write_config(config, {"checkpoint": None, "audio": {"encoder_ffn_dim": 96}}, base=trust_config)  # new widths
     plan = json.loads(invoke("run", "-c", config, "-w", trust_copy, "-m", "audio", "--dry-run", "--json").stdout)
     predicted = {(s["stage"], s["module"]): not s["cached"] for s in plan["stages"]}
     outcomes = json.loads(invoke("run", "-c", config, "-w", trust_copy, "-m", "audio", "--json").stdout)["outcomes"]

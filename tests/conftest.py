@@ -59,6 +59,21 @@ def tiny_build(tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.fixture(scope="session")
+def random_tiny_build(tmp_path_factory) -> Path:
+    """The tiny config exported with seeded random weights instead of its checkpoint: what the
+    protocol tests serve (the trained checkpoint echoes its prompts and never closes a `<think>`
+    span, so reasoning separation and stop sequences need the random model's varied tokens)."""
+    from autoglm_build.console import Reporter
+    from autoglm_build.pipeline import Pipeline
+    from autoglm_build.stages.export import ExportStage
+
+    workdir = tmp_path_factory.mktemp("tiny-random-build")
+    cfg = load_config(TINY)
+    Pipeline(cfg, workdir, [ExportStage()], cfg.modules, reporter=Reporter(-1), config_path=str(TINY)).run()
+    return workdir
+
+
 @pytest.fixture
 def tiny_build_copy(tiny_build: Path, tmp_path: Path) -> Path:
     """A private copy of the shared tiny build (mtimes kept, so the manifest still matches)."""

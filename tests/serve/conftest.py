@@ -39,9 +39,9 @@ BACKEND = os.environ.get("AUTOGLM_BUILD_SERVE_BACKEND", "onnxruntime")
 
 @pytest.fixture(scope="module")
 def served_build(request) -> Path:
-    """The workdir the server runs on: $AUTOGLM_BUILD_SERVE_WORKDIR, else the session's tiny build."""
+    """The workdir the server runs on: $AUTOGLM_BUILD_SERVE_WORKDIR, else the tiny config with random weights."""
     workdir = os.environ.get("AUTOGLM_BUILD_SERVE_WORKDIR")
-    return Path(workdir) if workdir else request.getfixturevalue("tiny_build")
+    return Path(workdir) if workdir else request.getfixturevalue("random_tiny_build")
 
 
 @pytest.fixture(scope="module")

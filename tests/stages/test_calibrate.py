@@ -90,10 +90,13 @@ def test_accuracy_report_is_recorded(calibrated):
     for module in registry.names():
         for stage in ("calibrate-int8", "calibrate-fp16"):
             acc = manifest["records"][f"{stage}/{module}"]["metrics"]["accuracy"]
-            assert 0.99 < acc["cosine_min"] <= 1.0 + 1e-9 and acc["samples"] > 0
+            # calibrate.gate is on the mean (one near-zero token can read low at INT8); the trained
+            # checkpoint's worst row still stays close
+            assert acc["cosine_mean"] >= 0.99 and 0.95 < acc["cosine_min"] <= 1.0 + 1e-9 and acc["samples"] > 0
     dec = records[("calibrate-fp16", "decoder")].metrics["accuracy"]
     assert dec["greedy_agreement"] == 1.0 and dec["greedy_positions"] >= 9
-    assert 0.5 < records[("calibrate-int8", "decoder")].metrics["accuracy"]["greedy_agreement"] <= 1.0
+    # issue 16's goal on the trained checkpoint: INT8 greedy agreement >= 98 % (after the gate's fallback)
+    assert records[("calibrate-int8", "decoder")].metrics["accuracy"]["greedy_agreement"] >= 0.98
 
 
 def test_trt_calibration_cache_parses_back_against_the_graph(calibrated):

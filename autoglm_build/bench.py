@@ -269,6 +269,7 @@ class _Torch(_Runner):
 def _runners(cfg: BuildConfig, workdir: Path, module: str, backends: Sequence[str],
              precisions: Sequence[str], notes: List[str]) -> List[_Runner]:
     from autoglm_build.engine import tensorrt as trt_env
+    from autoglm_build.parts import module_parts
     from autoglm_build.runtime.backends import OnnxRuntimeBackend, TensorRTBackend, engine_artifact
 
     manifest = Manifest.load(workdir)
@@ -279,8 +280,10 @@ def _runners(cfg: BuildConfig, workdir: Path, module: str, backends: Sequence[st
                 notes.append("tensorrt skipped: TensorRT is not installed here")
                 continue
             for precision in precisions:
-                if engine_artifact(manifest, module, precision) is None:
-                    notes.append(f"{module}: no {precision} engine; tensorrt {precision} skipped")
+                parts = module_parts(manifest.config, module)
+                missing = [p for p in parts if engine_artifact(manifest, p, precision) is None]
+                if missing:  # a staged module needs every stage's engine
+                    notes.append(f"{missing[0]}: no {precision} engine; tensorrt {precision} skipped")
                     continue
                 out.append(_Runtime(TensorRTBackend(workdir, manifest, [module], precision), module))
         elif name == "onnxruntime":

@@ -187,7 +187,7 @@ def test_a_served_chat_on_the_staged_build_returns_the_unstaged_tokens(staged, u
 def test_tensorrt_chains_the_staged_engines_symmetrically(staged, tmp_path):
     """Under the fake TensorRT 10.13 (tests/engine/fake_trt): `engine -m decoder` builds one engine per
     stage; verify's engine path, the backend's `run` and `device_call`, and a served chat chain them
-    and equal ONNX Runtime on the same INT8 graphs."""
+    and equal ONNX Runtime on the same INT8 graphs; `bench` times the chained engines."""
     import shutil
 
     from tests.engine.fake_trt import harness
@@ -214,3 +214,9 @@ def test_tensorrt_chains_the_staged_engines_symmetrically(staged, tmp_path):
     assert result["run_max_diff"] == 0.0 and result["device_max_diff"] == 0.0
     assert result["device_outputs"] == sorted(result["outputs"])
     assert result["chat"]["tensorrt"] == result["chat"]["onnxruntime"] and result["chat"]["tensorrt"]
+    bench = harness.run(["-m", "autoglm_build", "bench", *args, "-m", "decoder", "--backends", "tensorrt",
+                         "--min-time", "0.05", "--batches", "1", "--prompt", "16", "--past", "16", "--json"], env)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    report = json.loads(bench.stdout)
+    assert not report["notes"] and {r["case"] for r in report["rows"] if r["backend"] == "tensorrt int8"} == {
+        "prefill 16", "decode @16"}

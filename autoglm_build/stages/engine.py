@@ -274,11 +274,13 @@ def tactic_sources(trt: Any, setting: str) -> Optional[List[Any]]:
 def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,
           status, preview: Optional[List[str]] = None) -> bytes:
     """Serialized engine bytes for ``source`` (Polygraphy loaders, composed then called)."""
+    import onnx
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
     strong = trt_env.strongly_typed(trt)
     network = NetworkFromOnnxPath(str(source), strongly_typed=True) if strong else NetworkFromOnnxPath(str(source))
-    halves = [] if strong else fp16_outputs(source)
+    graph = onnx.load(str(source), load_external_data=False).graph  # structure only: what flag mode must be told
+    halves = [] if strong else fp16_outputs(graph)
     if halves:  # flag mode leaves network outputs FP32 whatever the graph says (TensorRT 8.5: the KV cache)
         from polygraphy.backend.trt import SetTensorDatatypes
 
@@ -295,7 +297,7 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
     if not strong:
         # An "int8" graph the precision policy left without Q/DQ (the embedding table) has no INT8
         # scales; TensorRT 8.5 refuses the INT8 flag without them ("no scaling factors detected").
-        kwargs.update(fp16=precision in ("fp16", "int8"), int8=precision == "int8" and _has_qdq(source))
+        kwargs.update(fp16=precision in ("fp16", "int8"), int8=precision == "int8" and _has_qdq(graph))
     features = preview_features(trt, preview)
     if features:
         kwargs["preview_features"] = features
@@ -311,11 +313,10 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
                              f"raise engine.workspace_mib (now {workspace_mib})") from None
 
 
-def fp16_outputs(source: Path) -> List[str]:
+def fp16_outputs(graph: Any) -> List[str]:
     """The graph's FP16 outputs (the decoder's ``present_*`` in its FP16 and INT8 graphs)."""
     import onnx
 
-    graph = onnx.load(str(source), load_external_data=False).graph
     return [o.name for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16]
 
 
@@ -337,11 +338,8 @@ def preview_features(trt: Any, names: Optional[List[str]]) -> List[Any]:
     return [known[name] for name in names]
 
 
-def _has_qdq(source: Path) -> bool:
-    import onnx
-
-    model = onnx.load(str(source), load_external_data=False)
-    return any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+def _has_qdq(graph: Any) -> bool:
+    return any(node.op_type == "QuantizeLinear" for node in graph.node)
 
 
 def _profile(profile: Any, shapes: Dict) -> Any:

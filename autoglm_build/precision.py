@@ -155,7 +155,8 @@ def tidy(model):
     """What the float16 converter leaves to be fixed: Cast round trips, duplicate Casts, name clashes,
     node order."""
     _unique_node_names(model)
-    while _drop_cast_round_trips(model) + _drop_lossless_round_trips(model):  # one fold can expose the next
+    while (_drop_round_trips(model, _FLOAT, _FLOAT16, assume_unknown=True)  # one fold can expose the next
+           + _drop_round_trips(model, _FLOAT16, _FLOAT, assume_unknown=False)):
         pass
     _toposort(model)
     _drop_io_value_info(model)
@@ -172,42 +173,20 @@ def _drop_io_value_info(model) -> None:
     model.graph.value_info.extend(keep)
 
 
-def _drop_lossless_round_trips(model) -> int:
-    """``x(fp16) -> Cast(fp32) -> Cast(fp16) -> y`` becomes ``x -> y`` (exact: FP16 fits in FP32), where
-    the FP32 tensor has no other reader. Where ``y`` is a graph output, an Identity keeps its name."""
-    from onnx import helper
+def _drop_round_trips(model, kept: int, via: int, assume_unknown: bool) -> int:
+    """``x -> Cast(via) -> Cast(kept) -> y`` becomes ``x -> y`` where ``x`` is already of type ``kept``
+    and the middle tensor has no other reader; where ``y`` is a graph output, an Identity keeps its name.
 
-    fp16 = {name for name, elem in _declared_types(model).items() if elem == _FLOAT16}
-    to = {n.output[0]: n for n in model.graph.node if n.op_type == "Cast"}
-    readers: Dict[str, int] = Counter(i for n in model.graph.node for i in n.input)
-    graph_outputs = {o.name for o in model.graph.output}
-    drop, identities = set(), []
-    for node in model.graph.node:
-        if node.op_type != "Cast" or _cast_to(node) != _FLOAT16:
-            continue
-        first = to.get(node.input[0])
-        if (first is None or id(first) in drop or _cast_to(first) != _FLOAT or readers[first.output[0]] != 1
-                or first.input[0] not in fp16 or first.output[0] in graph_outputs):
-            continue
-        source = first.input[0]
-        if node.output[0] in graph_outputs:
-            identities.append(helper.make_node("Identity", [source], [node.output[0]], name=f"{node.name}__identity"))
-        else:
-            for reader in model.graph.node:
-                reader.input[:] = [source if i == node.output[0] else i for i in reader.input]
-        drop.update({id(node), id(first)})
-    keep = [n for n in model.graph.node if id(n) not in drop] + identities
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    return len(drop)
+    Two uses (:func:`tidy`):
 
-
-def _drop_cast_round_trips(model) -> int:
-    """``x -> Cast(fp16) -> Cast(fp32) -> y`` becomes ``x -> y`` where x is already FP32.
-
-    The float16 converter puts a Cast on each side of every border, so two FP32 nodes that it saw
-    through an FP16-typed tensor (a DequantizeLinear feeding a MatMul, say) end up joined by a
-    lossy round trip that also hides the Q/DQ pair from TensorRT.
+    - ``kept`` FP32 via FP16: the float16 converter puts a Cast on each side of every border, so two
+      FP32 nodes that it saw through an FP16-typed tensor (a DequantizeLinear feeding a MatMul, say)
+      end up joined by a lossy round trip that also hides the Q/DQ pair from TensorRT. A source of
+      unknown type counts as FP32 (``assume_unknown``: the converter only casts FP32 tensors to FP16),
+      but a declared FP16 one does not (the converter turns a model's own Cast-to-FP32 into a
+      Cast-to-FP16 of an FP16 tensor).
+    - ``kept`` FP16 via FP32 (exact: FP16 fits in FP32), e.g. an FP16 KV input cast for the converter;
+      only where the source is declared FP16.
     """
     from onnx import helper
 
@@ -217,12 +196,13 @@ def _drop_cast_round_trips(model) -> int:
     known = _declared_types(model)
     drop, identities = set(), []
     for node in model.graph.node:
-        if node.op_type != "Cast" or _cast_to(node) != _FLOAT:
+        if node.op_type != "Cast" or _cast_to(node) != kept:
             continue
         first = to.get(node.input[0])
-        if (first is None or id(first) in drop or _cast_to(first) != _FLOAT16 or readers[first.output[0]] != 1
-                or first.output[0] in graph_outputs or known.get(first.input[0], _FLOAT) != _FLOAT):
-            continue  # (the converter turns a model's own Cast-to-FP32 into a Cast-to-FP16 of an FP16 tensor)
+        if (first is None or id(first) in drop or _cast_to(first) != via or readers[first.output[0]] != 1
+                or first.output[0] in graph_outputs
+                or known.get(first.input[0], kept if assume_unknown else None) != kept):
+            continue
         source = first.input[0]
         if node.output[0] in graph_outputs:  # e.g. an FP32 Softmax feeding a graph output
             identities.append(helper.make_node("Identity", [source], [node.output[0]], name=f"{node.name}__identity"))

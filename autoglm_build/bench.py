@@ -229,11 +229,22 @@ class _Torch(_Runner):
         stage = ExportStage(Path(cfg.checkpoint) if cfg.checkpoint else None)
         model = stage.build_module(ctx, registry.get(module))[0]
         self.model = model.to(self.device, self.dtype).eval()
+        self.attention = "sdpa" if module == "vision" else "eager"
         self.module, self.names = module, registry.get(module).input_names(cfg)
         # the label's last word is the precision; vision runs transformers' own forward with sdpa
-        self.label = f"torch{' sdpa' if module == 'vision' else ''} {'fp16' if self.dtype == torch.float16 else 'fp32'}"
+        precision = "fp16" if self.dtype == torch.float16 else "fp32"
+        self.label = f"torch{' sdpa' if self.attention == 'sdpa' else ''} {precision}"
         if self.device == "cuda":
             self.sync = torch.cuda.synchronize
+
+    def with_sdpa(self) -> _Torch:
+        """The decoder on the same weights with transformers' sdpa attention (the fused kernels a
+        torch deployment gets) instead of the eager attention the export traces."""
+        import copy
+
+        twin = copy.copy(self)
+        twin.attention, twin.label = "sdpa", self.label.replace("torch", "torch sdpa", 1)
+        return twin
 
     def prepare(self, case):
         torch = self.torch
@@ -244,7 +255,11 @@ class _Torch(_Runner):
             value = torch.from_numpy(case["feed"][name]).to(self.device)
             args.append(value.to(self.dtype) if value.is_floating_point() else value)
 
+        hf_config = getattr(getattr(self.model, "language_model", None), "config", None)
+
         def call():
+            if hf_config is not None:  # the layers read it at each call; the eager and sdpa rows share the model
+                hf_config._attn_implementation = self.attention
             with torch.inference_mode():
                 return self.model(*args)
 
@@ -291,6 +306,8 @@ def _runners(cfg: BuildConfig, workdir: Path, module: str, backends: Sequence[st
         elif name == "torch":
             try:
                 out.append(_Torch(cfg, workdir, module))
+                if module.startswith("decoder") and out[-1].device == "cuda":
+                    out.append(out[-1].with_sdpa())
             except ImportError:
                 notes.append("torch skipped: PyTorch/transformers are not installed here")
     return out

@@ -88,3 +88,23 @@ def test_find_case_picks_by_name_and_batch():
     assert case["feed"]["past_key.0"].shape[0] == 3 and case["feed"]["past_key.0"].shape[2] == 5
     with pytest.raises(UserError, match="no bench case named like 'decode'.*112px"):
         find_case(cfg, "vision", 1, "decode")
+
+
+def test_torch_sdpa_row_computes_what_the_eager_row_does(tiny_cfg, tmp_path: Path):
+    """The decoder's torch sdpa baseline (the fairer prefill row on a GPU) shares the eager row's model
+    and gives its outputs (padded row, a cache and new tokens), switching back and forth per call."""
+    import numpy as np
+    import torch
+
+    from autoglm_build.bench import _Torch
+    from autoglm_build.modules import registry
+
+    eager = _Torch(tiny_cfg, tmp_path, "decoder")
+    sdpa = eager.with_sdpa()
+    assert sdpa.model is eager.model and (eager.label, sdpa.label) == ("torch fp32", "torch sdpa fp32")
+    feed = registry.get("decoder").step_inputs(tiny_cfg, np.random.default_rng(1), batch=2, seq=5, past=7, pad=3)
+    case = {"feed": feed}
+    a, b, a2 = eager.prepare(case)(), sdpa.prepare(case)(), eager.prepare(case)()
+    for x, y, z in zip(a, b, a2):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+        assert torch.equal(x, z)

@@ -125,6 +125,11 @@ class ModuleSpec:
         """
         return None
 
+    def verification_feeds(self, cfg: BuildConfig, data: Any) -> List[Dict[str, np.ndarray]]:
+        """The ``samples`` stage's steps when the module chooses them itself (one feed each; ``take_rows``
+        makes each batch size's rows): none by default, and the stage takes held-out calibration feeds."""
+        return []
+
     def take_rows(self, cfg: BuildConfig, feed: Dict[str, np.ndarray], batch: int) -> Dict[str, np.ndarray]:
         """A feed of ``batch`` items made from ``feed``'s (repeating rows when it has fewer)."""
         return {name: _repeat_rows(value, batch) for name, value in feed.items()}

@@ -187,6 +187,25 @@ class VisionSpec(ModuleSpec):
         chosen = [shrink(images[k % len(images)], geometry, budget) for k in range(batch)]
         return pack(chosen, cfg.vision.spatial_merge_size)
 
+    def verification_feeds(self, cfg: BuildConfig, data) -> List[Dict[str, np.ndarray]]:
+        """Three screenshot shapes, each alone in its feed: a 1080x2400 portrait as the agent sends it,
+        a screen turned landscape (2400x1080), and a screen's upper half (1080x1200, a split-screen
+        app); each smart-resized within ``vision.max_pixels`` (at 5,000,000: 12,432, 12,432 and 6,708
+        patches; tiny: 46x20, 20x46 and 32x30 patch grids), so verify covers three aspect ratios."""
+        from PIL import Image
+
+        from autoglm_build.imaging import VisionGeometry, open_image, pack, preprocess
+
+        screens = sorted(p for p in data.require("images") if p.name.startswith("screen_"))
+        if not screens:
+            return []
+        geometry = VisionGeometry.of(cfg.vision)
+        portrait = open_image(screens[0], str(screens[0]))
+        landscape = open_image(screens[-1], str(screens[-1])).transpose(Image.Transpose.ROTATE_90)
+        half = portrait.crop((0, 0, portrait.width, portrait.height // 2))
+        return [pack([preprocess(img, geometry)], cfg.vision.spatial_merge_size)
+                for img in (portrait, landscape, half)]
+
     def feed_items(self, feed: Dict[str, np.ndarray]) -> int:
         """Images in a packed feed."""
         grid = feed["patch_grid"]

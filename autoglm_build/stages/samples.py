@@ -29,7 +29,7 @@ class SamplesStage(Stage):
     """``samples``: per module, verification feeds at every ``export.batch_sizes`` from real data."""
 
     name = "samples"
-    version = 1
+    version = 2  # 2: vision verifies three screenshot sizes
     tools = ("onnxruntime", "transformers", "tokenizers", "pillow")
     per_part = False  # a staged decoder's samples are the whole decoder's inputs (verify chains its stages)
 
@@ -48,8 +48,9 @@ class SamplesStage(Stage):
             update={"batch_size": batch, "holdout": 0.5})})
         graphs = {m: fp32_graph(ctx, m) for m in _upstream(ctx.cfg, module)}
         ctx.status("preprocessing calibration data")
-        calib, held = spec.calibration_batches(cfg, CalibrationData.discover(Path(cfg.calibrate.data)), graphs)
-        steps = _first_chain(held + calib, module)
+        data = CalibrationData.discover(Path(cfg.calibrate.data))
+        calib, held = spec.calibration_batches(cfg, data, graphs)
+        steps = spec.verification_feeds(ctx.cfg, data) or _first_chain(held + calib, module)
         arrays = {}
         for b in ctx.cfg.export.batch_sizes:
             for k, step in enumerate(steps):

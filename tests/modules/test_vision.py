@@ -73,3 +73,21 @@ def test_position_term_is_transformers_bicubic_grid_sample(tiny_cfg):
         ref = emb(zeros, torch.tensor([len(pos)]), torch.tensor([[1, rows, cols]]), pos[:, 0], pos[:, 1])
         ours = interpolate_positions(emb.position_embedding.weight, 8, pos, grid)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config, patches", [("autoglm-phone-tiny.yaml", [920, 920, 960]),
+                                             ("autoglm-phone-9b.yaml", [12432, 12432, 6708])])
+def test_verification_feeds_are_three_screenshot_shapes(config, patches):
+    """verify's vision samples: a 1080x2400 portrait, a landscape screen and a half screen, each alone,
+    at the processor's native resolution (the 9B config's 12,432 patches for the phone's screenshot)."""
+    from pathlib import Path
+
+    from autoglm_build.calibration import CalibrationData
+    from autoglm_build.config import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / config)
+    feeds = registry.get("vision").verification_feeds(cfg, CalibrationData.discover(Path(cfg.calibrate.data)))
+    assert [len(f["pixel_values"]) for f in feeds] == patches
+    grids = [tuple(f["patch_grid"][0, 1:]) for f in feeds]
+    assert len(set(grids)) == 3 and all(f["patch_grid"][:, 0].max() == 0 for f in feeds)
+    assert grids[0] == grids[1][::-1] and grids[0][0] > grids[0][1]  # portrait, then the same screen turned

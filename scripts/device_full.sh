@@ -7,6 +7,11 @@
 # TINY_MODULES set, the tiny build's engines are rebuilt beside it and verified. One `run` call per
 # phase, back to back; builds run as background process sessions.
 #   bash scripts/device_full.sh start [tiny workdir]   start every job (FULL_MODULES, FULL_PRECISIONS; TINY_MODULES), wait
+#   bash scripts/device_full.sh ready                  after the harness's parts are in /tmp/stage: unpack it once and
+#                                                      let the waiting engine builds go (start needs no harness: the
+#                                                      Python 3.12 graphs run while the parts arrive)
+# FULL_DECODER_STAGES=N: the decoder as N layer-range stages (decoder.stages, issue 15) in its own workdir, one
+# engine build per stage, in parallel.
 #   bash scripts/device_full.sh wait [seconds]         wait for the jobs, then poll
 #   bash scripts/device_full.sh tiny                   tiny: verify int8, bench
 #   bash scripts/device_full.sh serve                  tiny: tests/serve on the TensorRT backend (fp16 engines)
@@ -20,6 +25,14 @@ set -uo pipefail
 PHASE=${1:?phase}
 D=/tmp/dev; L=$D/logs; F=$D/full; W=$D/w
 FULL=configs/autoglm-phone-9b-2layer.yaml; TINY=configs/autoglm-phone-tiny.yaml
+STAGES=${FULL_DECODER_STAGES:-1}
+FULLD=$FULL; FD=$F  # the decoder's config and workdir: the full ones, or a staged copy of its own
+if [ "$STAGES" -gt 1 ]; then
+  FULLD=configs/autoglm-phone-9b-2layer-staged$STAGES.yaml; FD=$D/full-staged$STAGES
+  [ -e "$FULLD" ] || python3 -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); d['name'] += '-staged'
+d.setdefault('decoder', {})['stages'] = int(sys.argv[3]); yaml.safe_dump(d, open(sys.argv[2], 'w'))" "$FULL" "$FULLD" "$STAGES"
+fi
+HARNESS="while [ ! -e /tmp/stage/.ready ]; do sleep 5; done;"  # engine builds wait for the staged harness
 OUT=${OUT:-device-out}
 mkdir -p "$OUT" "$D" "$L"
 export PYTHONUNBUFFERED=1 NO_COLOR=1 COLUMNS=160 AUTOGLM_BUILD_TRT_TACTICS=${AUTOGLM_BUILD_TRT_TACTICS:-cublas}
@@ -45,7 +58,7 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
     rm -rf "$W" && cp -r "${2:-build/autoglm-phone-tiny}" "$W"
     for precision in ${TINY_PRECISIONS:-int8}; do
       for module in $TINY_MODULES; do
-        job "tiny-$module-$precision" "$CLI39 engine -c $TINY -w $W --precision $precision -m $module"
+        job "tiny-$module-$precision" "$HARNESS $CLI39 engine -c $TINY -w $W --precision $precision -m $module"
       done
     done
   fi
@@ -53,18 +66,28 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
     f="-c $FULL -w $F -m $module"
     samples="env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $f"
     graphs="$CLI312 export $f && $CLI312 optimize $f && $samples"
+    parts=$module
     if [ "$module" = decoder ]; then  # the decoder calibrates on embedded text: embed is exported beside it
-      e="-c $FULL -w $F -m embed"
+      f="-c $FULLD -w $FD -m $module"; e="-c $FULLD -w $FD -m embed"
+      samples="env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $f"
       graphs="{ $CLI312 export $f & $CLI312 export $e & wait; } && { $CLI312 optimize $f & $CLI312 optimize $e & wait; }"
       graphs="$graphs && $samples"
+      [ "$STAGES" -gt 1 ] && parts=$(seq -s " " -f "decoder.stage%g" 0 $((STAGES - 1)))
     fi
-    engines=""  # one engine per precision (FULL_PRECISIONS), each built as soon as its graph is calibrated
+    engines=""  # one engine per precision (FULL_PRECISIONS) and stage, each built as soon as its graph is calibrated
     for precision in ${FULL_PRECISIONS:-fp16 int8}; do
-      engines="$engines { $CLI312 calibrate --$precision $f && $CLI39 engine $f --precision $precision; } &"
+      builds=""
+      for part in $parts; do builds="$builds $CLI39 engine ${f% -m *} -m $part --precision $precision &"; done
+      engines="$engines { $CLI312 calibrate --$precision $f && $HARNESS { $builds wait; }; } &"
     done
     job "full-$module" "$graphs && { $engines wait; }"
   done
-  exec bash "$0" wait 480
+  exec bash "$0" wait "${START_WAIT:-480}"
+  ;;
+ready)  # the harness's parts are all in /tmp/stage: unpack once (about 20 s), then release the builds
+  /tmp/stage/trtpy -c "import tensorrt, polygraphy; print('TensorRT', tensorrt.__version__, 'Polygraphy', polygraphy.__version__)" \
+    && touch /tmp/stage/.ready
+  exec bash "$0" wait "${2:-400}"
   ;;
 wait)
   end=$((SECONDS + ${2:-540}))
@@ -73,13 +96,18 @@ wait)
   for f in "$L"/*.log; do
     echo "--- $(basename "$f")"; grep -E ": done in|rror|FAILED|DCHECK|Killed|cached" "$f" | grep -v "^\[" | tail -12
   done
-  ls -la "$W/engines" "$F/engines" 2>/dev/null | grep -v json
+  ls -la "$W/engines" "$F/engines" "$FD/engines" 2>/dev/null | grep -v json | sort -u
   df -h /tmp | tail -1
   tar -czf "$OUT/logs.tgz" -C "$L" . 2>/dev/null; true
   ;;
 tiny)
-  $CLI39 verify -c $TINY -w $W --strict --precision int8 2>&1 | grep -v "^\[W\]" | tee "$OUT/verify_int8.txt"
+  precisions=$(printf -- "--precision %s " ${TINY_PRECISIONS:-int8})
+  $CLI39 verify -c $TINY -w $W --strict $(printf -- "-m %s " $TINY_MODULES) $precisions 2>&1 | grep -v "^\[W\]" \
+    | tee "$OUT/verify_tiny.txt"
   echo "verify exit: ${PIPESTATUS[0]}"
+  for e in "$W"/engines/*.engine; do  # the engines' I/O types (the decoder's KV cache: FP16 in and out)
+    echo "--- $(basename "$e")"; /tmp/stage/trtpy -m polygraphy inspect model "$e" 2>&1 | grep -E "^\s+(past|present|logits|image)" | head -6
+  done | tee "$OUT/engine_io_tiny.txt"
   $CLI39 bench -c $TINY -w $W -m vision -m decoder --backends tensorrt,onnxruntime --batches 1,8 --min-time 0.5 \
     2>&1 | grep -v "^\[W\]" | tee "$OUT/bench_tiny.txt"
   ;;
@@ -112,18 +140,21 @@ bench)  # the phone agent's step: one screenshot; prefill of 3,300 new tokens af
   ext="--extrapolate-to configs/autoglm-phone-9b.yaml --min-time 1"
   shapes="--prompt 3300 --prefix 3000 --past 20000"
   $CLI312 bench -c $FULL -w $F -m vision --backends torch --batches 1,8 $ext 2>&1 | tee "$OUT/bench_torch.txt"
-  $CLI312 bench -c $FULL -w $F -m decoder --backends torch --batches 1 $shapes $ext 2>&1 | tee -a "$OUT/bench_torch.txt"
+  $CLI312 bench -c $FULLD -w $FD -m decoder --backends torch --batches 1 $shapes $ext 2>&1 | tee -a "$OUT/bench_torch.txt"
   precisions=$(printf -- "--precision %s " ${FULL_PRECISIONS:-fp16 int8})
   $CLI39 bench -c $FULL -w $F -m vision --backends tensorrt --batches 1,8 $ext $precisions 2>&1 \
     | grep -v "^\[W\]" | tee "$OUT/bench_full.txt"
-  $CLI39 bench -c $FULL -w $F -m decoder --backends tensorrt --batches 1 $shapes $ext $precisions 2>&1 \
+  $CLI39 bench -c $FULLD -w $FD -m decoder --backends tensorrt --batches 1 $shapes $ext $precisions 2>&1 \
     | grep -v "^\[W\]" | tee -a "$OUT/bench_full.txt"
-  cp "$F/manifest.json" "$OUT/manifest_full.json"
+  cp "$F/manifest.json" "$OUT/manifest_full.json"; cp "$FD/manifest.json" "$OUT/manifest_full_decoder.json"
   ;;
 verify)  # full width: every engine against ONNX Runtime on its own precision graph, real samples
-  $CLI39 verify -c $FULL -w $F --strict $(printf -- "--precision %s " ${FULL_PRECISIONS:-fp16 int8}) 2>&1 \
-    | grep -v "^\[W\]" | tee "$OUT/verify_full.txt"
-  echo "verify exit: ${PIPESTATUS[0]}"
+  precisions=$(printf -- "--precision %s " ${FULL_PRECISIONS:-fp16 int8})
+  for module in ${FULL_MODULES-vision decoder}; do
+    if [ "$module" = decoder ]; then c=$FULLD; w=$FD; else c=$FULL; w=$F; fi
+    $CLI39 verify -c $c -w $w -m $module --strict $precisions 2>&1 | grep -v "^\[W\]" | tee -a "$OUT/verify_full.txt"
+    echo "verify $module exit: ${PIPESTATUS[0]}"
+  done
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,9 +37,12 @@ import numpy as np
 from autoglm_build.config import BuildConfig
 from autoglm_build.runtime.backends import Backend
 from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache
+from autoglm_build.runtime.prefix_cache import BLOCK_TOKENS, PrefixCache, Reuse
 from autoglm_build.runtime.text import ChatTokenizer, Detokenizer, Prompt, StopMatcher
 
 Event = Dict[str, Any]
+log = logging.getLogger("autoglm_build.serve")
+LOG_EVERY = 60.0  # seconds between the prefix cache's summary lines
 
 
 class QueueFull(Exception):
@@ -84,6 +88,7 @@ class Request:
     reasoning_tokens: int = 0
     thinking: bool = False
     rng: Any = None
+    reuse: Optional[Reuse] = None  # the prefix cache's plan while it is prefilled
 
     @property
     def generated(self) -> int:
@@ -128,21 +133,27 @@ class Scheduler:
         context: prompt + generated tokens per request (capped by the backend's engines).
         prefill_chunk: most prompt tokens per decoder call (default ``engine.prefill_chunk``, capped by
             the prefill profile); longer prompts are prefilled in chunks.
+        prefix_cache_bytes: the prefix cache's budget (default ``serve.prefix_cache_mib``; 0: no reuse).
+        prefix_block: tokens per prefix-cache block.
     """
 
     def __init__(self, backend: Backend, cfg: BuildConfig, tokenizer: ChatTokenizer, max_batch: int,
-                 queue_size: int, context: int, prefill_chunk: Optional[int] = None) -> None:
+                 queue_size: int, context: int, prefill_chunk: Optional[int] = None,
+                 prefix_cache_bytes: Optional[int] = None, prefix_block: int = BLOCK_TOKENS) -> None:
         self.backend, self.cfg, self.tokenizer = backend, cfg, tokenizer
         self.max_batch = min(max_batch, backend.max_batch or max_batch)
         self.context = min(context, backend.context or context)
         chunk = prefill_chunk or cfg.engine.prefill_tokens
         self.prefill_chunk = min(chunk, getattr(backend, "prefill_chunk", None) or chunk)
-        self.prefill_tokens = 0
+        self.prefill_tokens = 0  # prompt tokens run through the decoder (reused ones are not)
+        self.prefill_positions = 0  # decoder positions of prefill calls, padding included
         self.queue_size = queue_size
         spec = CacheSpec(cfg.text.num_hidden_layers, cfg.text.num_key_value_heads, cfg.text.head_dim)
         make = getattr(backend, "kv_cache", None)  # a bare test double gets host arrays
         self.cache: KVCache = make(spec, self.max_batch, self.context) if make else \
             KVCache(backend, spec, self.max_batch, self.context)
+        budget = cfg.serve.prefix_cache_mib << 20 if prefix_cache_bytes is None else prefix_cache_bytes
+        self.prefix = PrefixCache(self.cache, budget, prefix_block)
         self.sampler = Sampler(tokenizer, self.max_batch)
         self.waiting: Deque[Request] = collections.deque()
         self.rows: List[_Row] = []
@@ -152,6 +163,7 @@ class Scheduler:
         self.running = False
         self.steps = 0
         self.tokens = 0
+        self.logged = time.monotonic()
 
     # ---- any thread -------------------------------------------------------------------------
 
@@ -164,11 +176,12 @@ class Scheduler:
             self.waiting.append(req)
             self.lock.notify()
 
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> Dict[str, Any]:
         with self.lock:
             return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
                     "queue_size": self.queue_size, "context": self.context, "prefill_chunk": self.prefill_chunk,
-                    "decode_steps": self.steps, "tokens": self.tokens, "prefill_tokens": self.prefill_tokens}
+                    "decode_steps": self.steps, "tokens": self.tokens, "prefill_tokens": self.prefill_tokens,
+                    "prefill_positions": self.prefill_positions, "prefix_cache": self.prefix.stats()}
 
     def start(self) -> None:
         self.running = True
@@ -183,6 +196,8 @@ class Scheduler:
             self.lock.notify()
         if self.thread is not None:
             self.thread.join()
+        if self.prefix.enabled:
+            log.info("%s", self.prefix.summary())
 
     # ---- scheduler thread -------------------------------------------------------------------
 
@@ -244,22 +259,45 @@ class Scheduler:
     # ---- prefill ----------------------------------------------------------------------------
 
     def _prefill(self, reqs: List[Request]) -> None:
-        """Prefill the admitted requests together; a request that fails alone ends alone."""
+        """Prefill the admitted requests: those that start with held prefix blocks first (they run only
+        their new tokens), then the others; a request that fails alone ends alone."""
         ready = []
         for req in reqs:
             try:
                 req.rng = np.random.default_rng(req.params.seed)
                 req.thinking = req.prompt.thinking
+                req.reuse = self.prefix.lookup(req.prompt)
                 ready.append(req)
             except Exception as exc:  # e.g. a seed numpy refuses
                 self._error(req, exc)
-        if not ready:
-            return
         try:
-            rows, logits = self._prefill_rows(ready)
+            for group in ([r for r in ready if r.reuse.tokens], [r for r in ready if not r.reuse.tokens]):
+                if group:
+                    self._prefill_group(group)
+            self._log_reuse(ready)
+        finally:
+            for req in ready:
+                self.prefix.release(req.reuse)
+                req.reuse = None
+
+    def _log_reuse(self, reqs: List[Request]) -> None:
+        """Each prefilled request's reuse (debug); the prefix cache's counters every ``LOG_EVERY`` s (info)."""
+        if not self.prefix.enabled:
+            return
+        for req in reqs:
+            log.debug("request %s: %d prompt tokens, %d reused from the prefix cache", req.id, len(req.prompt.ids),
+                      req.reuse.tokens)
+        if time.monotonic() - self.logged >= LOG_EVERY:
+            self.logged = time.monotonic()
+            log.info("%s", self.prefix.summary())
+
+    def _prefill_group(self, reqs: List[Request]) -> None:
+        """One batched prefill; when it raises, each request alone."""
+        try:
+            rows, logits = self._prefill_rows(reqs)
         except Exception:  # noqa: BLE001 - whose fault? each alone says
             rows, logits_list = [], []
-            for req in ready:
+            for req in reqs:
                 try:
                     one, out = self._prefill_rows([req])
                 except Exception as exc:
@@ -274,40 +312,49 @@ class Scheduler:
         self._retire()
 
     def _prefill_rows(self, reqs: List[Request]) -> Tuple[List[_Row], np.ndarray]:
-        """One batched prefill of ``reqs`` into free slots; their rows join the batch."""
+        """One batched prefill of ``reqs`` into free slots (each from its reused prefix on); their rows join
+        the batch and their prompts' new full blocks join the prefix cache."""
         slots = self.cache.free_slots()[:len(reqs)]
         lengths = [len(r.prompt.ids) for r in reqs]
-        logits = self.cache.prefill(slots, lengths, self._chunks(reqs))
-        self.prefill_tokens += sum(lengths)
+        logits = self.cache.prefill(slots, lengths, self._chunks(reqs), [r.reuse.prefix for r in reqs])
+        self.prefill_tokens += sum(n - r.reuse.tokens for n, r in zip(lengths, reqs))
         rows = [_Row(req, self.tokenizer, slot) for req, slot in zip(reqs, slots)]
         now = time.perf_counter()
         for row in rows:
             row.req.first_token = now
             self.sampler.join(row.slot)
         self.rows += rows
+        for row in rows:
+            try:
+                self.prefix.store(row.req.reuse, row.slot)
+            except Exception:  # noqa: BLE001 - a cache that cannot keep a block serves the request anyway
+                log.exception("prefix cache: storing blocks of request %s failed", row.req.id)
         return rows, logits
 
     def _chunks(self, reqs: List[Request]) -> Iterator[Chunk]:
-        """The prompts left-padded to one length, embedded with their media spliced in, in chunks of
-        at most ``prefill_chunk`` tokens."""
-        length = max(len(r.prompt.ids) for r in reqs)
+        """The prompts' new tokens (after each one's reused prefix) left-padded to one length, embedded
+        with their media spliced in, in chunks of at most ``prefill_chunk`` tokens. Positions are the
+        prompt's own (``ChatTokenizer.build``: GLM's ``get_rope_index``), those of the full prefill."""
+        skip = [r.reuse.tokens if r.reuse is not None else 0 for r in reqs]
+        length = max(len(r.prompt.ids) - p for r, p in zip(reqs, skip))
         ids = np.zeros((len(reqs), length), np.int64)
         mask = np.zeros((len(reqs), length), np.int64)
         positions = np.zeros((len(reqs), 3, length), np.int64)
-        for k, req in enumerate(reqs):
-            n = len(req.prompt.ids)
-            ids[k, length - n:] = req.prompt.ids
+        for k, (req, p) in enumerate(zip(reqs, skip)):
+            n = len(req.prompt.ids) - p
+            ids[k, length - n:] = req.prompt.ids[p:]
             mask[k, length - n:] = 1
-            positions[k, :, length - n:] = req.prompt.positions
+            positions[k, :, length - n:] = req.prompt.positions[:, p:]
         for start in range(0, length, self.prefill_chunk):
             end = min(length, start + self.prefill_chunk)
             embeds = self.backend.run("embed", {"input_ids": ids[:, start:end]}, "prefill")["inputs_embeds"]
-            for k, req in enumerate(reqs):
-                offset = length - len(req.prompt.ids)
+            for k, (req, p) in enumerate(zip(reqs, skip)):
+                offset = length - len(req.prompt.ids)  # column of prompt token 0 (negative: reused tokens)
                 for at, media in req.prompt.splices:
-                    lo, hi = max(start, offset + at), min(end, offset + at + len(media))
+                    lo, hi = max(start, offset + max(at, p)), min(end, offset + at + len(media))
                     if lo < hi:
                         embeds[k, lo - start:hi - start] = media[lo - offset - at:hi - offset - at]
+            self.prefill_positions += embeds.shape[0] * embeds.shape[1]
             yield embeds, mask[:, :end], positions[:, :, start:end]
 
     # ---- decode -----------------------------------------------------------------------------

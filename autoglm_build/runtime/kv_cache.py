@@ -20,6 +20,11 @@ dtype the backend's graph/engine declares for ``past_*`` (FP32 or FP16):
 Paged attention (vLLM's) would need an attention kernel that reads pages; the exported graph's
 attention is standard ONNX over a dense past, which TensorRT 8.5 parses, so slots it is.
 
+The cache also holds the memory of the prefix cache's blocks (:mod:`~autoglm_build.runtime.prefix_cache`
+keeps their index): :meth:`KVCache.save_block` copies a range of a slot's columns out, and
+:meth:`KVCache.prefill` starts rows from such blocks (``prefixes``), so a prompt's reused tokens never
+run through the decoder. A device cache keeps its blocks on the device behind the same three calls.
+
 :class:`KVCache` keeps host arrays and runs the graphs through :meth:`Backend.run`; it serves every
 backend. ONNX Runtime's subclass binds the slots and the outputs with IOBinding, so a step allocates and
 copies nothing but the new columns. A device backend (TensorRT) subclasses it with the arrays on the GPU:
@@ -31,14 +36,23 @@ Imports on the GPU harness's Python 3.9 without torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 MIN_PAGE = 16  # columns: the smallest growth step of the capacity
 
-#: one prefill chunk: (inputs_embeds (n, seq, hidden), attention_mask (n, total), position_ids (n, 3, seq))
+#: one prefill chunk: (inputs_embeds (n, seq, hidden), attention_mask (n, new tokens so far), position_ids
+#: (n, 3, seq)); the mask covers the chunks' tokens, not a reused prefix (the cache adds its columns)
 Chunk = Tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class Prefix(NamedTuple):
+    """A row's reused prefix: the blocks :meth:`KVCache.save_block` made, in order, and how many of
+    their tokens the row takes (at most all of them; a row may stop inside its last block)."""
+
+    blocks: Sequence[Any]
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -120,24 +134,68 @@ class KVCache:
 
     # ---- rows -------------------------------------------------------------------------------
 
-    def prefill(self, slots: Sequence[int], lengths: Sequence[int], chunks: Iterable[Chunk]) -> np.ndarray:
+    def prefill(self, slots: Sequence[int], lengths: Sequence[int], chunks: Iterable[Chunk],
+                prefixes: Optional[Sequence[Prefix]] = None) -> np.ndarray:
         """Run the decoder over ``chunks`` of left-padded prompts (each chunk attends to the cache the
-        earlier ones wrote), then copy row ``k``'s last ``lengths[k]`` columns into slot ``slots[k]``.
+        earlier ones wrote), then copy each row's ``lengths[k]`` tokens into slot ``slots[k]``.
+
+        With ``prefixes``, row ``k``'s first ``prefixes[k].tokens`` tokens are not in the chunks: their
+        keys/values come from the prefix blocks (:meth:`save_block`), which start the decoder's cache
+        (right-aligned, masked per row), and the chunks hold the rest. A chunk's mask covers only its
+        new tokens; the cache prepends the mask of its own columns.
 
         Returns:
             The last chunk's logits, one row per slot in ``slots``. Nothing is stored if a call raises.
         """
-        past = {name: self._empty(len(slots), 0) for name in self.spec.names}
+        past, past_mask = self._past(prefixes or [Prefix((), 0)] * len(slots))
+        reused = [p.tokens for p in prefixes] if prefixes else [0] * len(slots)
         out: Dict[str, np.ndarray] = {}
         for embeds, mask, positions in chunks:
-            out = self._run_prefill(embeds, mask, positions, past)
+            out = self._run_prefill(embeds, np.concatenate([past_mask, mask], axis=1), positions, past)
             past = {name: out[f"present_{name}"] for name in self.spec.names}
         self.fit(max([int(self.lengths[self.used].max(initial=0))] + list(lengths)) + 1)
-        for k, (slot, n) in enumerate(zip(slots, lengths)):
+        start, total = past_mask.shape[1], past[self.spec.names[0]].shape[2]
+        for k, (slot, n, p) in enumerate(zip(slots, lengths, reused)):
             for name in self.spec.names:
-                self.store[name][slot, :, :n] = past[name][k, :, past[name].shape[2] - n:]
+                self.store[name][slot, :, :p] = past[name][k, :, start - p:start]
+                self.store[name][slot, :, p:n] = past[name][k, :, total - (n - p):]
             self._take(slot, n)
         return out["logits"]
+
+    def _past(self, prefixes: Sequence[Prefix]) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
+        """The prefill's first cache: row ``k``'s reused tokens in its last ``prefixes[k].tokens`` columns
+        (from its blocks, in order), zeros before them; and the mask of those columns."""
+        width = max(p.tokens for p in prefixes)
+        past = {name: self._empty(len(prefixes), width) for name in self.spec.names}
+        mask = np.zeros((len(prefixes), width), np.int64)
+        for k, prefix in enumerate(prefixes):
+            if not prefix.tokens:
+                continue
+            mask[k, width - prefix.tokens:] = 1
+            joined = np.concatenate(list(prefix.blocks), axis=2)[:, :, :prefix.tokens]
+            for j, name in enumerate(self.spec.names):
+                past[name][k, :, width - prefix.tokens:] = joined[j]
+        return past, mask
+
+    # ---- prefix blocks: runtime.prefix_cache keeps the index and the policy, the cache the memory ----
+
+    def block_bytes(self, tokens: int) -> int:
+        """Bytes one block of ``tokens`` columns holds (every layer's keys and values)."""
+        s = self.spec
+        return len(s.names) * s.kv_heads * tokens * s.head_dim * self.dtype.itemsize
+
+    def save_block(self, slot: int, start: int, stop: int) -> Any:
+        """A copy of columns ``[start, stop)`` of the row in ``slot``, every layer's keys and values: here
+        one host array ``(names, kv_heads, stop - start, head_dim)``; a device cache returns its own
+        handle. :meth:`prefill` takes these back through ``Prefix.blocks``."""
+        block = np.empty((len(self.spec.names), self.spec.kv_heads, stop - start, self.spec.head_dim), self.dtype)
+        for j, name in enumerate(self.spec.names):
+            block[j] = self.store[name][slot, :, start:stop]
+        return block
+
+    def free_block(self, block: Any) -> None:
+        """The prefix cache dropped ``block`` (host arrays: the garbage collector frees them; a device
+        cache returns the memory to its pool)."""
 
     def _take(self, slot: int, length: int) -> None:
         self.used[slot], self.lengths[slot] = True, length

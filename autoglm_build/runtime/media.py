@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 from typing import Optional
 
@@ -55,6 +56,12 @@ def image_geometry(cfg: BuildConfig, capacity: Optional[int] = None):
     return VisionGeometry.of(cfg.vision).within(min(top, capacity or top))
 
 
+def media_key(kind: str, data: bytes) -> bytes:
+    """The prefix cache's identity of a media part: a digest of the bytes the client sent (one server
+    encodes the same bytes to the same embeddings), so two screenshots never share cached keys/values."""
+    return hashlib.blake2b(data, digest_size=32, person=kind.encode()[:16]).digest()
+
+
 def encode_image(backend: Backend, cfg: BuildConfig, data: bytes, param: str) -> Segment:
     """The vision encoder's embeddings of one image at native resolution, with its token grid."""
     from autoglm_build.imaging import ImageError, open_image, pack, preprocess
@@ -65,7 +72,7 @@ def encode_image(backend: Backend, cfg: BuildConfig, data: bytes, param: str) ->
     except ImageError as exc:
         raise MediaError(exc.message.split(": ", 1)[-1], param) from None
     embeds = backend.run("vision", pack([image], merge))["image_embeds"]
-    return Segment(media="image", embeds=embeds, grid=image.merged_grid(merge))
+    return Segment(media="image", embeds=embeds, grid=image.merged_grid(merge), key=media_key("image", data))
 
 
 def encode_audio(backend: Backend, cfg: BuildConfig, data: bytes, param: str) -> Segment:
@@ -83,7 +90,7 @@ def encode_audio(backend: Backend, cfg: BuildConfig, data: bytes, param: str) ->
                          param)
     features = log_mel(samples, a.num_mel_bins, a.frame_multiple, a.max_frames)
     embeds = backend.run("audio", {"input_features": features[None]})["audio_embeds"][0]
-    return Segment(media="audio", embeds=embeds)
+    return Segment(media="audio", embeds=embeds, key=media_key("audio", data))
 
 
 WAV_WANTED = "send 16 kHz mono 16-bit PCM WAV"

@@ -34,6 +34,7 @@ class Segment:
     media: Optional[str] = None  # "image" | "audio"
     embeds: Optional[np.ndarray] = None  # (count, hidden)
     grid: Optional[Tuple[int, int]] = None  # image: (rows, cols) of merged patches
+    key: Optional[bytes] = None  # media: a digest of what the embeddings were made from (the prefix cache's key)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Prompt:
     positions: np.ndarray  # (3, len(ids)) int64
     splices: List[Tuple[int, np.ndarray]] = field(default_factory=list)  # (start, (count, hidden))
     thinking: bool = False
+    media_keys: List[Optional[bytes]] = field(default_factory=list)  # per splice: its Segment's key
 
     @property
     def next_position(self) -> int:
@@ -109,6 +111,7 @@ class ChatTokenizer:
         ids: List[int] = []
         pos: List[np.ndarray] = []
         splices: List[Tuple[int, np.ndarray]] = []
+        keys: List[Optional[bytes]] = []
         counts = {"image": 0, "audio": 0}
         cur = 0
         for part in parts:
@@ -126,6 +129,7 @@ class ChatTokenizer:
             pos.append(np.full((3, 1), cur))
             cur += 1
             splices.append((len(ids), part.embeds))
+            keys.append(part.key)
             ids += [self.ids[token]] * count
             if part.media == "image":
                 rows, cols = part.grid
@@ -139,7 +143,7 @@ class ChatTokenizer:
             pos.append(np.full((3, 1), cur))
             cur += 1
         positions = np.concatenate(pos, axis=1).astype(np.int64) if pos else np.zeros((3, 0), np.int64)
-        return Prompt(ids=ids, positions=positions, splices=splices, media_tokens=counts)
+        return Prompt(ids=ids, positions=positions, splices=splices, media_tokens=counts, media_keys=keys)
 
     def text_prompt(self, text: str) -> Prompt:
         """A raw completion prompt (no chat format): the text's own tokens."""

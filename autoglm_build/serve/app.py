@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) over a :class:`~autoglm_build.runtime.generation.Scheduler`.
 
-Endpoints: ``/health`` (liveness), ``/ready`` (backend loaded, batch state), ``/v1/models``,
+Endpoints: ``/health`` (liveness), ``/ready`` (backend loaded, batch state), ``/metrics`` (the
+scheduler's and the prefix cache's counters in Prometheus' text format), ``/v1/models``,
 ``/v1/completions``, ``/v1/chat/completions`` (streamed as server-sent events in OpenAI's chunk
 format, ending with ``data: [DONE]``). Every error is OpenAI's error JSON
 (``{"error": {"message", "type", "param", "code"}}``) with the matching status:
@@ -25,7 +26,7 @@ from typing import Any, AsyncIterator, Dict, List, Optional, Tuple, Union
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -182,6 +183,31 @@ async def ready(state: ServerState = Depends(get_state)):
     s = state.scheduler
     body = {"status": "ready" if s.running else "not ready", **state.backend.describe(), **s.stats()}
     return JSONResponse(body, status_code=200 if s.running else 503)
+
+
+#: stats that only grow (Prometheus counters, ``_total``); the others are gauges
+COUNTERS = frozenset({"decode_steps", "tokens", "prefill_tokens", "prefill_positions", "hits", "misses",
+                      "tokens_queried", "tokens_reused", "blocks_stored", "evictions"})
+
+
+def prometheus(stats: Dict[str, Any], prefix: str = "autoglm_") -> str:
+    """Numeric ``stats`` (nested dicts flattened into the name) in Prometheus' text exposition format."""
+    lines = []
+    for key, value in stats.items():
+        name = prefix + key
+        if isinstance(value, dict):
+            lines.append(prometheus(value, name + "_").rstrip("\n"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            kind = "counter" if key in COUNTERS else "gauge"
+            name += "_total" if kind == "counter" else ""
+            lines += [f"# TYPE {name} {kind}", f"{name} {value}"]
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+@router.get("/metrics")
+async def metrics(state: ServerState = Depends(get_state)):
+    """The scheduler's counters and the prefix cache's (hits, misses, tokens reused, evictions, bytes held)."""
+    return PlainTextResponse(prometheus(state.scheduler.stats()), media_type="text/plain; version=0.0.4")
 
 
 @router.get("/v1/models")

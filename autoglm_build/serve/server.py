@@ -6,9 +6,11 @@ included) to finish; then the app's lifespan stops the scheduler and releases th
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,6 +22,20 @@ from autoglm_build.runtime.text import ChatTokenizer
 from autoglm_build.serve.app import ServerState, create_app
 
 API_KEY_ENV = "AUTOGLM_BUILD_API_KEY"
+#: overrides ``serve.prefix_cache_mib`` (0: reuse off) without another config file, which a workdir
+#: built from its own config would refuse: the load benchmark serves one build both ways
+PREFIX_CACHE_ENV = "AUTOGLM_BUILD_PREFIX_CACHE_MIB"
+
+
+def prefix_cache_bytes(cfg: BuildConfig) -> int:
+    """The prefix cache's budget: ``$AUTOGLM_BUILD_PREFIX_CACHE_MIB``, else ``serve.prefix_cache_mib``."""
+    raw = os.environ.get(PREFIX_CACHE_ENV)
+    if raw is None or not raw.strip():
+        return cfg.serve.prefix_cache_mib << 20
+    if not raw.strip().isdigit():
+        raise UserError(f"${PREFIX_CACHE_ENV}: '{raw}' is not a whole number of MiB",
+                        hint=f"unset it to use serve.prefix_cache_mib ({cfg.serve.prefix_cache_mib})")
+    return int(raw) << 20
 
 
 def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precision: Optional[str] = None,
@@ -37,7 +53,8 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
     try:
         tokenizer = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
         scheduler = Scheduler(runtime, cfg, tokenizer, max_batch or cfg.serve.max_batch,
-                              cfg.serve.queue_size if queue_size is None else queue_size, cfg.engine.context)
+                              cfg.serve.queue_size if queue_size is None else queue_size, cfg.engine.context,
+                              prefix_cache_bytes=prefix_cache_bytes(cfg))
     except BaseException:
         runtime.close()
         raise
@@ -58,9 +75,12 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
         state.backend.close()
         raise
     app = create_app(state)
+    _log_to_stderr(log_level)
     d = state.backend.describe()
+    reuse = state.scheduler.prefix.budget >> 20
     announce(f"serving {', '.join(state.model_ids)} on http://{host}:{port} ({d['backend']} {d['precision']}, "
-             f"max batch {state.scheduler.max_batch}, context {state.scheduler.context}"
+             f"max batch {state.scheduler.max_batch}, context {state.scheduler.context}, "
+             f"prefix cache {f'{reuse} MiB' if state.scheduler.prefix.enabled else 'off'}"
              f"{', API key required' if state.api_key else ''})")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
                             access_log=log_level == "debug")
@@ -69,6 +89,17 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def _log_to_stderr(level: str) -> None:
+    """The scheduler's log lines (``autoglm_build.serve``: prefix cache counters) on stderr beside uvicorn's."""
+    logger = logging.getLogger("autoglm_build.serve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level.upper())
 
 
 def listen(host: str, port: int) -> socket.socket:

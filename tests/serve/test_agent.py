@@ -65,10 +65,10 @@ def user_turn(task: str, app: str, screenshot: str) -> dict:
                                         {"type": "text", "text": f"{task}\n\n{{\"current_app\": \"{app}\"}}"}]}
 
 
-def stream_step(client: OpenAI, messages: list) -> str:
+def stream_step(client: OpenAI, messages: list, max_tokens: int = 3000) -> str:
     """One agent step as the client makes it: streamed, its sampling, only delta.content read."""
     content = ""
-    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3000, temperature=0.0,
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0.0,
                                                 top_p=0.85, frequency_penalty=0.2, stream=True):
         if not chunk.choices:
             continue

@@ -14,7 +14,8 @@ class _Scheduler:
     running, context, max_batch, queue_size = True, 64, 1, 0
 
     def stats(self):
-        return {"active": 0, "waiting": 0}
+        return {"active": 0, "waiting": 0, "tokens": 12,
+                "prefix_cache": {"hits": 3, "tokens_reused": 512, "evictions": 1, "bytes": 4096}}
 
 
 class _Backend:
@@ -46,7 +47,17 @@ def test_two_apps_serve_their_own_state():
 
 def test_routes_are_module_level_and_state_is_a_dependency():
     paths = {route.path for route in router.routes}
-    assert paths == {"/health", "/ready", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    assert paths == {"/health", "/ready", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
     asgi = create_app(_state(("served",)))
     asgi.app.dependency_overrides[get_state] = lambda: _state(("overridden",))
     assert _ids(TestClient(asgi).get("/v1/models")) == ["overridden"]
+
+
+def test_metrics_are_prometheus_text_with_the_prefix_cache_counters():
+    resp = TestClient(create_app(_state(("served",)))).get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    lines = resp.text.splitlines()
+    for line in ("autoglm_active 0", "autoglm_tokens_total 12", "autoglm_prefix_cache_hits_total 3",
+                 "autoglm_prefix_cache_tokens_reused_total 512", "autoglm_prefix_cache_evictions_total 1",
+                 "# TYPE autoglm_prefix_cache_bytes gauge", "autoglm_prefix_cache_bytes 4096"):
+        assert line in lines

@@ -11,14 +11,25 @@ the last stream's end. Last, a load phase: ``--clients`` concurrent streams of r
 AsyncOpenAI clients (errors, TTFT p50/p99, tokens/s). Ends with the line
 ``serve/engine decode rate: <ratio>`` at batch 8.
 
+``--agent SESSIONSxSTEPS`` replays the phone agent instead (issue 12's contract): each session sends,
+step after step, the system prompt, its history (earlier user turns without their screenshot, earlier
+replies as ``<think>..</think><answer>..</answer>``) and a new full-size screenshot, all sessions at
+once; once against a server with prefix reuse and once against one without
+(``$AUTOGLM_BUILD_PREFIX_CACHE_MIB=0``), printing TTFT p50/p99 (all steps, and the steps after each
+session's first), the prompt tokens the decoder ran and those it reused, tokens/s and errors.
+
     python benchmarks/serve_load.py [-w build/autoglm-phone-tiny] [--max-tokens 128] [--clients 64]
+    python benchmarks/serve_load.py --agent 8x5 [--agent-tokens 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import datetime
+import io
 import json
 import sys
 import tempfile
@@ -36,13 +47,13 @@ MESSAGE = "第{}个请求: 打开设置并开启深色模式"
 
 
 @contextlib.contextmanager
-def server(args, max_batch: int):
+def server(args, max_batch: int, env=None):
     serve_args = ["-c", args.config, "-w", args.workdir, "--backend", args.backend, "--max-batch", str(max_batch),
                   "--queue-size", str(max(args.clients, 8)), "-q"]
     with contextlib.ExitStack() as stack:
         logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-load-")))
         try:
-            url, _, _ = stack.enter_context(serve_process(serve_args, logs, ready_timeout=120))
+            url, _, _ = stack.enter_context(serve_process(serve_args, logs, env, ready_timeout=120))
         except RuntimeError as exc:  # exited or not ready: the log's tail, no traceback
             raise SystemExit(str(exc)) from None
         yield url
@@ -161,6 +172,136 @@ async def phase(url: str, clients: int, max_tokens: int, timeout: float, light: 
             "decode_steps": stats["decode_steps"]}
 
 
+# ---- the phone agent's sessions ----------------------------------------------------------------
+
+SCREENS = ROOT / "calibration_data" / "images"
+RULES = ("你是一个手机操作助手, 根据用户的任务和当前屏幕截图, 每一步只输出一个操作。先在 <think> 中说明你看到了什么、"
+         "下一步为什么这样做, 再在 <answer> 中给出操作。可用的操作: do(action=\"Launch\", app=\"应用名\"); "
+         "do(action=\"Tap\", element=[x,y]), 坐标范围 0 到 999; do(action=\"Type\", text=\"文字\"); "
+         "do(action=\"Swipe\", start=[x1,y1], end=[x2,y2]); do(action=\"Back\"); do(action=\"Home\"); "
+         "finish(message=\"结果\")。规则: 先确认当前应用是否正确; 页面没有加载完成时等待; 找不到目标时先滑动查找; "
+         "登录、支付、验证码等敏感操作交给用户接管; 每一步只执行一个操作。\n")
+ACTION = 'do(action="Tap", element=[500, 300])'
+
+
+def agent_system_prompt() -> str:
+    """Our own text in the shape of the client's: today's date, then rules, about 3.4K characters."""
+    text = f"今天的日期是: {datetime.date.today():%Y年%m月%d日}\n"
+    while len(text) < 3400:
+        text += RULES
+    return text
+
+
+def agent_screens(sessions: int, steps: int) -> list:
+    """``[session][step]`` PNG data URLs: the calibration phone screens (1080x2400), each marked with a
+    square of its own colour, so no two requests send the same screenshot (as on a phone)."""
+    from PIL import Image
+
+    screens = sorted(SCREENS.glob("screen_*.png"))
+    out = []
+    for s in range(sessions):
+        row = []
+        for k in range(steps):
+            img = Image.open(screens[(s + k) % len(screens)]).convert("RGB")
+            img.paste((40 * s % 256, 40 * k % 256, 128), (60, 60, 260, 260))
+            buffer = io.BytesIO()
+            img.save(buffer, format="PNG")
+            row.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+        out.append(row)
+    return out
+
+
+async def agent_step(http: httpx.AsyncClient, messages: list, max_tokens: int) -> dict:
+    """One streamed step with the client's sampling; TTFT at the first chunk with text (special tokens
+    shown and EOS ignored, so every step's first token and its length are the same work both ways)."""
+    body = {"model": "autoglm-phone-9b", "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
+            "top_p": 0.85, "frequency_penalty": 0.2, "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True, "skip_special_tokens": False}
+    start, first, content, usage = time.perf_counter(), None, "", {}
+    async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            text = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if text and first is None:
+                first = time.perf_counter()
+            content += text or ""
+            usage = chunk.get("usage") or usage
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "end": end, "content": content, "tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"]}
+
+
+async def agent_session(http: httpx.AsyncClient, screens: list, max_tokens: int) -> list:
+    """One session's steps, in order; each step's history is what the client would send back."""
+    messages, results = [{"role": "system", "content": agent_system_prompt()}], []
+    for k, screen in enumerate(screens):
+        task = "打开设置, 开启蓝牙并返回桌面" if k == 0 else "** Screen Info **"
+        text = f"{task}\n\n{{\"current_app\": \"System Settings\"}}"
+        messages.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": screen}},
+                                                     {"type": "text", "text": text}]})
+        result = await agent_step(http, messages, max_tokens)
+        results.append({**result, "step": k})
+        messages[-1]["content"] = messages[-1]["content"][1:]  # the client drops the screenshot
+        reply = f"<think>{result['content']}</think><answer>{ACTION}</answer>"
+        messages.append({"role": "assistant", "content": reply})
+    return results
+
+
+async def agent_phase(url: str, screens: list, max_tokens: int, timeout: float) -> dict:
+    """Every session at once; TTFT over all steps and over the steps after the first."""
+    http = httpx.AsyncClient(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=len(screens) + 4))
+    start = time.perf_counter()
+    sessions = await asyncio.wait_for(asyncio.gather(*(agent_session(http, row, max_tokens) for row in screens),
+                                                     return_exceptions=True), timeout=timeout)
+    wall = time.perf_counter() - start
+    await http.aclose()
+    steps = [r for s in sessions if isinstance(s, list) for r in s]
+    errors = [s for s in sessions if not isinstance(s, list)]
+    stats = httpx.get(url + "/ready").json()
+
+    def pct(values, q):
+        return float(np.percentile(values, q)) if values else float("nan")
+
+    ttft = [r["ttft"] for r in steps]
+    later = [r["ttft"] for r in steps if r["step"] > 0]
+    return {"steps": len(steps), "errors": len(errors), "first_error": repr(errors[0]) if errors else "",
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "later_p50": pct(later, 50),
+            "later_p99": pct(later, 99), "prompt_tokens": sum(r["prompt_tokens"] for r in steps),
+            "prefilled": stats["prefill_tokens"], "reused": stats["prefix_cache"]["tokens_reused"],
+            "tokens_per_s": sum(r["tokens"] for r in steps) / wall, "wall_s": wall,
+            "contents": [[r["content"] for r in s] if isinstance(s, list) else None for s in sessions]}
+
+
+def agent_main(args, cfg) -> int:
+    sessions, steps = (int(x) for x in args.agent.lower().split("x"))
+    screens = agent_screens(sessions, steps)
+    results = {}
+    for mode, env in (("on", {}), ("off", {"AUTOGLM_BUILD_PREFIX_CACHE_MIB": "0"})):
+        with server(args, 8, env) as url:
+            asyncio.run(phase(url, 1, 4, args.timeout))  # warm-up (no system prompt: nothing reused from it)
+            results[mode] = asyncio.run(agent_phase(url, screens, args.agent_tokens, args.timeout))
+    on, off = results["on"], results["off"]
+    print(f"phone agent, {cfg.name}, {args.backend}: {sessions} concurrent sessions x {steps} steps, one "
+          f"1080x2400 screenshot per step, {args.agent_tokens} new tokens per step, server --max-batch 8")
+    print(f"{'prefix reuse':>12} {'TTFT p50':>9} {'TTFT p99':>9} {'steps>1 p50':>12} {'steps>1 p99':>12} "
+          f"{'prompt tok':>11} {'prefilled':>10} {'reused':>8} {'tok/s':>7} {'errors':>7}")
+    for mode, r in results.items():
+        print(f"{mode:>12} {r['ttft_p50']:>8.3f}s {r['ttft_p99']:>8.3f}s {r['later_p50']:>11.3f}s "
+              f"{r['later_p99']:>11.3f}s {r['prompt_tokens']:>11} {r['prefilled']:>10} {r['reused']:>8} "
+              f"{r['tokens_per_s']:>7.1f} {r['errors']:>7}")
+        if r["first_error"]:
+            print(f"  first error: {r['first_error']}")
+    same = on["contents"] == off["contents"]
+    print(f"replies equal with and without reuse: {'yes' if same else 'NO'}")
+    print(f"TTFT p50 without/with reuse: {off['ttft_p50'] / on['ttft_p50']:.2f}x")
+    return 1 if on["errors"] or off["errors"] or not same else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default=str(ROOT / "configs" / "autoglm-phone-tiny.yaml"))
@@ -170,12 +311,17 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64, help="streams of the load phase (0: none)")
     parser.add_argument("--load-tokens", type=int, default=64, help="tokens per stream in the load phase")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase before giving up")
+    parser.add_argument("--agent", help="SESSIONSxSTEPS: replay the phone agent with and without prefix reuse "
+                        "(instead of the decode phases)")
+    parser.add_argument("--agent-tokens", type=int, default=32, help="new tokens per agent step")
     args = parser.parse_args()
 
     from autoglm_build.config import load_config
     from autoglm_build.runtime.backends import open_backend
 
     cfg = load_config(Path(args.config))
+    if args.agent:
+        return agent_main(args, cfg)
     backend = open_backend(Path(args.workdir), ["embed", "decoder"], args.backend)
     if backend.name != "onnxruntime":
         raise SystemExit(f"the engine-alone decode loop is written for ONNX Runtime; this backend is {backend.name}")

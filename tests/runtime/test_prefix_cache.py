@@ -143,6 +143,22 @@ def test_a_different_screenshot_at_the_same_positions_is_a_miss(runtime):
     assert sched.prefix.stats()["hits"] == 1 and again == out_a
 
 
+def test_a_prefix_ending_inside_a_screenshot_splices_the_rest_of_it(runtime):
+    """Same screenshot, other text after it: the held blocks end inside the image's tokens, so the new
+    part starts with the image's remaining embeddings (the splice's offset into the image)."""
+    cfg, backend, tok = runtime
+    image = encode_image(backend, cfg, png("screen_settings.png"), "image")
+    a, b = (tok.chat_prompt([("user", [image, Segment(text=text * 6)])], False)
+            for text in ("打开蓝牙并返回桌面。", "Open the settings app and turn on dark mode. "))
+    start, count = a.splices[0][0], len(a.splices[0][1])
+    sched = scheduler(runtime, block=64)
+    generate(sched, [a])
+    out_b = generate(sched, [b])[0]
+    reused = sched.prefix.stats()["tokens_reused"]
+    assert start < reused < start + count  # the boundary falls inside the image
+    assert out_b == alone(runtime, b)
+
+
 def test_block_keys_name_the_media_and_the_positions():
     """Same ids: another image (by key or, without one, by embeddings) or another grid (other 3-D
     positions for the same 16 tokens) changes the key of the block holding it and of every later one."""

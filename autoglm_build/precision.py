@@ -4,7 +4,8 @@ and TensorRT's implicit-INT8 calibration cache (TensorRT <= 10).
 TensorRT 11 is strongly typed: a layer runs in the type its inputs have in the ONNX graph. So the
 policy is applied to the graph itself — Q/DQ pairs around INT8 layers (onnxruntime.quantization),
 Cast-delimited FP16 islands for the layers the policy keeps in FP16 (onnxruntime's float16
-converter) — and :func:`census` reads the result back from the graph, not from the config.
+converter), FP16 around the Q/DQ pairs where the opset allows it (:func:`fp16_around_qdq`) — and
+:func:`census` reads the result back from the graph, not from the config.
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ import re
 import struct
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
+from autoglm_build.rewrites.base import opset_of
+
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 _FLOAT16, _FLOAT, _INT8 = 10, 1, 3
+#: The first opset whose QuantizeLinear reads FP16 (with an FP16 scale) and whose DequantizeLinear
+#: gives FP16 (the scale's type); below it both are FP32 only. TensorRT 8.5 parses opset <= 17.
+FP16_QDQ_OPSET = 19
+#: An FP16 scale must be a finite nonzero FP16: the smallest subnormal (2^-24) and the largest finite.
+FP16_SCALE_RANGE = (2.0 ** -24, 65504.0)
 
 #: Ops that must not compute in FP16 (the graph-precision check): a normalization's square and mean
 #: overflow FP16 for |x| > 256 (x^2 > 65504), and a softmax's exponentials want FP32 sums. Strongly
@@ -107,6 +115,71 @@ def to_fp16(model, fp16_io: Sequence[str] = ()):
     _add_value_info(model)
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=block, disable_shape_infer=True)
     return tidy(io_to_fp16(converted, fp16_io))
+
+
+def fp16_around_qdq(model, fp16_io: Sequence[str] = ()) -> Tuple[Any, int]:
+    """An INT8 Q/DQ graph at opset >= 19 in FP16 around its Q/DQ pairs, as :func:`to_fp16` makes the
+    FP16 graph: the scales become FP16 initializers, every QuantizeLinear reads FP16 and every
+    DequantizeLinear gives FP16, the float ops between them compute in FP16 but for
+    :func:`fp32_nodes` (FP32 between Casts); graph I/O keeps its types but for ``fp16_io``.
+
+    Strongly typed TensorRT (10.12+, 11) computes exactly these types; with FP32 Q/DQ (opset < 19)
+    it would run every layer between the pairs in FP32. A scale outside :data:`FP16_SCALE_RANGE`
+    (amax/127 below 2^-24: a nearly all-zero weight channel) is clamped into it first, in FP32, so
+    the FP16 scale is exact and never 0 or inf; the count is returned for the stage to report.
+
+    Args:
+        model: the Q/DQ graph (``quantize_static``'s output), changed in place.
+        fp16_io: graph inputs and outputs to retype to FP16 (see :func:`io_to_fp16`).
+
+    Returns:
+        The converted graph and how many scale values were clamped.
+
+    Raises:
+        ValueError: the graph's opset is below :data:`FP16_QDQ_OPSET`.
+        RuntimeError: a Q/DQ node is not FP16 after the conversion (a bug, not the user's).
+    """
+    if opset_of(model) < FP16_QDQ_OPSET:
+        raise ValueError(f"FP16 Q/DQ needs opset >= {FP16_QDQ_OPSET}, the graph has {opset_of(model)}")
+    clamped = _clamp_qdq_scales(model)
+    converted = to_fp16(model, fp16_io)
+    wrong = _qdq_not_fp16(converted)
+    if wrong:
+        raise RuntimeError(f"Q/DQ nodes not FP16 after the conversion: {wrong[:5]}")
+    return converted, clamped
+
+
+def _clamp_qdq_scales(model) -> int:
+    """Clamp every Q/DQ scale initializer into :data:`FP16_SCALE_RANGE`; returns the values changed."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    scales = {n.input[1] for n in model.graph.node if n.op_type in QDQ_OPS and n.input[1] in inits}
+    clamped = 0
+    for name in sorted(scales):
+        values = numpy_helper.to_array(inits[name])
+        fixed = np.clip(values, *FP16_SCALE_RANGE).astype(values.dtype)
+        changed = int(np.count_nonzero(fixed != values))
+        if changed:
+            inits[name].CopyFrom(numpy_helper.from_array(fixed, name))
+            clamped += changed
+    return clamped
+
+
+def _qdq_not_fp16(model) -> List[str]:
+    """Q/DQ nodes with a float input, scale or output that is not FP16."""
+    types = _tensor_types(model)
+    wrong = []
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            floats = [node.input[0], node.input[1]]
+        elif node.op_type == "DequantizeLinear":
+            floats = [node.input[1], node.output[0]]
+        else:
+            continue
+        if any(types.get(name) != _FLOAT16 for name in floats):
+            wrong.append(node.name)
+    return wrong
 
 
 def io_to_fp16(model, names: Sequence[str]):

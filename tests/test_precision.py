@@ -156,3 +156,86 @@ def test_fp16_io_survives_onnx_graphsurgeon():
     model = to_fp16(block, ["past", "present"])
     outputs = {o.name: o.dtype for o in gs.import_onnx(model).outputs}
     assert outputs == {"y": np.float32, "present": np.float16}
+
+
+# ---- FP16 around the Q/DQ pairs (opset >= 19) ----------------------------------------------------
+
+def _qdq_block(opset: int, hidden: int = 64):
+    """:func:`_rmsnorm_block` with its MatMul in INT8 as ``quantize_static`` writes it: per-tensor Q/DQ
+    on the activation, per-channel Q/DQ on the weight, whose last column is all zeros (scale 1e-9:
+    below FP16's smallest subnormal, it would round to a zero scale)."""
+    from onnx import helper, numpy_helper
+
+    from autoglm_build.stages.optimize import upgrade_opset
+
+    model = _rmsnorm_block(hidden)
+    weights = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "W")).copy()
+    weights[:, -1] = 0.0
+    scales = np.abs(weights).max(axis=0) / 127
+    scales[-1] = 1e-9
+    inits = {t.name: t for t in model.graph.initializer}
+    inits["W"].CopyFrom(numpy_helper.from_array(weights.astype(np.float32), "W"))
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array(0.05, np.float32), "s_x"),
+        numpy_helper.from_array(np.array(0, np.int8), "z_x"),
+        numpy_helper.from_array(scales.astype(np.float32), "s_W"),
+        numpy_helper.from_array(np.zeros(hidden, np.int8), "z_W"),
+    ])
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+    at = list(model.graph.node).index(matmul)
+    qdq = [
+        helper.make_node("QuantizeLinear", ["scaled", "s_x", "z_x"], ["scaled_q"], name="scaled_QuantizeLinear"),
+        helper.make_node("DequantizeLinear", ["scaled_q", "s_x", "z_x"], ["scaled_dq"], name="scaled_DequantizeLinear"),
+        helper.make_node("QuantizeLinear", ["W", "s_W", "z_W"], ["W_q"], axis=1, name="W_QuantizeLinear"),
+        helper.make_node("DequantizeLinear", ["W_q", "s_W", "z_W"], ["W_dq"], axis=1, name="W_DequantizeLinear"),
+    ]
+    for i, node in enumerate(qdq):
+        model.graph.node.insert(at + i, node)
+    matmul.input[:] = ["scaled_dq", "W_dq"]
+    return upgrade_opset(model, opset) if opset > 17 else model  # as the optimize stage raises it
+
+
+def _qdq_types(model):
+    """(element types QuantizeLinear reads, element types DequantizeLinear gives)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    reads = {types.get(n.input[i]) for n in model.graph.node if n.op_type == "QuantizeLinear" for i in (0, 1)}
+    gives = {types.get(n.output[0]) for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return reads, gives
+
+
+def test_fp16_around_qdq_at_opset_19_keeps_the_fp32_islands_and_clamps_a_zero_scale():
+    import onnx
+
+    from autoglm_build.precision import FP16_SCALE_RANGE, fp16_around_qdq, fp16_reductions
+
+    rng = np.random.default_rng(3)
+    feed = {"x": rng.standard_normal((2, 64)).astype(np.float32), "r": rng.standard_normal((2, 64)).astype(np.float32),
+            "past": rng.standard_normal((2, 3)).astype(np.float32)}
+    ref = _run(_qdq_block(19), feed)  # the FP32 Q/DQ graph
+    model, clamped = fp16_around_qdq(_qdq_block(19), ["past", "present"])
+    assert _qdq_types(_qdq_block(19)) == ({1}, {1})
+    assert _qdq_types(model) == ({10}, {10})  # FP16 into every Q, out of every DQ, FP16 scales
+    assert clamped == 1  # the all-zero column's 1e-9
+    scale = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "s_W"))
+    assert scale.dtype == np.float16 and scale.min() == np.float16(FP16_SCALE_RANGE[0])
+    assert fp16_reductions(model) == []
+    names, outputs = [n.name for n in model.graph.node], [o for n in model.graph.node for o in n.output]
+    assert len(set(names)) == len(names) and len(set(outputs)) == len(outputs)
+    onnx.checker.check_model(model, full_check=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    assert types == {"x": 1, "r": 1, "past": 10, "y": 1, "present": 10}
+    got = _run(model, {**feed, "past": feed["past"].astype(np.float16)})
+    assert np.isfinite(got["y"]).all() and np.allclose(got["y"], ref["y"], atol=2e-3)
+    assert np.allclose(got["present"], ref["present"], atol=2e-2, rtol=2e-3)
+
+
+def test_fp16_around_qdq_refuses_opsets_whose_qdq_are_fp32_only():
+    from autoglm_build.precision import fp16_around_qdq
+
+    with pytest.raises(ValueError, match="needs opset >= 19"):
+        fp16_around_qdq(_qdq_block(17))

@@ -11,7 +11,11 @@ INT8 (explicit quantization, what TensorRT >= 8 reads and TensorRT 11 requires):
 3. The policy's nodes (embedding table and LM head by default) become FP16 islands between Casts;
    normalizations, softmax and the residual adds feeding a normalization stay FP32 whatever the
    policy says (:func:`~autoglm_build.precision.fp32_nodes`); graph I/O stays FP32 but for the
-   decoder's KV cache, which is FP16 (``ModuleSpec.fp16_io``).
+   decoder's KV cache, which is FP16 (``ModuleSpec.fp16_io``). At opset 19-20 (``optimize.opset``)
+   the whole graph is FP16 around its Q/DQ pairs instead (FP16 scales, FP16 into every
+   QuantizeLinear and out of every DequantizeLinear, the same FP32 islands:
+   :func:`~autoglm_build.precision.fp16_around_qdq`); below 19 Q/DQ are FP32 only, and so are the
+   layers between them under strong typing.
 4. Accuracy against the FP32 graph on held-out samples (:mod:`autoglm_build.accuracy`), held
    against ``calibrate.gate`` (cosine; greedy agreement for the decoder, with a checkpoint). When the
    INT8 graph misses the gate, or a ``target_cosine`` is set, layers are ranked by the error their
@@ -46,7 +50,10 @@ from autoglm_build.modules.base import ModuleSpec
 from autoglm_build.onnx_io import feed_for, move_into_place, ort_options, save_model
 from autoglm_build.parts import Around, ort_part
 from autoglm_build.precision import (
+    FP16_QDQ_OPSET,
+    FP16_SCALE_RANGE,
     census,
+    fp16_around_qdq,
     fp16_islands,
     fp16_reductions,
     policy_nodes,
@@ -89,7 +96,7 @@ class CalibrateStage(Stage):
         overrides: ``calibrate`` fields set on the command line (method, batches, target_cosine).
     """
 
-    version = 2
+    version = 3  # 3: FP16 around the Q/DQ pairs at opset >= 19
     tools = ("onnx", "onnxruntime", "transformers", "tokenizers", "pillow")
 
     def __init__(self, precision: str, overrides: Optional[Dict[str, Any]] = None) -> None:
@@ -129,12 +136,14 @@ class CalibrateStage(Stage):
         ctx.status("preprocessing calibration data")
         calib, held = spec.calibration_batches(cfg, CalibrationData.discover(Path(settings.data)), graphs)
         around = spec.accuracy_around(cfg, graphs, self.earlier_graphs(ctx, module))
+        warnings: List[str] = []
         with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix=f".{self.name}-{module}-") as tmp:
             tmp_dir = Path(tmp)
             if self.precision == "fp16":
                 model, metrics, extra = to_fp16(onnx.load(str(source)), spec.fp16_io(cfg)), {}, []
             else:
                 model, metrics, extra = self.to_int8(ctx, spec, cfg, source, calib, held, tmp_dir, around)
+                warnings += _scale_warnings(module, metrics)
             ctx.status("measuring accuracy on held-out samples")
             metrics["accuracy"] = accuracy(spec, cfg, source, model, held, tmp_dir, around)
             check_gate(module, self.precision, cfg, metrics)
@@ -147,7 +156,7 @@ class CalibrateStage(Stage):
             onnx.checker.check_model(str(files[0]))
             outputs = move_into_place(files + extra, ctx.workdir / self.precision, module, "onnx-" + self.precision)
         params = {"method": settings.method, "batch_size": settings.batch_size, "source": str(source)}
-        return StageResult(outputs=outputs, params=params, metrics=metrics)
+        return StageResult(outputs=outputs, params=params, metrics=metrics, warnings=warnings)
 
     def earlier_graphs(self, ctx: StageContext, module: str) -> Dict[str, Path]:
         """This precision's graphs of the stages before ``module`` (a stage of a staged module), checked.
@@ -198,6 +207,8 @@ class CalibrateStage(Stage):
                     accuracy(spec, cfg, source, model, held, tmp_dir, around), gate_of(cfg)):
                 model, metrics["fallback"] = fallback(ctx, spec, cfg, source, quantizer, candidates, held, tmp_dir,
                                                       around)
+            metrics["qdq_float"] = "float16" if opset >= FP16_QDQ_OPSET else "float32"
+            metrics["fp16_scales_clamped"] = quantizer.scales_clamped  # of the graph last made: this one
         if int(settings.trt_version.split(".")[0]) >= 11:
             metrics["trt_cache"] = {"skipped": f"TensorRT {settings.trt_version} has no implicit INT8 calibrators"}
             return model, metrics, []
@@ -205,6 +216,15 @@ class CalibrateStage(Stage):
         header = trt_cache_header(settings.trt_version, settings.method)
         metrics["trt_cache"] = {"header": header, "tensors": write_trt_cache(cache, ranges, header)}
         return model, metrics, [cache]
+
+
+def _scale_warnings(module: str, metrics: Dict[str, Any]) -> List[str]:
+    clamped = metrics.get("fp16_scales_clamped", 0)
+    if not clamped:
+        return []
+    low, high = FP16_SCALE_RANGE
+    return [f"{module}: {clamped} Q/DQ scale value(s) clamped into FP16's range [{low:.3g}, {high:g}] "
+            "(amax/127 not representable in FP16; a nearly all-zero weight channel)"]
 
 
 def _upstream(cfg: BuildConfig, module: str) -> List[str]:
@@ -285,6 +305,7 @@ class Quantizer:
                  tmp_dir: Path, fp16_io: Sequence[str] = ()) -> None:
         self.source, self.settings, self.ranges_file = source, settings, ranges_file
         self.fp16_nodes, self.tmp_dir, self.fp16_io = list(fp16_nodes), tmp_dir, list(fp16_io)
+        self.scales_clamped = 0  # by the last call (FP16 Q/DQ only)
 
     def __call__(self, int8_nodes: Sequence[str], extra_fp16: Sequence[str] = ()):
         import onnx
@@ -306,6 +327,9 @@ class Quantizer:
             )
         model = onnx.load(str(out))
         QDQOnlyOnQuantizedOps(self.settings.op_types)(model)
+        if opset_of(model) >= FP16_QDQ_OPSET:  # FP16 everywhere but the FP32 islands: the policy is moot
+            model, self.scales_clamped = fp16_around_qdq(model, self.fp16_io)
+            return model
         return fp16_islands(model, self.fp16_nodes + list(extra_fp16), self.fp16_io)
 
 

@@ -14,9 +14,12 @@ from autoglm_build.console import Reporter
 from autoglm_build.errors import AccuracyError
 from autoglm_build.modules import registry
 from autoglm_build.pipeline import Pipeline
-from autoglm_build.precision import read_trt_cache
+from autoglm_build.precision import fp16_reductions, read_trt_cache
+from autoglm_build.rewrites.base import opset_of
 from autoglm_build.stages.calibrate import CENSUS, CalibrateStage
-from tests.conftest import ROOT, TINY
+from autoglm_build.stages.export import ExportStage
+from autoglm_build.stages.optimize import OptimizeStage
+from tests.conftest import ROOT, TINY, write_config
 from tests.helpers import run_onnx
 
 
@@ -27,6 +30,19 @@ def calibrated(tiny_build, tmp_path_factory):
     shutil.copytree(tiny_build, workdir)
     cfg = load_config(TINY)
     outcomes = Pipeline(cfg, workdir, [CalibrateStage("int8"), CalibrateStage("fp16")], cfg.modules,
+                        reporter=Reporter(-1)).run()
+    return workdir, {(o.stage, o.module): o.record for o in outcomes}
+
+
+@pytest.fixture(scope="module")
+def calibrated_19(tiny_build, tmp_path_factory):
+    """The shared tiny export optimized at opset 19 (``optimize.opset: 19``) and calibrated to INT8,
+    in a private copy."""
+    root = tmp_path_factory.mktemp("calibrated-19")
+    workdir = root / "w"
+    shutil.copytree(tiny_build, workdir)
+    cfg = load_config(write_config(root / "tiny-19.yaml", {"optimize": {"opset": 19}}))
+    outcomes = Pipeline(cfg, workdir, [OptimizeStage(), CalibrateStage("int8")], cfg.modules,
                         reporter=Reporter(-1)).run()
     return workdir, {(o.stage, o.module): o.record for o in outcomes}
 
@@ -183,3 +199,102 @@ def test_qdq_pairs_feed_only_the_quantized_ops(calibrated, tiny_cfg):
         dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
         readers = {n.op_type for n in model.graph.node if dq_out & set(n.input)}
         assert readers <= set(tiny_cfg.calibrate.op_types), (module, readers)
+
+
+# ---- FP16 around the Q/DQ pairs where the opset allows it (issue 18) --------------------------------
+
+def _types(model):
+    """Every tensor's element type, by ONNX type inference."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    return types
+
+
+def _qdq_float_types(model):
+    """(element types every QuantizeLinear reads as input and scale, element types every
+    DequantizeLinear gives)."""
+    types = _types(model)
+    reads = {types.get(n.input[i]) for n in model.graph.node if n.op_type == "QuantizeLinear" for i in (0, 1)}
+    gives = {types.get(n.output[0]) for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return reads, gives
+
+
+def _fp32_op_types(model):
+    """Op types of the nodes that compute an FP32 tensor (Casts and Q/DQ aside)."""
+    types = _types(model)
+    return {n.op_type for n in model.graph.node if n.op_type not in ("Cast", "QuantizeLinear", "DequantizeLinear")
+            and n.output and types.get(n.output[0]) == onnx.TensorProto.FLOAT}
+
+
+def _check_precision_graph(model, label):
+    """The graph-precision check and the structure a strongly typed TensorRT reads: no FP16
+    reduction, one producer per tensor, unique node names, the full ONNX check."""
+    assert fp16_reductions(model) == [], label
+    names, outputs = [n.name for n in model.graph.node], [o for n in model.graph.node for o in n.output]
+    assert len(set(names)) == len(names) and len(set(outputs)) == len(outputs), label
+    onnx.checker.check_model(model, full_check=True)
+
+
+#: What a normalization, a softmax and the residual add feeding a normalization are made of.
+ISLAND_OPS = {"Pow", "ReduceMean", "LayerNormalization", "RMSNormalization", "Softmax",
+              "Add", "Sub", "Sqrt", "Div", "Reciprocal", "Mul"}
+
+
+def test_qdq_pairs_are_fp16_at_opset_19_and_stay_fp32_at_opset_17(calibrated_19, calibrated):
+    """Opset 19 allows FP16 Q/DQ: the INT8 graph is FP16 around every pair (strongly typed TensorRT
+    would otherwise run the layers between them in FP32); the default opset 17 (TensorRT 8.5) keeps
+    them FP32."""
+    F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    workdir, records = calibrated_19
+    for module in ("vision", "audio", "decoder"):
+        model = onnx.load(str(workdir / "int8" / f"{module}.onnx"))
+        assert opset_of(model) == 19 and "QuantizeLinear" in {n.op_type for n in model.graph.node}, module
+        assert _qdq_float_types(model) == ({F16}, {F16}), module
+        _check_precision_graph(model, module)
+        metrics = records[("calibrate-int8", module)].metrics
+        assert metrics["qdq_float"] == "float16" and metrics["fp16_scales_clamped"] == 0, module
+        assert metrics["gate"]["passed"] and metrics["accuracy"]["cosine_mean"] >= 0.99, (module, metrics["accuracy"])
+        # FP16 around the pairs: only the FP32 islands (normalizations, softmax, the residual adds
+        # feeding them) compute in FP32; at opset 17 nearly every float op does
+        assert _fp32_op_types(model) <= ISLAND_OPS, (module, _fp32_op_types(model) - ISLAND_OPS)
+    old_workdir, old_records = calibrated
+    for module in ("vision", "audio", "decoder"):
+        model = onnx.load(str(old_workdir / "int8" / f"{module}.onnx"))
+        assert opset_of(model) == 17 and _qdq_float_types(model) == ({F32}, {F32}), module
+        assert {"MatMul", "Reshape", "Transpose"} <= _fp32_op_types(model), module
+        assert old_records[("calibrate-int8", module)].metrics["qdq_float"] == "float32", module
+
+
+#: The tiny config's depth at widths that are not tiny powers of two: the 9B model's ratios
+#: (vision 1536/13696, text 4096/13696 with 32 heads of 128) scaled to 96/856 and 192/642.
+HIDDEN_SHAPED = {
+    "checkpoint": None,  # new widths: seeded random weights
+    "modules": ["vision", "embed", "decoder"],
+    "vision": {"hidden_size": 96, "num_heads": 6, "intermediate_size": 856, "out_hidden_size": 192},
+    "text": {"hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 642},
+    "export": {"batch_sizes": [1, 2]},
+    "calibrate": {"batches": 4},
+    "optimize": {"opset": 19},  # INT8 at its most FP16: FP16 around the Q/DQ pairs
+}
+
+
+def test_precision_check_passes_on_hidden_shaped_graphs(tmp_path):
+    """Issue 18's acceptance on hidden-shaped graphs: export -> optimize -> calibrate --int8 and
+    --fp16 (vision and decoder; embed feeds the decoder's prompts), every graph passing the
+    graph-precision check and the calibrate gate."""
+    cfg = load_config(write_config(tmp_path / "hidden.yaml", HIDDEN_SHAPED))
+    quiet = Reporter(-1)
+    Pipeline(cfg, tmp_path / "w", [ExportStage(), OptimizeStage()], cfg.modules, reporter=quiet).run()
+    outcomes = Pipeline(cfg, tmp_path / "w", [CalibrateStage("int8"), CalibrateStage("fp16")], cfg.modules,
+                        reporter=quiet).run()
+    records = {(o.stage, o.module): o.record for o in outcomes}
+    for precision in ("int8", "fp16"):
+        for module in ("vision", "decoder"):
+            model = onnx.load(str(tmp_path / "w" / precision / f"{module}.onnx"))
+            _check_precision_graph(model, (precision, module))
+            metrics = records[(f"calibrate-{precision}", module)].metrics
+            assert metrics["gate"]["passed"] and metrics["accuracy"]["cosine_mean"] >= 0.99, (precision, module)
+            if precision == "int8":
+                assert _qdq_float_types(model) == ({onnx.TensorProto.FLOAT16}, {onnx.TensorProto.FLOAT16}), module

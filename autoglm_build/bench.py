@@ -386,6 +386,7 @@ def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequ
                 rows.append(row)
             if hasattr(runner, "backend"):
                 runner.backend.close()
+    notes = list(dict.fromkeys(notes))  # once each, not once per module
     report = {"config": cfg.name, "workdir": str(workdir), "peaks": peaks, "rows": rows, "notes": notes,
               "prompt": prompt, "past": past, "full_config": extrapolate_to.name if extrapolate_to else None}
     _store(manifest, workdir, report)

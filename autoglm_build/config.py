@@ -372,8 +372,9 @@ def _architecture_problems(cfg: BuildConfig) -> List[str]:
     g = cfg.engine
     if not 1 <= g.opt_batch <= g.max_batch:
         problems.append(f"engine.opt_batch: {g.opt_batch} must lie in [1, engine.max_batch={g.max_batch}]")
-    if g.opt_seq > g.prefill_tokens:
-        problems.append(f"engine.opt_seq: {g.opt_seq} exceeds engine.prefill_chunk {g.prefill_tokens}")
+    if g.opt_seq > g.prefill_tokens:  # name the field that bounds it: the chunk, or a context below it
+        bound = "engine.prefill_chunk" if g.prefill_chunk <= g.context else "engine.context"
+        problems.append(f"engine.opt_seq: {g.opt_seq} exceeds {bound} {g.prefill_tokens}")
     if g.opt_seq + g.opt_past > g.context:
         problems.append(
             f"engine.opt_seq + engine.opt_past ({g.opt_seq + g.opt_past}) exceed engine.context {g.context}")

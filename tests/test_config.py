@@ -50,6 +50,8 @@ def test_tiny_is_same_architecture_smaller():
         ({"text": {"mrope_section": [1, 1, 1]}}, "text.mrope_section: sums to 3"),
         ({"modules": ["vision", "speech"]}, "modules: unknown module 'speech'; valid: vision, audio, embed, decoder"),
         ({"export": {"audio_frames": [401]}}, "export.audio_frames: 401 must be a multiple of 8"),
+        ({"engine": {"context": 16}}, "engine.opt_seq: 64 exceeds engine.context 16"),  # not the chunk's name
+        ({"engine": {"prefill_chunk": 16}}, "engine.opt_seq: 64 exceeds engine.prefill_chunk 16"),
     ],
 )
 def test_bad_config_is_one_line_naming_file_and_field(tmp_path, changes, expected):

@@ -41,7 +41,8 @@ class Options:
     dry_run: bool = False
 
 
-ConfigOpt = typer.Option(None, "-c", "--config", help="Build config YAML \\[default: configs/autoglm-phone-tiny.yaml]")
+ConfigOpt = typer.Option(None, "-c", "--config", help="Build config YAML \\[default: the workdir's recorded "
+                         "config, else configs/autoglm-phone-tiny.yaml]")
 WorkdirOpt = typer.Option(None, "-w", "--workdir", help="Artifacts and manifest \\[default: build/<config name>]")
 JsonOpt = typer.Option(None, "--json", help="One JSON document on stdout; logs stay on stderr.")
 VerboseOpt = typer.Option(None, "-v", "--verbose", help="More logs on stderr.")

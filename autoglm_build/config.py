@@ -166,9 +166,11 @@ class ExportConfig(_Section):
 class OptimizeConfig(_Section):
     """Graph cleanup and fusions into standard ONNX ops (autoglm_build/rewrites/)."""
 
-    opset: int = Field(17, ge=14, le=23, description="target opset: 17 for TensorRT 8.5; 20 fuses Gelu, 23 RMSNorm")
-    rewrites: List[Literal["cleanup", "fuse-gelu", "fuse-rmsnorm"]] = Field(
-        default_factory=lambda: ["cleanup", "fuse-gelu", "fuse-rmsnorm"], description="applied in this order"
+    opset: int = Field(17, ge=14, le=23, description="target opset: 17 for TensorRT 8.5; 20 fuses Gelu, 23 RMSNorm "
+                       "and attention")
+    rewrites: List[Literal["cleanup", "fuse-gelu", "fuse-rmsnorm", "fuse-attention", "scale-query-first"]] = Field(
+        default_factory=lambda: ["cleanup", "fuse-gelu", "fuse-rmsnorm", "fuse-attention", "scale-query-first"],
+        description="applied in this order",
     )
     tolerance: Tolerance = Field(default_factory=lambda: Tolerance(atol=1e-5, rtol=1e-5))
 

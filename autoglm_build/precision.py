@@ -32,6 +32,10 @@ FP16_SCALE_RANGE = (2.0 ** -24, 65504.0)
 #: overflow FP16 for |x| > 256 (x^2 > 65504), and a softmax's exponentials want FP32 sums. Strongly
 #: typed TensorRT (10.12+, 11) computes exactly the graph's types, so the graph has to say FP32.
 FP32_OPS = ("Pow", "ReduceMean", "LayerNormalization", "RMSNormalization", "Softmax")
+#: Ops holding a softmax that say its type themselves: ONNX ``Attention`` (opset 23) computes its
+#: softmax in ``softmax_precision``. They convert to FP16 whole, their softmax kept FP32 by that
+#: attribute, so TensorRT sees one fused attention and not a Cast-delimited FP32 Softmax island.
+FUSED_SOFTMAX_OPS = ("Attention",)
 # Elementwise ops between a normalization's reduction and the multiply that applies it.
 _NORM_CHAIN_OPS = ("Add", "Sub", "Sqrt", "Div", "Reciprocal", "Mul")
 
@@ -57,7 +61,8 @@ def fp32_nodes(model) -> List[str]:
     (``Pow -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul(x, .)`` as RMSNorm exports, the
     decomposed LayerNorm, ``LayerNormalization``/``RMSNormalization``), every ``Softmax`` and
     ``Pow``, and the residual ``Add`` that feeds a normalization (the residual stream stays FP32, as
-    strongly typed deployments of GLM/Qwen-VL towers keep it).
+    strongly typed deployments of GLM/Qwen-VL towers keep it). A fused ``Attention`` is not among
+    them: it goes FP16 whole with its softmax in FP32 (:func:`softmax_in_fp32`).
 
     Unnamed nodes get names first (``<op>_<index>``), so the list can be used as a block list.
     """
@@ -103,6 +108,7 @@ def fp16_islands(model, fp16_nodes: Iterable[str], fp16_io: Sequence[str] = ()):
     _add_value_info(model)
     block = [n.name for n in model.graph.node if n.name not in keep]
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=block, disable_shape_infer=True)
+    softmax_in_fp32(converted)
     return tidy(io_to_fp16(converted, fp16_io))
 
 
@@ -114,6 +120,7 @@ def to_fp16(model, fp16_io: Sequence[str] = ()):
     block = fp32_nodes(model)
     _add_value_info(model)
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=block, disable_shape_infer=True)
+    softmax_in_fp32(converted)
     return tidy(io_to_fp16(converted, fp16_io))
 
 
@@ -210,12 +217,34 @@ def io_to_fp16(model, names: Sequence[str]):
     return model
 
 
+def softmax_in_fp32(model) -> int:
+    """Every :data:`FUSED_SOFTMAX_OPS` node computes its softmax in FP32 (``softmax_precision`` =
+    FLOAT), whatever its inputs are; returns how many nodes said otherwise. (onnx-tensorrt's
+    ``Attention`` importer reads no ``softmax_precision``: TensorRT's kernel keeps its own accumulation.)"""
+    from onnx import helper
+
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type in FUSED_SOFTMAX_OPS and _softmax_precision(node) != _FLOAT:
+            kept = [a for a in node.attribute if a.name != "softmax_precision"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [helper.make_attribute("softmax_precision", _FLOAT)])
+            changed += 1
+    return changed
+
+
+def _softmax_precision(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "softmax_precision"), 0)
+
+
 def fp16_reductions(model) -> List[str]:
-    """The graph-precision check: nodes of :data:`FP32_OPS` whose input is FP16 in the graph
-    (``"<op> <name>"`` each). Empty for every graph the precision stage writes."""
+    """The graph-precision check: nodes of :data:`FP32_OPS` whose input is FP16 in the graph, and
+    :data:`FUSED_SOFTMAX_OPS` nodes with FP16 inputs whose softmax is not FP32 (``"<op> <name>"``
+    each). Empty for every graph the precision stage writes."""
     types = _tensor_types(model)
     return [f"{n.op_type} {n.name}" for n in model.graph.node
-            if n.op_type in FP32_OPS and n.input and types.get(n.input[0]) == _FLOAT16]
+            if n.input and types.get(n.input[0]) == _FLOAT16
+            and (n.op_type in FP32_OPS or (n.op_type in FUSED_SOFTMAX_OPS and _softmax_precision(n) != _FLOAT))]
 
 
 def _name_nodes(model) -> None:

@@ -239,3 +239,47 @@ def test_fp16_around_qdq_refuses_opsets_whose_qdq_are_fp32_only():
 
     with pytest.raises(ValueError, match="needs opset >= 19"):
         fp16_around_qdq(_qdq_block(17))
+
+
+def _attention_block():
+    """``y = Attention(q·Wq, k, v, mask)`` at opset 23 with no ``softmax_precision`` (what an exporter
+    emitting the op writes), the additive mask keeping two images of a pack apart."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["q", "Wq"], ["qw"]),
+             helper.make_node("Attention", ["qw", "k", "v", "mask"], ["y"], scale=0.25, name="attn")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2, "s", 16]) for n in "qkv"]
+    io.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, "s", "s"]))
+    graph = helper.make_graph(nodes, "attention", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array((rng.standard_normal((16, 16)) / 4).astype(np.float32), "Wq")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+
+
+def test_fused_attention_goes_fp16_whole_with_its_softmax_fp32():
+    """Issue 18's guarantee inside the fused op: FP16 Q/K/V/mask, ``softmax_precision`` FLOAT, no
+    Cast-delimited FP32 island (which would break TensorRT's attention pattern); the check reports
+    an FP16 ``Attention`` whose softmax is not FP32."""
+    from autoglm_build.precision import fp16_islands, fp16_reductions, softmax_in_fp32, to_fp16
+
+    rng = np.random.default_rng(6)
+    seg = np.repeat([0, 1], [5, 3])
+    feed = {n: rng.standard_normal((1, 2, 8, 16)).astype(np.float32) for n in "qkv"}
+    feed["mask"] = np.where(seg[:, None] == seg[None, :], 0, np.finfo(np.float32).min).astype(np.float32)[None, None]
+    ref = _run(_attention_block(), feed)["y"]
+    for model in (to_fp16(_attention_block()), fp16_islands(_attention_block(), ["attn", "MatMul_0"])):
+        (attn,) = [n for n in model.graph.node if n.op_type == "Attention"]
+        assert {a.name: a.i for a in attn.attribute if a.name == "softmax_precision"} == {"softmax_precision": 1}
+        types = _tensor_types(model)
+        assert {types[i] for i in attn.input} == {10} and types[attn.output[0]] == 10  # FP16 whole
+        assert fp16_reductions(model) == [] and "Softmax" not in {n.op_type for n in model.graph.node}
+        assert np.allclose(_run(model, feed)["y"], ref, atol=5e-3)
+        del attn.attribute[:]
+        assert fp16_reductions(model) == ["Attention attn"]
+        assert softmax_in_fp32(model) == 1 and fp16_reductions(model) == []
+
+
+def _tensor_types(model):
+    from autoglm_build.precision import _tensor_types as types
+
+    return types(model)

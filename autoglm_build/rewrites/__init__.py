@@ -1,5 +1,7 @@
 """Graph rewrites: one class per file (onnxruntime's fusion classes), applied in this order."""
 
+from autoglm_build.rewrites.attention import FuseAttention
+from autoglm_build.rewrites.attention_scale import ScaleQueryFirst
 from autoglm_build.rewrites.base import Rewrite
 from autoglm_build.rewrites.cleanup import Cleanup
 from autoglm_build.rewrites.gelu import FuseGelu
@@ -7,6 +9,7 @@ from autoglm_build.rewrites.layernorm import DecomposeLayerNorm
 from autoglm_build.rewrites.qdq import QDQOnlyOnQuantizedOps
 from autoglm_build.rewrites.rmsnorm import FuseRMSNorm
 
-REWRITES = {cls.name: cls for cls in (Cleanup, FuseGelu, FuseRMSNorm)}
+REWRITES = {cls.name: cls for cls in (Cleanup, FuseGelu, FuseRMSNorm, FuseAttention, ScaleQueryFirst)}
 
-__all__ = ["REWRITES", "Cleanup", "DecomposeLayerNorm", "FuseGelu", "FuseRMSNorm", "QDQOnlyOnQuantizedOps", "Rewrite"]
+__all__ = ["REWRITES", "Cleanup", "DecomposeLayerNorm", "FuseAttention", "FuseGelu", "FuseRMSNorm",
+           "QDQOnlyOnQuantizedOps", "Rewrite", "ScaleQueryFirst"]

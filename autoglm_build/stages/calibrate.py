@@ -25,8 +25,10 @@ INT8 (explicit quantization, what TensorRT >= 8 reads and TensorRT 11 requires):
    (TensorRT 11 has no calibrators; ``calibrate.trt_version`` 11 or later writes no cache).
 
 FP16: the graph converted by onnxruntime's float16 converter but for the same FP32 islands, I/O kept
-FP32 but for the KV cache. Every graph written is checked: no FP16 ``Pow``/``ReduceMean``/
-``LayerNormalization``/``RMSNormalization``/``Softmax`` (:func:`~autoglm_build.precision.fp16_reductions`).
+FP32 but for the KV cache; a fused ``Attention`` (opset 23) goes FP16 whole with its softmax in FP32
+(``softmax_precision``). Every graph written is checked: no FP16 ``Pow``/``ReduceMean``/
+``LayerNormalization``/``RMSNormalization``/``Softmax``, no FP16 ``Attention`` with a softmax that is
+not FP32 (:func:`~autoglm_build.precision.fp16_reductions`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ CENSUS = {
     "embedding": ["embed_tokens"],
     "normalization": ["norm", "op:LayerNormalization"],
     "softmax": ["op:Softmax"],
+    "attention (fused)": ["op:Attention"],
     "lm_head": ["lm_head"],
     "matmul/conv (other)": ["op:MatMul", "op:Gemm", "op:Conv"],
 }

@@ -298,3 +298,18 @@ def test_precision_check_passes_on_hidden_shaped_graphs(tmp_path):
             assert metrics["gate"]["passed"] and metrics["accuracy"]["cosine_mean"] >= 0.99, (precision, module)
             if precision == "int8":
                 assert _qdq_float_types(model) == ({onnx.TensorProto.FLOAT16}, {onnx.TensorProto.FLOAT16}), module
+
+
+def test_fp16_vision_at_opset_23_keeps_the_fused_attention_fp16_with_fp32_softmax(tiny_build_copy, tmp_path):
+    """optimize.opset 23 fuses the tower's attention; the FP16 graph converts the op whole (no FP32
+    Softmax island between Casts) with ``softmax_precision`` FLOAT, and still meets the gate."""
+    cfg = load_config(write_config(tmp_path / "c.yaml", {"optimize": {"opset": 23}}))
+    outcomes = Pipeline(cfg, tiny_build_copy, [OptimizeStage(), CalibrateStage("fp16")], ["vision"],
+                        reporter=Reporter(-1)).run()
+    census = outcomes[-1].record.metrics["precision_census"]
+    assert census["attention (fused)"] == {"fp16": 2} and census["softmax"] == {}
+    model = onnx.load(str(tiny_build_copy / "fp16" / "vision.onnx"))
+    _check_precision_graph(model, "vision fp16 opset 23")
+    for node in (n for n in model.graph.node if n.op_type == "Attention"):
+        assert {a.name: a.i for a in node.attribute if a.name == "softmax_precision"} == {"softmax_precision": 1}
+    assert "Attention" not in _fp32_op_types(model) and "Softmax" not in _fp32_op_types(model)

@@ -28,6 +28,9 @@ def test_optimize_reports_op_counts_and_matches_the_export(tiny_build_copy, tiny
         assert m["nodes_before"] - m["nodes_after"] == m["nodes_removed"]
         assert sum(m["ops_before"].values()) == m["nodes_before"]
         assert m["rewrites"]["fuse-gelu"].startswith("skipped: needs opset >= 20")
+        assert m["rewrites"]["fuse-attention"].startswith("skipped: needs opset >= 23")
+        # vision and decoder: each layer's scale moved onto Q; Whisper's q_proj already scales Q
+        assert m["rewrites"]["scale-query-first"] == {"vision": 2, "decoder": 2}.get(o.module, 0)
         model = onnx.load(str(tiny_build_copy / "optimized" / f"{o.module}.onnx"))
         assert model.opset_import[0].version == 17
     decoder = next(o for o in outcomes if o.module == "decoder").record.metrics
@@ -45,6 +48,9 @@ def test_higher_opset_fuses_into_standard_ops_and_calibrates_from_them(tiny_buil
 
 def test_int8_refuses_opset_above_20(tiny_build_copy, tmp_path):
     cfg = load_config(write_config(tmp_path / "c.yaml", {"optimize": {"opset": 23}}))
-    _run(cfg, tiny_build_copy, [OptimizeStage()], ["vision"])
+    (o,) = _run(cfg, tiny_build_copy, [OptimizeStage()], ["vision"])
+    m = o.record.metrics  # the vision tower's attention fused, checked equal to the export at batch 1/4/8
+    assert m["passed"] and m["rewrites"]["fuse-attention"] == 2 and m["ops_after"]["Attention"] == 2
+    assert "Softmax" not in m["ops_after"] and m["rewrites"]["scale-query-first"] == 0
     with pytest.raises(UserError, match="INT8 calibration needs opset <= 20"):
         _run(cfg, tiny_build_copy, [CalibrateStage("int8")], ["vision"])

@@ -12,6 +12,7 @@ Imports on the GPU harness's Python 3.9 without torch.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -29,6 +30,7 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime")
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool"}
 PHASES = ("prefill", "decode")
+log = logging.getLogger("autoglm_build.serve")
 
 
 class DeviceCall(NamedTuple):
@@ -85,6 +87,11 @@ class Backend:
         """The decoder's KV cache for ``slots`` rows of up to ``context`` tokens, in the dtype the decoder
         declares for ``past_*`` (host arrays; a device backend returns its own :class:`KVCache`)."""
         return KVCache(self, spec, slots, context, self.input_dtype("decoder", "past_key.0"))
+
+    def encode(self, module: str, feed: Feed, output: str) -> Any:
+        """An encoder's ``output`` for the decoder's inputs: a host array here; the TensorRT backend leaves
+        it on the GPU (:class:`~autoglm_build.runtime.device.DeviceEmbeds`)."""
+        return self.run(module, feed)[output]
 
     def close(self) -> None:
         """Release device resources (TensorRT contexts)."""
@@ -185,7 +192,12 @@ class TensorRTBackend(Backend):
         super().__init__(precision)
         self.runners: Dict[str, Dict[str, Any]] = {}
         self.dtypes: Dict[str, Dict[str, Any]] = {}
+        self.shapes: Dict[str, Dict[str, Tuple[int, ...]]] = {}  # engine -> tensor -> its shape (-1: dynamic)
         self._device_buffers: Dict[str, List[Any]] = {}  # runner name -> the buffers bound to its context
+        self._bound: Dict[str, Any] = {}  # runner name -> the key of the binding its context holds (bind)
+        self.rebinds = 0  # contexts (re)bound by bind: once per shape bucket, not per step
+        self._device: Optional[Any] = None
+        self._caches: List[Any] = []
         try:
             for module in modules:
                 self.parts[module] = module_parts(manifest.config, module)
@@ -210,6 +222,7 @@ class TensorRTBackend(Backend):
         engine = deserialize(trt, path)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.dtypes[module] = {n: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
+        self.shapes[module] = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in names}
         self.inputs[module] = list(sidecar.profiles[0])
         first_dims = min(shapes[0][2][0] for shapes in [list(p.values()) for p in sidecar.profiles])
         spec = registry.get(module)  # ``module``: a module, or one stage of a staged module
@@ -244,7 +257,9 @@ class TensorRTBackend(Backend):
         return {n: np.ascontiguousarray(v.astype(dtypes.get(n, v.dtype), copy=False)) for n, v in feed.items()}
 
     def run_part(self, part: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
-        out = self.runner(part, phase).infer(self._cast(part, feed))
+        runner = self.runner(part, phase)
+        self._bound.pop(runner.name, None)  # infer sets its own shapes, addresses and output allocators
+        out = runner.infer(self._cast(part, feed))
         # Polygraphy reuses its host buffers on the next call: copy.
         return {n: np.array(v, dtype=np.float32 if v.dtype == np.float16 else None, copy=True) for n, v in out.items()}
 
@@ -289,6 +304,7 @@ class TensorRTBackend(Backend):
 
         trt = trt_env.load()
         runner = self.runner(module, phase)
+        self._bound.pop(runner.name, None)
         context, engine, stream = runner.context, runner.engine, runner.stream
         stream.synchronize()  # an earlier binding's work may still read its buffers
         for buffer in self._device_buffers.pop(runner.name, []):
@@ -323,7 +339,114 @@ class TensorRTBackend(Backend):
 
         return DeviceCall(call, stream.synchronize, outputs)
 
+    # ---- the serving side: one stream, contexts bound once per shape bucket ----------------------
+
+    @property
+    def device(self) -> Any:
+        """The :class:`~autoglm_build.runtime.device.Device` (one CUDA stream) the KV cache, the engines
+        it runs and the encoders' embeddings share."""
+        if self._device is None:
+            from autoglm_build.runtime.device import Device
+
+            self._device = Device()
+        return self._device
+
+    def bind(self, part: str, phase: str, key: Any,
+             make: Callable[[], Tuple[Dict[str, Tuple[int, ...]], Dict[str, int]]]) -> Any:
+        """The phase's runner of ``part`` with its context bound: ``make()`` gives the input shapes and
+        every tensor's device address, set only when ``key`` differs from the binding the context holds
+        (so a decode step at an unchanged ``(batch, capacity)`` sets nothing). Output allocators are
+        cleared: outputs go to the bound addresses.
+
+        Raises:
+            UserError: a shape outside the engine's profile for ``phase``, or an address refused.
+        """
+        runner = self.runner(part, phase)
+        if self._bound.get(runner.name) == key:
+            return runner
+        self._bound.pop(runner.name, None)
+        self.rebinds += 1
+        shapes, addresses = make()
+        context = runner.context
+        for name, shape in shapes.items():
+            if not context.set_input_shape(name, shape):
+                raise UserError(f"{self.files[part]}: input '{name}' shape {tuple(shape)} is outside the engine's "
+                                f"{phase} profile")
+        for name, ptr in addresses.items():
+            if name not in shapes and hasattr(context, "set_output_allocator"):
+                context.set_output_allocator(name, None)
+            if not context.set_tensor_address(name, ptr):
+                raise UserError(f"{self.files[part]}: TensorRT refused the address of tensor '{name}'")
+        self._bound[runner.name] = key
+        return runner
+
+    def execute(self, runner: Any, stream: int) -> None:
+        """One ``execute_async_v3`` of a bound runner's context on ``stream`` (returns at once)."""
+        if not runner.context.execute_async_v3(stream):
+            raise RuntimeError(f"{runner.name}: TensorRT execute_async_v3 failed; its log is above")
+
+    def kv_cache(self, spec: CacheSpec, slots: int, context: int) -> KVCache:
+        """The KV cache on the GPU (:class:`~autoglm_build.runtime.device_cache.DeviceKVCache`), or on the
+        host, with a warning, where the engines' dtypes do not let one engine's output be the next one's
+        input."""
+        from autoglm_build.runtime.device_cache import DeviceKVCache, device_cache_problem
+
+        problem = device_cache_problem(self)
+        if problem is not None:
+            log.warning("TensorRT: the KV cache stays on the host (%s)", problem)
+            return super().kv_cache(spec, slots, context)
+        cache = DeviceKVCache(self, spec, slots, context, self.input_dtype("decoder", "past_key.0"))
+        self._caches.append(cache)
+        return cache
+
+    def encode(self, module: str, feed: Feed, output: str) -> Any:
+        """The encoder's ``output`` left on the GPU, in a buffer of its own (freed with the returned
+        :class:`~autoglm_build.runtime.device.DeviceEmbeds`), for the KV cache to splice into the decoder's
+        ``inputs_embeds`` device to device. Runs on the serving stream, after what is queued there, and
+        waits for it. A staged module runs through :meth:`run` (host arrays)."""
+        from autoglm_build.runtime.device import DeviceEmbeds
+
+        units = self.parts.get(module, [module])
+        if len(units) != 1:
+            return super().encode(module, feed, output)
+        device, part = self.device, units[0]
+        runner = self.runner(part)
+        self._bound.pop(runner.name, None)
+        context, temporary, result = runner.context, [], None
+
+        def bind(name: str, nbytes: int) -> int:
+            ptr = device.malloc(nbytes)
+            temporary.append(ptr)
+            if not context.set_tensor_address(name, ptr):
+                raise UserError(f"{self.files[part]}: TensorRT refused the address of tensor '{name}'")
+            return ptr
+
+        try:
+            for name, host in self._cast(part, feed).items():
+                if not context.set_input_shape(name, host.shape):
+                    raise UserError(f"{self.files[part]}: input '{name}' shape {host.shape} is outside its profile")
+                device.upload(bind(name, host.nbytes), host)
+            for name in [n for n in self.dtypes[part] if n not in feed]:
+                if hasattr(context, "set_output_allocator"):
+                    context.set_output_allocator(name, None)
+                shape, dtype = tuple(context.get_tensor_shape(name)), np.dtype(self.dtypes[part][name])
+                bind(name, int(np.prod(shape)) * dtype.itemsize)
+                if name == output:
+                    result = DeviceEmbeds(device, temporary.pop(), shape, dtype)
+            self.execute(runner, device.stream.ptr)
+            device.sync()
+        finally:
+            for ptr in temporary:
+                device.free(ptr)
+        return result
+
     def close(self) -> None:
+        for cache in getattr(self, "_caches", []):
+            cache.close()
+        self._caches = []
+        if getattr(self, "_device", None) is not None:
+            self._device.close()
+            self._device = None
         for buffers in getattr(self, "_device_buffers", {}).values():
             for buffer in buffers:
                 buffer.free()

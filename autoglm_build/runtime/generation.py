@@ -36,7 +36,7 @@ import numpy as np
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.runtime.backends import Backend
-from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache
+from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache, Splice
 from autoglm_build.runtime.prefix_cache import BLOCK_TOKENS, PrefixCache, Reuse
 from autoglm_build.runtime.text import ChatTokenizer, Detokenizer, Prompt, StopMatcher
 
@@ -155,6 +155,7 @@ class Scheduler:
         budget = cfg.serve.prefix_cache_mib << 20 if prefix_cache_bytes is None else prefix_cache_bytes
         self.prefix = PrefixCache(self.cache, budget, prefix_block)
         self.sampler = Sampler(tokenizer, self.max_batch)
+        self.cache.logit_columns = (int(self.sampler.ids[0]), int(self.sampler.ids[-1]) + 1)
         self.waiting: Deque[Request] = collections.deque()
         self.rows: List[_Row] = []
         self.lock = threading.Condition()
@@ -332,8 +333,8 @@ class Scheduler:
         return rows, logits
 
     def _chunks(self, reqs: List[Request]) -> Iterator[Chunk]:
-        """The prompts' new tokens (after each one's reused prefix) left-padded to one length, embedded
-        with their media spliced in, in chunks of at most ``prefill_chunk`` tokens. Positions are the
+        """The prompts' new tokens (after each one's reused prefix) left-padded to one length, with where
+        their media go, in chunks of at most ``prefill_chunk`` tokens (the cache embeds them). Positions are the
         prompt's own (``ChatTokenizer.build``: GLM's ``get_rope_index``), those of the full prefill."""
         skip = [r.reuse.tokens if r.reuse is not None else 0 for r in reqs]
         length = max(len(r.prompt.ids) - p for r, p in zip(reqs, skip))
@@ -347,15 +348,15 @@ class Scheduler:
             positions[k, :, length - n:] = req.prompt.positions[:, p:]
         for start in range(0, length, self.prefill_chunk):
             end = min(length, start + self.prefill_chunk)
-            embeds = self.backend.run("embed", {"input_ids": ids[:, start:end]}, "prefill")["inputs_embeds"]
+            splices = []
             for k, (req, p) in enumerate(zip(reqs, skip)):
                 offset = length - len(req.prompt.ids)  # column of prompt token 0 (negative: reused tokens)
                 for at, media in req.prompt.splices:
                     lo, hi = max(start, offset + max(at, p)), min(end, offset + at + len(media))
                     if lo < hi:
-                        embeds[k, lo - start:hi - start] = media[lo - offset - at:hi - offset - at]
-            self.prefill_positions += embeds.shape[0] * embeds.shape[1]
-            yield embeds, mask[:, :end], positions[:, :, start:end]
+                        splices.append(Splice(k, lo - start, media, lo - offset - at, hi - lo))
+            self.prefill_positions += len(reqs) * (end - start)
+            yield Chunk(ids[:, start:end], mask[:, :end], positions[:, :, start:end], splices)
 
     # ---- decode -----------------------------------------------------------------------------
 

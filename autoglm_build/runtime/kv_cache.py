@@ -42,9 +42,29 @@ import numpy as np
 
 MIN_PAGE = 16  # columns: the smallest growth step of the capacity
 
-#: one prefill chunk: (inputs_embeds (n, seq, hidden), attention_mask (n, new tokens so far), position_ids
-#: (n, 3, seq)); the mask covers the chunks' tokens, not a reused prefix (the cache adds its columns)
-Chunk = Tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class Splice(NamedTuple):
+    """Media embeddings that replace a chunk's placeholder embeddings: ``media[start:start + count]`` at
+    row ``row``, columns ``[column, column + count)`` of the chunk. ``media`` is a host array or, on the
+    TensorRT backend, the encoder's output left on the GPU (:class:`~.device.DeviceEmbeds`)."""
+
+    row: int
+    column: int
+    media: Any
+    start: int
+    count: int
+
+
+class Chunk(NamedTuple):
+    """One prefill chunk of left-padded prompts: ``ids`` (n, seq), ``mask`` (n, new tokens so far: the
+    chunks' tokens, not a reused prefix, whose columns the cache adds), ``positions`` (n, 3, seq), and
+    the media spliced into its embeddings. The cache embeds the ids (the ``embed`` graph/engine)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    positions: np.ndarray
+    splices: Sequence[Splice] = ()
 
 
 class Prefix(NamedTuple):
@@ -96,6 +116,8 @@ class KVCache:
         self.capacity = 0
         self.store: Dict[str, np.ndarray] = {}
         self.mask = np.zeros((slots, 1), np.int64)  # decode mask per slot: own columns, then the new one
+        # the columns of the logits the sampler reads ([lo, hi)); a device cache copies back only those
+        self.logit_columns: Optional[Tuple[int, int]] = None
         self._allocate(0)
 
     # ---- geometry -----------------------------------------------------------------------------
@@ -123,6 +145,11 @@ class KVCache:
                 array[:top, :, :keep] = self.store[name][:top, :, :keep]
             store[name] = array
         self.store, self.capacity = store, capacity
+        self._lay_mask()
+
+    def _lay_mask(self) -> None:
+        """The decode mask at the capacity: each row's own columns and the appended one."""
+        capacity = self.capacity
         self.mask = np.zeros((self.slots, capacity + 1), np.int64)
         self.mask[:, capacity] = 1
         self.mask[:, :capacity] = np.arange(capacity)[None, :] < self.lengths[:, None]
@@ -150,8 +177,9 @@ class KVCache:
         past, past_mask = self._past(prefixes or [Prefix((), 0)] * len(slots))
         reused = [p.tokens for p in prefixes] if prefixes else [0] * len(slots)
         out: Dict[str, np.ndarray] = {}
-        for embeds, mask, positions in chunks:
-            out = self._run_prefill(embeds, np.concatenate([past_mask, mask], axis=1), positions, past)
+        for chunk in chunks:
+            out = self._run_prefill(self.embed(chunk), np.concatenate([past_mask, chunk.mask], axis=1),
+                                    chunk.positions, past)
             past = {name: out[f"present_{name}"] for name in self.spec.names}
         self.fit(max([int(self.lengths[self.used].max(initial=0))] + list(lengths)) + 1)
         start, total = past_mask.shape[1], past[self.spec.names[0]].shape[2]
@@ -161,6 +189,13 @@ class KVCache:
                 self.store[name][slot, :, p:n] = past[name][k, :, total - (n - p):]
             self._take(slot, n)
         return out["logits"]
+
+    def embed(self, chunk: Chunk) -> np.ndarray:
+        """The chunk's ``inputs_embeds``: its ids through ``embed``, the media spliced in."""
+        embeds = self.backend.run("embed", {"input_ids": chunk.ids}, "prefill")["inputs_embeds"]
+        for s in chunk.splices:
+            embeds[s.row, s.column:s.column + s.count] = np.asarray(s.media)[s.start:s.start + s.count]
+        return embeds
 
     def _past(self, prefixes: Sequence[Prefix]) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
         """The prefill's first cache: row ``k``'s reused tokens in its last ``prefixes[k].tokens`` columns

@@ -71,7 +71,7 @@ def encode_image(backend: Backend, cfg: BuildConfig, data: bytes, param: str) ->
         image = preprocess(open_image(io.BytesIO(data), "image"), image_geometry(cfg, backend.vision_patches))
     except ImageError as exc:
         raise MediaError(exc.message.split(": ", 1)[-1], param) from None
-    embeds = backend.run("vision", pack([image], merge))["image_embeds"]
+    embeds = backend.encode("vision", pack([image], merge), "image_embeds")  # on the GPU with TensorRT
     return Segment(media="image", embeds=embeds, grid=image.merged_grid(merge), key=media_key("image", data))
 
 
@@ -89,7 +89,7 @@ def encode_audio(backend: Backend, cfg: BuildConfig, data: bytes, param: str) ->
         raise MediaError(f"{seconds:.1f} s of audio; the speech encoder takes at most {a.max_frames / 100:.0f} s",
                          param)
     features = log_mel(samples, a.num_mel_bins, a.frame_multiple, a.max_frames)
-    embeds = backend.run("audio", {"input_features": features[None]})["audio_embeds"][0]
+    embeds = backend.encode("audio", {"input_features": features[None]}, "audio_embeds")[0]
     return Segment(media="audio", embeds=embeds, key=media_key("audio", data))
 
 

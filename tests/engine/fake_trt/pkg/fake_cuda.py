@@ -2,19 +2,39 @@
 
 Polygraphy calls ``cudaMalloc``/``cudaMemcpy``/... on a ctypes handle; this handle answers them with
 ctypes buffers whose addresses are the "device pointers", so the fake ``tensorrt``'s execution
-context can read inputs and write outputs at the addresses the code under test bound.
+context can read inputs and write outputs at the addresses the code under test bound. The strided
+copies the device KV cache makes (``cudaMemcpy2DAsync``, ``cudaMemcpy3DAsync``) and ``cudaMemsetAsync``
+are answered too.
+
+Every copy is counted by kind (``traffic``: calls and bytes of host-to-device, device-to-host,
+device-to-device, whoever made it: Polygraphy's ``infer`` or the code under test) and logged
+(``copies``: kind and bytes, in order), so a test can say what crossed to the host during one step.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import Dict
+from typing import Dict, List, Tuple
+
+KINDS = {0: "h2h", 1: "h2d", 2: "d2h", 3: "d2d", 4: "default"}
+
+
+def _int(value) -> int:
+    return int(getattr(value, "value", value) or 0)
 
 
 class FakeCudart:
     def __init__(self) -> None:
         self.buffers: Dict[int, ctypes.Array] = {}
         self.streams = 0
+        self.traffic: Dict[str, List[int]] = {k: [0, 0] for k in KINDS.values()}  # kind -> [calls, bytes]
+        self.copies: List[Tuple[str, int]] = []
+
+    def _count(self, kind, nbytes: int) -> None:
+        name = KINDS[_int(kind)]
+        self.traffic[name][0] += 1
+        self.traffic[name][1] += nbytes
+        self.copies.append((name, nbytes))
 
     @staticmethod
     def _set(ref, value: int) -> int:
@@ -28,15 +48,46 @@ class FakeCudart:
         return self._set(ref, ctypes.addressof(buffer))
 
     def cudaFree(self, ptr) -> int:
-        self.buffers.pop(int(ptr.value or 0), None)
+        self.buffers.pop(_int(ptr), None)
         return 0
 
     def cudaMemcpy(self, dst, src, nbytes, kind) -> int:
-        ctypes.memmove(dst.value, src.value, int(nbytes.value))
+        self._count(kind, _int(nbytes))
+        ctypes.memmove(_int(dst), _int(src), _int(nbytes))
         return 0
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream) -> int:
         return self.cudaMemcpy(dst, src, nbytes, kind)
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream) -> int:
+        dst, dpitch, src, spitch, width, height = (_int(v) for v in (dst, dpitch, src, spitch, width, height))
+        if width > dpitch or width > spitch:
+            return 12  # cudaErrorInvalidPitchValue
+        self._count(kind, width * height)
+        for line in range(height):
+            ctypes.memmove(dst + line * dpitch, src + line * spitch, width)
+        return 0
+
+    def cudaMemcpy3DAsync(self, ref, stream) -> int:
+        """``cudaMemcpy3DParms`` on linear memory: plane z, line y, byte x at ptr + (z * ysize + y) * pitch + x."""
+        p = ref._obj
+        if p.srcArray or p.dstArray:
+            return 1  # cudaErrorInvalidValue: the fake has no CUDA arrays
+        e, sp, dp = p.extent, p.srcPtr, p.dstPtr
+        if e.width > sp.pitch or e.width > dp.pitch or p.srcPos.y + e.height > sp.ysize \
+                or p.dstPos.y + e.height > dp.ysize:
+            return 1
+        self._count(p.kind, e.width * e.height * e.depth)
+        for z in range(e.depth):
+            for y in range(e.height):
+                src = sp.ptr + ((p.srcPos.z + z) * sp.ysize + p.srcPos.y + y) * sp.pitch + p.srcPos.x
+                dst = dp.ptr + ((p.dstPos.z + z) * dp.ysize + p.dstPos.y + y) * dp.pitch + p.dstPos.x
+                ctypes.memmove(dst, src, e.width)
+        return 0
+
+    def cudaMemsetAsync(self, ptr, value, nbytes, stream) -> int:
+        ctypes.memset(_int(ptr), _int(value), _int(nbytes))
+        return 0
 
     def cudaStreamCreate(self, ref) -> int:
         self.streams += 1

@@ -1,0 +1,240 @@
+"""GPU memory for the device-resident KV cache: allocations, copies and one stream, through Polygraphy's CUDA wrapper.
+
+The GPU harness has no torch (nor CuPy): what it has is Polygraphy, whose ``cuda.wrapper()`` is a ctypes
+handle on ``libcudart`` with ``malloc``/``free``/``memcpy`` and a :class:`polygraphy.cuda.Stream`. The
+cache needs three more runtime calls, made on the same handle: ``cudaMemcpy3DAsync`` (a block of columns
+of every head of every cache tensor in one call: see :class:`Layout`), ``cudaMemcpy2DAsync`` (logit rows,
+a column range of each) and ``cudaMemsetAsync`` (zeros under masked columns). No dependency is added.
+
+:class:`Device` counts the bytes and calls of each copy kind it makes (``traffic``): the serving side's
+own account of what crosses to and from the host, which the tests check on the fake CUDA runtime and
+on a GPU alike.
+
+Imports on the GPU harness's Python 3.9 without torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Dict, NamedTuple, Tuple
+
+import numpy as np
+
+H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
+KINDS = {H2D: "h2d", D2H: "d2h", D2D: "d2d"}
+
+
+class _Pos(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_size_t), ("y", ctypes.c_size_t), ("z", ctypes.c_size_t)]
+
+
+class _PitchedPtr(ctypes.Structure):
+    _fields_ = [("ptr", ctypes.c_void_p), ("pitch", ctypes.c_size_t), ("xsize", ctypes.c_size_t),
+                ("ysize", ctypes.c_size_t)]
+
+
+class _Extent(ctypes.Structure):
+    _fields_ = [("width", ctypes.c_size_t), ("height", ctypes.c_size_t), ("depth", ctypes.c_size_t)]
+
+
+class Memcpy3DParms(ctypes.Structure):
+    """CUDA's ``cudaMemcpy3DParms`` (unchanged since CUDA 3.x); linear memory only (no arrays)."""
+
+    _fields_ = [("srcArray", ctypes.c_void_p), ("srcPos", _Pos), ("srcPtr", _PitchedPtr),
+                ("dstArray", ctypes.c_void_p), ("dstPos", _Pos), ("dstPtr", _PitchedPtr),
+                ("extent", _Extent), ("kind", ctypes.c_int)]
+
+
+class Layout(NamedTuple):
+    """``planes`` arrays of ``(rows, heads, columns, dim)`` one after another at ``ptr``: the KV cache's
+    tensors (one plane per ``key.i``/``value.i``) in one allocation. A line is one head's ``columns``
+    columns of ``dim`` values (``column_bytes`` each), so line ``row * heads + head`` of plane ``z`` lies at
+    ``ptr + (z * rows * heads + row * heads + head) * pitch``: a run of columns of a run of rows, every
+    head and every plane, is one 3-D copy."""
+
+    ptr: int
+    planes: int
+    rows: int
+    heads: int
+    columns: int
+    column_bytes: int
+
+    @property
+    def pitch(self) -> int:
+        return self.columns * self.column_bytes
+
+    @property
+    def plane_bytes(self) -> int:
+        return self.rows * self.heads * self.pitch
+
+    @property
+    def nbytes(self) -> int:
+        return self.planes * self.plane_bytes
+
+    def plane(self, z: int, row: int = 0) -> int:
+        """The address of plane ``z`` from row ``row`` on (a ``(rows - row, heads, columns, dim)`` array)."""
+        return self.ptr + z * self.plane_bytes + row * self.heads * self.pitch
+
+
+class Device:
+    """One CUDA stream and the copies made on it (Polygraphy's wrapper; see the module docstring).
+
+    Attributes:
+        stream: the stream every engine call and copy of the serving side is enqueued on, in order.
+        traffic: bytes and calls per copy kind (``h2d``, ``d2h``, ``d2d``) since :meth:`reset`.
+    """
+
+    def __init__(self) -> None:
+        from polygraphy import cuda
+
+        self.cuda = cuda.wrapper()
+        self.lib = self.cuda.handle
+        self.stream = cuda.Stream()
+        self.traffic: Dict[str, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.traffic = {f"{k}_{what}": 0 for k in KINDS.values() for what in ("bytes", "calls")}
+
+    def _count(self, kind: int, nbytes: int) -> None:
+        self.traffic[f"{KINDS[kind]}_bytes"] += int(nbytes)
+        self.traffic[f"{KINDS[kind]}_calls"] += 1
+
+    @staticmethod
+    def _check(status: Any, call: str) -> None:
+        if int(status) != 0:
+            raise RuntimeError(f"CUDA error {int(status)} in {call}")
+
+    # ---- memory -------------------------------------------------------------------------------
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self.cuda.malloc(max(int(nbytes), 1)))
+
+    def free(self, ptr: int) -> None:
+        if ptr:
+            self.cuda.free(ptr)
+
+    def memset(self, ptr: int, nbytes: int) -> None:
+        """Zeros over ``nbytes`` at ``ptr`` (enqueued)."""
+        if nbytes:
+            self._check(self.lib.cudaMemsetAsync(ctypes.c_void_p(ptr), ctypes.c_int(0), ctypes.c_size_t(nbytes),
+                                                 ctypes.c_void_p(self.stream.ptr)), "cudaMemsetAsync")
+
+    # ---- copies, enqueued on the stream. A copy from pageable host memory returns once CUDA has staged
+    # the bytes (the array may go at once); one into pageable host memory returns once it is done. ----
+
+    def upload(self, ptr: int, host: np.ndarray) -> None:
+        """``host`` (C-contiguous) to ``ptr``."""
+        self._linear(ptr, host.ctypes.data, host.nbytes, H2D)
+
+    def download(self, host: np.ndarray, ptr: int) -> None:
+        """``host.nbytes`` from ``ptr`` into ``host`` (C-contiguous); valid after :meth:`sync`."""
+        self._linear(host.ctypes.data, ptr, host.nbytes, D2H)
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        """Device to device."""
+        self._linear(dst, src, nbytes, D2D)
+
+    def _linear(self, dst: int, src: int, nbytes: int, kind: int) -> None:
+        if not nbytes:
+            return
+        self._count(kind, nbytes)
+        self._check(self.lib.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes),
+                                             ctypes.c_int(kind), ctypes.c_void_p(self.stream.ptr)), "cudaMemcpyAsync")
+
+    def copy2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int, kind: int) -> None:
+        """``height`` lines of ``width`` bytes, lines ``src_pitch`` apart at the source, ``dst_pitch`` at the target."""
+        if not width or not height:
+            return
+        self._count(kind, width * height)
+        self._check(self.lib.cudaMemcpy2DAsync(
+            ctypes.c_void_p(dst), ctypes.c_size_t(dst_pitch), ctypes.c_void_p(src), ctypes.c_size_t(src_pitch),
+            ctypes.c_size_t(width), ctypes.c_size_t(height), ctypes.c_int(kind), ctypes.c_void_p(self.stream.ptr)),
+            "cudaMemcpy2DAsync")
+
+    def columns(self, dst: Layout, dst_row: int, dst_column: int, src: Layout, src_row: int, src_column: int,
+                columns: int, rows: int = 1) -> None:
+        """Columns ``[src_column, +columns)`` of rows ``[src_row, +rows)`` of ``src`` to columns from
+        ``dst_column`` of rows from ``dst_row`` of ``dst``, every head of every plane, device to device,
+        in one ``cudaMemcpy3DAsync``."""
+        if not columns or not rows:
+            return
+        p = Memcpy3DParms()
+        p.srcPos = _Pos(src_column * src.column_bytes, src_row * src.heads, 0)
+        p.srcPtr = _PitchedPtr(src.ptr, src.pitch, src.pitch, src.rows * src.heads)
+        p.dstPos = _Pos(dst_column * dst.column_bytes, dst_row * dst.heads, 0)
+        p.dstPtr = _PitchedPtr(dst.ptr, dst.pitch, dst.pitch, dst.rows * dst.heads)
+        p.extent = _Extent(columns * src.column_bytes, rows * src.heads, src.planes)
+        p.kind = D2D
+        self._count(D2D, columns * src.column_bytes * rows * src.heads * src.planes)
+        self._check(self.lib.cudaMemcpy3DAsync(ctypes.byref(p), ctypes.c_void_p(self.stream.ptr)),
+                    "cudaMemcpy3DAsync")
+
+    def sync(self) -> None:
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        self.stream.free()
+
+
+class Buffer:
+    """A device allocation that grows (never shrinks) to what is asked of it: the scratch a step
+    reuses. Growing frees the old memory (``cudaFree`` waits for the device), so it happens rarely:
+    at the first steps of larger shapes."""
+
+    def __init__(self, device: Device) -> None:
+        self.device, self.ptr, self.nbytes = device, 0, 0
+
+    def ensure(self, nbytes: int) -> int:
+        if nbytes > self.nbytes:
+            self.device.free(self.ptr)
+            self.ptr, self.nbytes = 0, 0
+            self.ptr, self.nbytes = self.device.malloc(nbytes), max(int(nbytes), 1)
+        return self.ptr
+
+    def free(self) -> None:
+        self.device.free(self.ptr)
+        self.ptr, self.nbytes = 0, 0
+
+
+class DeviceEmbeds:
+    """An encoder's output left on the GPU (``(count, hidden)`` or with a batch axis in front): what a
+    :class:`~autoglm_build.runtime.text.Segment` carries on the TensorRT backend, spliced into the
+    decoder's ``inputs_embeds`` by a device-to-device copy. ``numpy()`` (and ``np.asarray``) copy it
+    to the host, for the code paths that want host arrays (ONNX Runtime never makes one)."""
+
+    def __init__(self, device: Device, ptr: int, shape: Tuple[int, ...], dtype: Any, owner: Any = None) -> None:
+        self.device, self.ptr, self.shape, self.dtype = device, int(ptr), tuple(int(d) for d in shape), np.dtype(dtype)
+        self._owner = owner  # a view keeps its allocation alive
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __getitem__(self, index: int) -> DeviceEmbeds:
+        """Row ``index`` of the first axis (a view: ``audio_embeds[0]``)."""
+        if not isinstance(index, int) or not 0 <= index < self.shape[0]:
+            raise IndexError(index)
+        row = self.nbytes // self.shape[0]
+        return DeviceEmbeds(self.device, self.ptr + index * row, self.shape[1:], self.dtype, owner=self._owner or self)
+
+    def numpy(self) -> np.ndarray:
+        host = np.empty(self.shape, self.dtype)
+        self.device.download(host, self.ptr)
+        self.device.sync()
+        return host
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        host = self.numpy()
+        return host if dtype is None else host.astype(dtype)
+
+    def __del__(self) -> None:
+        if self._owner is None and self.ptr:
+            try:
+                self.device.free(self.ptr)
+            except Exception:  # noqa: BLE001 - interpreter shutdown: the driver frees it anyway
+                pass
+            self.ptr = 0

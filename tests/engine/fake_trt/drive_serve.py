@@ -1,0 +1,27 @@
+"""Served greedy generations on the TensorRT backend (fake TensorRT, one process) and on ONNX Runtime.
+
+Usage: ``drive_serve.py WORKDIR PRECISION [host]``. Prints one JSON line: ``tests.runtime.device_scenario``'s
+result per backend (``tensorrt``, ``onnxruntime``). With ``host``, the TensorRT backend keeps the KV cache
+on the host and runs each step through Polygraphy's ``infer`` (the path before the device cache), so a
+test can show that its checks tell the two apart.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    from autoglm_build.runtime import backends
+    from tests.runtime.device_scenario import scenario
+
+    workdir, precision = Path(sys.argv[1]), sys.argv[2]
+    if sys.argv[3:] == ["host"]:
+        backends.TensorRTBackend.kv_cache = backends.Backend.kv_cache
+    print(json.dumps({name: scenario(workdir, name, precision) for name in ("tensorrt", "onnxruntime")}))
+
+
+if __name__ == "__main__":
+    main()

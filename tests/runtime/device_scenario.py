@@ -1,0 +1,154 @@
+"""Served greedy generations that the KV cache's device half must reproduce, and what crosses to the host.
+
+:func:`scenario` runs, on one backend of a workdir (embed, decoder and vision at one precision), the same
+requests through the scheduler as the server does: text prompts alone, together at ``max_batch`` 8 and
+at ``max_batch`` 2 (rows join, leave and move), and phone-agent steps with the prefix cache (a long system
+prompt, a screenshot's embeddings from the vision engine, a history; the later steps hit the first one's
+blocks, two of them at once). It returns the tokens of each case, the prefix cache's counters and, for each
+decode step, the bytes each copy kind moved (the device cache's own count, and the fake CUDA runtime's
+where it runs under tests/engine/fake_trt), the context rebinds and the cache's size.
+
+Imports on the GPU harness's Python 3.9 (no PIL, no transformers, no openai): the screenshots are the
+build's vision samples, already preprocessed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from autoglm_build.config import BuildConfig
+from autoglm_build.imaging import pack, unpack
+from autoglm_build.manifest import Manifest
+from autoglm_build.runtime.backends import Backend, open_backend
+from autoglm_build.runtime.generation import Request, SamplingParams, Scheduler
+from autoglm_build.runtime.text import ChatTokenizer, Prompt, Segment
+from autoglm_build.stages.samples import load_samples
+
+TEXTS = ["打开微信", "Open the settings app and turn on dark mode " * 3, "你是谁?", "Book a table for two at 7pm",
+         "在小红书上搜索成都旅游攻略" * 4]
+RULES = ("你是一个手机操作助手, 根据用户的任务和当前屏幕截图, 每一步只输出一个操作。先在 <think> 中说明你看到了什么, "
+         "再在 <answer> 中给出操作。可用的操作: do(action=\"Launch\", app=\"应用名\"); do(action=\"Tap\", "
+         "element=[x,y]); do(action=\"Type\", text=\"文字\"); do(action=\"Back\"); finish(message=\"结果\")。\n")
+SYSTEM = "今天的日期是: 2026年11月27日\n" + RULES * 12  # about 2.4K characters: several 256-token blocks
+MAX_TOKENS = 10
+
+
+def _fake_cudart() -> Optional[Any]:
+    """The fake CUDA runtime's handle where it stands in for libcudart (its copy log), else None."""
+    try:
+        from polygraphy.cuda import cuda
+    except ImportError:
+        return None
+    handle = getattr(cuda.G_CUDA, "handle", None) if cuda.G_CUDA is not None else None
+    return handle if hasattr(handle, "copies") else None
+
+
+class StepLog:
+    """Wraps a scheduler's ``cache.decode``: per committed decode step, what moved and what was rebound."""
+
+    def __init__(self, scheduler: Scheduler, backend: Backend) -> None:
+        self.cache, self.backend, self.steps = scheduler.cache, backend, []
+        self.fake = _fake_cudart()
+        self.prefilled = False
+        inner, prefill = self.cache.decode, self.cache.prefill
+
+        def prefilling(*args, **kwargs):
+            self.prefilled = True
+            return prefill(*args, **kwargs)
+
+        def decode(ids, positions, slot=None, commit=True):
+            fake_at = len(self.fake.copies) if self.fake is not None else 0
+            device = getattr(self.cache, "device", None)
+            before = dict(device.traffic) if device is not None else {}
+            rebinds = getattr(backend, "rebinds", 0)
+            top = self.cache.top
+            out = inner(ids, positions, slot, commit)
+            capacity = self.cache.capacity
+            step = {"top": top, "capacity": capacity, "slots": self.cache.slots, "rows": int(out.shape[0]),
+                    "cache_bytes": top * self.cache.block_bytes(capacity), "logits_bytes": out.size * 4,
+                    "rebinds": getattr(backend, "rebinds", 0) - rebinds, "commit": commit,
+                    "after_prefill": self.prefilled}
+            self.prefilled = False
+            if device is not None:
+                step["device"] = {k: device.traffic[k] - before[k] for k in before}
+            if self.fake is not None:
+                copies = self.fake.copies[fake_at:]
+                step["fake"] = {kind: sum(n for k, n in copies if k == kind) for kind in ("h2d", "d2h", "d2d")}
+                step["fake_largest"] = {kind: max([n for k, n in copies if k == kind] or [0])
+                                        for kind in ("h2d", "d2h")}
+            self.steps.append(step)
+            return out
+
+        self.cache.decode, self.cache.prefill = decode, prefilling
+
+
+def _generate(scheduler: Scheduler, prompts: List[Prompt]) -> List[List[int]]:
+    reqs = [Request(p, SamplingParams(temperature=0, top_p=0.85, frequency_penalty=0.2, max_tokens=MAX_TOKENS,
+                                      ignore_eos=True), emit=lambda e: None) for p in prompts]
+    for req in reqs:
+        scheduler.submit(req)
+    scheduler.run_until_idle()
+    return [r.token_ids for r in reqs]
+
+
+def _screens(backend: Backend, cfg: BuildConfig, workdir: Path) -> List[Segment]:
+    """Two screenshots' segments: the vision engine's/graph's embeddings (left on the GPU by TensorRT)."""
+    feeds = next(iter(load_samples(workdir / "samples" / "vision.npz").values()))  # one screenshot each
+    merge = cfg.vision.spatial_merge_size
+    out = []
+    for image in [unpack(feed)[0] for feed in feeds[:2]]:
+        embeds = backend.encode("vision", pack([image], merge), "image_embeds")
+        key = hashlib.blake2b(image.pixel_values.tobytes(), digest_size=32).digest()
+        out.append(Segment(media="image", embeds=embeds, grid=image.merged_grid(merge), key=key))
+    return out
+
+
+def _agent_prompts(tok: ChatTokenizer, screens: List[Segment]) -> List[Prompt]:
+    """Step 1; step 2 after step 1's reply; two step-2 variants sent together (other screenshot, other text)."""
+    system = [("system", [Segment(text=SYSTEM)])]
+    first = system + [("user", [screens[0], Segment(text="打开蓝牙")])]
+    history = system + [("user", [Segment(text="打开蓝牙")]),
+                        ("assistant", [Segment(text="<think>设置</think><answer>do(action=\"Launch\", app=\"设置\")"
+                                                    "</answer>")])]
+    second = history + [("user", [screens[1], Segment(text="** Screen Info **")])]
+    third = history + [("user", [screens[0], Segment(text="** Screen Info ** 2")])]
+    return [tok.chat_prompt(turns, False) for turns in (first, second, third)]
+
+
+def scenario(workdir: Path, backend_name: str, precision: str) -> Dict[str, Any]:
+    """The cases above on one backend; tokens, prefix counters and per-step logs."""
+    from autoglm_build.calibration import tokenizer_for
+
+    cfg = BuildConfig.model_validate(Manifest.load(workdir).config)
+    tok = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
+    backend = open_backend(workdir, ["vision", "embed", "decoder"], backend_name, precision)
+    result: Dict[str, Any] = {"cache": None, "steps": {}}
+    try:
+        def scheduler(max_batch: int, reuse: bool) -> Scheduler:
+            made = Scheduler(backend, cfg, tok, max_batch=max_batch, queue_size=64, context=cfg.engine.context,
+                             prefix_cache_bytes=None if reuse else 0)
+            result["cache"] = type(made.cache).__name__
+            return made
+
+        texts = [tok.chat_prompt([("user", [Segment(text=t)])], False) for t in TEXTS]
+        result["solo"] = [_generate(scheduler(8, False), [p])[0] for p in texts]
+        for name, batch in (("batched", 8), ("joining", 2)):
+            sched = scheduler(batch, False)
+            log = StepLog(sched, backend)
+            result[name] = _generate(sched, texts)
+            result["steps"][name] = log.steps
+        screens = _screens(backend, cfg, workdir)
+        result["screens_on_device"] = [type(s.embeds).__name__ for s in screens]
+        prompts = _agent_prompts(tok, screens)
+        result["agent_alone"] = [_generate(scheduler(8, False), [p])[0] for p in prompts]
+        sched = scheduler(8, True)
+        log = StepLog(sched, backend)
+        result["agent"] = _generate(sched, prompts[:1]) + _generate(sched, prompts[1:])
+        result["steps"]["agent"] = log.steps
+        result["prefix"] = sched.prefix.stats()
+        result["prompt_tokens"] = [len(p.ids) for p in prompts]
+    finally:
+        backend.close()
+    return result

@@ -1,0 +1,137 @@
+"""The TensorRT backend's device-resident KV cache (issue 14) under the fake TensorRT (tests/engine/fake_trt),
+whose CUDA runtime is host memory and counts every copy by kind.
+
+Served greedy generations (``tests.runtime.device_scenario``: text prompts alone, eight together, two at a
+time with rows joining and leaving, and phone-agent steps that hit the prefix cache, screenshots included)
+equal ONNX Runtime's on the same FP16 graphs token for token, while per decode step only the ids, the
+positions, one mask element per row (the whole mask after a re-lay) go up and the used rows' logits come
+back: never the cache. The same checks on the path before the device cache (the host cache through
+Polygraphy's ``infer``) fail, which ``test_the_checks_fail_on_the_host_cache`` shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import textwrap
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+from tests.conftest import TINY
+from tests.engine.fake_trt import harness
+
+pytestmark = pytest.mark.slow
+PAIRS = [("8.5.3", "0.49.26"), ("10.13.0", "0.53.6")]  # the GPU harness's pair, and a current one
+MODULES = ["-m", "vision", "-m", "embed", "-m", "decoder"]
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory) -> Path:
+    """The tiny config's vision, embed and decoder graphs (every CPU stage) and samples."""
+    workdir = tmp_path_factory.mktemp("device-cache") / "w"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAKE_TRT")}
+    out = harness.run(["-m", "autoglm_build", "run", "-c", str(TINY), "-w", str(workdir), *MODULES, "-q"], env,
+                      timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+def _engines(graphs: Path, tmp_path: Path, trt: str, polygraphy: str):
+    workdir = tmp_path / "w"
+    shutil.copytree(graphs, workdir)
+    env = harness.environment(trt, polygraphy, tmp_path / "calls.jsonl")
+    built = harness.run(["-m", "autoglm_build", "engine", "-w", str(workdir), *MODULES, "--precision", "fp16"], env,
+                        timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    return workdir, env
+
+
+def _drive(workdir: Path, env: Dict[str, str], *mode: str) -> Dict[str, Any]:
+    script = str(Path(harness.__file__).with_name("drive_serve.py"))
+    out = harness.run([script, str(workdir), "fp16", *mode], env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def traffic_problems(steps: List[Dict[str, Any]], counted: str = "fake") -> List[str]:
+    """What each decode step moved beyond the device cache's budget: device to host at most the logits of
+    the rows it ran (``rows x vocab`` FP32), host to device at most the ids, positions and mask elements
+    (8 bytes each, 5 per row) and one upload of the whole mask (after a re-lay), and never as much as
+    the cache the step read (``cache_bytes``: ``top`` rows at the capacity)."""
+    problems = []
+    for i, step in enumerate(steps):
+        moved = step[counted]
+        h2d, d2h = (moved.get(k, moved.get(f"{k}_bytes")) for k in ("h2d", "d2h"))
+        mask = step["slots"] * (step["capacity"] + 1) * 8
+        if d2h > step["logits_bytes"]:
+            problems.append(f"step {i}: {d2h} bytes to the host, over the logits' {step['logits_bytes']}")
+        if h2d > 5 * 8 * step["rows"] + mask or max(h2d, d2h) >= step["cache_bytes"]:
+            problems.append(f"step {i}: {h2d} bytes to the device, {d2h} back; the cache is {step['cache_bytes']}")
+    return problems
+
+
+@pytest.mark.parametrize("trt, polygraphy", PAIRS)
+def test_served_greedy_on_the_device_cache_equals_onnx_runtime_and_the_cache_stays_on_the_gpu(graphs, tmp_path, trt,
+                                                                                                 polygraphy):
+    workdir, env = _engines(graphs, tmp_path, trt, polygraphy)
+    result = _drive(workdir, env)
+    on_trt, on_ort = result["tensorrt"], result["onnxruntime"]
+    assert on_trt["cache"] == "DeviceKVCache" and on_ort["cache"] == "OrtKVCache"
+    assert on_trt["screens_on_device"] == ["DeviceEmbeds", "DeviceEmbeds"]  # the vision engine's output stays
+    for case in ("solo", "batched", "joining", "agent_alone", "agent"):
+        assert on_trt[case] == on_ort[case], case
+    assert on_trt["batched"] == on_trt["joining"] == on_trt["solo"]
+    assert on_trt["agent"] == on_trt["agent_alone"]  # prefix reuse generates what a whole prefill does
+    assert on_trt["prefix"]["hits"] == 2 and on_trt["prefix"]["tokens_reused"] >= 2 * 1024
+    assert on_trt["prefix"] == on_ort["prefix"]
+    steps = [s for case in on_trt["steps"].values() for s in case]
+    assert len(steps) >= 40 and max(s["top"] for s in steps) == len(on_trt["solo"])
+    assert traffic_problems(steps) == []
+    for step in steps:
+        assert step["device"]["h2d_bytes"] == step["fake"]["h2d"]  # the cache's own count is the runtime's
+        assert step["device"]["d2h_bytes"] == step["fake"]["d2h"] and step["device"]["d2h_calls"] >= 1
+    for case in on_trt["steps"].values():  # contexts bound once per (rows, capacity), not per step
+        for before, step in zip(case, case[1:]):
+            if (step["top"], step["capacity"]) == (before["top"], before["capacity"]) and not step["after_prefill"]:
+                assert step["rebinds"] == 0, step
+
+
+def test_the_checks_fail_on_the_host_cache(graphs, tmp_path):
+    """The path before the device cache (host arrays through Polygraphy's ``infer``) generates the same
+    tokens and moves the whole cache both ways every step: each step fails the traffic check."""
+    workdir, env = _engines(graphs, tmp_path, *PAIRS[0])
+    on_trt = _drive(workdir, env, "host")["tensorrt"]
+    assert on_trt["cache"] == "KVCache" and on_trt["screens_on_device"] == ["DeviceEmbeds", "DeviceEmbeds"]
+    steps = [s for case in on_trt["steps"].values() for s in case]
+    assert len(traffic_problems(steps)) >= len(steps)
+    assert all(s["fake"]["d2h"] >= s["cache_bytes"] for s in steps)
+
+
+def test_a_3d_copy_moves_the_columns_numpy_would(tmp_path):
+    """``Device.columns`` (one ``cudaMemcpy3DAsync``) against numpy slicing, on the fake runtime."""
+    script = textwrap.dedent("""
+        import numpy as np
+        from autoglm_build.runtime.device import Device, Layout
+        d = Device()
+        rng = np.random.default_rng(0)
+        src = rng.standard_normal((3, 4, 2, 9, 5)).astype(np.float16)  # planes, rows, heads, columns, dim
+        dst = np.zeros((3, 6, 2, 7, 5), np.float16)
+        ps, pd = d.malloc(src.nbytes), d.malloc(dst.nbytes)
+        d.upload(ps, src)
+        d.upload(pd, dst)
+        a, b = Layout(ps, 3, 4, 2, 9, 10), Layout(pd, 3, 6, 2, 7, 10)
+        d.columns(b, 3, 2, a, 1, 4, 5, rows=2)
+        d.sync()
+        dst[:, 3:5, :, 2:7] = src[:, 1:3, :, 4:9]
+        got = np.empty_like(dst)
+        d.download(got, pd)
+        d.sync()
+        assert (got == dst).all()
+        assert d.traffic["d2d_bytes"] == 3 * 2 * 2 * 5 * 10 and d.traffic["d2d_calls"] == 1
+        print("ok")
+    """)
+    out = harness.run(["-c", script], harness.environment(*PAIRS[0], tmp_path / "calls.jsonl"))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

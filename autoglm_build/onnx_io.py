@@ -3,8 +3,9 @@ moving finished files into place atomically."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple
 
 import numpy as np
 
@@ -40,6 +41,106 @@ def save_model(model: Any, out: Path, large_bytes: int) -> List[Path]:
         return [out, data]
     onnx.save_model(model, str(out))
     return [out]
+
+
+def save_exported(raw: Path, out: Path, large_bytes: int, edit: Callable[[Any], None]) -> List[Path]:
+    """:func:`save_model` for a graph an exporter left at ``raw``, without its weights in memory.
+
+    The graph is read without its external weights and changed by ``edit`` (metadata). Where the
+    weights go to ``<name>.data``, each initializer that ``save_model`` would move out (its
+    ``size_threshold`` of 1024) is copied there from the exporter's file in chunks, in
+    ``save_model``'s order and at the offsets it would give; the rest are read into the graph. The
+    files are those that loading the whole model and calling :func:`save_model` writes, byte for
+    byte; memory holds the graph and one chunk.
+
+    Returns:
+        The files written (the graph first).
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    model = onnx.load(str(raw), load_external_data=False)
+    edit(model)
+    base = str(raw.parent)
+    for tensor in _attribute_tensors(model.graph):  # constants in nodes stay inline, as save_model keeps them
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, base)
+    if sum(tensor_bytes(t) for t in model.graph.initializer) <= large_bytes:
+        for tensor in _initializers(model.graph):
+            if uses_external_data(tensor):
+                load_external_data_for_tensor(tensor, base)
+        onnx.save_model(model, str(out))
+        return [out]
+    data = out.with_name(out.name + ".data")
+    with open(data, "wb") as fh:
+        for tensor in _initializers(model.graph):
+            external = uses_external_data(tensor)
+            size = tensor_bytes(tensor) if external else len(tensor.raw_data)
+            if not (external or tensor.HasField("raw_data")) or sys.getsizeof(b"") + size < 1024:
+                if external:  # small: save_model keeps it in the graph
+                    load_external_data_for_tensor(tensor, base)
+                continue
+            offset = fh.tell()
+            if external:
+                _copy_external(tensor, raw.parent, fh)
+            else:
+                fh.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            _point_to(tensor, data.name, offset, fh.tell() - offset)
+    onnx.save_model(model, str(out))
+    return [out, data]
+
+
+def _copy_external(tensor: Any, base: Path, out: Any, chunk: int = 1 << 26) -> None:
+    """Append an external tensor's bytes to ``out``, ``chunk`` bytes at a time."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    info = ExternalDataInfo(tensor)
+    left = info.length if info.length is not None else tensor_bytes(tensor)
+    with open(base / info.location, "rb") as src:
+        src.seek(info.offset or 0)
+        while left:
+            block = src.read(min(left, chunk))
+            if not block:
+                raise IntegrityError(f"{base / info.location}: ends before tensor '{tensor.name}' does")
+            out.write(block)
+            left -= len(block)
+
+
+def _point_to(tensor: Any, location: str, offset: int, length: int) -> None:
+    """``tensor``'s data is ``length`` bytes at ``offset`` of ``location``: the entries (and their
+    order) ``onnx.external_data_helper.set_external_data`` writes, for a tensor without raw data."""
+    import onnx
+
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _attribute_tensors(graph: Any) -> Iterator[Any]:
+    """Tensors in node attributes of ``graph`` and of its subgraphs."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _attribute_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _attribute_tensors(sub)
+
+
+def _initializers(graph: Any) -> Iterator[Any]:
+    """Initializers of ``graph`` and of its subgraphs, in ``onnx.save_model``'s order."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _initializers(attr.g)
+            for sub in attr.graphs:
+                yield from _initializers(sub)
 
 
 # ONNX Runtime's session entry for exact INT8 matrix products on x86 (kOrtSessionOptionsAvx2PrecisionMode).

@@ -198,7 +198,9 @@ class Pipeline:
         manifest.commit(self.workdir, [(record, artifacts)])
         for warning in result.warnings:
             self.reporter.warn(f"{label}: {warning}")
-        self.reporter.info(f"{label}: done in {record.duration_s:.1f}s")
+        peak = record.metrics.get("peak_rss_mib")  # export records it
+        memory = f", peak RSS {peak:,.0f} MiB" if peak else ""
+        self.reporter.info(f"{label}: done in {record.duration_s:.1f}s{memory}")
         return Outcome(stage.name, module, "ran", record.duration_s, record)
 
 

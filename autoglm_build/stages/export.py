@@ -1,11 +1,16 @@
 """Stage ``export``: a modality module from PyTorch to ONNX, validated against PyTorch.
 
-For each module: build it (seeded random weights, or a local safetensors checkpoint), export with
-a dynamic batch axis (and its sequence axes) at the configured opset, store weights as external
-data when they pass ``export.large_model_bytes`` (protobuf cannot hold 2 GB), then run the ONNX in
-ONNX Runtime at every configured batch size and length against PyTorch on the same inputs. The
+For each module: build it (seeded random weights, or a local safetensors checkpoint streamed in
+tensor by tensor), run PyTorch on every validation case and keep its outputs, export with a dynamic
+batch axis (and its sequence axes) at the configured opset, free the torch module, store weights as
+external data when they pass ``export.large_model_bytes`` (protobuf cannot hold 2 GB), then run the
+ONNX in ONNX Runtime at every configured batch size and length against PyTorch's kept outputs. The
 files are written in a temp directory inside the workdir and moved into place only after the
 validation passed: a failed or interrupted export leaves no half-written ONNX behind.
+
+Memory: one FP32 copy of the module's weights at a time (the torch module, then the ONNX files
+ONNX Runtime maps), plus the exporter's own copies of its largest weight while it traces (about 3x
+that tensor); the stage records its peak RSS as ``metrics.peak_rss_mib`` (docs/decisions.md).
 
 Exporter: torch's TorchScript-based ``torch.onnx.export(dynamo=False)``. It emits opset <= 17
 natively, which TensorRT 8.5 needs; the dynamo exporter starts at opset 18 and its down-conversion
@@ -15,6 +20,7 @@ fails on these graphs (docs/decisions.md).
 from __future__ import annotations
 
 import contextlib
+import gc
 import shutil
 import tempfile
 import time
@@ -26,11 +32,12 @@ import numpy as np
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.errors import AccuracyError
+from autoglm_build.memory import peak_rss_mib, reset_peak
 from autoglm_build.modules import registry
-from autoglm_build.modules.base import ModuleSpec, Patch
-from autoglm_build.onnx_io import move_into_place, save_model
+from autoglm_build.modules.base import Case, ModuleSpec, Patch
+from autoglm_build.onnx_io import move_into_place, save_exported
 from autoglm_build.stages.base import Stage, StageContext, StageResult
-from autoglm_build.validate import compare_cases, ort_runner, summarize, torch_runner
+from autoglm_build.validate import Runner, compare_cases, ort_runner, summarize, torch_runner
 
 ONNX_DIR = "onnx"
 
@@ -68,24 +75,46 @@ class ExportStage(Stage):
 
     def __call__(self, ctx: StageContext, module: str) -> StageResult:
         spec = registry.get(module)
+        reset_peak()
         ctx.status("building")
         torch_module, params, warns = self.build_module(ctx, spec)
+        cases = list(spec.cases(ctx.cfg, np.random.default_rng(1234)))
+        ctx.status(f"running PyTorch on {len(cases)} validation cases")
+        reference = recorded_reference(spec, ctx.cfg, torch_module, cases)
         final_dir = ctx.workdir / ONNX_DIR
         with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix=f".export-{module}-") as tmp:
             ctx.status("exporting")
             t0 = time.perf_counter()
-            files = export_onnx(ctx, spec, torch_module, Path(tmp))
+            raw = trace_onnx(ctx, spec, torch_module, Path(tmp))
+            # From here the graph holds the weights: the torch module goes before the graph is read
+            # back and before ONNX Runtime loads it, so no two FP32 copies are alive at once.
+            del torch_module
+            gc.collect()
+            files = finish_onnx(ctx, spec, raw, Path(tmp))
             export_s = time.perf_counter() - t0
-            metrics = validate_onnx(ctx, spec, torch_module, files[0])
+            metrics = validate_onnx(ctx, spec, reference, files[0], cases)
             metrics["export_s"] = round(export_s, 3)
+            metrics["peak_rss_mib"] = peak_rss_mib()
             if not metrics["passed"]:
                 raise export_accuracy_error(module, metrics)
             outputs = move_into_place(files, final_dir, module, "onnx")
         return StageResult(outputs=outputs, params=params, metrics=metrics, warnings=warns)
 
     def build_module(self, ctx: StageContext, spec: ModuleSpec) -> Tuple[Any, Dict[str, Any], List[str]]:
-        """The torch module with its weights, the params to record, and warnings."""
-        module = spec.build(ctx.cfg)
+        """The torch module with its weights, the params to record, and warnings.
+
+        From a checkpoint the module is built with empty parameters and each one is read from the
+        checkpoint (:mod:`autoglm_build.weights`): one FP32 copy of the weights, never a random init
+        beside the loaded ones. Without one, the seeded random init as ever.
+        """
+        checkpoint = self.checkpoint(ctx.cfg)
+        if checkpoint is None:
+            module = spec.build(ctx.cfg)
+        else:
+            from autoglm_build.weights import empty_parameters
+
+            with empty_parameters():
+                module = spec.build(ctx.cfg)
         params: Dict[str, Any] = {
             "parameters": sum(p.numel() for p in module.parameters()),
             "opset": ctx.cfg.export.opset,
@@ -93,7 +122,6 @@ class ExportStage(Stage):
             "seed": spec.seed(ctx.cfg),
         }
         warns: List[str] = []
-        checkpoint = self.checkpoint(ctx.cfg)
         if checkpoint is not None:
             ctx.status("loading checkpoint")
             report = checkpoint.load_into(module, spec.weight_prefixes, spec.name, spec.checkpoint_ignore)
@@ -107,9 +135,9 @@ class ExportStage(Stage):
         return module, params, warns
 
 
-def export_onnx(ctx: StageContext, spec: ModuleSpec, module: Any, workdir: Path) -> List[Path]:
-    """Export ``module`` to ``workdir/<name>.onnx`` (+ ``.onnx.data`` when large); returns the files."""
-    import onnx
+def trace_onnx(ctx: StageContext, spec: ModuleSpec, module: Any, workdir: Path) -> Path:
+    """The exporter's own graph of ``module`` at ``workdir/raw/<name>.onnx`` (weights beside it when
+    large), before it is stamped and saved as the build keeps it (:func:`finish_onnx`)."""
     import torch
 
     cfg = ctx.cfg
@@ -130,32 +158,76 @@ def export_onnx(ctx: StageContext, spec: ModuleSpec, module: Any, workdir: Path)
             dynamic_axes=spec.dynamic_axes(cfg),
             do_constant_folding=True,
         )
-    model = onnx.load(str(raw), load_external_data=True)
-    shutil.rmtree(raw.parent)
-    _stamp(model, spec, cfg.name)
+    _release_exporter_constants()
+    return raw
+
+
+def _release_exporter_constants() -> None:
+    """Free the constants torch's TorchScript exporter keeps after an export.
+
+    Its shape inference caches the value of every constant it saw (a process-wide map, cleared when
+    the next export starts): at full width the LM head's 2.4 GB stayed alive after the module was
+    freed, until the next module's export. Exporting a one-weight module clears the map.
+    """
+    import io
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.nn.Linear(1, 1), (torch.zeros(1, 1),), io.BytesIO(), dynamo=False)
+
+
+def finish_onnx(ctx: StageContext, spec: ModuleSpec, raw: Path, workdir: Path) -> List[Path]:
+    """The raw export stamped and saved to ``workdir/<name>.onnx`` (+ one ``.onnx.data``), one weight
+    in memory at a time (:func:`~autoglm_build.onnx_io.save_exported`); the raw files are removed.
+    Returns the files."""
+    import onnx
+
     out = workdir / f"{spec.name}.onnx"
-    files = save_model(model, out, cfg.export.large_model_bytes)
-    del model
+    files = save_exported(raw, out, ctx.cfg.export.large_model_bytes, lambda model: _stamp(model, spec, ctx.cfg.name))
+    shutil.rmtree(raw.parent)
     onnx.checker.check_model(str(out))
     return files
 
 
-def validate_onnx(ctx: StageContext, spec: ModuleSpec, module: Any, path: Path) -> Dict[str, Any]:
-    """ONNX Runtime vs PyTorch on every validation case; the manifest's metrics."""
+def recorded_reference(spec: ModuleSpec, cfg: BuildConfig, module: Any, cases: Sequence[Case]) -> Runner:
+    """PyTorch's outputs on every step of ``cases``, computed now (each case's steps chained on the
+    reference's own outputs, as :func:`~autoglm_build.validate.compare_cases` chains them) and
+    replayed in that order: the module can be freed before ONNX Runtime loads the graph."""
+    run = torch_runner(module, spec.input_names(cfg), spec.output_names(cfg))
+    outputs = []
+    for case in cases:
+        carried: Dict[str, np.ndarray] = {}
+        for step in case.steps:
+            want = run({**step, **carried})
+            outputs.append(want)
+            if case.chain:
+                carried = {case.chain[k]: v for k, v in want.items() if k in case.chain}
+    replay = iter(outputs)
+    return lambda feed: next(replay)
+
+
+def validate_onnx(ctx: StageContext, spec: ModuleSpec, reference: Runner, path: Path,
+                  cases: Sequence[Case]) -> Dict[str, Any]:
+    """ONNX Runtime vs PyTorch's recorded outputs (:func:`recorded_reference`) on ``cases``; the
+    manifest's metrics."""
     import onnxruntime as ort
 
     cfg = ctx.cfg
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Without prepacking ONNX Runtime maps the external weights and reads them in place; prepacked, it
+    # copies every MatMul weight into its own layout (1.6x the decoder's FP32 weights at load).
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     outputs = spec.output_names(cfg)
-    cases = list(spec.cases(cfg, np.random.default_rng(1234)))
     ctx.status(f"validating 0/{len(cases)} cases vs PyTorch")
     rows = compare_cases(
         spec.name,
         cases,
         run=ort_runner(session, outputs),
-        reference=torch_runner(module, spec.input_names(cfg), outputs),
+        reference=reference,
         tolerance=spec.tolerance(cfg),
         progress=lambda done: ctx.status(f"validating {done}/{len(cases)} cases vs PyTorch"),
     )

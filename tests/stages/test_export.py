@@ -133,3 +133,53 @@ def test_large_weights_go_to_one_external_data_file(tmp_path):
 
 def test_tiny_config_file_is_the_default_test_config():
     assert load_config(TINY).name == "autoglm-phone-tiny"
+
+
+@pytest.mark.slow
+def test_export_from_the_published_layout_equals_the_same_weights_loaded_the_old_way(tmp_path, tiny_cfg):
+    """A checkpoint in the published layout (BF16 shards and their index, scripts/make_layout_checkpoint.py)
+    through `autoglm-build export --checkpoint`: each graph computes what the module built with its
+    seeded init and then copied into (the loader before streaming) computes, and the export records
+    and prints its peak RSS."""
+    from typer.testing import CliRunner
+
+    from autoglm_build.cli import app
+    from autoglm_build.layout import write_checkpoint
+    from autoglm_build.weights import Checkpoint
+
+    ckpt, workdir = tmp_path / "ckpt", tmp_path / "w"
+    write_checkpoint(tiny_cfg, ckpt, shard_mib=0.5)
+    result = CliRunner().invoke(app, ["export", "-c", str(TINY), "-w", str(workdir), "--checkpoint", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    records = json.loads((workdir / "manifest.json").read_text())["records"]
+    checkpoint = Checkpoint(ckpt)
+    for name in tiny_cfg.modules:
+        assert f"export {name}: done in" in result.stderr and "peak RSS" in result.stderr
+        record = records[f"export/{name}"]
+        assert record["params"]["weights"] == str(ckpt.resolve()) and record["metrics"]["peak_rss_mib"] > 0
+        spec = registry.get(name)
+        module = spec.build(tiny_cfg)
+        checkpoint.load_into(module, spec.weight_prefixes, spec.name, spec.checkpoint_ignore)
+        feed = spec.export_inputs(tiny_cfg)
+        got = run_onnx(workdir / "onnx" / f"{name}.onnx", feed)
+        with torch.no_grad():
+            want = module(*[torch.from_numpy(feed[n]) for n in spec.input_names(tiny_cfg)])
+        want = want if isinstance(want, tuple) else (want,)
+        for out, value in zip(spec.output_names(tiny_cfg), want):
+            np.testing.assert_allclose(got[out], value.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"{name}.{out}")
+
+
+def test_streamed_build_exports_the_bytes_the_copy_into_build_exported(tmp_path, tiny_cfg, monkeypatch):
+    """The trained tiny checkpoint: graphs from modules built on the meta device and filled tensor by
+    tensor are the graphs of modules built with their random init and copied into, byte for byte."""
+    import contextlib
+
+    from autoglm_build import weights
+
+    ckpt = load_config(TINY).checkpoint
+    _export(tiny_cfg, tmp_path / "streamed", ["audio", "decoder"], checkpoint=ckpt)
+    monkeypatch.setattr(weights, "empty_parameters", contextlib.nullcontext)
+    _export(tiny_cfg, tmp_path / "copied", ["audio", "decoder"], checkpoint=ckpt)
+    for name in ("audio.onnx", "decoder.onnx"):
+        streamed = (tmp_path / "streamed" / "onnx" / name).read_bytes()
+        assert streamed == (tmp_path / "copied" / "onnx" / name).read_bytes(), name

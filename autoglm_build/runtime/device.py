@@ -16,6 +16,7 @@ Imports on the GPU harness's Python 3.9 without torch.
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any, Dict, NamedTuple, Tuple
 
 import numpy as np
@@ -45,12 +46,22 @@ class Memcpy3DParms(ctypes.Structure):
                 ("extent", _Extent), ("kind", ctypes.c_int)]
 
 
+ALIGN = 256  # bytes: TensorRT wants every tensor address bound to a context 256-byte aligned (setTensorAddress)
+
+
+def lines_for(rows: int, pitch: int) -> int:
+    """Lines per plane: ``rows`` rounded up so that ``lines * pitch`` is a multiple of :data:`ALIGN`."""
+    step = ALIGN // math.gcd(pitch, ALIGN)
+    return -(-rows // step) * step
+
+
 class Layout(NamedTuple):
     """``planes`` arrays of ``(rows, heads, columns, dim)`` one after another at ``ptr``: the KV cache's
     tensors (one plane per ``key.i``/``value.i``) in one allocation. A line is one head's ``columns``
-    columns of ``dim`` values (``column_bytes`` each), so line ``row * heads + head`` of plane ``z`` lies at
-    ``ptr + (z * rows * heads + row * heads + head) * pitch``: a run of columns of a run of rows, every
-    head and every plane, is one 3-D copy."""
+    columns of ``dim`` values (``column_bytes`` each): line ``row * heads + head`` of plane ``z`` lies at
+    ``ptr + (z * lines + row * heads + head) * pitch``, so a run of columns of a run of rows, every head
+    and every plane, is one 3-D copy. ``lines`` is ``rows * heads`` padded so that every plane starts
+    256-byte aligned, as TensorRT wants the addresses it is given."""
 
     ptr: int
     planes: int
@@ -64,16 +75,20 @@ class Layout(NamedTuple):
         return self.columns * self.column_bytes
 
     @property
+    def lines(self) -> int:
+        return lines_for(self.rows * self.heads, self.pitch)
+
+    @property
     def plane_bytes(self) -> int:
-        return self.rows * self.heads * self.pitch
+        return self.lines * self.pitch
 
     @property
     def nbytes(self) -> int:
         return self.planes * self.plane_bytes
 
-    def plane(self, z: int, row: int = 0) -> int:
-        """The address of plane ``z`` from row ``row`` on (a ``(rows - row, heads, columns, dim)`` array)."""
-        return self.ptr + z * self.plane_bytes + row * self.heads * self.pitch
+    def plane(self, z: int) -> int:
+        """The address of plane ``z`` (a ``(rows, heads, columns, dim)`` array)."""
+        return self.ptr + z * self.plane_bytes
 
 
 class Device:
@@ -161,9 +176,9 @@ class Device:
             return
         p = Memcpy3DParms()
         p.srcPos = _Pos(src_column * src.column_bytes, src_row * src.heads, 0)
-        p.srcPtr = _PitchedPtr(src.ptr, src.pitch, src.pitch, src.rows * src.heads)
+        p.srcPtr = _PitchedPtr(src.ptr, src.pitch, src.pitch, src.lines)
         p.dstPos = _Pos(dst_column * dst.column_bytes, dst_row * dst.heads, 0)
-        p.dstPtr = _PitchedPtr(dst.ptr, dst.pitch, dst.pitch, dst.rows * dst.heads)
+        p.dstPtr = _PitchedPtr(dst.ptr, dst.pitch, dst.pitch, dst.lines)
         p.extent = _Extent(columns * src.column_bytes, rows * src.heads, src.planes)
         p.kind = D2D
         self._count(D2D, columns * src.column_bytes * rows * src.heads * src.planes)
@@ -186,7 +201,9 @@ class Buffer:
         self.device, self.ptr, self.nbytes = device, 0, 0
 
     def ensure(self, nbytes: int) -> int:
-        if nbytes > self.nbytes:
+        """The buffer's address with room for ``nbytes`` (a real address even for 0: TensorRT is given one
+        for empty tensors too, such as a prefill's zero-length past)."""
+        if nbytes > self.nbytes or not self.ptr:
             self.device.free(self.ptr)
             self.ptr, self.nbytes = 0, 0
             self.ptr, self.nbytes = self.device.malloc(nbytes), max(int(nbytes), 1)

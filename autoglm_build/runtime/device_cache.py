@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from autoglm_build.runtime.device import D2H, Buffer, Device, DeviceEmbeds, Layout
+from autoglm_build.runtime.device import D2H, Buffer, Device, DeviceEmbeds, Layout, lines_for
 from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache, Prefix
 
 
@@ -95,10 +95,12 @@ class DeviceKVCache(KVCache):
         self._mask_all = True
         self._one = np.ones(1, self.mask_dtype)
         try:
+            # the largest layout: every capacity's plane (lines padded for alignment) fits in it
             width = (context - 1) * self.column_bytes
-            self._store_ptr = self.device.malloc(len(spec.names) * slots * spec.kv_heads * width)
+            size = len(spec.names) * width * lines_for(slots * spec.kv_heads, self.column_bytes)
+            self._store_ptr = self.device.malloc(size)
             # once: masked columns are read (times a zero weight); never let them hold NaN bit patterns
-            self.device.memset(self._store_ptr, len(spec.names) * slots * spec.kv_heads * width)
+            self.device.memset(self._store_ptr, size)
             self._mask_ptr = self.device.malloc(slots * context * self.mask_dtype.itemsize)
             self._logits_host = np.empty((slots, self.vocab), self.logits_dtype)
             super().__init__(backend, spec, slots, context, dtype)
@@ -185,7 +187,7 @@ class DeviceKVCache(KVCache):
         if free:
             ptr = free.pop()
         else:
-            ptr = self.device.malloc(self.block_bytes(tokens))
+            ptr = self.device.malloc(self.layout(0, 1, tokens).nbytes)
             self._blocks.append(ptr)
         self.device.columns(self.layout(ptr, 1, tokens), 0, 0, self.slots_layout(), slot, start, tokens)
         return DeviceBlock(ptr, tokens)
@@ -207,7 +209,7 @@ class DeviceKVCache(KVCache):
             seq = chunk.ids.shape[1]
             present = self.scratch(names[(k + 1) % 2], n, past.columns + seq)
             mask = np.ascontiguousarray(np.concatenate([past_mask, chunk.mask], axis=1), self.mask_dtype)
-            self._run("prefill", 0, n, seq, self._embed(chunk.ids, "prefill", chunk.splices), mask, chunk.positions,
+            self._run("prefill", n, seq, self._embed(chunk.ids, "prefill", chunk.splices), mask, chunk.positions,
                       past, present, logits)
             past = present
         width, total, store = past_mask.shape[1], past.columns, self.slots_layout()
@@ -265,10 +267,10 @@ class DeviceKVCache(KVCache):
 
     # ---- the decoder --------------------------------------------------------------------------
 
-    def _run(self, phase: str, row: int, n: int, seq: int, embeds: int, mask: Any, positions: np.ndarray,
+    def _run(self, phase: str, n: int, seq: int, embeds: int, mask: Any, positions: np.ndarray,
              past: Layout, present: Layout, logits: int) -> None:
-        """The decoder's units in turn on the stream: rows ``[row, row + n)`` of ``past``; ``mask`` a
-        host array to upload (prefill) or the device mask's address (decode)."""
+        """The decoder's units in turn on the stream: the first ``n`` rows of ``past``; ``mask`` a host
+        array to upload (prefill) or the device mask's address (decode)."""
         host_positions = np.ascontiguousarray(positions, self.position_dtype)
         pos_ptr = self.buffer(f"positions-{phase}", host_positions.nbytes)
         self.device.upload(pos_ptr, host_positions)
@@ -282,14 +284,14 @@ class DeviceKVCache(KVCache):
         source = embeds
         for k, unit in enumerate(self.units):
             target = logits if k == len(self.units) - 1 else hidden[k % 2]
-            key = (phase, row, n, seq, past.columns, past.ptr, present.ptr, source, target, mask_ptr, pos_ptr)
-            runner = self.backend.bind(unit, phase, key, self._binding(unit, row, n, seq, source, target, mask_ptr,
-                                                                        pos_ptr, past, present))
+            key = (phase, n, seq, past.rows, past.columns, past.ptr, present.ptr, source, target, mask_ptr, pos_ptr)
+            runner = self.backend.bind(unit, phase, key, self._binding(unit, n, seq, source, target, mask_ptr, pos_ptr,
+                                                                        past, present))
             self.backend.execute(runner, self.device.stream.ptr)
             source = target
 
-    def _binding(self, unit: str, row: int, n: int, seq: int, source: int, target: int, mask_ptr: int,
-                 pos_ptr: int, past: Layout, present: Layout) -> Callable[[], Tuple[Dict, Dict]]:
+    def _binding(self, unit: str, n: int, seq: int, source: int, target: int, mask_ptr: int, pos_ptr: int,
+                 past: Layout, present: Layout) -> Callable[[], Tuple[Dict, Dict]]:
         def make() -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, int]]:
             inputs = self.backend.inputs[unit]
             first = inputs[0]
@@ -301,7 +303,7 @@ class DeviceKVCache(KVCache):
                 if name.startswith("past_"):
                     z = self.planes[name[len("past_"):]]
                     shapes[name] = (n, self.spec.kv_heads, past.columns, self.spec.head_dim)
-                    addresses[name] = past.plane(z, row)
+                    addresses[name] = past.plane(z)
                     addresses["present_" + name[len("past_"):]] = present.plane(z)
             return shapes, addresses
         return make
@@ -311,17 +313,21 @@ class DeviceKVCache(KVCache):
         """:meth:`KVCache.decode` on the device. The logits array is reused by the next call; only the
         used rows (and of them the ``logit_columns``) are filled."""
         self.fit(int(self.lengths[self.used].max(initial=0)) + 1)
-        row, n = (0, self.top) if slot is None else (slot, 1)
         self._flush_mask()
-        cap = self.capacity
+        cap, store, item = self.capacity, self.slots_layout(), self.mask_dtype.itemsize
+        if slot is None:  # slots 0..top as they lie: the store's planes start with them
+            row, n, past, mask_ptr = 0, self.top, store, self._mask_ptr
+        else:  # one row alone (the scheduler's isolation path): copied out, so every address stays aligned
+            row, n, past = slot, 1, self.scratch("b", 1, cap)
+            self.device.columns(past, 0, 0, store, slot, 0, cap)
+            host = np.ascontiguousarray(self.mask[slot], self.mask_dtype)
+            mask_ptr = self.buffer("mask-row", host.nbytes)
+            self.device.upload(mask_ptr, host)
         present = self.scratch("a", n, cap + 1)
         logits = self.buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
-        mask_ptr = self._mask_ptr + row * (cap + 1) * self.mask_dtype.itemsize
-        self._run("decode", row, n, 1, self._embed(ids, "decode"), mask_ptr, positions, self.slots_layout(), present,
-                  logits)
+        self._run("decode", n, 1, self._embed(ids, "decode"), mask_ptr, positions, past, present, logits)
         used = [int(s) - row for s in np.flatnonzero(self.used[row:row + n])]
         if commit:  # each used row's new column into its slot, its mask element up
-            store, item = self.slots_layout(), self.mask_dtype.itemsize
             for k in used:
                 s, at = row + k, int(self.lengths[row + k])
                 self.device.columns(store, s, at, present, k, cap, 1)

@@ -111,25 +111,31 @@ def test_the_checks_fail_on_the_host_cache(graphs, tmp_path):
 
 
 def test_a_3d_copy_moves_the_columns_numpy_would(tmp_path):
-    """``Device.columns`` (one ``cudaMemcpy3DAsync``) against numpy slicing, on the fake runtime."""
+    """``Device.columns`` (one ``cudaMemcpy3DAsync``) against numpy slicing, on the fake runtime, between
+    layouts whose planes are padded to start 256-byte aligned (7 columns of 10 bytes: 128 lines a plane)."""
     script = textwrap.dedent("""
         import numpy as np
         from autoglm_build.runtime.device import Device, Layout
+
+        def padded(layout, values):  # (planes, rows, heads, columns, dim) -> the layout's bytes
+            out = np.zeros((layout.planes, layout.lines, layout.columns, 5), np.float16)
+            out[:, :layout.rows * layout.heads] = values.reshape(layout.planes, -1, layout.columns, 5)
+            return out
+
         d = Device()
         rng = np.random.default_rng(0)
         src = rng.standard_normal((3, 4, 2, 9, 5)).astype(np.float16)  # planes, rows, heads, columns, dim
         dst = np.zeros((3, 6, 2, 7, 5), np.float16)
-        ps, pd = d.malloc(src.nbytes), d.malloc(dst.nbytes)
-        d.upload(ps, src)
-        d.upload(pd, dst)
-        a, b = Layout(ps, 3, 4, 2, 9, 10), Layout(pd, 3, 6, 2, 7, 10)
+        a, b = Layout(d.malloc(1 << 16), 3, 4, 2, 9, 10), Layout(d.malloc(1 << 16), 3, 6, 2, 7, 10)
+        assert b.lines == 128 and b.plane_bytes % 256 == 0 and a.nbytes < 1 << 16 and b.nbytes < 1 << 16
+        d.upload(a.ptr, padded(a, src))
+        d.upload(b.ptr, padded(b, dst))
         d.columns(b, 3, 2, a, 1, 4, 5, rows=2)
-        d.sync()
         dst[:, 3:5, :, 2:7] = src[:, 1:3, :, 4:9]
-        got = np.empty_like(dst)
-        d.download(got, pd)
+        got = np.empty((3, b.lines, 7, 5), np.float16)
+        d.download(got, b.ptr)
         d.sync()
-        assert (got == dst).all()
+        assert (got == padded(b, dst)).all()
         assert d.traffic["d2d_bytes"] == 3 * 2 * 2 * 5 * 10 and d.traffic["d2d_calls"] == 1
         print("ok")
     """)

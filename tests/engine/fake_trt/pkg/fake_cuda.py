@@ -17,6 +17,7 @@ import ctypes
 from typing import Dict, List, Tuple
 
 KINDS = {0: "h2h", 1: "h2d", 2: "d2h", 3: "d2d", 4: "default"}
+ALIGN = 256
 
 
 def _int(value) -> int:
@@ -42,10 +43,12 @@ class FakeCudart:
         return 0
 
     def cudaMalloc(self, ref, nbytes) -> int:
+        """256-byte aligned, as cudaMalloc's addresses are (TensorRT's tensor addresses must be)."""
         size = max(int(getattr(nbytes, "value", nbytes)), 1)
-        buffer = ctypes.create_string_buffer(size)
-        self.buffers[ctypes.addressof(buffer)] = buffer
-        return self._set(ref, ctypes.addressof(buffer))
+        buffer = ctypes.create_string_buffer(size + ALIGN - 1)
+        address = -(-ctypes.addressof(buffer) // ALIGN) * ALIGN
+        self.buffers[address] = buffer
+        return self._set(ref, address)
 
     def cudaFree(self, ptr) -> int:
         self.buffers.pop(_int(ptr), None)

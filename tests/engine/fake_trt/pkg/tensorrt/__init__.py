@@ -851,6 +851,9 @@ class _IExecutionContext:
         return Dims(self._run(zeros=True)[name].shape)
 
     def set_tensor_address(self, name: str, memory: int) -> bool:
+        if int(memory) % 256:  # NvInferRuntime.h: "The pointer must have at least 256-byte alignment."
+            record("IExecutionContext", "set_tensor_address misaligned", name, int(memory) % 256)
+            return False
         self._addresses[name] = int(memory)
         return True
 

@@ -141,3 +141,30 @@ def test_a_3d_copy_moves_the_columns_numpy_would(tmp_path):
     """)
     out = harness.run(["-c", script], harness.environment(*PAIRS[0], tmp_path / "calls.jsonl"))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_device_embeds_index_a_row_without_copying_and_free_once(tmp_path):
+    """``audio_embeds[0]`` on the GPU: a view into the encoder's buffer (same bytes, kept alive by the
+    view), copied to the host only when asked; the buffer is freed once, with its owner."""
+    script = textwrap.dedent("""
+        import gc
+        import numpy as np
+        from autoglm_build.runtime.device import Device, DeviceEmbeds
+        d = Device()
+        host = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+        ptr = d.malloc(host.nbytes)
+        d.upload(ptr, host)
+        whole = DeviceEmbeds(d, ptr, host.shape, np.float32)
+        row = whole[1]
+        del whole
+        gc.collect()
+        assert len(row) == 3 and row.ptr == ptr + 3 * 4 * 4 and (np.asarray(row) == host[1]).all()
+        handle = d.cuda.handle
+        assert ptr in handle.buffers
+        del row
+        gc.collect()
+        assert ptr not in handle.buffers
+        print("ok")
+    """)
+    out = harness.run(["-c", script], harness.environment(*PAIRS[0], tmp_path / "calls.jsonl"))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -4,8 +4,8 @@
 optimized, calibrated and built into an engine on its own (its own manifest records, so the engine
 builds can run in parallel processes), while ``verify``, ``bench`` and ``serve`` run the module as
 one by chaining its parts (:func:`chain`): the first part takes the module's inputs, each later part
-takes :data:`HIDDEN` from the part before it, and every part reads only the inputs it declares (its
-own layers' ``past_*``). The outputs are the union of the parts' outputs without the activations
+takes :data:`HIDDEN` from the part before it (as :data:`HIDDEN_IN`), and every part reads only the
+inputs it declares (its own layers' ``past_*``). The outputs are the union of the parts' outputs without the activations
 that crossed between them, the last part's main output (``logits``) first, as the unstaged graph
 has it. Cache names keep their global layer index (``past_key.{i}``), so a KV cache over the
 module's names serves the staged module unchanged.
@@ -25,8 +25,10 @@ Feed = Dict[str, np.ndarray]
 StepsRun = Callable[[List[Feed]], List[Dict[str, np.ndarray]]]
 #: one part for :func:`chain`: its input names, and feed -> outputs
 Part = Tuple[Sequence[str], Callable[[Feed], Dict[str, np.ndarray]]]
-#: the activations a part hands to the next one
+#: the activations a part hands to the next one (its output), and the name the next part takes them under:
+#: a middle part takes them in and gives them out, and one graph cannot name an input and an output alike
 HIDDEN = "hidden_states"
+HIDDEN_IN = "hidden_states_in"
 SEPARATOR = ".stage"
 
 
@@ -63,6 +65,13 @@ def layer_ranges(layers: int, stages: int) -> List[range]:
     return out
 
 
+def part_feed(inputs: Sequence[str], carried: Feed) -> Feed:
+    """A part's own inputs out of ``carried`` (the module's feed with the earlier parts' outputs added):
+    :data:`HIDDEN_IN` is the part before's :data:`HIDDEN`."""
+    source = {n: HIDDEN if n == HIDDEN_IN else n for n in inputs}
+    return {n: carried[source[n]] for n in inputs if source[n] in carried}
+
+
 def chain_steps(parts: Sequence[Tuple[Sequence[str], StepsRun]]) -> StepsRun:
     """One run over the parts in order: ``(input names, run)`` per part.
 
@@ -74,7 +83,7 @@ def chain_steps(parts: Sequence[Tuple[Sequence[str], StepsRun]]) -> StepsRun:
         carried = [dict(step) for step in steps]
         merged: List[Dict[str, np.ndarray]] = [{} for _ in steps]
         for inputs, part_run in parts:
-            outs = part_run([{n: c[n] for n in inputs if n in c} for c in carried])
+            outs = part_run([part_feed(inputs, c) for c in carried])
             for c, m, out in zip(carried, merged, outs):
                 c.update(out)
                 m.update(out)

@@ -88,7 +88,7 @@ def test_each_stage_is_its_own_graph_with_its_own_layers(staged):
     assert manifest.record("samples", "decoder").status == "done"  # the module's samples, taken as one
     first, last = (ort_part(staged / "onnx" / f"decoder.stage{k}.onnx") for k in (0, 1))
     assert first[0] == ["inputs_embeds", "attention_mask", "position_ids", "past_key.0", "past_value.0"]
-    assert last[0] == ["hidden_states", "attention_mask", "position_ids", "past_key.1", "past_value.1"]
+    assert last[0] == ["hidden_states_in", "attention_mask", "position_ids", "past_key.1", "past_value.1"]
     # each stage's precision graph answers to the decoder's gate at the logits, the stages before it quantized
     for k in (0, 1):
         accuracy = manifest.record("calibrate-int8", f"decoder.stage{k}").metrics["accuracy"]
@@ -220,3 +220,26 @@ def test_tensorrt_chains_the_staged_engines_symmetrically(staged, tmp_path):
     report = json.loads(bench.stdout)
     assert not report["notes"] and {r["case"] for r in report["rows"] if r["backend"] == "tensorrt int8"} == {
         "prefill 16", "decode @16"}
+
+
+def test_three_stages_chain_to_the_one_graph(tmp_path):
+    """A middle stage takes the activations in and gives them out (``decoder.stages: 3`` on a 3-layer
+    decoder, random weights): its graph's input and output cannot share a name, and the chain still
+    equals the one graph (prefill, then a decode step on each side's own cache)."""
+    changes = {"modules": MODULES, "text": {"num_hidden_layers": 3}, "checkpoint": None}
+    three = _export(write_config(tmp_path / "three.yaml", {**changes, "decoder": {"stages": 3}}), tmp_path / "w3")
+    one = _export(write_config(tmp_path / "one.yaml", changes), tmp_path / "w1")
+    parts = [ort_part(three / "onnx" / f"decoder.stage{k}.onnx") for k in range(3)]
+    assert [len(p[0]) for p in parts] == [5, 5, 5]  # each stage: its input activations, mask, positions, own cache
+    run_one, run_three = ort_part(one / "onnx" / "decoder.onnx")[1], chain(parts)
+    empty = {f"past_{kind}.{i}": np.zeros((2, 2, 0, 32), np.float32) for i in range(3) for kind in ("key", "value")}
+    rng = np.random.default_rng(3)
+    want_feed = got_feed = {**_step(rng, 2, 6, 0), **empty}
+    for step in range(2):
+        want, got = run_one(want_feed), run_three(got_feed)
+        assert list(got) == list(want)
+        for name, ref in want.items():
+            np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-5, err_msg=f"step {step} {name}")
+        feed = _step(rng, 2, 1, 6)
+        want_feed, got_feed = ({**feed, **{n.replace("present_", "past_"): v for n, v in out.items()
+                                           if n.startswith("present_")}} for out in (want, got))

@@ -32,7 +32,7 @@ import numpy as np
 from autoglm_build.config import BuildConfig
 from autoglm_build.modules.base import Case, ModuleSpec, Patch, batched, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
-from autoglm_build.parts import HIDDEN, Around, chain, layer_ranges, ort_part, part_name
+from autoglm_build.parts import HIDDEN, HIDDEN_IN, Around, chain, layer_ranges, ort_part, part_name
 
 
 def _torch_module():
@@ -322,10 +322,10 @@ class DecoderStageSpec(DecoderSpec):
     """Stage ``index`` of the decoder cut into ``decoder.stages`` contiguous layer ranges.
 
     Stage 0 takes ``inputs_embeds``, later stages the previous stage's ``hidden_states`` (B, S,
-    hidden); the last stage adds the final norm and LM head and returns ``logits``, the others return
-    ``hidden_states``. Each stage takes and returns its own layers' ``past_*``/``present_*`` under
-    their global indices. Its weights are the whole decoder's (same seed, or the same checkpoint
-    tensors), its validation cases the decoder's with the stage's inputs.
+    hidden) as ``hidden_states_in``; the last stage adds the final norm and LM head and returns
+    ``logits``, the others return ``hidden_states``. Each stage takes and returns its own layers'
+    ``past_*``/``present_*`` under their global indices. Its weights are the whole decoder's (same
+    seed, or the same checkpoint tensors), its validation cases the decoder's with the stage's inputs.
     """
 
     def __init__(self, index: int) -> None:
@@ -362,7 +362,7 @@ class DecoderStageSpec(DecoderSpec):
 
     def input_names(self, cfg: BuildConfig) -> List[str]:
         names = super().input_names(cfg)
-        return names if self.first() else [HIDDEN] + names[1:]
+        return names if self.first() else [HIDDEN_IN] + names[1:]
 
     def output_names(self, cfg: BuildConfig) -> List[str]:
         names = super().output_names(cfg)
@@ -371,7 +371,7 @@ class DecoderStageSpec(DecoderSpec):
     def dynamic_axes(self, cfg: BuildConfig) -> Dict[str, Dict[int, str]]:
         axes = super().dynamic_axes(cfg)
         if not self.first():
-            axes[HIDDEN] = axes.pop("inputs_embeds")
+            axes[HIDDEN_IN] = axes.pop("inputs_embeds")
         if not self.last(cfg):
             del axes["logits"]
             axes[HIDDEN] = {0: "batch", 1: "seq"}
@@ -381,7 +381,7 @@ class DecoderStageSpec(DecoderSpec):
                     pad: int = 0) -> Dict[str, np.ndarray]:
         inputs = super().step_inputs(cfg, rng, batch, seq, past, pad)
         if not self.first():
-            inputs[HIDDEN] = inputs.pop("inputs_embeds")
+            inputs[HIDDEN_IN] = inputs.pop("inputs_embeds")
         return inputs
 
     def fingerprint_data(self, cfg: BuildConfig) -> Dict[str, Any]:
@@ -402,7 +402,7 @@ class DecoderStageSpec(DecoderSpec):
         def own(feed: Feed) -> Feed:
             full = dict(feed)
             if run is not None:
-                full[HIDDEN] = run(feed)[HIDDEN]
+                full[HIDDEN_IN] = run(feed)[HIDDEN]
             return {n: full[n] for n in inputs}
 
         return [own(f) for f in calib], [own(f) for f in held]

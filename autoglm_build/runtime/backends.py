@@ -22,7 +22,7 @@ from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.errors import UserError
 from autoglm_build.manifest import Artifact, Manifest
 from autoglm_build.modules import registry
-from autoglm_build.parts import HIDDEN, chain, module_parts
+from autoglm_build.parts import HIDDEN, chain, module_parts, part_feed
 from autoglm_build.runtime.kv_cache import CacheSpec, KVCache
 
 Feed = Dict[str, np.ndarray]
@@ -273,7 +273,7 @@ class TensorRTBackend(Backend):
             return self.device_call_part(units[0], feed, phase)
         carried, feeds = dict(feed), []
         for unit in units:  # before binding: a host run rebinds the phase's context
-            feeds.append({n: carried[n] for n in self.inputs[unit] if n in carried})
+            feeds.append(part_feed(self.inputs[unit], carried))
             carried.update(self.run_part(unit, feeds[-1], phase))
         calls = [self.device_call_part(unit, own, phase) for unit, own in zip(units, feeds)]
 

@@ -62,18 +62,19 @@ def save_exported(raw: Path, out: Path, large_bytes: int, edit: Callable[[Any], 
     model = onnx.load(str(raw), load_external_data=False)
     edit(model)
     base = str(raw.parent)
-    for tensor in _attribute_tensors(model.graph):  # constants in nodes stay inline, as save_model keeps them
+    # constants in nodes stay inline, as save_model keeps them
+    for tensor in _tensors(model.graph, initializers=False):
         if uses_external_data(tensor):
             load_external_data_for_tensor(tensor, base)
     if sum(tensor_bytes(t) for t in model.graph.initializer) <= large_bytes:
-        for tensor in _initializers(model.graph):
+        for tensor in _tensors(model.graph, attributes=False):
             if uses_external_data(tensor):
                 load_external_data_for_tensor(tensor, base)
         onnx.save_model(model, str(out))
         return [out]
     data = out.with_name(out.name + ".data")
     with open(data, "wb") as fh:
-        for tensor in _initializers(model.graph):
+        for tensor in _tensors(model.graph, attributes=False):
             external = uses_external_data(tensor)
             size = tensor_bytes(tensor) if external else len(tensor.raw_data)
             if not (external or tensor.HasField("raw_data")) or sys.getsizeof(b"") + size < 1024:
@@ -117,30 +118,6 @@ def _point_to(tensor: Any, location: str, offset: int, length: int) -> None:
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
-
-
-def _attribute_tensors(graph: Any) -> Iterator[Any]:
-    """Tensors in node attributes of ``graph`` and of its subgraphs."""
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _attribute_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _attribute_tensors(sub)
-
-
-def _initializers(graph: Any) -> Iterator[Any]:
-    """Initializers of ``graph`` and of its subgraphs, in ``onnx.save_model``'s order."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _initializers(attr.g)
-            for sub in attr.graphs:
-                yield from _initializers(sub)
 
 
 # ONNX Runtime's session entry for exact INT8 matrix products on x86 (kOrtSessionOptionsAvx2PrecisionMode).
@@ -229,15 +206,18 @@ def external_data_locations(path: Path) -> List[str]:
     return locations
 
 
-def _tensors(graph: Any) -> Iterator[Any]:
-    """Initializers and tensor attributes of ``graph`` and of its subgraphs (If/Loop bodies)."""
-    yield from graph.initializer
+def _tensors(graph: Any, initializers: bool = True, attributes: bool = True) -> Iterator[Any]:
+    """Tensors of ``graph`` and of its subgraphs (If/Loop bodies): its initializers (in
+    ``onnx.save_model``'s order) if ``initializers``, tensors in node attributes if ``attributes``."""
+    if initializers:
+        yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
+            if attributes:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
             if attr.HasField("g"):
-                yield from _tensors(attr.g)
+                yield from _tensors(attr.g, initializers, attributes)
             for sub in attr.graphs:
-                yield from _tensors(sub)
+                yield from _tensors(sub, initializers, attributes)

@@ -35,7 +35,7 @@ from autoglm_build.errors import AccuracyError
 from autoglm_build.memory import peak_rss_mib, reset_peak
 from autoglm_build.modules import registry
 from autoglm_build.modules.base import Case, ModuleSpec, Patch
-from autoglm_build.onnx_io import move_into_place, save_exported
+from autoglm_build.onnx_io import move_into_place, ort_options, save_exported
 from autoglm_build.stages.base import Stage, StageContext, StageResult
 from autoglm_build.validate import Runner, compare_cases, ort_runner, summarize, torch_runner
 
@@ -215,8 +215,7 @@ def validate_onnx(ctx: StageContext, spec: ModuleSpec, reference: Runner, path: 
     import onnxruntime as ort
 
     cfg = ctx.cfg
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = ort_options()
     # Without prepacking ONNX Runtime maps the external weights and reads them in place; prepacked, it
     # copies every MatMul weight into its own layout (1.6x the decoder's FP32 weights at load).
     opts.add_session_config_entry("session.disable_prepacking", "1")

@@ -13,6 +13,11 @@ Written tensor by tensor, in row chunks (:data:`CHUNK_ELEMENTS`): memory stays n
 whatever the model's size (the 9B checkpoint is about 22 GB of BF16). safetensors' own writer
 (``save_file``) takes a whole shard in memory, so the format's few bytes of framing are written here.
 
+Safe to point at any directory: one that holds anything but a checkpoint this module wrote (its
+shards carry ``"generator": "autoglm_build.layout"`` in their metadata) is refused, not overwritten,
+and the checkpoint is written into a sibling temp directory that replaces ``out`` only once complete,
+so an interrupted run leaves the old checkpoint (or nothing) there, never a mix.
+
 Deterministic: each tensor's values come from its own generator, seeded by the seed and the
 tensor's name, so they do not depend on the shard size, the order of writing or the other tensors;
 the same seed gives the same bytes. Values: matrices, embeddings and biases ~ N(0, 0.02) (the
@@ -24,14 +29,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from autoglm_build.config import BuildConfig
+from autoglm_build.errors import UserError
 
 INDEX_NAME = "model.safetensors.index.json"
+#: in every shard's ``__metadata__``: what lets a later run tell its own output from a real checkpoint
+GENERATOR = "autoglm_build.layout"
 #: save_pretrained's max_shard_size "5GB"
 DEFAULT_SHARD_MIB = 5e9 / 2**20
 #: values generated and written at a time (64 MiB of FP32)
@@ -135,7 +145,7 @@ def write_shard(path: Path, specs: List[TensorSpec], seed: int, dtype: str) -> i
     tag, torch_name = DTYPES[dtype]
     torch_dtype = getattr(torch, torch_name)
     itemsize = torch.empty((), dtype=torch_dtype).element_size()
-    header: Dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    header: Dict[str, Any] = {"__metadata__": {"format": "pt", "generator": GENERATOR}}
     offset = 0
     ordered = sorted(specs, key=lambda s: s.name)
     for spec in ordered:
@@ -169,7 +179,8 @@ def hf_config_json(cfg: BuildConfig, dtype: str) -> str:
 
 def write_checkpoint(cfg: BuildConfig, out: Path, dtype: str = "bf16", shard_mib: float = DEFAULT_SHARD_MIB,
                      seed: int = 0, progress: Optional[Callable[[str, int], None]] = None) -> Dict[str, Any]:
-    """Write the checkpoint for ``cfg`` into ``out`` (created if missing).
+    """Write the checkpoint for ``cfg`` into ``out``: created if missing, replaced whole if it holds
+    an earlier output of this function, refused otherwise.
 
     Args:
         cfg: The build config whose sizes the checkpoint takes.
@@ -181,36 +192,92 @@ def write_checkpoint(cfg: BuildConfig, out: Path, dtype: str = "bf16", shard_mib
 
     Returns:
         ``{"files": [names], "tensors": n, "parameters": n, "total_size": bytes}``.
-    """
-    import torch
 
+    Raises:
+        UserError: ``out`` is a file or a directory holding anything else (left untouched), or a
+            write failed (nothing is left at ``out`` but what was there before).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    tmp = None
+    try:
+        check_replaceable(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        summary = _write_files(cfg, tmp, dtype, shard_mib, seed, progress)
+        _swap_in(tmp, out)
+        tmp = None
+    except OSError as exc:
+        raise UserError(f"{exc.filename or out}: cannot write the checkpoint ({exc.strerror or exc})",
+                        hint=f"{out} is as it was") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def check_replaceable(out: Path) -> None:
+    """Raise :class:`UserError` unless ``out`` is missing, empty, or only what :func:`write_checkpoint`
+    writes (``config.json``, the index, shards marked with :data:`GENERATOR`)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory", hint="choose a new or empty directory")
+    refuse = f"{out}: not empty and not written by {GENERATOR}; refusing to replace it"
+    hint = "choose a new or empty directory"
+    for path in out.iterdir():
+        if path.name in ("config.json", INDEX_NAME):
+            continue
+        if not (path.name.startswith("model") and path.name.endswith(".safetensors")) or not _ours(path):
+            raise UserError(f"{refuse} ({path.name})", hint=hint)
+
+
+def _ours(shard: Path) -> bool:
+    from autoglm_build.weights import read_header
+
+    try:
+        meta = read_header(shard).get("__metadata__")
+    except UserError:
+        return False
+    return isinstance(meta, dict) and meta.get("generator") == GENERATOR
+
+
+def _write_files(cfg: BuildConfig, out: Path, dtype: str, shard_mib: float, seed: int,
+                 progress: Optional[Callable[[str, int], None]]) -> Dict[str, Any]:
+    """The checkpoint's files into the empty directory ``out``."""
+    import torch
+
     itemsize = torch.empty((), dtype=getattr(torch, DTYPES[dtype][1])).element_size()
     specs = layout(cfg)
     shards = shard_plan(specs, int(shard_mib * 2**20), itemsize)
     names = shard_names(len(shards))
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model-*-of-*.safetensors"), out / "model.safetensors"]:
-        if stale.name not in names and stale.exists():
-            stale.unlink()  # an earlier run's shards: a directory holds one checkpoint
     total = 0
     for name, group in zip(names, shards):
         written = write_shard(out / name, group, seed, dtype)
         total += written
         if progress:
             progress(name, written)
-    weight_map = {s.name: name for name, group in zip(names, shards) for s in group}
-    _write_text(out / "config.json", hf_config_json(cfg, dtype))
+    (out / "config.json").write_text(hf_config_json(cfg, dtype), encoding="utf-8")
     if len(names) > 1:
+        weight_map = {s.name: name for name, group in zip(names, shards) for s in group}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_text(out / INDEX_NAME, json.dumps(index, indent=2) + "\n")
-    elif (out / INDEX_NAME).exists():
-        (out / INDEX_NAME).unlink()
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return {"files": names, "tensors": len(specs), "parameters": sum(s.numel for s in specs), "total_size": total}
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _swap_in(tmp: Path, out: Path) -> None:
+    """``tmp`` renamed to ``out``; an existing ``out`` (already checked to be ours) is moved aside
+    first and removed after, so ``out`` never holds a mix of two runs."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old / out.name, out)
+        raise
+    finally:
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)

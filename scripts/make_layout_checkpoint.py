@@ -46,7 +46,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     def progress(name: str, nbytes: int) -> None:
         print(f"{name}: {nbytes / 2**30:.2f} GiB ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
-    summary = write_checkpoint(cfg, args.out, args.dtype, args.shard_mib, args.seed, progress)
+    try:
+        summary = write_checkpoint(cfg, args.out, args.dtype, args.shard_mib, args.seed, progress)
+    except UserError as exc:
+        print(f"error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
+        return exc.exit_code
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{args.out}: {len(summary['files'])} files, {summary['tensors']} tensors, "
           f"{summary['parameters']:,} parameters, {summary['total_size'] / 2**30:.2f} GiB {args.dtype}, "

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoglm_build.layout import INDEX_NAME, layout, write_checkpoint
+from autoglm_build.errors import UserError
+from autoglm_build.layout import GENERATOR, INDEX_NAME, layout, write_checkpoint
 from autoglm_build.weights import DTYPE_BYTES, Checkpoint, read_header
 from tests.conftest import ROOT, TINY
 
@@ -109,3 +110,64 @@ def test_other_dtypes(tmp_path, tiny_cfg, dtype, tag):
     header = read_header(tmp_path / "model.safetensors")
     assert {e["dtype"] for k, e in header.items() if k != "__metadata__"} == {tag}
     assert summary["total_size"] == summary["parameters"] * DTYPE_BYTES[tag]
+
+
+def test_a_directory_it_did_not_write_is_refused_in_one_line_and_left_untouched(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "model.safetensors").write_bytes(b"real weights")
+    (real / "config.json").write_text("{}")
+    before = _files(real)
+    run = subprocess.run([sys.executable, str(SCRIPT), "-c", str(TINY), "-o", str(real)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()]
+    assert str(real) in run.stderr and "model.safetensors" in run.stderr
+    assert _files(real) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real"]  # no temp directory left beside it
+
+
+def test_a_real_safetensors_shard_without_its_mark_is_refused(tmp_path, tiny_cfg):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="not written by autoglm_build.layout"):
+        write_checkpoint(tiny_cfg, tmp_path)
+
+
+def test_its_own_output_is_replaced_whole(tmp_path, tiny_cfg):
+    out = tmp_path / "ckpt"
+    write_checkpoint(tiny_cfg, out, shard_mib=0.5, seed=1)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and all(read_header(s)["__metadata__"]["generator"] == GENERATOR for s in shards)
+    write_checkpoint(tiny_cfg, out)
+    fresh = tmp_path / "fresh"
+    write_checkpoint(tiny_cfg, fresh)
+    assert _files(out) == _files(fresh)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "fresh"]
+
+
+def test_a_failure_mid_write_leaves_the_old_checkpoint_and_no_temp_directory(tmp_path, tiny_cfg, monkeypatch):
+    import autoglm_build.layout as layout_module
+
+    out = tmp_path / "ckpt"
+    write_checkpoint(tiny_cfg, out, shard_mib=0.5)
+    before = _files(out)
+    real_write = layout_module.write_shard
+    failed = []
+
+    def fail_second(path, *args):
+        if path.name.startswith("model-00002-"):
+            failed.append(path)
+            raise OSError(28, "No space left on device", str(path))
+        return real_write(path, *args)
+
+    monkeypatch.setattr(layout_module, "write_shard", fail_second)
+    with pytest.raises(UserError, match="No space left on device") as err:
+        write_checkpoint(tiny_cfg, out, shard_mib=0.5, seed=1)
+    assert str(failed[0]) in err.value.message and str(out) in err.value.hint
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with pytest.raises(UserError):
+        write_checkpoint(tiny_cfg, tmp_path / "new", shard_mib=0.5)
+    assert not (tmp_path / "new").exists()

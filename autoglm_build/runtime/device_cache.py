@@ -132,6 +132,9 @@ class DeviceKVCache(KVCache):
     def _allocate(self, capacity: int) -> None:
         """Re-lay the slots at ``capacity`` columns (rows keep their slots): the used rows' columns go to
         a scratch buffer and back, since the two layouts share the store's memory."""
+        if capacity > self.context - 1:  # the store and the mask were sized for context - 1 columns
+            raise RuntimeError(f"KV cache: {capacity} columns per row asked of a device store sized for "
+                               f"{self.context - 1} (engine.context {self.context})")
         keep, top = min(capacity, self.capacity), self.top
         if top and keep and capacity != self.capacity:
             old = self.slots_layout()
@@ -202,7 +205,8 @@ class DeviceKVCache(KVCache):
         n = len(slots)
         prefixes = prefixes or [Prefix((), 0)] * n
         # room first: the re-lay uses the scratch the chunks then fill (rows keep their columns)
-        self.fit(max([int(self.lengths[self.used].max(initial=0))] + list(lengths)) + 1)
+        # (the +1 spares the next decode a re-lay; a row of context - 1 tokens takes no decode step)
+        self.fit(min(max([int(self.lengths[self.used].max(initial=0))] + list(lengths)) + 1, self.context - 1))
         past, past_mask = self._past(prefixes)
         names, logits = ("a", "b"), self.buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
         for k, chunk in enumerate(chunks):
@@ -326,7 +330,7 @@ class DeviceKVCache(KVCache):
         present = self.scratch("a", n, cap + 1)
         logits = self.buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
         self._run("decode", n, 1, self._embed(ids, "decode"), mask_ptr, positions, past, present, logits)
-        used = [int(s) - row for s in np.flatnonzero(self.used[row:row + n])]
+        used = [int(s) for s in np.flatnonzero(self.used[row:row + n])]  # rows from ``row``
         if commit:  # each used row's new column into its slot, its mask element up
             for k in used:
                 s, at = row + k, int(self.lengths[row + k])

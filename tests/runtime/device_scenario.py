@@ -18,6 +18,8 @@ import hashlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+
 from autoglm_build.config import BuildConfig
 from autoglm_build.imaging import pack, unpack
 from autoglm_build.manifest import Manifest
@@ -52,6 +54,7 @@ class StepLog:
         self.cache, self.backend, self.steps = scheduler.cache, backend, []
         self.fake = _fake_cudart()
         self.prefilled = False
+        self.calls = 0
         inner, prefill = self.cache.decode, self.cache.prefill
 
         def prefilling(*args, **kwargs):
@@ -59,6 +62,12 @@ class StepLog:
             return prefill(*args, **kwargs)
 
         def decode(ids, positions, slot=None, commit=True):
+            # the scheduler's isolation path (one row alone, nothing stored) on the highest used slot, first
+            alone, used = None, [int(s) for s in np.flatnonzero(self.cache.used[:self.cache.top])]
+            self.calls += 1
+            if slot is None and commit and used and used[-1] > 0 and self.calls % 4 == 0:  # rebinds: 1 in 4
+                k = used[-1]
+                alone = (k, np.array(inner(ids[k:k + 1], positions[k:k + 1], k, False), copy=True))
             fake_at = len(self.fake.copies) if self.fake is not None else 0
             device = getattr(self.cache, "device", None)
             before = dict(device.traffic) if device is not None else {}
@@ -69,7 +78,7 @@ class StepLog:
             step = {"top": top, "capacity": capacity, "slots": self.cache.slots, "rows": int(out.shape[0]),
                     "cache_bytes": top * self.cache.block_bytes(capacity), "logits_bytes": out.size * 4,
                     "rebinds": getattr(backend, "rebinds", 0) - rebinds, "commit": commit,
-                    "after_prefill": self.prefilled}
+                    "after_prefill": self.prefilled, "probed": alone is not None}
             self.prefilled = False
             if device is not None:
                 step["device"] = {k: device.traffic[k] - before[k] for k in before}
@@ -78,6 +87,10 @@ class StepLog:
                 step["fake"] = {kind: sum(n for k, n in copies if k == kind) for kind in ("h2d", "d2h", "d2d")}
                 step["fake_largest"] = {kind: max([n for k, n in copies if k == kind] or [0])
                                         for kind in ("h2d", "d2h")}
+            if alone is not None:  # the row alone gives the batched row's logits (the sampler's columns)
+                k, row = alone
+                lo, hi = getattr(self.cache, "logit_columns", None) or (0, out.shape[1])
+                step["alone_max_diff"] = float(np.abs(row[0, lo:hi] - out[k, lo:hi]).max())
             self.steps.append(step)
             return out
 

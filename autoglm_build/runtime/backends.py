@@ -410,6 +410,9 @@ class TensorRTBackend(Backend):
         if len(units) != 1:
             return super().encode(module, feed, output)
         device, part = self.device, units[0]
+        if output not in self.dtypes[part] or output in feed:
+            raise UserError(f"{self.files[part]}: the engine has no output '{output}'; its outputs: "
+                            f"{', '.join(n for n in self.dtypes[part] if n not in self.inputs[part])}")
         runner = self.runner(part)
         self._bound.pop(runner.name, None)
         context, temporary, result = runner.context, [], None

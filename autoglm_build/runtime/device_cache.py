@@ -59,6 +59,11 @@ def device_cache_problem(backend: Any) -> Optional[str]:
                                                                   (units[0], backend.inputs[units[0]][0])))
     if embed != decoder:
         return f"embed writes {embed} inputs_embeds, the decoder reads {decoder}"
+    for before, after in zip(units, units[1:]):  # the activations cross stages as raw float32 bytes
+        pair = (np.dtype(backend.dtypes[before]["hidden_states"]),
+                np.dtype(backend.dtypes[after][backend.inputs[after][0]]))
+        if pair != (np.dtype(np.float32),) * 2:
+            return f"{before} writes {pair[0]} hidden_states, {after} reads {pair[1]} (float32 expected)"
     for unit in units:
         dtypes = {n: np.dtype(t) for n, t in backend.dtypes[unit].items()}
         for name in [n for n in backend.inputs[unit] if n.startswith("past_")]:

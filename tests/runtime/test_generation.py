@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from autoglm_build.calibration import tokenizer_for
-from autoglm_build.runtime.backends import open_backend
 from autoglm_build.runtime.generation import QueueFull, Request, SamplingParams, Scheduler
-from autoglm_build.runtime.text import ChatTokenizer, Segment
-from tests.conftest import ROOT
-
-
-@pytest.fixture(scope="module")
-def runtime(tiny_build: Path):
-    from autoglm_build.config import load_config
-
-    cfg = load_config(ROOT / "configs" / "autoglm-phone-tiny.yaml")
-    backend = open_backend(tiny_build, cfg.modules, "onnxruntime")
-    tokenizer = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
-    return cfg, backend, tokenizer
+from autoglm_build.runtime.text import Segment
 
 
 def _generate(runtime, prompts, max_batch=8, **params):

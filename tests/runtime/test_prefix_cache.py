@@ -4,15 +4,12 @@ prefills only the rest and generates, token for token, what a full prefill gener
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import List
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from autoglm_build.calibration import tokenizer_for
-from autoglm_build.runtime.backends import open_backend
 from autoglm_build.runtime.generation import Request, SamplingParams, Scheduler
 from autoglm_build.runtime.media import encode_image
 from autoglm_build.runtime.prefix_cache import block_keys
@@ -22,16 +19,6 @@ from tests.serve.test_agent import system_prompt
 
 SCREENS = ROOT / "calibration_data" / "images"
 
-
-@pytest.fixture(scope="module")
-def runtime(tiny_build: Path):
-    from autoglm_build.config import load_config
-
-    cfg = load_config(ROOT / "configs" / "autoglm-phone-tiny.yaml")
-    backend = open_backend(tiny_build, cfg.modules, "onnxruntime")
-    tokenizer = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
-    yield cfg, backend, tokenizer
-    backend.close()
 
 
 class Counting:

@@ -34,8 +34,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from autoglm_build.rewrites.base import Rewrite
-from autoglm_build.rewrites.gelu import _const
+from autoglm_build.rewrites.base import GraphRewrite, constant
 
 #: ``softmax_precision``: the ONNX type the op's softmax computes in (TensorProto.FLOAT)
 SOFTMAX_FP32 = 1
@@ -75,7 +74,7 @@ def _product(tensor: Any):
     if node.op not in ("Mul", "Div"):
         return None
     for i in ((0, 1) if node.op == "Mul" else (0,)):
-        inner, value = node.inputs[i], _const(node.inputs[1 - i])
+        inner, value = node.inputs[i], constant(node.inputs[1 - i])
         bmm1 = _producer(inner)
         if value is None or np.size(value) != 1 or bmm1 is None or bmm1.op != "MatMul" or not _only_reader(inner, node):
             continue
@@ -116,7 +115,7 @@ def _unrepeat(tensor: Any) -> Optional[Tuple[Any, int]]:
     unsqueeze = _producer(expand.inputs[0]) if expand is not None and expand.op == "Expand" else None
     if unsqueeze is None or unsqueeze.op != "Unsqueeze" or len(unsqueeze.inputs) < 2:
         return None
-    axes, source, wide = _const(unsqueeze.inputs[1]), unsqueeze.inputs[0], expand.outputs[0].shape
+    axes, source, wide = constant(unsqueeze.inputs[1]), unsqueeze.inputs[0], expand.outputs[0].shape
     if axes is None or list(np.asarray(axes).reshape(-1)) != [2] or _rank(source) != 4 or wide is None:
         return None
     kv, group, heads = source.shape[1], wide[2] if len(wide) == 5 else None, tensor.shape[1]
@@ -127,9 +126,9 @@ def _unrepeat(tensor: Any) -> Optional[Tuple[Any, int]]:
 
 def _unsqueezed(tensor: Any) -> Optional[Tuple[Any, list]]:
     node = _producer(tensor)
-    if node is None or node.op != "Unsqueeze" or len(node.inputs) < 2 or _const(node.inputs[1]) is None:
+    if node is None or node.op != "Unsqueeze" or len(node.inputs) < 2 or constant(node.inputs[1]) is None:
         return None
-    return node.inputs[0], [int(a) for a in np.asarray(_const(node.inputs[1])).reshape(-1)]
+    return node.inputs[0], [int(a) for a in np.asarray(constant(node.inputs[1])).reshape(-1)]
 
 
 def keeps_the_diagonal(mask: Any) -> bool:
@@ -149,33 +148,27 @@ def keeps_the_diagonal(mask: Any) -> bool:
 
 
 def _is_zero(tensor: Any) -> bool:
-    value = _const(tensor)
+    value = constant(tensor)
     return value is not None and np.size(value) == 1 and float(np.asarray(value).reshape(-1)[0]) == 0.0
 
 
-class FuseAttention(Rewrite):
+class FuseAttention(GraphRewrite):
     name = "fuse-attention"
     min_opset = 23
+    anchor = "Softmax"
 
-    def __call__(self, model: Any) -> Tuple[Any, int]:
-        import onnx_graphsurgeon as gs
-
-        graph = gs.import_onnx(model)
-        count = 0
-        for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
-            found = find_attention(softmax)
-            qkv = self._inputs(found) if found is not None else None
-            if qkv is None:
-                continue
-            y = found.bmm2.outputs[0]
-            found.bmm2.outputs.clear()
-            inputs = list(qkv) + ([found.mask] if found.mask is not None else [])
-            attrs = {"scale": float(found.factor), "softmax_precision": SOFTMAX_FP32}
-            graph.nodes.append(gs.Node("Attention", name=f"{softmax.name}/Attention", inputs=inputs, attrs=attrs,
-                                       outputs=[y]))
-            count += 1
-        graph.cleanup().toposort()
-        return gs.export_onnx(graph), count
+    def rewrite(self, gs: Any, graph: Any, softmax: Any) -> bool:
+        found = find_attention(softmax)
+        qkv = self._inputs(found) if found is not None else None
+        if qkv is None:
+            return False
+        y = found.bmm2.outputs[0]
+        found.bmm2.outputs.clear()
+        inputs = list(qkv) + ([found.mask] if found.mask is not None else [])
+        attrs = {"scale": float(found.factor), "softmax_precision": SOFTMAX_FP32}
+        graph.nodes.append(gs.Node("Attention", name=f"{softmax.name}/Attention", inputs=inputs, attrs=attrs,
+                                   outputs=[y]))
+        return True
 
     @staticmethod
     def _inputs(found: ScoredAttention) -> Optional[Tuple[Any, Any, Any]]:

@@ -18,35 +18,28 @@ graph is not the pattern its fusion looks for. Valid at every opset, so TensorRT
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any
 
 from autoglm_build.rewrites.attention import find_attention
-from autoglm_build.rewrites.base import Rewrite
+from autoglm_build.rewrites.base import GraphRewrite
 
 
-class ScaleQueryFirst(Rewrite):
+class ScaleQueryFirst(GraphRewrite):
     name = "scale-query-first"
+    anchor = "Softmax"
 
-    def __call__(self, model: Any) -> Tuple[Any, int]:
-        import onnx_graphsurgeon as gs
-
-        graph = gs.import_onnx(model)
-        count = 0
-        for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
-            found = find_attention(softmax)
-            if found is None or found.scale is None:
-                continue
-            scale, bmm1 = found.scale, found.bmm1
-            query = bmm1.inputs[0]
-            factor = next(t for t in scale.inputs if t is not bmm1.outputs[0])
-            scaled = gs.Variable(f"{query.name}/scaled", dtype=query.dtype, shape=query.shape)
-            graph.nodes.append(gs.Node(scale.op, name=f"{scale.name}/on_query", inputs=[query, factor],
-                                       outputs=[scaled]))
-            bmm1.inputs[0] = scaled
-            scores = scale.outputs[0]
-            scale.outputs.clear()
-            bmm1.outputs.clear()
-            bmm1.outputs.append(scores)  # the product now comes out already scaled
-            count += 1
-        graph.cleanup().toposort()
-        return gs.export_onnx(graph), count
+    def rewrite(self, gs: Any, graph: Any, softmax: Any) -> bool:
+        found = find_attention(softmax)
+        if found is None or found.scale is None:
+            return False
+        scale, bmm1 = found.scale, found.bmm1
+        query = bmm1.inputs[0]
+        factor = next(t for t in scale.inputs if t is not bmm1.outputs[0])
+        scaled = gs.Variable(f"{query.name}/scaled", dtype=query.dtype, shape=query.shape)
+        graph.nodes.append(gs.Node(scale.op, name=f"{scale.name}/on_query", inputs=[query, factor], outputs=[scaled]))
+        bmm1.inputs[0] = scaled
+        scores = scale.outputs[0]
+        scale.outputs.clear()
+        bmm1.outputs.clear()
+        bmm1.outputs.append(scores)  # the product now comes out already scaled
+        return True

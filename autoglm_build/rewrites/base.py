@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
+import numpy as np
+
 
 class Rewrite:
     """One graph rewrite.
@@ -23,6 +25,44 @@ class Rewrite:
     def __call__(self, model: Any) -> Tuple[Any, int]:
         """Returns the rewritten model and how many patterns (or nodes) it changed."""
         raise NotImplementedError
+
+
+class GraphRewrite(Rewrite):
+    """A rewrite of patterns anchored on one op, with onnx-graphsurgeon (as onnxruntime's fusion
+    classes search ``search_op_types`` and call ``fuse``): :meth:`rewrite` is offered each node of
+    ``anchor`` op that was in the graph before the first change; the graph is then cleaned up (the
+    replaced nodes, now without outputs, drop out) and sorted."""
+
+    anchor: str = ""
+
+    def __call__(self, model: Any) -> Tuple[Any, int]:
+        import onnx_graphsurgeon as gs
+
+        graph = gs.import_onnx(model)
+        count = sum(1 for node in [n for n in graph.nodes if n.op == self.anchor] if self.rewrite(gs, graph, node))
+        graph.cleanup().toposort()
+        return gs.export_onnx(graph), count
+
+    def rewrite(self, gs: Any, graph: Any, node: Any) -> bool:
+        """Rewrite the pattern at ``node`` in place (new nodes appended to ``graph.nodes``); whether it did."""
+        raise NotImplementedError
+
+
+def constant(tensor: Any) -> Any:
+    """A graphsurgeon tensor's values if it is a constant, else None."""
+    import onnx_graphsurgeon as gs
+
+    return tensor.values if isinstance(tensor, gs.Constant) else None
+
+
+def is_scalar(value: Any, target: float, tol: float = 1e-3) -> bool:
+    """``value`` (a :func:`constant`'s) is one number within ``tol`` of ``target``."""
+    return value is not None and np.size(value) == 1 and abs(float(np.asarray(value).reshape(-1)[0]) - target) < tol
+
+
+def other_input(node: Any, tensor: Any) -> Any:
+    """The input of a two-input ``node`` that is not ``tensor``."""
+    return node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
 
 
 def opset_of(model: Any) -> int:

@@ -12,36 +12,29 @@ Constants take the scale's element type, so FP16 islands stay FP16.
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 
-from autoglm_build.rewrites.base import Rewrite
+from autoglm_build.rewrites.base import GraphRewrite
 
 
-class DecomposeLayerNorm(Rewrite):
+class DecomposeLayerNorm(GraphRewrite):
     name = "decompose-layernorm"
+    anchor = "LayerNormalization"
 
-    def __call__(self, model: Any) -> Tuple[Any, int]:
-        import onnx_graphsurgeon as gs
-
-        graph = gs.import_onnx(model)
-        count = 0
-        for ln in [n for n in graph.nodes if n.op == "LayerNormalization"]:
-            axis = ln.attrs.get("axis", -1)
-            if axis != -1:
-                continue  # our graphs normalize the last axis only
-            x, scale = ln.inputs[0], ln.inputs[1]
-            bias = ln.inputs[2] if len(ln.inputs) > 2 else None
-            dtype = scale.values.dtype if isinstance(scale, gs.Constant) else np.float32
-            eps = gs.Constant(f"{ln.name}/eps", np.array(ln.attrs.get("epsilon", 1e-5), dtype=dtype))
-            one = gs.Constant(f"{ln.name}/one", np.array(1.0, dtype=dtype))
-            y = ln.outputs[0]
-            ln.outputs.clear()
-            graph.nodes.extend(_decomposed(gs, ln.name, x, scale, bias, eps, one, y))
-            count += 1
-        graph.cleanup().toposort()
-        return gs.export_onnx(graph), count
+    def rewrite(self, gs: Any, graph: Any, ln: Any) -> bool:
+        if ln.attrs.get("axis", -1) != -1:
+            return False  # our graphs normalize the last axis only
+        x, scale = ln.inputs[0], ln.inputs[1]
+        bias = ln.inputs[2] if len(ln.inputs) > 2 else None
+        dtype = scale.values.dtype if isinstance(scale, gs.Constant) else np.float32
+        eps = gs.Constant(f"{ln.name}/eps", np.array(ln.attrs.get("epsilon", 1e-5), dtype=dtype))
+        one = gs.Constant(f"{ln.name}/one", np.array(1.0, dtype=dtype))
+        y = ln.outputs[0]
+        ln.outputs.clear()
+        graph.nodes.extend(_decomposed(gs, ln.name, x, scale, bias, eps, one, y))
+        return True
 
 
 def _decomposed(gs: Any, name: str, x: Any, scale: Any, bias: Any, eps: Any, one: Any, y: Any) -> list:

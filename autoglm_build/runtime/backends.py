@@ -263,19 +263,20 @@ class TensorRTBackend(Backend):
         # Polygraphy reuses its host buffers on the next call: copy.
         return {n: np.array(v, dtype=np.float32 if v.dtype == np.float16 else None, copy=True) for n, v in out.items()}
 
-    def device_call(self, module: str, feed: Feed, phase: str = "prefill") -> DeviceCall:
+    def device_call(self, module: str, feed: Feed, phase: str = "prefill", keep: bool = False) -> DeviceCall:
         """:meth:`device_call_part` for a module; a staged module's stages are bound each to its own
         inputs (the later stages' ``hidden_states`` from one host run of the chain first) and ``call``
         runs them in turn, waiting for each stage's stream before the next one starts. What it does
-        not time is moving ``hidden_states`` between stages (one device copy per stage on one GPU)."""
+        not time is moving ``hidden_states`` between stages (one device copy per stage on one GPU).
+        ``keep``: see :meth:`device_call_part`."""
         units = self.parts.get(module, [module])
         if len(units) == 1:
-            return self.device_call_part(units[0], feed, phase)
+            return self.device_call_part(units[0], feed, phase, keep)
         carried, feeds = dict(feed), []
         for unit in units:  # before binding: a host run rebinds the phase's context
             feeds.append(part_feed(self.inputs[unit], carried))
             carried.update(self.run_part(unit, feeds[-1], phase))
-        calls = [self.device_call_part(unit, own, phase) for unit, own in zip(units, feeds)]
+        calls = [self.device_call_part(unit, own, phase, keep) for unit, own in zip(units, feeds)]
 
         def call() -> None:
             for bound in calls[:-1]:
@@ -286,7 +287,22 @@ class TensorRTBackend(Backend):
         outputs = {n: v for bound in calls for n, v in bound.outputs.items() if n != HIDDEN}
         return DeviceCall(call, calls[-1].sync, outputs)
 
-    def device_call_part(self, module: str, feed: Feed, phase: str = "prefill") -> DeviceCall:
+    def device_chain(self, module: str, feeds: Sequence[Feed], phase: str = "prefill") -> DeviceCall:
+        """The module on each of ``feeds`` in turn, as one call: a prompt longer than the prefill
+        profile, run as its chunks (each chunk's own past length). Every feed is bound once, on its
+        own buffers (``keep``); ``call`` sets each one's shapes and addresses on the phase's context
+        again before its run and waits for each run before the next, as the server's chunks do."""
+        calls = [self.device_call(module, feed, phase, keep=True) for feed in feeds]
+
+        def call() -> None:
+            for bound in calls[:-1]:
+                bound.call()
+                bound.sync()
+            calls[-1].call()
+
+        return DeviceCall(call, calls[-1].sync, calls[-1].outputs)
+
+    def device_call_part(self, module: str, feed: Feed, phase: str = "prefill", keep: bool = False) -> DeviceCall:
         """What a benchmark times: the engine alone. The inputs are copied to the GPU
         once, beforehand (the torch side's are on the GPU too); input shapes and every tensor's
         address are set once and the output buffers allocated once, so ``call`` is one
@@ -295,7 +311,9 @@ class TensorRTBackend(Backend):
         ``outputs`` hold the results on the GPU.
 
         The binding lives in the phase's execution context: binding it again frees the earlier call's
-        buffers, so only the latest call of a module and phase may run.
+        buffers, so only the latest call of a module and phase may run. With ``keep``, the buffers stay
+        until :meth:`close` and ``call`` sets its shapes and addresses again before each run, so several
+        bound calls of one context can take turns (:meth:`device_chain`).
 
         Raises:
             UserError: the feed's shapes lie outside the engine's profile for ``phase``.
@@ -309,17 +327,21 @@ class TensorRTBackend(Backend):
         stream.synchronize()  # an earlier binding's work may still read its buffers
         for buffer in self._device_buffers.pop(runner.name, []):
             buffer.free()
-        buffers = self._device_buffers[runner.name] = []
+        buffers = self._device_buffers.setdefault(f"{runner.name}:kept" if keep else runner.name, [])
+        shapes: Dict[str, Tuple[int, ...]] = {}
+        addresses: Dict[str, int] = {}
 
         def bind(name: str, shape: Tuple[int, ...], dtype: Any) -> Any:
             # An empty tensor (the prefill's zero-length cache) still gets a buffer: a real address.
             array = cuda.DeviceArray(shape=shape if int(np.prod(shape)) else (1,), dtype=dtype)
             buffers.append(array)
+            addresses[name] = array.ptr
             if not context.set_tensor_address(name, array.ptr):
                 raise UserError(f"{self.files[module]}: TensorRT refused the address of tensor '{name}'")
             return array
 
         for name, host in self._cast(module, feed).items():
+            shapes[name] = host.shape
             if not context.set_input_shape(name, host.shape):
                 raise UserError(f"{self.files[module]}: input '{name}' shape {host.shape} is outside the "
                                 f"engine's {phase} profile")
@@ -334,6 +356,13 @@ class TensorRTBackend(Backend):
                 outputs[name] = bind(name, tuple(context.get_tensor_shape(name)), self.dtypes[module][name])
 
         def call() -> None:
+            if keep:  # another kept binding of this context may have run since
+                for name, shape in shapes.items():
+                    context.set_input_shape(name, shape)
+                for name, ptr in addresses.items():
+                    if name in outputs and hasattr(context, "set_output_allocator"):
+                        context.set_output_allocator(name, None)  # a host `infer` may have set one
+                    context.set_tensor_address(name, ptr)
             if not context.execute_async_v3(stream.ptr):
                 raise RuntimeError(f"{module}: TensorRT execute_async_v3 failed; its log is above")
 

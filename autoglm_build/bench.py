@@ -131,12 +131,14 @@ def cases(cfg: BuildConfig, module: str, batches: Sequence[int], prompt: int, pa
     for b in batches:
         if module == "decoder":
             out.append({"case": f"prefill {prompt}", "batch": b, "phase": "prefill", "items": b,
-                        "feed": spec.step_inputs(cfg, rng, b, prompt, past=0)})
+                        "feed": spec.step_inputs(cfg, rng, b, prompt, past=0),
+                        "chunks": prefill_chunks(cfg, b, prompt, 0)})
             out.append({"case": f"decode @{past}", "batch": b, "phase": "decode", "items": b,
                         "feed": spec.step_inputs(cfg, rng, b, 1, past=past)})
             if prefix:
                 out.append({"case": f"prefill {prompt} after {prefix}", "batch": b, "phase": "prefill",
-                            "items": b, "feed": spec.step_inputs(cfg, rng, b, prompt, past=prefix)})
+                            "items": b, "feed": spec.step_inputs(cfg, rng, b, prompt, past=prefix),
+                            "chunks": prefill_chunks(cfg, b, prompt, prefix)})
         elif module == "embed":
             out.append({"case": f"seq {prompt}", "batch": b, "phase": "prefill", "items": b * prompt,
                         "feed": {"input_ids": spec.token_ids(cfg, rng, b, prompt)}})
@@ -153,6 +155,18 @@ def cases(cfg: BuildConfig, module: str, batches: Sequence[int], prompt: int, pa
             out.append({"case": f"{size}px", "batch": b, "phase": "prefill", "items": b,
                         "feed": spec.random_images(cfg, rng, [(size, size)] * b)})
     return out
+
+
+def prefill_chunks(cfg: BuildConfig, batch: int, prompt: int, past: int) -> Optional[List[Feed]]:
+    """A prompt longer than the prefill profile (``engine.prefill_chunk``) as the server prefills it:
+    chunks of at most that many tokens, each after the cache the earlier ones left; None when one call
+    takes it. Engines are bound by the profile and run these; ONNX Runtime and torch run ``feed`` whole."""
+    chunk = cfg.engine.prefill_tokens
+    if prompt <= chunk:
+        return None
+    rng, spec = np.random.default_rng(1), registry.get("decoder")
+    return [spec.step_inputs(cfg, rng, batch, min(chunk, prompt - start), past=past + start)
+            for start in range(0, prompt, chunk)]
 
 
 def find_case(cfg: BuildConfig, module: str, batch: int, name: str, prompt: int = 512,
@@ -206,6 +220,10 @@ class _Runtime(_Runner):
 
     def prepare(self, case):
         feed, phase = case["feed"], case["phase"]
+        if case.get("chunks") and hasattr(self.backend, "device_chain"):  # beyond the prefill profile
+            bound = self.backend.device_chain(self.module, case["chunks"], phase)
+            self.sync = bound.sync
+            return bound.call
         if hasattr(self.backend, "device_call"):  # TensorRT: inputs on the GPU beforehand, as torch's
             bound = self.backend.device_call(self.module, feed, phase)
             self.sync = bound.sync
@@ -375,6 +393,11 @@ def bench(cfg: BuildConfig, workdir: Path, modules: Sequence[str], batches: Sequ
                 row = {"module": module, "case": case["case"], "batch": case["batch"], "backend": runner.label,
                        "p50_ms": 1e3 * p50, "p90_ms": 1e3 * p90, "p99_ms": 1e3 * p99, "iters": len(times),
                        "items_per_s": case["items"] / p50, "floor_ms": None, "ratio": None}
+                if case.get("chunks") and runner.label.startswith("tensorrt"):
+                    row["calls"] = len(case["chunks"])
+                    notes.append(f"tensorrt ran '{case['case']}' as {len(case['chunks'])} prefill calls of at most "
+                                 f"{cfg.engine.prefill_tokens} tokens (engine.prefill_chunk), each after the cache "
+                                 f"of the ones before; the other backends in one call")
                 floor = _floor(cfg, module, case, runner.label.split()[-1], peaks)
                 if floor is not None:
                     row.update(floor_ms=1e3 * floor, ratio=p50 / floor)

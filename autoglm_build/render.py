@@ -194,7 +194,8 @@ def render_bench(report: Dict[str, Any]) -> None:
     rows = sorted(report["rows"] + stored, key=lambda r: (r["module"], r["case"], r["batch"], r["backend"]))
     stored_ids = {id(r) for r in stored}
     for r in rows:
-        backend = r["backend"] + (" (stored)" if id(r) in stored_ids else "")
+        backend = r["backend"] + (f" ({r['calls']} calls)" if r.get("calls") else "") \
+            + (" (stored)" if id(r) in stored_ids else "")
         cells = [r["module"], r["case"], str(r["batch"]), backend, f"{r['p50_ms']:.3f}",
                  f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['items_per_s']:.1f}",
                  "" if r["floor_ms"] is None else f"{r['floor_ms']:.3f}",

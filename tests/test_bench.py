@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autoglm_build.bench import decode_step_bytes, decoder_parameters, find_case, vision_flops
+from autoglm_build.bench import cases, decode_step_bytes, decoder_parameters, find_case, vision_flops
 from autoglm_build.cli import app
 from autoglm_build.config import load_config
 from autoglm_build.errors import UserError
@@ -89,6 +89,23 @@ def test_find_case_picks_by_name_and_batch():
     assert case["feed"]["past_key.0"].shape[0] == 3 and case["feed"]["past_key.0"].shape[2] == 5
     with pytest.raises(UserError, match="no bench case named like 'decode'.*112px"):
         find_case(cfg, "vision", 1, "decode")
+
+
+def test_a_prefill_beyond_the_profile_is_timed_as_the_servers_chunks():
+    """A prompt longer than ``engine.prefill_chunk`` (the phone agent's 3,300 new tokens on a 1,024-token
+    profile) is a list of chunks for the engines: each at most the chunk, each after the cache of the
+    earlier ones, together the prompt; a prompt the profile holds has none."""
+    cfg = load_config(TINY)
+    cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"prefill_chunk": 8})})
+    found = {c["case"]: c for c in cases(cfg, "decoder", [2], prompt=19, past=30, prefix=40)}
+    chunks = found["prefill 19 after 40"]["chunks"]
+    assert [c["inputs_embeds"].shape[:2] for c in chunks] == [(2, 8), (2, 8), (2, 3)]
+    assert [c["past_key.0"].shape[2] for c in chunks] == [40, 48, 56]
+    assert [c["attention_mask"].shape[1] for c in chunks] == [48, 56, 59]
+    assert found["prefill 19 after 40"]["feed"]["inputs_embeds"].shape[1] == 19  # whole, for the other backends
+    assert [c["past_key.0"].shape[2] for c in found["prefill 19"]["chunks"]] == [0, 8, 16]
+    assert "chunks" not in found["decode @30"]
+    assert all(c.get("chunks") is None for c in cases(cfg, "decoder", [1], prompt=8, past=30, prefix=4))
 
 
 def test_torch_sdpa_row_computes_what_the_eager_row_does(tiny_cfg, tmp_path: Path):

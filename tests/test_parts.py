@@ -211,7 +211,7 @@ def test_tensorrt_chains_the_staged_engines_symmetrically(staged, tmp_path):
     result = json.loads(driven.stdout.strip().splitlines()[-1])
     assert result["files"] == ["decoder.stage0", "decoder.stage1", "embed"]
     assert result["outputs"] == ["logits", "present_key.0", "present_value.0", "present_key.1", "present_value.1"]
-    assert result["run_max_diff"] == 0.0 and result["device_max_diff"] == 0.0
+    assert result["run_max_diff"] == 0.0 and result["device_max_diff"] == 0.0 and result["kept_max_diff"] == 0.0
     assert result["device_outputs"] == sorted(result["outputs"])
     assert result["chat"]["tensorrt"] == result["chat"]["onnxruntime"] and result["chat"]["tensorrt"]
     bench = harness.run(["-m", "autoglm_build", "bench", *args, "-m", "decoder", "--backends", "tensorrt",

@@ -124,18 +124,21 @@ def screenshot_feed(cfg: BuildConfig, rng: np.random.Generator) -> Dict[str, np.
 def cases(cfg: BuildConfig, module: str, batches: Sequence[int], prompt: int, past: int,
           prefix: int = 0) -> List[Dict[str, Any]]:
     """``{name, batch, feed, phase, items}`` for one module (``prefix``: also the decoder's prefill of
-    ``prompt`` new tokens after a cached prefix of that many, the phone agent's step)."""
+    ``prompt`` new tokens after a cached prefix of that many, the phone agent's step). The decoder's
+    prefill cases only at batches its prefill profile takes (``engine.prefill_batch``)."""
     spec = registry.get(module)
     rng = np.random.default_rng(0)
     out = []
     for b in batches:
         if module == "decoder":
-            out.append({"case": f"prefill {prompt}", "batch": b, "phase": "prefill", "items": b,
-                        "feed": spec.step_inputs(cfg, rng, b, prompt, past=0),
-                        "chunks": prefill_chunks(cfg, b, prompt, 0)})
+            prefills = b <= cfg.engine.prefill_rows
+            if prefills:
+                out.append({"case": f"prefill {prompt}", "batch": b, "phase": "prefill", "items": b,
+                            "feed": spec.step_inputs(cfg, rng, b, prompt, past=0),
+                            "chunks": prefill_chunks(cfg, b, prompt, 0)})
             out.append({"case": f"decode @{past}", "batch": b, "phase": "decode", "items": b,
                         "feed": spec.step_inputs(cfg, rng, b, 1, past=past)})
-            if prefix:
+            if prefix and prefills:
                 out.append({"case": f"prefill {prompt} after {prefix}", "batch": b, "phase": "prefill",
                             "items": b, "feed": spec.step_inputs(cfg, rng, b, prompt, past=prefix),
                             "chunks": prefill_chunks(cfg, b, prompt, prefix)})

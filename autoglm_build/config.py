@@ -233,6 +233,11 @@ class EngineConfig(_Section):
         """Prompt tokens per prefill call: ``prefill_chunk`` within the context."""
         return min(self.prefill_chunk, self.context)
 
+    @property
+    def prefill_rows(self) -> int:
+        """Rows per prefill call: ``prefill_batch`` within ``max_batch``."""
+        return min(self.prefill_batch or self.max_batch, self.max_batch)
+
     precision: Literal["fp16", "int8", "fp32"] = "fp16"
     max_batch: int = Field(8, ge=1)
     opt_batch: int = Field(4, ge=1)
@@ -240,6 +245,10 @@ class EngineConfig(_Section):
                          "(25,480: the phone agent's reference deployment)")
     prefill_chunk: int = Field(4096, ge=1, description="most prompt tokens one prefill call takes (the prefill "
                                "profile's seq bound); longer prompts are prefilled in chunks")
+    prefill_batch: Optional[int] = Field(
+        None, ge=1, description="most rows one prefill call takes (the prefill profile's batch bound; the decode "
+        "profile keeps engine.max_batch); default engine.max_batch. TensorRT 8.5 materializes attention scores "
+        "(rows x heads x chunk x context), so a long context builds and fits only with few prefill rows")
     opt_seq: int = Field(64, ge=1, description="prefill length the profile is tuned for")
     opt_past: int = Field(256, ge=0, description="cache length the profile is tuned for")
     opt_audio_frames: int = Field(800, ge=8)
@@ -374,6 +383,8 @@ def _architecture_problems(cfg: BuildConfig) -> List[str]:
     g = cfg.engine
     if not 1 <= g.opt_batch <= g.max_batch:
         problems.append(f"engine.opt_batch: {g.opt_batch} must lie in [1, engine.max_batch={g.max_batch}]")
+    if g.prefill_batch is not None and g.prefill_batch > g.max_batch:
+        problems.append(f"engine.prefill_batch: {g.prefill_batch} exceeds engine.max_batch {g.max_batch}")
     if g.opt_seq > g.prefill_tokens:  # name the field that bounds it: the chunk, or a context below it
         bound = "engine.prefill_chunk" if g.prefill_chunk <= g.context else "engine.context"
         problems.append(f"engine.opt_seq: {g.opt_seq} exceeds {bound} {g.prefill_tokens}")

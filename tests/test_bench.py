@@ -106,6 +106,9 @@ def test_a_prefill_beyond_the_profile_is_timed_as_the_servers_chunks():
     assert [c["past_key.0"].shape[2] for c in found["prefill 19"]["chunks"]] == [0, 8, 16]
     assert "chunks" not in found["decode @30"]
     assert all(c.get("chunks") is None for c in cases(cfg, "decoder", [1], prompt=8, past=30, prefix=4))
+    one_row = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"prefill_batch": 1})})
+    assert [(c["case"], c["batch"]) for c in cases(one_row, "decoder", [1, 8], prompt=8, past=30, prefix=4)] == [
+        ("prefill 8", 1), ("decode @30", 1), ("prefill 8 after 4", 1), ("decode @30", 8)]  # the profile's rows
 
 
 def test_torch_sdpa_row_computes_what_the_eager_row_does(tiny_cfg, tmp_path: Path):

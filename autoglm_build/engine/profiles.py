@@ -7,9 +7,10 @@ two profiles, so that the cache is bounded by ``engine.context`` exactly and rel
 consistent at min, opt and max (``total_seq = past_seq + seq``, which TensorRT checks through the
 Concat of cache and new keys):
 
-- profile 0, prefill: ``seq`` 1..prefill_chunk, ``past_seq`` 0..context-1 (the chunks of a long
-  prompt after the first, and a prompt after a cached prefix), ``total_seq`` their sum (the scheduler
-  keeps a request's total within the context; the profile's bound is the sum of the two bounds)
+- profile 0, prefill: ``batch`` 1..prefill_batch (default the max batch), ``seq`` 1..prefill_chunk,
+  ``past_seq`` 0..context-1 (the chunks of a long prompt after the first, and a prompt after a cached
+  prefix), ``total_seq`` their sum (the scheduler keeps a request's total within the context; the
+  profile's bound is the sum of the two bounds)
 - profile 1, decode: ``seq`` 1, ``past_seq`` 1..context-1, ``total_seq`` = ``past_seq`` + 1
 """
 
@@ -27,9 +28,14 @@ Shape = Tuple[int, ...]
 PROFILE_NAMES = ("prefill", "decode")
 
 
-def axis_ranges(cfg: BuildConfig, max_batch: int, opt_batch: int, profile: int = 0) -> Dict[str, Tuple[int, int, int]]:
-    """[min, opt, max] of each named axis in ``profile`` (0 prefill, 1 decode)."""
+def axis_ranges(cfg: BuildConfig, max_batch: int, opt_batch: int, profile: int = 0,
+                cached: bool = False) -> Dict[str, Tuple[int, int, int]]:
+    """[min, opt, max] of each named axis in ``profile`` (0 prefill, 1 decode; ``cached``: a graph with a
+    KV cache, whose prefill profile takes at most ``engine.prefill_batch`` rows)."""
     g = cfg.engine
+    if cached and profile == 0:
+        rows = min(g.prefill_batch or max_batch, max_batch)
+        max_batch, opt_batch = rows, min(opt_batch, rows)
     ranges = {
         "batch": (1, opt_batch, max_batch),
         "audio_frames": (cfg.audio.frame_multiple, g.opt_audio_frames, cfg.audio.max_frames),
@@ -74,9 +80,11 @@ def profile_shapes(cfg: BuildConfig, onnx_path: Path, max_batch: int, opt_batch:
     Raises:
         UserError: an input has a dynamic axis with no configured range.
     """
-    ranges = axis_ranges(cfg, max_batch, opt_batch, profile)
+    dims_of = input_dims(onnx_path)
+    cached = any("past_seq" in dims for dims in dims_of.values())
+    ranges = axis_ranges(cfg, max_batch, opt_batch, profile, cached)
     shapes = {}
-    for name, dims in input_dims(onnx_path).items():
+    for name, dims in dims_of.items():
         triple = []
         for k in range(3):
             shape = []

@@ -59,6 +59,7 @@ class Backend:
         self.context: Optional[int] = None
         self.vision_patches: Optional[int] = None  # TensorRT: the vision profile's patch bound
         self.prefill_chunk: Optional[int] = None  # TensorRT: the prefill profile's longest call
+        self.prefill_batch: Optional[int] = None  # TensorRT: the prefill profile's most rows
         self.files: Dict[str, str] = {}  # module, or each stage of a staged module -> its file
         self.parts: Dict[str, List[str]] = {}  # module -> what was loaded for it (its stages, or itself)
         self.inputs: Dict[str, List[str]] = {}  # loaded graph/engine -> its input names
@@ -224,7 +225,8 @@ class TensorRTBackend(Backend):
         self.dtypes[module] = {n: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
         self.shapes[module] = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in names}
         self.inputs[module] = list(sidecar.profiles[0])
-        first_dims = min(shapes[0][2][0] for shapes in [list(p.values()) for p in sidecar.profiles])
+        # the batch bound: the last profile's (a decoder's decode profile; its prefill profile may take fewer rows)
+        first_dims = next(iter(sidecar.profiles[-1].values()))[2][0]
         spec = registry.get(module)  # ``module``: a module, or one stage of a staged module
         if spec.batch_axis == "batch":
             self.max_batch = first_dims if self.max_batch is None else min(self.max_batch, first_dims)
@@ -242,6 +244,8 @@ class TensorRTBackend(Backend):
             chunk = sidecar.profiles[0][self.inputs[module][0]][2][1]  # inputs_embeds or hidden_states
             self.context = context if self.context is None else min(self.context, context)
             self.prefill_chunk = chunk if self.prefill_chunk is None else min(self.prefill_chunk, chunk)
+            rows = sidecar.profiles[0][self.inputs[module][0]][2][0]
+            self.prefill_batch = rows if self.prefill_batch is None else min(self.prefill_batch, rows)
 
     def input_dtype(self, module: str, name: str) -> np.dtype:
         part = self.part_of(module, name)

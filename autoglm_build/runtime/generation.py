@@ -3,9 +3,10 @@
 A :class:`Scheduler` owns the backend and runs every model call on one thread (TensorRT contexts
 are not thread-safe, and one thread keeps the GPU's work in order). It does continuous batching:
 
-1. New requests (up to the free rows of ``max_batch``) are prefilled together: their prompts are
-   left-padded to one length, embedded by the ``embed`` graph, image/audio embeddings spliced in at
-   their placeholder positions, and run through the decoder's prefill phase.
+1. New requests (up to the free rows of ``max_batch``; in groups of at most ``prefill_batch``, the
+   prefill profile's rows, which a long-context engine keeps below the decode profile's) are prefilled
+   together: their prompts are left-padded to one length, embedded by the ``embed`` graph, image/audio
+   embeddings spliced in at their placeholder positions, and run through the decoder's prefill phase.
 2. Each row's cache is copied into a free slot of the backend's :class:`~.kv_cache.KVCache`
    (one preallocated slot per batch row): no running row is copied when a row joins or leaves.
 3. One decode step for all rows at a time; one vectorized sampling pass over the batch's logits
@@ -133,18 +134,23 @@ class Scheduler:
         context: prompt + generated tokens per request (capped by the backend's engines).
         prefill_chunk: most prompt tokens per decoder call (default ``engine.prefill_chunk``, capped by
             the prefill profile); longer prompts are prefilled in chunks.
+        prefill_batch: most requests per prefill call (default ``engine.prefill_batch``, capped by the
+            prefill profile's rows); more admitted at once are prefilled in groups of that many.
         prefix_cache_bytes: the prefix cache's budget (default ``serve.prefix_cache_mib``; 0: no reuse).
         prefix_block: tokens per prefix-cache block.
     """
 
     def __init__(self, backend: Backend, cfg: BuildConfig, tokenizer: ChatTokenizer, max_batch: int,
                  queue_size: int, context: int, prefill_chunk: Optional[int] = None,
-                 prefix_cache_bytes: Optional[int] = None, prefix_block: int = BLOCK_TOKENS) -> None:
+                 prefix_cache_bytes: Optional[int] = None, prefix_block: int = BLOCK_TOKENS,
+                 prefill_batch: Optional[int] = None) -> None:
         self.backend, self.cfg, self.tokenizer = backend, cfg, tokenizer
         self.max_batch = min(max_batch, backend.max_batch or max_batch)
         self.context = min(context, backend.context or context)
         chunk = prefill_chunk or cfg.engine.prefill_tokens
         self.prefill_chunk = min(chunk, getattr(backend, "prefill_chunk", None) or chunk)
+        rows = min(prefill_batch or cfg.engine.prefill_rows, self.max_batch)
+        self.prefill_batch = min(rows, getattr(backend, "prefill_batch", None) or rows)
         self.prefill_tokens = 0  # prompt tokens run through the decoder (reused ones are not)
         self.prefill_positions = 0  # decoder positions of prefill calls, padding included
         self.queue_size = queue_size
@@ -181,6 +187,7 @@ class Scheduler:
         with self.lock:
             return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
                     "queue_size": self.queue_size, "context": self.context, "prefill_chunk": self.prefill_chunk,
+                    "prefill_batch": self.prefill_batch,
                     "decode_steps": self.steps, "tokens": self.tokens, "prefill_tokens": self.prefill_tokens,
                     "prefill_positions": self.prefill_positions, "prefix_cache": self.prefix.stats()}
 
@@ -273,8 +280,8 @@ class Scheduler:
                 self._error(req, exc)
         try:
             for group in ([r for r in ready if r.reuse.tokens], [r for r in ready if not r.reuse.tokens]):
-                if group:
-                    self._prefill_group(group)
+                for start in range(0, len(group), self.prefill_batch):  # the prefill profile's rows at most
+                    self._prefill_group(group[start:start + self.prefill_batch])
             self._log_reuse(ready)
         finally:
             for req in ready:

@@ -35,6 +35,19 @@ def test_profiles_keep_cache_axes_consistent(tiny_build, tiny_cfg):
     assert prefill["inputs_embeds"][2][1] == chunk and prefill["past_key.0"][2][2] == context - 1
     assert decode["inputs_embeds"][2][1] == 1
     assert decode["attention_mask"][2][1] == context  # the KV cache is bounded by the context
+    assert prefill["inputs_embeds"][2][0] == decode["inputs_embeds"][2][0] == 8  # prefill_batch: max_batch
+
+
+def test_prefill_batch_bounds_the_prefill_profile_only(tiny_build, tiny_cfg):
+    """engine.prefill_batch: the prefill profile's rows (a long context's attention scores grow with them);
+    the decode profile and the graphs without a cache keep the max batch; above max_batch it is refused."""
+    cfg = tiny_cfg.model_copy(update={"engine": tiny_cfg.engine.model_copy(update={"prefill_batch": 1})})
+    prefill, decode = profiles(cfg, tiny_build / "onnx" / "decoder.onnx", 8, 4)
+    assert [prefill["inputs_embeds"][k][0] for k in range(3)] == [1, 1, 1]
+    assert [prefill["past_key.0"][k][0] for k in range(3)] == [1, 1, 1]
+    assert [decode["inputs_embeds"][k][0] for k in range(3)] == [1, 4, 8]
+    (embed,) = profiles(cfg, tiny_build / "onnx" / "embed.onnx", 8, 4)
+    assert embed["input_ids"][2][0] == 8
 
 
 def test_engine_without_tensorrt_exits_4_with_one_line(tiny_build_copy):

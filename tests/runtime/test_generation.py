@@ -172,6 +172,32 @@ def test_a_long_prompt_is_prefilled_in_chunks_equal_to_one_call(runtime):
     assert len(chunked) == 8 and chunked == whole
 
 
+def test_prefill_batch_splits_admitted_requests_into_groups(runtime):
+    """A prefill profile of fewer rows than the decode one (engine.prefill_batch, a long-context engine):
+    five requests admitted together are prefilled two, two and one at a time, then decode as one batch,
+    generating what each generates alone."""
+    cfg, backend, tok = runtime
+    solo = {i: _generate(runtime, [p], temperature=0, max_tokens=12)[0][0][1] for i, p in enumerate(PROMPTS)}
+    scheduler = Scheduler(backend, cfg, tok, max_batch=8, queue_size=64, context=cfg.engine.context, prefill_batch=2)
+    calls = []
+    prefill = scheduler.cache.prefill
+
+    def counted(slots, *args, **kwargs):
+        calls.append(len(slots))
+        return prefill(slots, *args, **kwargs)
+
+    scheduler.cache.prefill = counted
+    events = {}
+    for i, (text, thinking) in enumerate(PROMPTS):
+        prompt = tok.chat_prompt([("user", [Segment(text=text)])], thinking)
+        scheduler.submit(Request(prompt, SamplingParams(temperature=0, max_tokens=12),
+                                 emit=lambda e, i=i: events.setdefault(i, []).append(e)))
+    scheduler.run_until_idle()
+    assert calls == [2, 2, 1] and scheduler.stats()["prefill_batch"] == 2
+    for i in range(len(PROMPTS)):
+        assert "".join(e["content"] for e in events[i] if e["type"] == "delta") == solo[i]
+
+
 # ---- one row's failure is that row's (issue 16, item 3) ------------------------------------------
 
 

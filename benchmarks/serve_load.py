@@ -1,15 +1,19 @@
 """``autoglm-build serve`` on loopback against its own decoder: decode tokens/s at 1 and 8 streams.
 
-For each stream count (1, then 8) it first times the engine alone at that batch: the build's decoder
-(the backend the server picks) run directly on the same shapes the server will see (the clients'
-prompt length, then ``--max-tokens - 1`` decode steps with the cache fed back as the backend's own
-values, no embedding, no sampling, no copies to numpy). Then it sends that many concurrent streaming
-chat requests (sampled with seeds, EOS ignored; httpx reading the SSE lines, so the client takes little
-CPU from the server) to one server started with ``--max-batch 8`` and measures its decode rate as the
-clients see it: tokens after each stream's first, over the time from the first stream's first token to
-the last stream's end. Last, a load phase: ``--clients`` concurrent streams of real ``openai``
-AsyncOpenAI clients (errors, TTFT p50/p99, tokens/s). Ends with the line
-``serve/engine decode rate: <ratio>`` at batch 8.
+First it times the engine alone at 1 and at 8 rows, on the same shapes the server will see (the
+clients' prompt, then ``--max-tokens - 1`` decode steps), with the backend the server picks, and closes
+it before any server starts: on ONNX Runtime the decoder graph with each step's ``present_*`` bound as
+the next ``past_*`` (no embedding, no sampling, no copies to numpy: :func:`ort_engine_rate`); on
+TensorRT the embed and decoder engines (every stage of a staged decoder) on the server's own KV cache
+on the GPU, with the sampler's logits brought to the host (:func:`trt_engine_rate` says exactly what a
+step holds). ``--engine-only`` prints those rates as JSON and stops there.
+
+Then it sends 1, and then 8, concurrent streaming chat requests (sampled with seeds, EOS ignored; httpx
+reading the SSE lines, so the client takes little CPU from the server) to one server started with
+``--max-batch 8`` and measures its decode rate as the clients see it: tokens after each stream's
+first, over the time from the first stream's first token to the last stream's end. Last, a load phase:
+``--clients`` concurrent streams of real ``openai`` AsyncOpenAI clients (errors, TTFT p50/p99,
+tokens/s). Ends with the line ``serve/engine decode rate: <ratio>`` at batch 8.
 
 ``--agent SESSIONSxSTEPS`` replays the phone agent instead (issue 12's contract): each session sends,
 step after step, the system prompt, its history (earlier user turns without their screenshot, earlier
@@ -17,9 +21,15 @@ replies as ``<think>..</think><answer>..</answer>``) and a new full-size screens
 once; once against a server with prefix reuse and once against one without
 (``$AUTOGLM_BUILD_PREFIX_CACHE_MIB=0``), printing TTFT p50/p99 (all steps, and the steps after each
 session's first), the prompt tokens the decoder ran and those it reused, tokens/s and errors.
+``--baseline ROW.json`` adds transformers' ``generate`` on the same requests as a third line: the row
+``benchmarks/agent_generate.py --json`` wrote (it runs on the Python with torch; this one may not).
+
+Runs on the GPU harness's Python 3.9 (no torch); ``httpx`` and ``openai`` are imported where used, so
+agent_generate.py can import the agent's requests from here without them.
 
     python benchmarks/serve_load.py [-w build/autoglm-phone-tiny] [--max-tokens 128] [--clients 64]
-    python benchmarks/serve_load.py --agent 8x5 [--agent-tokens 32]
+    python benchmarks/serve_load.py --engine-only [-w ...] [--max-tokens 128]
+    python benchmarks/serve_load.py --agent 8x5 [--agent-tokens 32] [--baseline generate.json]
 """
 
 from __future__ import annotations
@@ -35,10 +45,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Tuple
 
-import httpx
 import numpy as np
-from openai import AsyncOpenAI
+
+if TYPE_CHECKING:  # imported where used: agent_generate.py imports this file on a Python without them
+    import httpx
+    from openai import AsyncOpenAI
 
 from autoglm_build.serve.launch import serve_process
 
@@ -62,18 +75,25 @@ def server(args, max_batch: int, env=None):
 # ---- the engine alone --------------------------------------------------------------------------
 
 
-def prompt_length(args) -> int:
-    """Tokens of the clients' prompt (as the server builds it)."""
+def prompt_ids(args) -> Tuple[list, object]:
+    """The ids of the clients' prompt (as the server builds it) and the server's chat tokenizer."""
     from autoglm_build.calibration import tokenizer_for
     from autoglm_build.config import load_config
     from autoglm_build.runtime.text import ChatTokenizer, Segment
 
     cfg = load_config(Path(args.config))
     tok = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
-    return len(tok.chat_prompt([("user", [Segment(text=MESSAGE.format(0))])], False).ids)
+    return tok.chat_prompt([("user", [Segment(text=MESSAGE.format(0))])], False).ids, tok
 
 
-def engine_rate(backend, cfg, batch: int, prompt: int, steps: int) -> float:
+def engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int) -> dict:
+    """The decoder alone at ``batch``: :func:`ort_engine_rate` or :func:`trt_engine_rate` by backend."""
+    if backend.name == "tensorrt":
+        return trt_engine_rate(backend, cfg, tokenizer, batch, ids, steps)
+    return {"tokens_per_s": ort_engine_rate(backend, cfg, batch, len(ids), steps), "steps": steps, "cache": "bound"}
+
+
+def ort_engine_rate(backend, cfg, batch: int, prompt: int, steps: int) -> float:
     """Decode tokens/s of the decoder alone: ``steps`` steps at ``batch`` after a ``prompt``-token prefill,
     each step's ``present_*`` bound as the next step's ``past_*`` (ONNX Runtime IOBinding; nothing goes
     to numpy). The attention mask and positions of every step are made beforehand."""
@@ -109,6 +129,91 @@ def engine_rate(backend, cfg, batch: int, prompt: int, steps: int) -> float:
         outs = dict(zip(names, binding.get_outputs()))
         values = {n: outs[n.replace("past_", "present_")] for n in values}
     return batch * steps / (time.perf_counter() - start)
+
+
+def copies(cache) -> dict:
+    """The device cache's count of its copies by kind (summed over its GPUs where it has several); empty for
+    a host cache."""
+    total = getattr(cache, "traffic", None)
+    if total is None and getattr(cache, "device", None) is not None:
+        total = cache.device.traffic
+    return dict(total or {})
+
+
+def prompt_chunks(ids: list, rows: int, chunk: int) -> list:
+    """``rows`` copies of the prompt ``ids`` as the scheduler's prefill chunks (text positions)."""
+    from autoglm_build.runtime.kv_cache import Chunk
+
+    prompt = np.broadcast_to(np.asarray(ids, np.int64), (rows, len(ids)))
+    positions = np.broadcast_to(np.arange(len(ids), dtype=np.int64), (rows, 3, len(ids)))
+    return [Chunk(np.ascontiguousarray(prompt[:, s:s + chunk]), np.ones((rows, min(s + chunk, len(ids))), np.int64),
+                  np.ascontiguousarray(positions[:, :, s:s + chunk])) for s in range(0, len(ids), chunk)]
+
+
+def trt_engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int) -> dict:
+    """Decode tokens/s of the TensorRT engines alone, through the server's own device cache
+    (:class:`~autoglm_build.runtime.device_cache.DeviceKVCache`, the one ``backend.kv_cache`` gives the
+    scheduler, at the scheduler's context): ``batch`` rows of the prompt ``ids`` prefilled (the prefill
+    profile, in the scheduler's chunks and groups of rows), then ``steps`` decode steps with fixed ids at the
+    next positions.
+
+    A step is what the cache does for the scheduler, nothing else: the ids, positions and changed mask
+    elements up, the ``embed`` engine, each decoder stage's engine (every stage of a staged decoder, the
+    activations handed over on the device), each row's new keys/values copied device to device into its
+    slot, and the logits of the sampler's candidate ids (``cache.logit_columns``, as the scheduler sets
+    them) down to the host, waited for. Not in it: sampling, detokenizing, the scheduler, HTTP. The KV
+    cache never crosses to the host; the re-lays at a growing capacity (device to device, every ~1/8 of
+    the length) happen as in the server. The whole run is made twice on one cache and the second timed,
+    so the contexts are bound and the scratch buffers allocated at their largest shapes, as in a warm
+    server. Where the engines cannot keep the cache on the device (``device_cache_problem``) the backend
+    gives the host cache, as it gives the server; ``cache`` in the result says which.
+
+    Returns:
+        ``tokens_per_s`` (``batch x steps`` over the timed loop), ``steps``, ``seconds``, ``cache`` (the
+        cache's class), ``rebinds`` (contexts bound during the timed loop: the embed engine's one context,
+        which the prefill used last, at the first step), ``traffic`` (bytes and calls per copy kind during
+        the timed loop: the cache's own count, :class:`~autoglm_build.runtime.device.Device`),
+        ``logits_bytes`` (per step, what must come back), ``cache_bytes`` (the keys and values the last
+        step read), ``capacity`` (its columns per row), ``units`` (the decoder's engines) and
+        ``prefill_rows`` (rows per prefill call).
+    """
+    from autoglm_build.runtime.generation import Sampler
+    from autoglm_build.runtime.kv_cache import CacheSpec
+
+    t = cfg.text
+    context = min(cfg.engine.context, backend.context or cfg.engine.context)  # as the scheduler caps it
+    chunk = min(cfg.engine.prefill_tokens, backend.prefill_chunk or cfg.engine.prefill_tokens)
+    rows = min(getattr(cfg.engine, "prefill_rows", batch), batch, getattr(backend, "prefill_batch", None) or batch)
+    cache = backend.kv_cache(CacheSpec(t.num_hidden_layers, t.num_key_value_heads, t.head_dim), batch, context)
+    candidates = Sampler(tokenizer, batch).ids
+    cache.logit_columns = (int(candidates[0]), int(candidates[-1]) + 1)
+    step_ids = np.full((batch, 1), ids[-1], np.int64)
+    step_positions = [np.full((batch, 3, 1), len(ids) + k, np.int64) for k in range(steps)]
+    try:
+        for _ in range(2):  # the first run warms up: contexts bound, scratch buffers at their largest
+            for slot in range(batch):
+                if cache.used[slot]:
+                    cache.release(slot)
+            for first in range(0, batch, rows):  # in the scheduler's groups: the prefill profile's rows at most
+                group = list(range(first, min(first + rows, batch)))
+                cache.prefill(group, [len(ids)] * len(group), prompt_chunks(ids, len(group), chunk))
+            traffic = copies(cache)
+            rebinds = getattr(backend, "rebinds", 0)
+            start = time.perf_counter()
+            for k in range(steps):
+                cache.decode(step_ids, step_positions[k])
+            seconds = time.perf_counter() - start
+        moved = {k: v - traffic[k] for k, v in copies(cache).items()}
+        lo, hi = cache.logit_columns
+        item = np.dtype(getattr(cache, "logits_dtype", np.float32)).itemsize
+        return {"tokens_per_s": batch * steps / seconds, "steps": steps, "seconds": seconds,
+                "cache": type(cache).__name__, "rebinds": getattr(backend, "rebinds", 0) - rebinds,
+                "traffic": moved, "logits_bytes": batch * (hi - lo) * item,
+                "cache_bytes": cache.top * cache.block_bytes(cache.capacity), "capacity": cache.capacity,
+                "units": list(backend.parts.get("decoder", ["decoder"])), "prefill_rows": rows}
+    finally:
+        if hasattr(cache, "close"):
+            cache.close()
 
 
 # ---- the server --------------------------------------------------------------------------------
@@ -150,6 +255,9 @@ async def light_client(http: httpx.AsyncClient, i: int, max_tokens: int, timeout
 
 
 async def phase(url: str, clients: int, max_tokens: int, timeout: float, light: bool = True) -> dict:
+    import httpx
+    from openai import AsyncOpenAI
+
     client = AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=timeout)
     http = httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=max(clients, 8)))
     start = time.perf_counter()
@@ -211,14 +319,33 @@ def agent_screens(sessions: int, steps: int) -> list:
     return out
 
 
-async def agent_step(http: httpx.AsyncClient, messages: list, max_tokens: int) -> dict:
-    """One streamed step with the client's sampling; TTFT at the first chunk with text (special tokens
-    shown and EOS ignored, so every step's first token and its length are the same work both ways)."""
-    body = {"model": "autoglm-phone-9b", "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
+def agent_body(messages: list, max_tokens: int) -> dict:
+    """One step's request: the client's sampling, streamed, special tokens shown and EOS ignored (so every
+    step's first token and its length are the same work whatever the model writes)."""
+    return {"model": "autoglm-phone-9b", "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
             "top_p": 0.85, "frequency_penalty": 0.2, "stream": True, "stream_options": {"include_usage": True},
             "ignore_eos": True, "skip_special_tokens": False}
+
+
+def agent_turn(k: int, screen: str) -> dict:
+    """Step ``k``'s user turn: the screenshot, then the task (first step) or the screen marker."""
+    task = "打开设置, 开启蓝牙并返回桌面" if k == 0 else "** Screen Info **"
+    text = f"{task}\n\n{{\"current_app\": \"System Settings\"}}"
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": screen}},
+                                        {"type": "text", "text": text}]}
+
+
+def agent_reply(messages: list, content: str) -> None:
+    """After a step, what the client sends back next time: its last user turn without the screenshot, and
+    the reply as ``<think>..</think><answer>..</answer>``."""
+    messages[-1]["content"] = messages[-1]["content"][1:]
+    messages.append({"role": "assistant", "content": f"<think>{content}</think><answer>{ACTION}</answer>"})
+
+
+async def agent_step(http: httpx.AsyncClient, messages: list, max_tokens: int) -> dict:
+    """One streamed step (:func:`agent_body`); TTFT at the first chunk with text."""
     start, first, content, usage = time.perf_counter(), None, "", {}
-    async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+    async with http.stream("POST", "/v1/chat/completions", json=agent_body(messages, max_tokens)) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
             if not line.startswith("data: {"):
@@ -240,20 +367,17 @@ async def agent_session(http: httpx.AsyncClient, screens: list, max_tokens: int)
     """One session's steps, in order; each step's history is what the client would send back."""
     messages, results = [{"role": "system", "content": agent_system_prompt()}], []
     for k, screen in enumerate(screens):
-        task = "打开设置, 开启蓝牙并返回桌面" if k == 0 else "** Screen Info **"
-        text = f"{task}\n\n{{\"current_app\": \"System Settings\"}}"
-        messages.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": screen}},
-                                                     {"type": "text", "text": text}]})
+        messages.append(agent_turn(k, screen))
         result = await agent_step(http, messages, max_tokens)
         results.append({**result, "step": k})
-        messages[-1]["content"] = messages[-1]["content"][1:]  # the client drops the screenshot
-        reply = f"<think>{result['content']}</think><answer>{ACTION}</answer>"
-        messages.append({"role": "assistant", "content": reply})
+        agent_reply(messages, result["content"])
     return results
 
 
 async def agent_phase(url: str, screens: list, max_tokens: int, timeout: float) -> dict:
     """Every session at once; TTFT over all steps and over the steps after the first."""
+    import httpx
+
     http = httpx.AsyncClient(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=len(screens) + 4))
     start = time.perf_counter()
     sessions = await asyncio.wait_for(asyncio.gather(*(agent_session(http, row, max_tokens) for row in screens),
@@ -277,29 +401,83 @@ async def agent_phase(url: str, screens: list, max_tokens: int, timeout: float) 
             "contents": [[r["content"] for r in s] if isinstance(s, list) else None for s in sessions]}
 
 
+BASELINE_KEYS = ("sessions", "steps_per_session", "agent_tokens", "steps", "errors", "ttft_p50", "ttft_p99",
+                 "later_p50", "later_p99", "prompt_tokens", "prefilled", "reused", "tokens_per_s", "label")
+
+
+def load_baseline(path: str, sessions: int, steps: int, tokens: int) -> dict:
+    """``benchmarks/agent_generate.py``'s JSON row, refused unless it replayed the same load."""
+    try:
+        row = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--baseline {path}: cannot read it ({exc})") from None
+    missing = [k for k in BASELINE_KEYS if k not in row]
+    if missing:
+        raise SystemExit(f"--baseline {path}: not an agent_generate.py row (no {', '.join(missing)})")
+    if (row["sessions"], row["steps_per_session"], row["agent_tokens"]) != (sessions, steps, tokens):
+        raise SystemExit(f"--baseline {path}: it replayed {row['sessions']}x{row['steps_per_session']} with "
+                         f"{row['agent_tokens']} new tokens per step; this run is {sessions}x{steps} with {tokens}")
+    return row
+
+
 def agent_main(args, cfg) -> int:
     sessions, steps = (int(x) for x in args.agent.lower().split("x"))
+    baseline = load_baseline(args.baseline, sessions, steps, args.agent_tokens) if args.baseline else None
     screens = agent_screens(sessions, steps)
     results = {}
     for mode, env in (("on", {}), ("off", {"AUTOGLM_BUILD_PREFIX_CACHE_MIB": "0"})):
         with server(args, 8, env) as url:
             asyncio.run(phase(url, 1, 4, args.timeout))  # warm-up (no system prompt: nothing reused from it)
             results[mode] = asyncio.run(agent_phase(url, screens, args.agent_tokens, args.timeout))
-    on, off = results["on"], results["off"]
     print(f"phone agent, {cfg.name}, {args.backend}: {sessions} concurrent sessions x {steps} steps, one "
           f"1080x2400 screenshot per step, {args.agent_tokens} new tokens per step, server --max-batch 8")
+    return agent_table(results, baseline)
+
+
+def agent_table(results: dict, baseline: Optional[dict] = None) -> int:
+    """The served rows (``on``, ``off``: prefix reuse) and transformers' ``generate`` row where given; the
+    exit status (1 when a served run had errors or its replies differ with and without reuse)."""
+    on, off = results["on"], results["off"]
+    rows = {**results, **({"generate": baseline} if baseline else {})}
     print(f"{'prefix reuse':>12} {'TTFT p50':>9} {'TTFT p99':>9} {'steps>1 p50':>12} {'steps>1 p99':>12} "
           f"{'prompt tok':>11} {'prefilled':>10} {'reused':>8} {'tok/s':>7} {'errors':>7}")
-    for mode, r in results.items():
+    for mode, r in rows.items():
         print(f"{mode:>12} {r['ttft_p50']:>8.3f}s {r['ttft_p99']:>8.3f}s {r['later_p50']:>11.3f}s "
               f"{r['later_p99']:>11.3f}s {r['prompt_tokens']:>11} {r['prefilled']:>10} {r['reused']:>8} "
               f"{r['tokens_per_s']:>7.1f} {r['errors']:>7}")
-        if r["first_error"]:
+        if r.get("first_error"):
             print(f"  first error: {r['first_error']}")
+    if baseline:
+        print(f"generate: {baseline['label']}")
     same = on["contents"] == off["contents"]
     print(f"replies equal with and without reuse: {'yes' if same else 'NO'}")
     print(f"TTFT p50 without/with reuse: {off['ttft_p50'] / on['ttft_p50']:.2f}x")
+    if baseline:
+        print(f"TTFT p50 generate/served with reuse: {baseline['ttft_p50'] / on['ttft_p50']:.2f}x; "
+              f"tokens/s served with reuse/generate: {on['tokens_per_s'] / baseline['tokens_per_s']:.2f}x")
     return 1 if on["errors"] or off["errors"] or not same else 0
+
+
+ENGINE_ALONE = {"tensorrt": "embed and decoder engines on the server's KV cache ({cache}), the sampler's logits "
+                            "to the host, no sampling",
+                "onnxruntime": "decoder graph alone (IOBinding), no embed, no sampling"}
+
+
+def engine_alone(args, cfg) -> dict:
+    """The engine-alone decode rates at 1 and 8 rows, the backend closed before any server starts (the GPU
+    is the engine's alone, and holds one copy of the engines at a time)."""
+    from autoglm_build.runtime.backends import open_backend
+
+    ids, tokenizer = prompt_ids(args)
+    backend = open_backend(Path(args.workdir), ["embed", "decoder"], args.backend)
+    try:
+        rates = {streams: engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1) for streams in (1, 8)}
+        d = backend.describe()
+    finally:
+        backend.close()
+    what = ENGINE_ALONE[d["backend"]].format(cache=rates[8]["cache"])
+    return {"backend": d["backend"], "precision": d["precision"], "prompt": len(ids), "what": what,
+            "rates": rates}
 
 
 def main() -> int:
@@ -311,39 +489,43 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64, help="streams of the load phase (0: none)")
     parser.add_argument("--load-tokens", type=int, default=64, help="tokens per stream in the load phase")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase before giving up")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="time the engine alone at 1 and 8 rows, print it as JSON and start no server")
     parser.add_argument("--agent", help="SESSIONSxSTEPS: replay the phone agent with and without prefix reuse "
                         "(instead of the decode phases)")
     parser.add_argument("--agent-tokens", type=int, default=32, help="new tokens per agent step")
+    parser.add_argument("--baseline", help="with --agent: the JSON row benchmarks/agent_generate.py wrote for the "
+                        "same load (transformers' generate), printed as a third line of the table")
     args = parser.parse_args()
 
     from autoglm_build.config import load_config
-    from autoglm_build.runtime.backends import open_backend
 
     cfg = load_config(Path(args.config))
     if args.agent:
         return agent_main(args, cfg)
-    backend = open_backend(Path(args.workdir), ["embed", "decoder"], args.backend)
-    if backend.name != "onnxruntime":
-        raise SystemExit(f"the engine-alone decode loop is written for ONNX Runtime; this backend is {backend.name}")
-    prompt = prompt_length(args)
-    engine, served = {}, {}
+    if args.baseline:
+        parser.error("--baseline goes with --agent")
+    engine = engine_alone(args, cfg)
+    if args.engine_only:
+        print(json.dumps(engine))
+        return 0
+    rates = {streams: r["tokens_per_s"] for streams, r in engine["rates"].items()}
+    served = {}
     with server(args, 8) as url:
         asyncio.run(phase(url, 1, 4, args.timeout))  # warm-up
         for streams in (1, 8):
-            engine[streams] = engine_rate(backend, cfg, streams, prompt, args.max_tokens - 1)
             served[streams] = asyncio.run(phase(url, streams, args.max_tokens, args.timeout))
         load = asyncio.run(phase(url, args.clients, args.load_tokens, args.timeout, light=False)) \
             if args.clients else None
-    backend.close()
 
-    d = backend.describe()
-    print(f"decode, {cfg.name}, {d['backend']} {d['precision']}, prompt {prompt} tokens, {args.max_tokens} new "
-          f"tokens per stream, server --max-batch 8 on loopback")
+    print(f"decode, {cfg.name}, {engine['backend']} {engine['precision']}, prompt {engine['prompt']} tokens, "
+          f"{args.max_tokens} new tokens per stream, server --max-batch 8 on loopback")
+    print(f"engine alone: {engine['what']}")
     print(f"{'streams':>7} {'server tok/s':>13} {'engine tok/s':>13} {'serve/engine':>13} {'errors':>7} "
           f"{'TTFT p50':>9}")
     for streams, r in served.items():
-        print(f"{streams:>7} {r['decode_per_s']:>13.1f} {engine[streams]:>13.1f} "
-              f"{r['decode_per_s'] / engine[streams]:>13.2f} {r['errors']:>7} {r['ttft_p50']:>8.3f}s")
+        print(f"{streams:>7} {r['decode_per_s']:>13.1f} {rates[streams]:>13.1f} "
+              f"{r['decode_per_s'] / rates[streams]:>13.2f} {r['errors']:>7} {r['ttft_p50']:>8.3f}s")
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
     if load:
@@ -351,7 +533,7 @@ def main() -> int:
               f"TTFT p50 {load['ttft_p50']:.3f}s p99 {load['ttft_p99']:.3f}s, {load['tokens_per_s']:.1f} tokens/s")
         if load["first_error"]:
             print(f"  first error: {load['first_error']}")
-    print(f"serve/engine decode rate: {served[8]['decode_per_s'] / engine[8]:.2f}")
+    print(f"serve/engine decode rate: {served[8]['decode_per_s'] / rates[8]:.2f}")
     return 1 if any(r["errors"] for r in served.values()) or (load and load["errors"]) else 0
 
 

@@ -66,10 +66,32 @@ def server(args, max_batch: int, env=None):
     with contextlib.ExitStack() as stack:
         logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-load-")))
         try:
-            url, _, _ = stack.enter_context(serve_process(serve_args, logs, env, ready_timeout=120))
+            url, proc, _ = stack.enter_context(serve_process(serve_args, logs, env, ready_timeout=120))
         except RuntimeError as exc:  # exited or not ready: the log's tail, no traceback
             raise SystemExit(str(exc)) from None
+        start = gpu_memory_mib(proc.pid)
         yield url
+        after = gpu_memory_mib(proc.pid)
+        if start is not None:
+            print(f"server GPU memory (nvidia-smi, MiB): {start} when ready, {after} after the load "
+                  f"({', '.join(f'{k}={v}' for k, v in sorted((env or {}).items())) or 'default settings'})")
+
+
+def gpu_memory_mib(pid: int) -> Optional[int]:
+    """GPU memory the process holds on every GPU (nvidia-smi's compute apps), or None without a GPU."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [int(mib) for line in out.splitlines() if "," in line
+            for p, mib in [line.split(",")[:2]] if p.strip() == str(pid) and mib.strip().isdigit()]
+    return sum(used) if used else None
 
 
 # ---- the engine alone --------------------------------------------------------------------------

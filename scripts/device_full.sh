@@ -11,7 +11,11 @@
 #                                                      let the waiting engine builds go (start needs no harness: the
 #                                                      Python 3.12 graphs run while the parts arrive)
 # FULL_DECODER_STAGES=N: the decoder as N layer-range stages (decoder.stages, issue 15) in its own workdir, one
-# engine build per stage, in parallel.
+# engine build per stage, in parallel. CHECKPOINT=1: the full-width slice's weights are a checkpoint in the
+# published layout (scripts/make_layout_checkpoint.py, written first into /tmp/dev/ckpt) that export reads
+# with --checkpoint, so transformers' own model (benchmarks/agent_generate.py) loads the same weights.
+#   bash scripts/device_full.sh devtests               tiny: the TensorRT backend's GPU tests, bench-serve on TensorRT
+#   bash scripts/device_full.sh serveload              full width: bench-serve, the agent load, transformers' generate
 #   bash scripts/device_full.sh wait [seconds]         wait for the jobs, then poll
 #   bash scripts/device_full.sh tiny                   tiny: verify int8, bench
 #   bash scripts/device_full.sh serve                  tiny: tests/serve on the TensorRT backend (fp16 engines)
@@ -26,11 +30,20 @@ PHASE=${1:?phase}
 D=/tmp/dev; L=$D/logs; F=$D/full; W=$D/w
 FULL=configs/autoglm-phone-9b-2layer.yaml; TINY=configs/autoglm-phone-tiny.yaml
 STAGES=${FULL_DECODER_STAGES:-1}
+CKPT=$D/ckpt
+derive() {  # derive SRC DST SUFFIX PYTHON: a copy of config SRC with the change PYTHON makes to its dict d
+  [ -e "$2" ] || python3 -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); d['name'] += sys.argv[3]
+$4
+yaml.safe_dump(d, open(sys.argv[2], 'w'))" "$1" "$2" "$3"
+}
+if [ -n "${CHECKPOINT:-}" ]; then  # the slice's weights from a checkpoint in the published layout
+  derive "$FULL" configs/autoglm-phone-9b-2layer-ckpt.yaml -ckpt "d['checkpoint'] = '$CKPT'"
+  FULL=configs/autoglm-phone-9b-2layer-ckpt.yaml
+fi
 FULLD=$FULL; FD=$F  # the decoder's config and workdir: the full ones, or a staged copy of its own
 if [ "$STAGES" -gt 1 ]; then
-  FULLD=configs/autoglm-phone-9b-2layer-staged$STAGES.yaml; FD=$D/full-staged$STAGES
-  [ -e "$FULLD" ] || python3 -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); d['name'] += '-staged'
-d.setdefault('decoder', {})['stages'] = int(sys.argv[3]); yaml.safe_dump(d, open(sys.argv[2], 'w'))" "$FULL" "$FULLD" "$STAGES"
+  FULLD=${FULL%.yaml}-staged$STAGES.yaml; FD=$D/full-staged$STAGES
+  derive "$FULL" "$FULLD" -staged "d.setdefault('decoder', {})['stages'] = $STAGES"
 fi
 HARNESS="while [ ! -e /tmp/stage/.ready ]; do sleep 5; done;"  # engine builds wait for the staged harness
 OUT=${OUT:-device-out}
@@ -39,6 +52,13 @@ export PYTHONUNBUFFERED=1 NO_COLOR=1 COLUMNS=160 AUTOGLM_BUILD_TRT_TACTICS=${AUT
 export AUTOGLM_BUILD_CACHE_DIR=$D/cache
 CLI39="env PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m autoglm_build.cli"
 CLI312="env PYTHONPATH=$PWD:/tmp/site312 python3 -m autoglm_build.cli"
+
+GPU_LIST=(${GPUS:-}); GPU_I=0
+on_gpu() {  # ON: the next of $GPUS (e.g. GPUS="0 1") for one engine build, round robin; empty without GPUS
+  ON=""
+  if [ ${#GPU_LIST[@]} -gt 0 ]; then ON="env CUDA_VISIBLE_DEVICES=${GPU_LIST[$((GPU_I % ${#GPU_LIST[@]}))]}"; fi
+  GPU_I=$((GPU_I + 1))
+}
 
 job() {  # job NAME "commands": a background process session that survives this call
   local name=$1; shift
@@ -58,9 +78,14 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
     rm -rf "$W" && cp -r "${2:-build/autoglm-phone-tiny}" "$W"
     for precision in ${TINY_PRECISIONS:-int8}; do
       for module in $TINY_MODULES; do
-        job "tiny-$module-$precision" "$HARNESS $CLI39 engine -c $TINY -w $W --precision $precision -m $module"
+        on_gpu; job "tiny-$module-$precision" "$HARNESS $ON $CLI39 engine -c $TINY -w $W --precision $precision -m $module"
       done
     done
+  fi
+  WEIGHTS=""
+  if [ -n "${CHECKPOINT:-}" ]; then  # every full-width chain waits for the checkpoint
+    job ckpt "env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py -c $FULL -o $CKPT && touch $CKPT.done"
+    WEIGHTS="while [ ! -e $CKPT.done ]; do sleep 3; done;"
   fi
   for module in ${FULL_MODULES-vision decoder}; do  # FULL_MODULES= (empty): none
     f="-c $FULL -w $F -m $module"
@@ -77,10 +102,13 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
     engines=""  # one engine per precision (FULL_PRECISIONS) and stage, each built as soon as its graph is calibrated
     for precision in ${FULL_PRECISIONS:-fp16 int8}; do
       builds=""
-      for part in $parts; do builds="$builds $CLI39 engine ${f% -m *} -m $part --precision $precision &"; done
+      for part in $parts; do on_gpu; builds="$builds $ON $CLI39 engine ${f% -m *} -m $part --precision $precision &"; done
       engines="$engines { $CLI312 calibrate --$precision $f && $HARNESS { $builds wait; }; } &"
+      if [ "$module" = decoder ]; then  # the server's embedding engine beside the decoder's
+        on_gpu; engines="$engines { $CLI312 calibrate --$precision $e && $HARNESS $ON $CLI39 engine $e --precision $precision; } &"
+      fi
     done
-    job "full-$module" "$graphs && { $engines wait; }"
+    job "full-$module" "$WEIGHTS $graphs && { $engines wait; }"
   done
   exec bash "$0" wait "${START_WAIT:-480}"
   ;;
@@ -155,6 +183,35 @@ verify)  # full width: every engine against ONNX Runtime on its own precision gr
     $CLI39 verify -c $c -w $w -m $module --strict $precisions 2>&1 | grep -v "^\[W\]" | tee -a "$OUT/verify_full.txt"
     echo "verify $module exit: ${PIPESTATUS[0]}"
   done
+  ;;
+devtests)  # tiny: the TensorRT backend's GPU tests (bound calls, the device-resident KV cache), bench-serve
+  AUTOGLM_BUILD_TRT_WORKDIR=$W PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m pytest -q -p no:cacheprovider -rs \
+    tests/runtime/test_backends_trt.py 2>&1 | grep -v "^\[W\]" | tee "$OUT/pytest_trt_tiny.txt" | tail -15
+  PYTHONPATH=$PWD:/tmp/site39 timeout 300 /tmp/stage/trtpy benchmarks/serve_load.py -c $TINY -w $W --backend tensorrt \
+    --clients 64 --max-tokens 128 2>&1 | grep -v "^\[W\]" | tee "$OUT/serve_load_tiny.txt"
+  nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+  ;;
+serveload)  # full width: bench-serve (1 and 8 streams), then the agent load with and without reuse beside generate
+  mem=$(mktemp); nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 >"$mem" &
+  PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-200} /tmp/stage/trtpy benchmarks/serve_load.py -c $FULLD -w $FD \
+    --backend tensorrt --clients ${CLIENTS:-32} --max-tokens 128 2>&1 | grep -v "^\[W\]" | tee "$OUT/serve_load_full.txt"
+  if [ -n "${CHECKPOINT:-}" ] && [ -z "${NO_BASELINE:-}" ]; then  # transformers' generate, same weights (not beside the server)
+    PYTHONPATH=$PWD:/tmp/site312 timeout ${BASELINE_TIMEOUT:-200} python3 benchmarks/agent_generate.py -c $FULLD \
+      --checkpoint $CKPT --agent ${AGENT:-8x5} --agent-tokens 32 --json "$D/agent_generate.json" 2>&1 | tail -20 \
+      | tee "$OUT/agent_generate.txt"
+  fi
+  baseline=""; [ -s "$D/agent_generate.json" ] && baseline="--baseline $D/agent_generate.json"
+  PYTHONPATH=$PWD:/tmp/site39 timeout ${AGENT_TIMEOUT:-300} /tmp/stage/trtpy benchmarks/serve_load.py -c $FULLD -w $FD \
+    --backend tensorrt --agent ${AGENT:-8x5} --agent-tokens 32 $baseline 2>&1 | grep -v "^\[W\]" | tee "$OUT/agent_full.txt"
+  kill %1; python3 - "$mem" <<'PY' | tee "$OUT/gpu_memory_full.txt"
+import collections, sys
+seen = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    gpu, used = (int(x) for x in line.split(","))
+    seen[gpu].append(used)
+for gpu, used in sorted(seen.items()):
+    print(f"GPU {gpu} memory used during serveload (MiB): first {used[0]}, peak {max(used)}, last {used[-1]}")
+PY
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac

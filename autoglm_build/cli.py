@@ -336,6 +336,9 @@ def serve(
     max_batch: Optional[int] = typer.Option(None, "--max-batch", min=1,
                                             help="Decoder rows at once \\[serve.max_batch]"),
     queue_size: Optional[int] = typer.Option(None, "--queue-size", min=0, help="Waiting requests \\[serve.queue_size]"),
+    devices: Optional[str] = typer.Option(None, "--devices", help="GPUs for the decoder's stages, e.g. 0,1: stage i "
+                                          "of N on GPU list[i*len/N], encoders on the first (TensorRT; pipeline "
+                                          "parallel) \\[serve.devices; default: the current GPU]"),
     config: Optional[Path] = ConfigOpt,
     workdir: Optional[Path] = WorkdirOpt,
     verbose: Optional[bool] = VerboseOpt,
@@ -344,13 +347,15 @@ def serve(
     """OpenAI-compatible server (/v1/chat/completions, /v1/completions) over a build's engines or graphs."""
     opts = _merge(ctx.obj or Options(), config, workdir, None, verbose, quiet, None)
     with user_errors():
+        from autoglm_build.runtime.device import parse_devices
         from autoglm_build.serve.server import build_state
         from autoglm_build.serve.server import serve as run_server
 
         if precision is not None and precision not in ("fp16", "int8", "fp32"):
             raise UserError(f"--precision: '{precision}' is not one of fp16, int8, fp32")
+        placed = parse_devices(devices) if devices is not None else None
         cfg, _, target = _target(opts)
-        state = build_state(cfg, target, backend, precision, api_key, max_batch, queue_size)
+        state = build_state(cfg, target, backend, precision, api_key, max_batch, queue_size, placed)
         level = {-1: "warning", 0: "info", 1: "debug"}[opts.verbosity]
         run_server(state, host or cfg.serve.host, cfg.serve.port if port is None else port, level,
                    announce=lambda line: stderr.print(line, highlight=False, soft_wrap=True))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from autoglm_build.errors import ConfigError
 
@@ -286,6 +286,20 @@ class ServeConfig(_Section):
         2048, ge=0, description="keys/values of prompt prefixes kept for reuse across requests (the phone agent's "
         "system prompt and history), least recently used out; 0 turns reuse off. 2,048 MiB: about 51K tokens "
         "of the 9B model's FP16 cache (40 KiB a token)")
+    devices: Optional[List[int]] = Field(
+        None, min_length=1, description="GPUs the decoder's stages are placed on (TensorRT, pipeline parallel): stage "
+        "i of N on devices[i * len(devices) // N], vision/audio/embed on the first; each GPU listed once, at most "
+        "decoder.stages of them; serve --devices overrides it; default: the current GPU")
+
+    @field_validator("devices")
+    @classmethod
+    def _distinct_gpus(cls, devices: Optional[List[int]]) -> Optional[List[int]]:
+        if devices is not None:
+            if any(d < 0 for d in devices):
+                raise ValueError(f"GPU indices are 0 or more, not {min(devices)}")
+            if len(set(devices)) != len(devices):
+                raise ValueError(f"GPU {next(d for d in devices if devices.count(d) > 1)} listed twice")
+        return devices
 
 
 class BuildConfig(_Section):

@@ -185,41 +185,94 @@ class TensorRTBackend(Backend):
 
     Engines are checked before deserializing: sidecar TensorRT version and compute capability equal
     to the running ones, bytes hashing to the manifest's sha256.
+
+    ``devices`` places the engines on GPUs (pipeline parallel, ``serve --devices 0,1``): stage ``i`` of
+    the decoder's ``N`` on ``devices[i * len(devices) // N]``, every other module (vision, audio, embed)
+    on ``devices[0]``. Each engine is deserialized and its contexts and stream created with its GPU
+    current, and every call it runs makes that GPU current first; the device KV cache keeps each stage's
+    layers on its GPU (:mod:`~autoglm_build.runtime.device_cache`). ``None`` (the default): no GPU is
+    ever selected, the engines run on the current one, as before placement existed.
+
+    Raises:
+        UserError: a bad placement (more GPUs than decoder stages, a GPU that does not exist), exit 2.
     """
 
     name = "tensorrt"
 
-    def __init__(self, workdir: Path, manifest: Manifest, modules: Sequence[str], precision: str = "fp16") -> None:
+    def __init__(self, workdir: Path, manifest: Manifest, modules: Sequence[str], precision: str = "fp16",
+                 devices: Optional[Sequence[int]] = None, origin: str = "--devices") -> None:
         super().__init__(precision)
+        self.devices = list(devices) if devices is not None else None
+        self.placement: Dict[str, Optional[int]] = {}  # loaded engine -> its GPU (None: the current one)
+        self.peer_access: Dict[str, bool] = {}  # "0->1": whether GPU 0 reaches GPU 1's memory directly
+        self._devices: Dict[Optional[int], Any] = {}  # GPU -> its Device (stream), made on first use
+        self._runner_device: Dict[str, Optional[int]] = {}  # runner name -> its engine's GPU
         self.runners: Dict[str, Dict[str, Any]] = {}
         self.dtypes: Dict[str, Dict[str, Any]] = {}
         self.shapes: Dict[str, Dict[str, Tuple[int, ...]]] = {}  # engine -> tensor -> its shape (-1: dynamic)
         self._device_buffers: Dict[str, List[Any]] = {}  # runner name -> the buffers bound to its context
         self._bound: Dict[str, Any] = {}  # runner name -> the key of the binding its context holds (bind)
         self.rebinds = 0  # contexts (re)bound by bind: once per shape bucket, not per step
-        self._device: Optional[Any] = None
         self._caches: List[Any] = []
         try:
+            if self.devices is not None:
+                from autoglm_build.runtime.device import check_devices, check_placement
+
+                check_placement(self.devices, len(module_parts(manifest.config, "decoder")), origin)
+                check_devices(self.devices, origin)
             for module in modules:
                 self.parts[module] = module_parts(manifest.config, module)
-                for part in self.parts[module]:
+                for part, index in zip(self.parts[module], self._place(module, self.parts[module])):
                     art = engine_artifact(manifest, part, precision)
                     if art is None:
                         raise UserError(f"{part}: no {precision} engine in {workdir}",
                                         hint=f"run `autoglm-build engine --precision {precision}` on the GPU machine")
                     self.files[part] = art.path
+                    self.placement[part] = index
                     self._load(_checked(workdir, manifest, art), art.sha256, part)
+            self._connect()
         except BaseException:
             self.close()
             raise
+
+    def _place(self, module: str, parts: List[str]) -> List[Optional[int]]:
+        """The GPU of each of ``module``'s loaded parts (module docstring)."""
+        if self.devices is None:
+            return [None] * len(parts)
+        if module != "decoder":
+            return [self.devices[0]] * len(parts)
+        from autoglm_build.runtime.device import stage_devices
+
+        return stage_devices(self.devices, len(parts))
+
+    def _connect(self) -> None:
+        """Peer access between GPUs whose stages hand activations to each other (both ways), where the
+        hardware allows it (else the peer copies go through the host)."""
+        from autoglm_build.runtime.device import enable_peer_access
+
+        chain = [self.placement[u] for u in self.parts.get("decoder", [])]
+        for a, b in zip(chain, chain[1:]):
+            if a is not None and b is not None and a != b:
+                for x, y in ((a, b), (b, a)):
+                    self.peer_access[f"{x}->{y}"] = enable_peer_access(x, y)
+
+    def _select(self, part: str) -> None:
+        """Make ``part``'s GPU current for this thread (nothing without a placement)."""
+        from autoglm_build.runtime.device import select
+
+        select(self.placement.get(part))
 
     def _load(self, path: Path, sha256: str, module: str) -> None:
         from polygraphy.backend.trt import TrtRunner
 
         from autoglm_build.engine.sidecar import check_loadable, deserialize
+        from autoglm_build.runtime.device import compute_capability
 
         trt = trt_env.load()
-        sidecar = check_loadable(path, sha256, trt.__version__, trt_env.gpu()["compute_capability"])
+        index = self.placement.get(module)
+        self._select(module)  # the runtime, the engine, its contexts and their streams: on the part's GPU
+        capability = trt_env.gpu()["compute_capability"] if index is None else compute_capability(index)
+        sidecar = check_loadable(path, sha256, trt.__version__, capability)
         engine = deserialize(trt, path)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.dtypes[module] = {n: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
@@ -237,6 +290,7 @@ class TensorRTBackend(Backend):
             runner = TrtRunner(engine, optimization_profile=k, name=f"{module}-{profile_name}")
             runner.activate()
             runners[profile_name] = runner
+            self._runner_device[runner.name] = index
         self.runners[module] = runners
         if spec.module == "decoder" and "attention_mask" in sidecar.profiles[-1]:
             # a staged decoder: the bounds every stage's engine accepts
@@ -261,8 +315,11 @@ class TensorRTBackend(Backend):
         return {n: np.ascontiguousarray(v.astype(dtypes.get(n, v.dtype), copy=False)) for n, v in feed.items()}
 
     def run_part(self, part: str, feed: Feed, phase: str = "prefill") -> Dict[str, np.ndarray]:
+        """Polygraphy's ``infer`` on the part's GPU: host arrays in and out, so a staged decoder's activations
+        cross between GPUs through the host (the host KV cache's path)."""
         runner = self.runner(part, phase)
         self._bound.pop(runner.name, None)  # infer sets its own shapes, addresses and output allocators
+        self._select(part)  # infer allocates its buffers on first use: on the part's GPU
         out = runner.infer(self._cast(part, feed))
         # Polygraphy reuses its host buffers on the next call: copy.
         return {n: np.array(v, dtype=np.float32 if v.dtype == np.float16 else None, copy=True) for n, v in out.items()}
@@ -328,6 +385,7 @@ class TensorRTBackend(Backend):
         runner = self.runner(module, phase)
         self._bound.pop(runner.name, None)
         context, engine, stream = runner.context, runner.engine, runner.stream
+        self._select(module)  # the buffers below on the engine's GPU
         stream.synchronize()  # an earlier binding's work may still read its buffers
         for buffer in self._device_buffers.pop(runner.name, []):
             buffer.free()
@@ -367,22 +425,31 @@ class TensorRTBackend(Backend):
                     if name in outputs and hasattr(context, "set_output_allocator"):
                         context.set_output_allocator(name, None)  # a host `infer` may have set one
                     context.set_tensor_address(name, ptr)
+            self._select(module)
             if not context.execute_async_v3(stream.ptr):
                 raise RuntimeError(f"{module}: TensorRT execute_async_v3 failed; its log is above")
 
         return DeviceCall(call, stream.synchronize, outputs)
 
-    # ---- the serving side: one stream, contexts bound once per shape bucket ----------------------
+    # ---- the serving side: one stream per GPU, contexts bound once per shape bucket -----------------
 
     @property
     def device(self) -> Any:
-        """The :class:`~autoglm_build.runtime.device.Device` (one CUDA stream) the KV cache, the engines
-        it runs and the encoders' embeddings share."""
-        if self._device is None:
+        """The first GPU's :class:`~autoglm_build.runtime.device.Device` (one CUDA stream): the encoders, the
+        embed engine and the decoder's first stage run on it (all of the decoder without a placement)."""
+        return self._device_at(self.devices[0] if self.devices else None)
+
+    def device_for(self, part: str) -> Any:
+        """The :class:`~autoglm_build.runtime.device.Device` of the GPU ``part`` is placed on: one per GPU,
+        shared by every part there."""
+        return self._device_at(self.placement.get(part))
+
+    def _device_at(self, index: Optional[int]) -> Any:
+        if index not in self._devices:
             from autoglm_build.runtime.device import Device
 
-            self._device = Device()
-        return self._device
+            self._devices[index] = Device(index)
+        return self._devices[index]
 
     def bind(self, part: str, phase: str, key: Any,
              make: Callable[[], Tuple[Dict[str, Tuple[int, ...]], Dict[str, int]]]) -> Any:
@@ -414,7 +481,11 @@ class TensorRTBackend(Backend):
         return runner
 
     def execute(self, runner: Any, stream: int) -> None:
-        """One ``execute_async_v3`` of a bound runner's context on ``stream`` (returns at once)."""
+        """One ``execute_async_v3`` of a bound runner's context on ``stream`` (a stream of the runner's GPU,
+        which is made current first; returns at once)."""
+        from autoglm_build.runtime.device import select
+
+        select(self._runner_device.get(runner.name))
         if not runner.context.execute_async_v3(stream):
             raise RuntimeError(f"{runner.name}: TensorRT execute_async_v3 failed; its log is above")
 
@@ -442,7 +513,8 @@ class TensorRTBackend(Backend):
         units = self.parts.get(module, [module])
         if len(units) != 1:
             return super().encode(module, feed, output)
-        device, part = self.device, units[0]
+        part = units[0]
+        device = self.device_for(part)
         if output not in self.dtypes[part] or output in feed:
             raise UserError(f"{self.files[part]}: the engine has no output '{output}'; its outputs: "
                             f"{', '.join(n for n in self.dtypes[part] if n not in self.inputs[part])}")
@@ -477,12 +549,14 @@ class TensorRTBackend(Backend):
         return result
 
     def close(self) -> None:
+        from autoglm_build.runtime.device import select
+
         for cache in getattr(self, "_caches", []):
             cache.close()
         self._caches = []
-        if getattr(self, "_device", None) is not None:
-            self._device.close()
-            self._device = None
+        for device in getattr(self, "_devices", {}).values():
+            device.close()
+        self._devices = {}
         for buffers in getattr(self, "_device_buffers", {}).values():
             for buffer in buffers:
                 buffer.free()
@@ -490,26 +564,37 @@ class TensorRTBackend(Backend):
         for runners in self.runners.values():
             for runner in runners.values():
                 if runner.is_active:
+                    select(self._runner_device.get(runner.name))  # its context and stream are that GPU's
                     runner.deactivate()
         self.runners = {}
 
+    def describe(self) -> Dict[str, Any]:
+        out = super().describe()
+        if self.devices is not None:
+            out.update(devices=list(self.devices), placement=dict(self.placement), peer_access=dict(self.peer_access))
+        return out
+
 
 def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
-                 precision: Optional[str] = None, optional: Sequence[str] = ()) -> Backend:
+                 precision: Optional[str] = None, optional: Sequence[str] = (),
+                 devices: Optional[Sequence[int]] = None, origin: str = "--devices") -> Backend:
     """The requested backend over a workdir's artifacts.
 
     ``auto`` picks TensorRT when it is installed and the manifest has engines for every required
     module, else ONNX Runtime. Precision defaults to ``fp16`` on TensorRT and ``fp32`` on ONNX
     Runtime. Modules in ``optional`` are loaded when the build has them for that backend and
-    precision, and left out otherwise (``Backend.files`` says which were loaded).
+    precision, and left out otherwise (``Backend.files`` says which were loaded). ``devices``
+    places the TensorRT engines on GPUs (:class:`TensorRTBackend`); ``origin`` names where the
+    list came from in errors (``--devices``, ``serve.devices``).
 
     Raises:
-        UserError: unknown backend, missing graphs/engines, or files changed since the build.
+        UserError: unknown backend, missing graphs/engines, files changed since the build, or
+            ``devices`` with the ONNX Runtime backend or a placement the build cannot take.
         EnvironmentMissing: ``tensorrt`` requested where TensorRT is not installed.
     """
     if backend not in BACKENDS:
         raise UserError(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}")
-    workdir = Path(workdir)
+    requested, workdir = backend, Path(workdir)
     manifest = Manifest.load(workdir)
     if not manifest.artifacts:
         raise UserError(f"{workdir}: no build here (manifest.json missing or empty)",
@@ -526,7 +611,12 @@ def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
         trt_env.load()
         precision = precision or "fp16"
         present = [m for m in modules if m in required or built(m, engine_artifact, precision)]
-        return TensorRTBackend(workdir, manifest, present, precision)
+        return TensorRTBackend(workdir, manifest, present, precision, devices, origin)
+    if devices is not None:
+        why = "TensorRT is not installed here" if not trt_env.available() else "the build has no engines for it"
+        raise UserError(f"{origin} {','.join(str(d) for d in devices)}: places TensorRT engines on GPUs; this runs "
+                        f"the onnxruntime backend ({why if requested == 'auto' else '--backend onnxruntime'})",
+                        hint="serve with --backend tensorrt on a machine with TensorRT, or drop the placement")
     precision = precision or "fp32"
     present = [m for m in modules if m in required or built(m, graph_artifact, precision)]
     return OnnxRuntimeBackend(workdir, manifest, present, precision)

@@ -10,6 +10,14 @@ a column range of each) and ``cudaMemsetAsync`` (zeros under masked columns). No
 own account of what crosses to and from the host, which the tests check on the fake CUDA runtime and
 on a GPU alike.
 
+**Several GPUs** (issue 15: the decoder's stages placed on GPUs, ``serve --devices 0,1``): a
+:class:`Device` belongs to one GPU (``index``) and makes it current for the calling thread before each
+allocation and each enqueued call (CUDA's current device is per host thread, and the scheduler, the
+request threads and the loader are different threads). :meth:`Device.peer` copies between two GPUs
+(``cudaMemcpyPeerAsync``) on one stream after an event wait on the other (:meth:`Device.wait_for`).
+``Device()`` with no index never sets a device: one-GPU serving makes no call it did not make before.
+:func:`stage_devices` is the placement rule, :func:`check_placement` what a placement may not be.
+
 Imports on the GPU harness's Python 3.9 without torch.
 """
 
@@ -17,12 +25,132 @@ from __future__ import annotations
 
 import ctypes
 import math
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from autoglm_build.errors import EnvironmentMissing, UserError
+
 H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
-KINDS = {H2D: "h2d", D2H: "d2h", D2D: "d2d"}
+PEER = -1  # not a cudaMemcpyKind: the traffic key of cudaMemcpyPeerAsync (GPU to GPU)
+KINDS = {H2D: "h2d", D2H: "d2h", D2D: "d2d", PEER: "peer"}
+EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming: an event only to order streams
+PEER_ACCESS_ALREADY_ENABLED = 704  # cudaErrorPeerAccessAlreadyEnabled
+CC_MAJOR, CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor/Minor
+
+
+# ---- placement: which GPU each loaded engine runs on ------------------------------------------------
+
+
+def parse_devices(text: str, origin: str = "--devices") -> List[int]:
+    """``"0,1"`` -> ``[0, 1]``.
+
+    Raises:
+        UserError: not a comma-separated list of distinct GPU indices (exit 2).
+    """
+    items = [t.strip() for t in str(text).split(",")]
+    if not all(t.isdigit() for t in items):
+        raise UserError(f"{origin} {text!r}: not a comma-separated list of GPU indices (e.g. 0,1)")
+    devices = [int(t) for t in items]
+    twice = sorted({d for d in devices if devices.count(d) > 1})
+    if twice:
+        raise UserError(f"{origin} {text}: GPU {twice[0]} listed twice", hint="list each GPU once, in stage order")
+    return devices
+
+
+def stage_devices(devices: Sequence[int], stages: int) -> List[int]:
+    """The GPU of each of ``stages`` stages: stage ``i`` on ``devices[i * len(devices) // stages]`` (contiguous
+    runs of stages per GPU, the earlier GPUs taking the remainder's stages last: 3 stages on 2 GPUs are 0, 0, 1)."""
+    return [devices[i * len(devices) // stages] for i in range(stages)]
+
+
+def check_placement(devices: Sequence[int], stages: int, origin: str = "--devices") -> None:
+    """A placement may not list more GPUs than the decoder has stages (a listed GPU would hold nothing).
+
+    Raises:
+        UserError: naming the option or field, the GPUs and the stages (exit 2).
+    """
+    shown = ",".join(str(d) for d in devices)
+    if not devices:
+        raise UserError(f"{origin}: no GPU listed", hint="list the GPUs the decoder's stages run on, e.g. 0,1")
+    if len(devices) > stages:
+        what = "a decoder built as one stage" if stages == 1 else f"a decoder of {stages} stages"
+        raise UserError(f"{origin} {shown}: {len(devices)} GPUs for {what}; each GPU takes at least one stage",
+                        hint=f"list at most {stages} GPU{'s' if stages > 1 else ''}, or build the decoder in "
+                             f"{len(devices)} stages (decoder.stages: {len(devices)})")
+
+
+def _cudart() -> Any:
+    from polygraphy import cuda
+
+    return cuda.wrapper().handle
+
+
+def _check(status: Any, call: str) -> None:
+    if int(status) != 0:
+        raise RuntimeError(f"CUDA error {int(status)} in {call}")
+
+
+def select(index: Optional[int]) -> None:
+    """Make GPU ``index`` current for the calling thread (``None``: leave the current one, as one-GPU serving does)."""
+    if index is not None:
+        _check(_cudart().cudaSetDevice(ctypes.c_int(index)), f"cudaSetDevice({index})")
+
+
+def device_count() -> int:
+    """GPUs the CUDA runtime sees here (after ``CUDA_VISIBLE_DEVICES``).
+
+    Raises:
+        EnvironmentMissing: the runtime sees none (exit 4).
+    """
+    count = ctypes.c_int(0)
+    status = int(_cudart().cudaGetDeviceCount(ctypes.byref(count)))
+    if status != 0 or count.value < 1:
+        raise EnvironmentMissing(f"no GPU here (cudaGetDeviceCount: error {status}, {count.value} devices)")
+    return count.value
+
+
+def check_devices(devices: Sequence[int], origin: str = "--devices") -> None:
+    """Every listed GPU exists here.
+
+    Raises:
+        UserError: naming the first missing GPU and those that exist (exit 2).
+    """
+    count = device_count()
+    missing = [d for d in devices if d >= count]
+    if missing:
+        raise UserError(f"{origin} {','.join(str(d) for d in devices)}: GPU {missing[0]} does not exist here "
+                        f"({count} visible: {', '.join(str(d) for d in range(count))})",
+                        hint="nvidia-smi lists them; CUDA_VISIBLE_DEVICES renumbers them from 0")
+
+
+def compute_capability(index: int) -> str:
+    """GPU ``index``'s compute capability as the engine sidecar records it (``9.0``), from the CUDA runtime,
+    whose device numbers are the ones placement uses (nvidia-smi's order may differ)."""
+    lib, values = _cudart(), []
+    for attribute in (CC_MAJOR, CC_MINOR):
+        value = ctypes.c_int(0)
+        _check(lib.cudaDeviceGetAttribute(ctypes.byref(value), ctypes.c_int(attribute), ctypes.c_int(index)),
+               "cudaDeviceGetAttribute")
+        values.append(value.value)
+    return f"{values[0]}.{values[1]}"
+
+
+def enable_peer_access(device: int, peer: int) -> bool:
+    """Let GPU ``device`` reach ``peer``'s memory directly (NVLink/PCIe), so a peer copy is not staged
+    through the host. False where the pair cannot (the copies still work, through the host)."""
+    lib, can = _cudart(), ctypes.c_int(0)
+    _check(lib.cudaDeviceCanAccessPeer(ctypes.byref(can), ctypes.c_int(device), ctypes.c_int(peer)),
+           "cudaDeviceCanAccessPeer")
+    if not can.value:
+        return False
+    select(device)
+    status = int(lib.cudaDeviceEnablePeerAccess(ctypes.c_int(peer), ctypes.c_uint(0)))
+    if status == PEER_ACCESS_ALREADY_ENABLED:
+        lib.cudaGetLastError()  # not sticky, but it stays the last error: clear it
+    elif status != 0:
+        _check(status, "cudaDeviceEnablePeerAccess")
+    return True
 
 
 class _Pos(ctypes.Structure):
@@ -94,19 +222,30 @@ class Layout(NamedTuple):
 class Device:
     """One CUDA stream and the copies made on it (Polygraphy's wrapper; see the module docstring).
 
+    Args:
+        index: the GPU; made current before every allocation and enqueued call. ``None``: whichever
+            GPU is current (one-GPU serving; no ``cudaSetDevice`` at all).
+
     Attributes:
-        stream: the stream every engine call and copy of the serving side is enqueued on, in order.
-        traffic: bytes and calls per copy kind (``h2d``, ``d2h``, ``d2d``) since :meth:`reset`.
+        stream: the stream every engine call and copy of the serving side on this GPU is enqueued on, in order.
+        traffic: bytes and calls per copy kind (``h2d``, ``d2h``, ``d2d``, ``peer``) since :meth:`reset`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, index: Optional[int] = None) -> None:
         from polygraphy import cuda
 
+        self.index = index
         self.cuda = cuda.wrapper()
         self.lib = self.cuda.handle
+        self.activate()
         self.stream = cuda.Stream()
+        self._event = ctypes.c_void_p(0)  # created at the first wait_for that needs it, on this GPU
         self.traffic: Dict[str, int] = {}
         self.reset()
+
+    def activate(self) -> None:
+        """Make this GPU current for the calling thread (nothing for ``index`` None)."""
+        select(self.index)
 
     def reset(self) -> None:
         self.traffic = {f"{k}_{what}": 0 for k in KINDS.values() for what in ("bytes", "calls")}
@@ -115,23 +254,23 @@ class Device:
         self.traffic[f"{KINDS[kind]}_bytes"] += int(nbytes)
         self.traffic[f"{KINDS[kind]}_calls"] += 1
 
-    @staticmethod
-    def _check(status: Any, call: str) -> None:
-        if int(status) != 0:
-            raise RuntimeError(f"CUDA error {int(status)} in {call}")
+    _check = staticmethod(_check)
 
     # ---- memory -------------------------------------------------------------------------------
 
     def malloc(self, nbytes: int) -> int:
+        self.activate()
         return int(self.cuda.malloc(max(int(nbytes), 1)))
 
     def free(self, ptr: int) -> None:
         if ptr:
+            self.activate()
             self.cuda.free(ptr)
 
     def memset(self, ptr: int, nbytes: int) -> None:
         """Zeros over ``nbytes`` at ``ptr`` (enqueued)."""
         if nbytes:
+            self.activate()
             self._check(self.lib.cudaMemsetAsync(ctypes.c_void_p(ptr), ctypes.c_int(0), ctypes.c_size_t(nbytes),
                                                  ctypes.c_void_p(self.stream.ptr)), "cudaMemsetAsync")
 
@@ -153,6 +292,7 @@ class Device:
     def _linear(self, dst: int, src: int, nbytes: int, kind: int) -> None:
         if not nbytes:
             return
+        self.activate()
         self._count(kind, nbytes)
         self._check(self.lib.cudaMemcpyAsync(ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes),
                                              ctypes.c_int(kind), ctypes.c_void_p(self.stream.ptr)), "cudaMemcpyAsync")
@@ -161,6 +301,7 @@ class Device:
         """``height`` lines of ``width`` bytes, lines ``src_pitch`` apart at the source, ``dst_pitch`` at the target."""
         if not width or not height:
             return
+        self.activate()
         self._count(kind, width * height)
         self._check(self.lib.cudaMemcpy2DAsync(
             ctypes.c_void_p(dst), ctypes.c_size_t(dst_pitch), ctypes.c_void_p(src), ctypes.c_size_t(src_pitch),
@@ -181,14 +322,44 @@ class Device:
         p.dstPtr = _PitchedPtr(dst.ptr, dst.pitch, dst.pitch, dst.lines)
         p.extent = _Extent(columns * src.column_bytes, rows * src.heads, src.planes)
         p.kind = D2D
+        self.activate()
         self._count(D2D, columns * src.column_bytes * rows * src.heads * src.planes)
         self._check(self.lib.cudaMemcpy3DAsync(ctypes.byref(p), ctypes.c_void_p(self.stream.ptr)),
                     "cudaMemcpy3DAsync")
+
+    # ---- two GPUs: a copy between them, and the order between their streams ----------------------
+
+    def peer(self, dst: int, src: int, nbytes: int, source: Device) -> None:
+        """``nbytes`` from ``src`` on ``source``'s GPU to ``dst`` on this one, enqueued on this stream
+        (``cudaMemcpyPeerAsync``): order it after ``source``'s writes with :meth:`wait_for` first."""
+        if not nbytes:
+            return
+        self.activate()
+        self._count(PEER, nbytes)
+        self._check(self.lib.cudaMemcpyPeerAsync(
+            ctypes.c_void_p(dst), ctypes.c_int(self.index), ctypes.c_void_p(src), ctypes.c_int(source.index),
+            ctypes.c_size_t(nbytes), ctypes.c_void_p(self.stream.ptr)), "cudaMemcpyPeerAsync")
+
+    def wait_for(self, other: Device) -> None:
+        """Work enqueued on this stream from now on starts after all work enqueued on ``other``'s stream so
+        far (an event recorded there, waited for here; neither the host nor either GPU blocks)."""
+        other.activate()
+        if not other._event.value:
+            self._check(self.lib.cudaEventCreateWithFlags(ctypes.byref(other._event),
+                                                          ctypes.c_uint(EVENT_DISABLE_TIMING)), "cudaEventCreate")
+        self._check(self.lib.cudaEventRecord(other._event, ctypes.c_void_p(other.stream.ptr)), "cudaEventRecord")
+        self.activate()
+        self._check(self.lib.cudaStreamWaitEvent(ctypes.c_void_p(self.stream.ptr), other._event, ctypes.c_uint(0)),
+                    "cudaStreamWaitEvent")
 
     def sync(self) -> None:
         self.stream.synchronize()
 
     def close(self) -> None:
+        self.activate()
+        if self._event.value:
+            self.lib.cudaEventDestroy(self._event)
+            self._event = ctypes.c_void_p(0)
         self.stream.free()
 
 

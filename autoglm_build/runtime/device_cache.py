@@ -29,6 +29,15 @@ the same calls the scheduler and the prefix cache make, with the memory on the d
 Everything runs on the backend's one stream (:class:`~.device.Device`), in order; a step waits for the
 stream once, for its logits.
 
+**On several GPUs** (the decoder's stages placed by ``serve --devices``, :mod:`~.device`) the cache is cut
+into :class:`Shard` s, one per GPU: each holds the planes of the stages placed there (its own store, its
+own copy of the decode mask, positions and scratch buffers), allocated and run on that GPU's stream. Every
+operation above is done per shard, in the same order (on one GPU there is one shard: the same calls as
+before). ``embed`` and stage 0 share the first GPU; the ``hidden_states`` a stage hands to a stage on another
+GPU cross in one peer copy on the receiving stream, after an event wait on the sending one, which in turn
+waits for the copy before it writes that buffer again; the logits come back from the last GPU; a step
+waits for every GPU's stream before it returns.
+
 Imports on the GPU harness's Python 3.9 without torch.
 """
 
@@ -43,12 +52,13 @@ from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache, Prefix
 
 
 class DeviceBlock:
-    """A prefix block on the device: ``tokens`` columns of every head of every cache tensor."""
+    """A prefix block on the device: ``tokens`` columns of every head of every cache tensor, one allocation
+    per :class:`Shard` (``ptrs``, in shard order)."""
 
-    __slots__ = ("ptr", "tokens")
+    __slots__ = ("ptrs", "tokens")
 
-    def __init__(self, ptr: int, tokens: int) -> None:
-        self.ptr, self.tokens = ptr, tokens
+    def __init__(self, ptrs: Sequence[int], tokens: int) -> None:
+        self.ptrs, self.tokens = tuple(ptrs), tokens
 
 
 def device_cache_problem(backend: Any) -> Optional[str]:
@@ -73,14 +83,61 @@ def device_cache_problem(backend: Any) -> Optional[str]:
     return None
 
 
+class Shard:
+    """The cache's part on one GPU: the ``key.i``/``value.i`` planes of the decoder stages placed there
+    (``names``, in the cache's order), its copy of the decode mask, its scratch buffers and prefix-block
+    allocations, all on ``device`` and its stream."""
+
+    def __init__(self, device: Device, units: List[str], names: List[str]) -> None:
+        self.device, self.units, self.names = device, units, names
+        self.planes = {name: z for z, name in enumerate(names)}
+        self.store_ptr, self.mask_ptr = 0, 0
+        self.buffers: Dict[str, Buffer] = {}
+        self.blocks: List[int] = []  # every prefix block allocated here
+
+    def buffer(self, name: str, nbytes: int) -> int:
+        """The scratch buffer ``name`` with room for ``nbytes``."""
+        if name not in self.buffers:
+            self.buffers[name] = Buffer(self.device)
+        return self.buffers[name].ensure(nbytes)
+
+    def close(self) -> None:
+        for buffer in self.buffers.values():
+            buffer.free()
+        for ptr in [self.store_ptr, self.mask_ptr] + self.blocks:
+            self.device.free(ptr)
+        self.store_ptr, self.mask_ptr, self.blocks = 0, 0, []
+
+
+def shards_of(backend: Any, spec: CacheSpec) -> List[Shard]:
+    """The decoder's units grouped by the :class:`~.device.Device` each runs on (consecutive stages share a
+    GPU; one GPU: one shard holding every plane), each with its stages' cache names."""
+    shards: List[Shard] = []
+    for unit in backend.parts.get("decoder", ["decoder"]):
+        device = backend.device_for(unit)
+        if not shards or shards[-1].device is not device:
+            shards.append(Shard(device, [], []))
+        shards[-1].units.append(unit)
+        shards[-1].names.extend(n[len("past_"):] for n in backend.inputs[unit] if n.startswith("past_"))
+    for shard in shards:
+        own = set(shard.names)
+        shard.names = [n for n in spec.names if n in own]
+        shard.planes = {name: z for z, name in enumerate(shard.names)}
+    return shards
+
+
 class DeviceKVCache(KVCache):
-    """The KV cache on the GPU for :class:`~autoglm_build.runtime.backends.TensorRTBackend` (module
-    docstring). Same arguments as :class:`KVCache`; ``backend.device`` is the stream everything runs on."""
+    """The KV cache on the GPU(s) for :class:`~autoglm_build.runtime.backends.TensorRTBackend` (module
+    docstring). Same arguments as :class:`KVCache`; ``backend.device_for(unit)`` is the stream each unit runs
+    on, ``device`` the first GPU's (``embed``, stage 0, the encoders' embeddings)."""
 
     def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any) -> None:
-        self.device: Device = backend.device
         self.units: List[str] = list(backend.parts.get("decoder", ["decoder"]))
-        self.planes = {name: z for z, name in enumerate(spec.names)}
+        self.shards = shards_of(backend, spec)
+        self.shard_of = {unit: shard for shard in self.shards for unit in shard.units}
+        self.device: Device = self.shards[0].device
+        if backend.device_for("embed") is not self.device:
+            raise RuntimeError("device KV cache: embed and the decoder's first stage must share a GPU")
         self.column_bytes = spec.head_dim * np.dtype(dtype).itemsize
         d = backend.dtypes
         last = d[self.units[-1]]
@@ -92,47 +149,48 @@ class DeviceKVCache(KVCache):
         self.hidden = int(backend.shapes["embed"]["inputs_embeds"][-1])
         self.vocab = int(backend.shapes[self.units[-1]]["logits"][-1])
         self.logit_columns: Optional[Tuple[int, int]] = None  # the sampler's candidate ids, lo..hi
-        self._store_ptr = 0
-        self._buffers: Dict[str, Buffer] = {}
-        self._pool: Dict[int, List[int]] = {}  # tokens -> free prefix blocks
-        self._blocks: List[int] = []  # every prefix block allocated
+        self._pool: Dict[int, List[Tuple[int, ...]]] = {}  # tokens -> free prefix blocks (one pointer per shard)
         self._mask_rows: set = set()
         self._mask_all = True
         self._one = np.ones(1, self.mask_dtype)
         try:
             # the largest layout: every capacity's plane (lines padded for alignment) fits in it
             width = (context - 1) * self.column_bytes
-            size = len(spec.names) * width * lines_for(slots * spec.kv_heads, self.column_bytes)
-            self._store_ptr = self.device.malloc(size)
-            # once: masked columns are read (times a zero weight); never let them hold NaN bit patterns
-            self.device.memset(self._store_ptr, size)
-            self._mask_ptr = self.device.malloc(slots * context * self.mask_dtype.itemsize)
+            for shard in self.shards:
+                size = len(shard.names) * width * lines_for(slots * spec.kv_heads, self.column_bytes)
+                shard.store_ptr = shard.device.malloc(size)
+                # once: masked columns are read (times a zero weight); never let them hold NaN bit patterns
+                shard.device.memset(shard.store_ptr, size)
+                shard.mask_ptr = shard.device.malloc(slots * context * self.mask_dtype.itemsize)
             self._logits_host = np.empty((slots, self.vocab), self.logits_dtype)
             super().__init__(backend, spec, slots, context, dtype)
-            self.device.sync()
+            self._sync()
         except BaseException:
             self.close()
             raise
 
     # ---- memory -------------------------------------------------------------------------------
 
-    def buffer(self, name: str, nbytes: int) -> int:
-        """The scratch buffer ``name`` with room for ``nbytes``."""
-        if name not in self._buffers:
-            self._buffers[name] = Buffer(self.device)
-        return self._buffers[name].ensure(nbytes)
+    @property
+    def traffic(self) -> Dict[str, int]:
+        """Bytes and calls per copy kind on every GPU of the cache (:attr:`~.device.Device.traffic` summed)."""
+        total: Dict[str, int] = {}
+        for device in {id(s.device): s.device for s in self.shards}.values():
+            for key, value in device.traffic.items():
+                total[key] = total.get(key, 0) + value
+        return total
 
-    def layout(self, ptr: int, rows: int, columns: int) -> Layout:
-        return Layout(ptr, len(self.spec.names), rows, self.spec.kv_heads, columns, self.column_bytes)
+    def layout(self, shard: Shard, ptr: int, rows: int, columns: int) -> Layout:
+        return Layout(ptr, len(shard.names), rows, self.spec.kv_heads, columns, self.column_bytes)
 
-    def scratch(self, name: str, rows: int, columns: int) -> Layout:
-        """A ``(planes, rows, heads, columns, dim)`` scratch layout (``name``: ``a`` or ``b``)."""
-        size = self.layout(0, rows, columns).nbytes
-        return self.layout(self.buffer(name, size), rows, columns)
+    def scratch(self, shard: Shard, name: str, rows: int, columns: int) -> Layout:
+        """A ``(planes, rows, heads, columns, dim)`` scratch layout of ``shard`` (``name``: ``a`` or ``b``)."""
+        size = self.layout(shard, 0, rows, columns).nbytes
+        return self.layout(shard, shard.buffer(name, size), rows, columns)
 
-    def slots_layout(self) -> Layout:
-        """The store at the current capacity."""
-        return self.layout(self._store_ptr, self.slots, self.capacity)
+    def slots_layout(self, shard: Shard, capacity: Optional[int] = None) -> Layout:
+        """``shard``'s store at ``capacity`` columns (the current capacity)."""
+        return self.layout(shard, shard.store_ptr, self.slots, self.capacity if capacity is None else capacity)
 
     def _allocate(self, capacity: int) -> None:
         """Re-lay the slots at ``capacity`` columns (rows keep their slots): the used rows' columns go to
@@ -142,22 +200,24 @@ class DeviceKVCache(KVCache):
                                f"{self.context - 1} (engine.context {self.context})")
         keep, top = min(capacity, self.capacity), self.top
         if top and keep and capacity != self.capacity:
-            old = self.slots_layout()
-            bounce = self.scratch("a", top, keep)
-            self.device.columns(bounce, 0, 0, old, 0, 0, keep, rows=top)
-            self.capacity = capacity
-            self.device.columns(self.slots_layout(), 0, 0, bounce, 0, 0, keep, rows=top)
+            for shard in self.shards:
+                bounce = self.scratch(shard, "a", top, keep)
+                shard.device.columns(bounce, 0, 0, self.slots_layout(shard), 0, 0, keep, rows=top)
+                shard.device.columns(self.slots_layout(shard, capacity), 0, 0, bounce, 0, 0, keep, rows=top)
         self.capacity = capacity
         self._lay_mask()
         self._mask_all = True
 
+    def _sync(self) -> None:
+        """Wait for every GPU's stream."""
+        for shard in self.shards:
+            shard.device.sync()
+
     def close(self) -> None:
         """Free the device memory (the backend closes its caches)."""
-        for buffer in self._buffers.values():
-            buffer.free()
-        for ptr in [self._store_ptr, getattr(self, "_mask_ptr", 0)] + self._blocks:
-            self.device.free(ptr)
-        self._store_ptr, self._mask_ptr, self._blocks, self._pool = 0, 0, [], {}
+        for shard in getattr(self, "shards", []):
+            shard.close()
+        self._pool = {}
 
     # ---- rows -------------------------------------------------------------------------------
 
@@ -170,21 +230,25 @@ class DeviceKVCache(KVCache):
         self._mask_rows.add(slot)
 
     def move(self, source: int, target: int) -> None:
-        n, store = int(self.lengths[source]), self.slots_layout()
-        self.device.columns(store, target, 0, store, source, 0, n)
+        n = int(self.lengths[source])
+        for shard in self.shards:
+            store = self.slots_layout(shard)
+            shard.device.columns(store, target, 0, store, source, 0, n)
         self._take(target, n)
         self.release(source)
 
     def _flush_mask(self) -> None:
-        """The host mask's changed rows up to the device (all of it after a re-lay)."""
+        """The host mask's changed rows up to each GPU (all of it after a re-lay)."""
         pitch = (self.capacity + 1) * self.mask_dtype.itemsize
         if self._mask_all:
             self._mask_host = np.ascontiguousarray(self.mask, self.mask_dtype)
-            self.device.upload(self._mask_ptr, self._mask_host)
+            for shard in self.shards:
+                shard.device.upload(shard.mask_ptr, self._mask_host)
         else:
             for row in sorted(self._mask_rows):
                 host = np.ascontiguousarray(self.mask[row], self.mask_dtype)
-                self.device.upload(self._mask_ptr + row * pitch, host)
+                for shard in self.shards:
+                    shard.device.upload(shard.mask_ptr + row * pitch, host)
         self._mask_all, self._mask_rows = False, set()
 
     # ---- prefix blocks ------------------------------------------------------------------------
@@ -193,15 +257,18 @@ class DeviceKVCache(KVCache):
         tokens = stop - start
         free = self._pool.get(tokens)
         if free:
-            ptr = free.pop()
+            ptrs = free.pop()
         else:
-            ptr = self.device.malloc(self.layout(0, 1, tokens).nbytes)
-            self._blocks.append(ptr)
-        self.device.columns(self.layout(ptr, 1, tokens), 0, 0, self.slots_layout(), slot, start, tokens)
-        return DeviceBlock(ptr, tokens)
+            ptrs = tuple(shard.device.malloc(self.layout(shard, 0, 1, tokens).nbytes) for shard in self.shards)
+            for shard, ptr in zip(self.shards, ptrs):
+                shard.blocks.append(ptr)
+        for shard, ptr in zip(self.shards, ptrs):
+            shard.device.columns(self.layout(shard, ptr, 1, tokens), 0, 0, self.slots_layout(shard), slot, start,
+                                 tokens)
+        return DeviceBlock(ptrs, tokens)
 
     def free_block(self, block: Any) -> None:
-        self._pool.setdefault(block.tokens, []).append(block.ptr)
+        self._pool.setdefault(block.tokens, []).append(block.ptrs)
 
     # ---- prefill ------------------------------------------------------------------------------
 
@@ -213,53 +280,59 @@ class DeviceKVCache(KVCache):
         # (the +1 spares the next decode a re-lay; a row of context - 1 tokens takes no decode step)
         self.fit(min(max([int(self.lengths[self.used].max(initial=0))] + list(lengths)) + 1, self.context - 1))
         past, past_mask = self._past(prefixes)
-        names, logits = ("a", "b"), self.buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
+        names, logits = ("a", "b"), self.shards[-1].buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
         for k, chunk in enumerate(chunks):
             seq = chunk.ids.shape[1]
-            present = self.scratch(names[(k + 1) % 2], n, past.columns + seq)
+            present = [self.scratch(shard, names[(k + 1) % 2], n, past[0].columns + seq) for shard in self.shards]
             mask = np.ascontiguousarray(np.concatenate([past_mask, chunk.mask], axis=1), self.mask_dtype)
             self._run("prefill", n, seq, self._embed(chunk.ids, "prefill", chunk.splices), mask, chunk.positions,
                       past, present, logits)
             past = present
-        width, total, store = past_mask.shape[1], past.columns, self.slots_layout()
-        for k, (slot, length, prefix) in enumerate(zip(slots, lengths, prefixes)):
-            p = prefix.tokens
-            self.device.columns(store, slot, 0, past, k, width - p, p)
-            self.device.columns(store, slot, p, past, k, total - (length - p), length - p)
+        width, total = past_mask.shape[1], past[0].columns
+        for shard, last in zip(self.shards, past):
+            store = self.slots_layout(shard)
+            for k, (slot, length, prefix) in enumerate(zip(slots, lengths, prefixes)):
+                p = prefix.tokens
+                shard.device.columns(store, slot, 0, last, k, width - p, p)
+                shard.device.columns(store, slot, p, last, k, total - (length - p), length - p)
         out = np.empty((n, self.vocab), self.logits_dtype)
-        self.device.download(out, logits)
-        self.device.sync()
+        self.shards[-1].device.download(out, logits)
+        self._sync()
         for slot, length in zip(slots, lengths):
             self._take(slot, length)
         return out.astype(np.float32, copy=False)
 
-    def _past(self, prefixes: Sequence[Prefix]) -> Tuple[Layout, np.ndarray]:  # type: ignore[override]
-        """The first chunk's past in scratch ``a``: row ``k``'s reused tokens in its last columns, one copy
-        per block, zeros before them; and the mask of those columns."""
+    def _past(self, prefixes: Sequence[Prefix]) -> Tuple[List[Layout], np.ndarray]:  # type: ignore[override]
+        """The first chunk's past in each shard's scratch ``a``: row ``k``'s reused tokens in its last
+        columns, one copy per block, zeros before them; and the mask of those columns."""
         width = max(p.tokens for p in prefixes)
-        past = self.scratch("a", len(prefixes), width)
         mask = np.zeros((len(prefixes), width), np.int64)
-        if any(p.tokens < width for p in prefixes):
-            self.device.memset(past.ptr, past.nbytes)
         for k, prefix in enumerate(prefixes):
-            at = width - prefix.tokens
-            mask[k, at:] = 1
-            for block in prefix.blocks:
-                take = min(block.tokens, width - at)
-                if take <= 0:
-                    break
-                self.device.columns(past, k, at, self.layout(block.ptr, 1, block.tokens), 0, 0, take)
-                at += take
-        return past, mask
+            mask[k, width - prefix.tokens:] = 1
+        pasts = []
+        for i, shard in enumerate(self.shards):
+            past = self.scratch(shard, "a", len(prefixes), width)
+            if any(p.tokens < width for p in prefixes):
+                shard.device.memset(past.ptr, past.nbytes)
+            for k, prefix in enumerate(prefixes):
+                at = width - prefix.tokens
+                for block in prefix.blocks:
+                    take = min(block.tokens, width - at)
+                    if take <= 0:
+                        break
+                    shard.device.columns(past, k, at, self.layout(shard, block.ptrs[i], 1, block.tokens), 0, 0, take)
+                    at += take
+            pasts.append(past)
+        return pasts, mask
 
     def _embed(self, ids: np.ndarray, phase: str, splices: Sequence[Any] = ()) -> int:
-        """``ids`` (n, seq) through the embed engine into a device buffer, the media spliced in: the
-        encoder's device buffer copied device to device, a host array uploaded."""
+        """``ids`` (n, seq) through the embed engine into a device buffer (the first GPU's), the media spliced
+        in: the encoder's device buffer copied device to device, a host array uploaded."""
         n, seq = ids.shape
-        itemsize = self.embeds_dtype.itemsize
-        out = self.buffer("embeds", n * seq * self.hidden * itemsize)
+        itemsize, first = self.embeds_dtype.itemsize, self.shards[0]
+        out = first.buffer("embeds", n * seq * self.hidden * itemsize)
         host = np.ascontiguousarray(ids, self.ids_dtype)
-        ptr = self.buffer("ids", host.nbytes)
+        ptr = first.buffer("ids", host.nbytes)
         self.device.upload(ptr, host)
         runner = self.backend.bind("embed", phase, ("embed", n, seq, ptr, out), lambda: (
             {"input_ids": (n, seq)}, {"input_ids": ptr, "inputs_embeds": out}))
@@ -277,30 +350,50 @@ class DeviceKVCache(KVCache):
     # ---- the decoder --------------------------------------------------------------------------
 
     def _run(self, phase: str, n: int, seq: int, embeds: int, mask: Any, positions: np.ndarray,
-             past: Layout, present: Layout, logits: int) -> None:
-        """The decoder's units in turn on the stream: the first ``n`` rows of ``past``; ``mask`` a host
-        array to upload (prefill) or the device mask's address (decode)."""
+             past: Sequence[Layout], present: Sequence[Layout], logits: int) -> None:
+        """The decoder's units in turn, each on its GPU's stream: the first ``n`` rows of each shard's
+        ``past``; ``mask`` a host array to upload (prefill) or each shard's device mask address (decode)."""
         host_positions = np.ascontiguousarray(positions, self.position_dtype)
-        pos_ptr = self.buffer(f"positions-{phase}", host_positions.nbytes)
-        self.device.upload(pos_ptr, host_positions)
-        if isinstance(mask, np.ndarray):
-            mask_ptr = self.buffer("mask-prefill", mask.nbytes)
-            self.device.upload(mask_ptr, mask)
-        else:
-            mask_ptr = mask
-        hidden = [self.buffer(f"hidden-{i}", n * seq * self.hidden * 4) for i in range(2)] \
-            if len(self.units) > 1 else []
-        source = embeds
+        inputs = []  # per shard: (mask, positions) addresses
+        for i, shard in enumerate(self.shards):
+            pos_ptr = shard.buffer(f"positions-{phase}", host_positions.nbytes)
+            shard.device.upload(pos_ptr, host_positions)
+            if isinstance(mask, np.ndarray):
+                mask_ptr = shard.buffer("mask-prefill", mask.nbytes)
+                shard.device.upload(mask_ptr, mask)
+            else:
+                mask_ptr = mask[i]
+            inputs.append((mask_ptr, pos_ptr))
+        index = {id(shard): i for i, shard in enumerate(self.shards)}
+        nbytes = n * seq * self.hidden * 4  # the activations cross as float32 (device_cache_problem)
+        source, before = embeds, self.shards[0]
         for k, unit in enumerate(self.units):
-            target = logits if k == len(self.units) - 1 else hidden[k % 2]
-            key = (phase, n, seq, past.rows, past.columns, past.ptr, present.ptr, source, target, mask_ptr, pos_ptr)
-            runner = self.backend.bind(unit, phase, key, self._binding(unit, n, seq, source, target, mask_ptr, pos_ptr,
-                                                                        past, present))
-            self.backend.execute(runner, self.device.stream.ptr)
-            source = target
+            shard = self.shard_of[unit]
+            i = index[id(shard)]
+            if shard is not before:
+                source = self._cross(before, shard, source, nbytes)
+            target = logits if k == len(self.units) - 1 else shard.buffer(f"hidden-{k % 2}", nbytes)
+            mask_ptr, pos_ptr = inputs[i]
+            key = (phase, n, seq, past[i].rows, past[i].columns, past[i].ptr, present[i].ptr, source, target,
+                   mask_ptr, pos_ptr)
+            runner = self.backend.bind(unit, phase, key, self._binding(unit, shard, n, seq, source, target, mask_ptr,
+                                                                        pos_ptr, past[i], present[i]))
+            self.backend.execute(runner, shard.device.stream.ptr)
+            source, before = target, shard
 
-    def _binding(self, unit: str, n: int, seq: int, source: int, target: int, mask_ptr: int, pos_ptr: int,
-                 past: Layout, present: Layout) -> Callable[[], Tuple[Dict, Dict]]:
+    @staticmethod
+    def _cross(before: Shard, after: Shard, source: int, nbytes: int) -> int:
+        """``hidden_states`` from ``before``'s GPU into ``after``'s buffer ``hidden-in``: one peer copy on
+        ``after``'s stream once ``before``'s stage has written them; ``before``'s stream then waits for the
+        copy, so nothing it runs later overwrites ``source`` while the copy reads it."""
+        target = after.buffer("hidden-in", nbytes)
+        after.device.wait_for(before.device)
+        after.device.peer(target, source, nbytes, before.device)
+        before.device.wait_for(after.device)
+        return target
+
+    def _binding(self, unit: str, shard: Shard, n: int, seq: int, source: int, target: int, mask_ptr: int,
+                 pos_ptr: int, past: Layout, present: Layout) -> Callable[[], Tuple[Dict, Dict]]:
         def make() -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, int]]:
             inputs = self.backend.inputs[unit]
             first = inputs[0]
@@ -310,7 +403,7 @@ class DeviceKVCache(KVCache):
             addresses = {first: source, "attention_mask": mask_ptr, "position_ids": pos_ptr, out: target}
             for name in inputs:
                 if name.startswith("past_"):
-                    z = self.planes[name[len("past_"):]]
+                    z = shard.planes[name[len("past_"):]]
                     shapes[name] = (n, self.spec.kv_heads, past.columns, self.spec.head_dim)
                     addresses[name] = past.plane(z)
                     addresses["present_" + name[len("past_"):]] = present.plane(z)
@@ -323,34 +416,40 @@ class DeviceKVCache(KVCache):
         used rows (and of them the ``logit_columns``) are filled."""
         self.fit(int(self.lengths[self.used].max(initial=0)) + 1)
         self._flush_mask()
-        cap, store, item = self.capacity, self.slots_layout(), self.mask_dtype.itemsize
+        cap, item = self.capacity, self.mask_dtype.itemsize
+        stores = [self.slots_layout(shard) for shard in self.shards]
         if slot is None:  # slots 0..top as they lie: the store's planes start with them
-            row, n, past, mask_ptr = 0, self.top, store, self._mask_ptr
+            row, n, past, masks = 0, self.top, stores, [shard.mask_ptr for shard in self.shards]
         else:  # one row alone (the scheduler's isolation path): copied out, so every address stays aligned
-            row, n, past = slot, 1, self.scratch("b", 1, cap)
-            self.device.columns(past, 0, 0, store, slot, 0, cap)
+            row, n, past, masks = slot, 1, [], []
             host = np.ascontiguousarray(self.mask[slot], self.mask_dtype)
-            mask_ptr = self.buffer("mask-row", host.nbytes)
-            self.device.upload(mask_ptr, host)
-        present = self.scratch("a", n, cap + 1)
-        logits = self.buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
-        self._run("decode", n, 1, self._embed(ids, "decode"), mask_ptr, positions, past, present, logits)
+            for shard, store in zip(self.shards, stores):
+                past.append(self.scratch(shard, "b", 1, cap))
+                shard.device.columns(past[-1], 0, 0, store, slot, 0, cap)
+                masks.append(shard.buffer("mask-row", host.nbytes))
+                shard.device.upload(masks[-1], host)
+        present = [self.scratch(shard, "a", n, cap + 1) for shard in self.shards]
+        logits = self.shards[-1].buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
+        self._run("decode", n, 1, self._embed(ids, "decode"), masks, positions, past, present, logits)
         used = [int(s) for s in np.flatnonzero(self.used[row:row + n])]  # rows from ``row``
         if commit:  # each used row's new column into its slot, its mask element up
             for k in used:
                 s, at = row + k, int(self.lengths[row + k])
-                self.device.columns(store, s, at, present, k, cap, 1)
+                for shard, store, new in zip(self.shards, stores, present):
+                    shard.device.columns(store, s, at, new, k, cap, 1)
                 self.mask[s, at] = 1
-                self.device.upload(self._mask_ptr + (s * (cap + 1) + at) * item, self._one)
+                for shard in self.shards:
+                    shard.device.upload(shard.mask_ptr + (s * (cap + 1) + at) * item, self._one)
                 self.lengths[s] += 1
         out = self._logits_host[:n]
         self._download_rows(out, logits, used)
-        self.device.sync()
+        self._sync()
         return out if self.logits_dtype == np.float32 else out.astype(np.float32)
 
     def _download_rows(self, host: np.ndarray, ptr: int, rows: Sequence[int]) -> None:
-        """Rows ``rows`` of the device logits at ``ptr`` into ``host`` (the same rows), one copy per run of
-        consecutive rows, only the ``logit_columns`` of each."""
+        """Rows ``rows`` of the device logits at ``ptr`` (on the last GPU) into ``host`` (the same rows), one
+        copy per run of consecutive rows, only the ``logit_columns`` of each."""
+        device = self.shards[-1].device
         lo, hi = self.logit_columns or (0, self.vocab)
         item = self.logits_dtype.itemsize
         pitch = self.vocab * item
@@ -363,6 +462,6 @@ class DeviceKVCache(KVCache):
         for first, stop in runs:
             at = first * pitch + lo * item
             if (lo, hi) == (0, self.vocab):
-                self.device.download(host[first:stop], ptr + at)
+                device.download(host[first:stop], ptr + at)
             else:
-                self.device.copy2d(host.ctypes.data + at, pitch, ptr + at, pitch, (hi - lo) * item, stop - first, D2H)
+                device.copy2d(host.ctypes.data + at, pitch, ptr + at, pitch, (hi - lo) * item, stop - first, D2H)

@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.errors import EnvironmentMissing, UserError
@@ -40,8 +40,11 @@ def prefix_cache_bytes(cfg: BuildConfig) -> int:
 
 def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precision: Optional[str] = None,
                 api_key: Optional[str] = None, max_batch: Optional[int] = None,
-                queue_size: Optional[int] = None) -> ServerState:
-    """Everything the app needs, loaded and checked (one-line UserErrors for what is missing)."""
+                queue_size: Optional[int] = None, devices: Optional[List[int]] = None) -> ServerState:
+    """Everything the app needs, loaded and checked (one-line UserErrors for what is missing).
+
+    ``devices`` (``--devices``, else ``serve.devices``): the GPUs the decoder's stages are placed on
+    (:class:`~autoglm_build.runtime.backends.TensorRTBackend`); None: the current GPU, as ever."""
     from autoglm_build.calibration import tokenizer_for
 
     for needed in ("embed", "decoder"):
@@ -49,7 +52,10 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
             raise UserError(f"config modules: '{needed}' is needed to serve; modules are {', '.join(cfg.modules)}")
     modules = list(cfg.modules)
     # vision/audio are optional: without them, requests with images/audio get a 400 naming the module
-    runtime = open_backend(workdir, modules, backend, precision, optional=("vision", "audio"))
+    origin = "--devices" if devices is not None else "serve.devices"
+    devices = devices if devices is not None else cfg.serve.devices
+    runtime = open_backend(workdir, modules, backend, precision, optional=("vision", "audio"), devices=devices,
+                           origin=origin)
     try:
         tokenizer = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
         scheduler = Scheduler(runtime, cfg, tokenizer, max_batch or cfg.serve.max_batch,
@@ -78,7 +84,12 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
     _log_to_stderr(log_level)
     d = state.backend.describe()
     reuse = state.scheduler.prefix.budget >> 20
-    announce(f"serving {', '.join(state.model_ids)} on http://{host}:{port} ({d['backend']} {d['precision']}, "
+    placed = ""
+    if d.get("placement"):
+        stages = [f"{part.rpartition('.')[2]} on GPU {gpu}" for part, gpu in d["placement"].items()
+                  if part.startswith("decoder")]
+        placed = f", {', '.join(stages)}"
+    announce(f"serving {', '.join(state.model_ids)} on http://{host}:{port} ({d['backend']} {d['precision']}{placed}, "
              f"max batch {state.scheduler.max_batch}, context {state.scheduler.context}, "
              f"prefix cache {f'{reuse} MiB' if state.scheduler.prefix.enabled else 'off'}"
              f"{', API key required' if state.api_key else ''})")

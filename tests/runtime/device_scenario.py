@@ -5,8 +5,10 @@ requests through the scheduler as the server does: text prompts alone, together 
 at ``max_batch`` 2 (rows join, leave and move), and phone-agent steps with the prefix cache (a long system
 prompt, a screenshot's embeddings from the vision engine, a history; the later steps hit the first one's
 blocks, two of them at once). It returns the tokens of each case, the prefix cache's counters and, for each
-decode step, the bytes each copy kind moved (the device cache's own count, and the fake CUDA runtime's
-where it runs under tests/engine/fake_trt), the context rebinds and the cache's size.
+decode step, the bytes each copy kind moved (the device cache's own count, over every GPU it spans, and the
+fake CUDA runtime's where it runs under tests/engine/fake_trt), the context rebinds and the cache's size.
+``devices`` places the TensorRT engines on GPUs (``serve --devices``); ``cases`` runs some of the cases only.
+A build without a vision engine runs the phone-agent steps without screenshots.
 
 Imports on the GPU harness's Python 3.9 (no PIL, no transformers, no openai): the screenshots are the
 build's vision samples, already preprocessed.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -70,7 +72,7 @@ class StepLog:
                 alone = (k, np.array(inner(ids[k:k + 1], positions[k:k + 1], k, False), copy=True))
             fake_at = len(self.fake.copies) if self.fake is not None else 0
             device = getattr(self.cache, "device", None)
-            before = dict(device.traffic) if device is not None else {}
+            before = dict(self.cache.traffic) if device is not None else {}
             rebinds = getattr(backend, "rebinds", 0)
             top = self.cache.top
             out = inner(ids, positions, slot, commit)
@@ -81,7 +83,8 @@ class StepLog:
                     "after_prefill": self.prefilled, "probed": alone is not None}
             self.prefilled = False
             if device is not None:
-                step["device"] = {k: device.traffic[k] - before[k] for k in before}
+                after = self.cache.traffic
+                step["device"] = {k: after[k] - before[k] for k in before}
             if self.fake is not None:
                 copies = self.fake.copies[fake_at:]
                 step["fake"] = {kind: sum(n for k, n in copies if k == kind) for kind in ("h2d", "d2h", "d2d")}
@@ -119,7 +122,9 @@ def _screens(backend: Backend, cfg: BuildConfig, workdir: Path) -> List[Segment]
 
 
 def _agent_prompts(tok: ChatTokenizer, screens: List[Segment]) -> List[Prompt]:
-    """Step 1; step 2 after step 1's reply; two step-2 variants sent together (other screenshot, other text)."""
+    """Step 1; step 2 after step 1's reply; two step-2 variants sent together (other screenshot, other text).
+    Without ``screens`` (no vision engine), a line of text stands for each screenshot."""
+    screens = screens or [Segment(text="[屏幕 1]"), Segment(text="[屏幕 2]")]
     system = [("system", [Segment(text=SYSTEM)])]
     first = system + [("user", [screens[0], Segment(text="打开蓝牙")])]
     history = system + [("user", [Segment(text="打开蓝牙")]),
@@ -130,14 +135,19 @@ def _agent_prompts(tok: ChatTokenizer, screens: List[Segment]) -> List[Prompt]:
     return [tok.chat_prompt(turns, False) for turns in (first, second, third)]
 
 
-def scenario(workdir: Path, backend_name: str, precision: str) -> Dict[str, Any]:
-    """The cases above on one backend; tokens, prefix counters and per-step logs."""
+CASES = ("solo", "batched", "joining", "agent")
+
+
+def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional[List[int]] = None,
+             cases: Sequence[str] = CASES) -> Dict[str, Any]:
+    """The cases above on one backend; tokens, prefix counters and per-step logs (``describe``: the backend's)."""
     from autoglm_build.calibration import tokenizer_for
 
     cfg = BuildConfig.model_validate(Manifest.load(workdir).config)
     tok = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
-    backend = open_backend(workdir, ["vision", "embed", "decoder"], backend_name, precision)
-    result: Dict[str, Any] = {"cache": None, "steps": {}}
+    backend = open_backend(workdir, ["vision", "embed", "decoder"], backend_name, precision, optional=("vision",),
+                           devices=devices)
+    result: Dict[str, Any] = {"cache": None, "steps": {}, "describe": backend.describe()}
     try:
         def scheduler(max_batch: int, reuse: bool) -> Scheduler:
             made = Scheduler(backend, cfg, tok, max_batch=max_batch, queue_size=64, context=cfg.engine.context,
@@ -146,13 +156,17 @@ def scenario(workdir: Path, backend_name: str, precision: str) -> Dict[str, Any]
             return made
 
         texts = [tok.chat_prompt([("user", [Segment(text=t)])], False) for t in TEXTS]
-        result["solo"] = [_generate(scheduler(8, False), [p])[0] for p in texts]
+        if "solo" in cases:
+            result["solo"] = [_generate(scheduler(8, False), [p])[0] for p in texts]
         for name, batch in (("batched", 8), ("joining", 2)):
-            sched = scheduler(batch, False)
-            log = StepLog(sched, backend)
-            result[name] = _generate(sched, texts)
-            result["steps"][name] = log.steps
-        screens = _screens(backend, cfg, workdir)
+            if name in cases:
+                sched = scheduler(batch, False)
+                log = StepLog(sched, backend)
+                result[name] = _generate(sched, texts)
+                result["steps"][name] = log.steps
+        if "agent" not in cases:
+            return result
+        screens = _screens(backend, cfg, workdir) if "vision" in backend.files else []
         result["screens_on_device"] = [type(s.embeds).__name__ for s in screens]
         prompts = _agent_prompts(tok, screens)
         result["agent_alone"] = [_generate(scheduler(8, False), [p])[0] for p in prompts]

@@ -3,7 +3,9 @@ what Polygraphy's `infer` computes, for each profile of the tiny engines; the de
 serves what the host cache serves and keeps the cache on the GPU.
 
 Needs a workdir whose fp16 engines were built there: ``AUTOGLM_BUILD_TRT_WORKDIR`` (the device cache's
-test: vision, embed and decoder engines, and the vision samples).
+test: vision, embed and decoder engines, and the vision samples). The two-GPU test (issue 15) needs a
+staged decoder's engines there (``decoder.stages: 2``: embed, decoder.stage0, decoder.stage1; vision
+optional) and two visible GPUs.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from autoglm_build.bench import cases
 from autoglm_build.config import load_config
 from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.manifest import Manifest
-from autoglm_build.runtime.backends import Backend, TensorRTBackend
+from autoglm_build.parts import module_parts
+from autoglm_build.runtime.backends import Backend, TensorRTBackend, open_backend
 from tests.conftest import TINY
 
 pytestmark = [
@@ -75,3 +78,78 @@ def test_the_device_cache_serves_what_the_host_cache_serves_and_keeps_the_cache_
         for before, step in zip(case, case[1:]):
             if (step["top"], step["capacity"]) == (before["top"], before["capacity"]) and not step["after_prefill"]:
                 assert step["rebinds"] == 0, step
+
+
+def _gpus() -> int:
+    from autoglm_build.runtime.device import device_count
+
+    try:
+        return device_count()
+    except Exception:  # noqa: BLE001 - no CUDA runtime or no device: the test says so when it skips
+        return 0
+
+
+def _pointer_device(ptr: int) -> int:
+    """The GPU an allocation lives on (``cudaPointerGetAttributes``; CUDA >= 10's struct)."""
+    import ctypes
+
+    from polygraphy import cuda
+
+    class Attributes(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int), ("devicePointer", ctypes.c_void_p),
+                    ("hostPointer", ctypes.c_void_p)]
+
+    attributes = Attributes()
+    status = cuda.wrapper().handle.cudaPointerGetAttributes(ctypes.byref(attributes), ctypes.c_void_p(ptr))
+    assert status == 0, f"cudaPointerGetAttributes: CUDA error {status}"
+    return attributes.device
+
+
+def test_the_staged_decoder_split_across_two_gpus_generates_what_it_does_on_one(monkeypatch):
+    """Issue 15's acceptance on real GPUs: served greedy generations (tests.runtime.device_scenario) with the
+    decoder's stages on GPUs [0, 1] equal those on [0], on the device KV cache and on the host cache;
+    each stage's engine and KV store on its own GPU, the activations crossing by peer copy."""
+    from tests.runtime.device_scenario import scenario
+
+    workdir = Path(os.environ["AUTOGLM_BUILD_TRT_WORKDIR"])
+    stages = module_parts(Manifest.load(workdir).config, "decoder")
+    if len(stages) < 2:
+        pytest.skip(f"{workdir}: the decoder is built as one stage; needs a staged decoder's fp16 engines "
+                    "(decoder.stages: 2)")
+    gpus = _gpus()
+    if gpus < 2:
+        pytest.skip(f"needs 2 GPUs, {gpus} visible")
+    one, two = scenario(workdir, "tensorrt", "fp16", [0]), scenario(workdir, "tensorrt", "fp16", [0, 1])
+    assert one["cache"] == two["cache"] == "DeviceKVCache"
+    for case in ("solo", "batched", "joining", "agent_alone", "agent"):
+        assert two[case] == one[case], case
+    assert two["agent"] == two["agent_alone"] and two["prefix"]["hits"] == 2
+    assert two["describe"]["placement"] == {**{u: 0 for u in two["describe"]["files"]}, stages[-1]: 1}
+    steps = [s for case in two["steps"].values() for s in case]
+    assert steps and all(s["device"]["peer_calls"] >= 1 for s in steps)  # every decode step crossed by peer copy
+    assert all(s["device"]["d2h_bytes"] <= s["logits_bytes"] for s in steps)
+    monkeypatch.setattr(TensorRTBackend, "kv_cache", Backend.kv_cache)
+    on_host = scenario(workdir, "tensorrt", "fp16", [0, 1], ("solo", "joining"))
+    assert on_host["cache"] == "KVCache" and on_host["solo"] == one["solo"] and on_host["joining"] == one["joining"]
+    monkeypatch.undo()
+    _check_memory_placement(workdir)
+
+
+def _check_memory_placement(workdir: Path) -> None:
+    """The KV cache's shards, and the buffers of a decode step, on the GPU of the stages they serve."""
+    from autoglm_build.config import BuildConfig
+    from autoglm_build.runtime.kv_cache import CacheSpec
+
+    cfg = BuildConfig.model_validate(Manifest.load(workdir).config)
+    backend = open_backend(workdir, ["embed", "decoder"], "tensorrt", "fp16", devices=[0, 1])
+    try:
+        spec = CacheSpec(cfg.text.num_hidden_layers, cfg.text.num_key_value_heads, cfg.text.head_dim)
+        cache = backend.kv_cache(spec, 2, backend.context)
+        assert [s.device.index for s in cache.shards] == [0, 1]
+        assert [s.units for s in cache.shards] == [[u] for u in backend.parts["decoder"]]
+        for shard in cache.shards:
+            assert _pointer_device(shard.store_ptr) == shard.device.index
+            assert _pointer_device(shard.mask_ptr) == shard.device.index
+    finally:
+        backend.close()
+

@@ -13,7 +13,10 @@ network, parser, engine and execution context behave:
   strongly typed network, the INT8 flag with neither Q/DQ nor a calibrator, an optimization
   profile missing for a dynamic input; it drives a progress monitor when one is set;
 - the engine is JSON naming the ONNX file; an execution context runs that ONNX with ONNX Runtime on
-  host memory that the fake CUDA runtime (:mod:`fake_cuda`) hands out as device pointers.
+  host memory that the fake CUDA runtime (:mod:`fake_cuda`) hands out as device pointers;
+- an engine belongs to the device current when it was deserialized: a context made with another
+  device current, and an ``execute_async_v3`` on another device, another device's stream or memory,
+  are violations of the fake CUDA runtime (``fake_cuda.FakeCudart.kernel``), where it is installed.
 
 Environment: ``FAKE_TRT_VERSION`` (e.g. ``11.1.0``), ``FAKE_TRT_LOG`` (JSON lines of recorded calls),
 ``FAKE_TRT_OUTPUT_BIAS`` (``logits:0.09``: INT8 engines are broken builds, :func:`_broken`).
@@ -40,6 +43,20 @@ if _surface_file is None:
     raise ImportError(f"fake tensorrt: no surface for {__version__} in {_SURFACES}")
 SURFACE = json.loads(_surface_file.read_text())
 MAJOR_MINOR = tuple(int(p) for p in __version__.split(".")[:2])
+
+
+def _cudart() -> Any:
+    """The fake CUDA runtime where it is installed (``FAKE_TRT_CUDA``), else None (one device, unchecked)."""
+    try:
+        import fake_cuda
+    except ImportError:
+        return None
+    return fake_cuda.installed()
+
+
+def _current_device() -> int:
+    cudart = _cudart()
+    return cudart.device if cudart is not None else 0
 
 
 def record(owner: str, member: str, *args: Any) -> None:
@@ -718,6 +735,7 @@ class _Runtime:
 class _ICudaEngine:
     def __init__(self, data: dict) -> None:
         self._data = data
+        self._device = _current_device()  # TensorRT deserializes onto the current device
         self._io = [(n, d, s, "INPUT") for n, d, s in data["inputs"]] + [(n, d, s, "OUTPUT")
                                                                          for n, d, s in data["outputs"]]
 
@@ -796,6 +814,10 @@ class _ICudaEngine:
         return False
 
     def create_execution_context(self, strategy: Any = None) -> Any:
+        cudart = _cudart()
+        if cudart is not None and cudart.device != self._device:
+            cudart.violation(f"execution context of engine {self.name} (device {self._device}) created with device "
+                             f"{cudart.device} current")
         return IExecutionContext(self)
 
     def serialize(self) -> Any:
@@ -883,6 +905,7 @@ class _IExecutionContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         record("IExecutionContext", "execute_async_v3")
+        outputs, written = {}, {}
         for name, value in self._run(zeros=False).items():
             value = np.ascontiguousarray(value.astype(_NP[self._engine._tensor(name)[1]]))
             allocator = self._allocators.get(name)
@@ -893,7 +916,16 @@ class _IExecutionContext:
                 allocator.notify_shape(name, Dims(value.shape))
             else:
                 address = self._addresses[name]
-            ctypes.memmove(address, value.ctypes.data, value.nbytes)
+            outputs[name], written[name] = value, int(address)
+        cudart = _cudart()
+        if cudart is not None:
+            reads = [self._addresses[n] for n, _, _, mode in self._engine._io
+                     if mode == "INPUT" and int(np.prod(self._shapes[n]))]
+            if not cudart.kernel(self._engine.name, self._engine._device, int(stream_handle or 0), reads,
+                                 [a for n, a in written.items() if outputs[n].nbytes]):
+                return False
+        for name, value in outputs.items():
+            ctypes.memmove(written[name], value.ctypes.data, value.nbytes)
         return True
 
     def _run(self, zeros: bool) -> Dict[str, np.ndarray]:

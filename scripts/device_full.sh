@@ -14,6 +14,9 @@
 # engine build per stage, in parallel. CHECKPOINT=1: the full-width slice's weights are a checkpoint in the
 # published layout (scripts/make_layout_checkpoint.py, written first into /tmp/dev/ckpt) that export reads
 # with --checkpoint, so transformers' own model (benchmarks/agent_generate.py) loads the same weights.
+# TINY_STAGED=1: the tiny config's embed and decoder in two stages (/tmp/dev/staged), graphs made here, fp16 engines
+# built on the harness (round robin over GPUS), for the two-GPU test (phase twogpu).
+#   bash scripts/device_full.sh twogpu                 tiny staged: the same tokens with the stages on GPUs 0 and 1
 #   bash scripts/device_full.sh devtests               tiny: the TensorRT backend's GPU tests, bench-serve on TensorRT
 #   bash scripts/device_full.sh serveload              full width: bench-serve, the agent load, transformers' generate
 #   bash scripts/device_full.sh wait [seconds]         wait for the jobs, then poll
@@ -40,6 +43,8 @@ if [ -n "${CHECKPOINT:-}" ]; then  # the slice's weights from a checkpoint in th
   derive "$FULL" configs/autoglm-phone-9b-2layer-ckpt.yaml -ckpt "d['checkpoint'] = '$CKPT'"
   FULL=configs/autoglm-phone-9b-2layer-ckpt.yaml
 fi
+TINYS=configs/autoglm-phone-tiny-staged2.yaml; WS=$D/staged
+derive "$TINY" "$TINYS" -staged "d['decoder'] = {'stages': 2}"
 FULLD=$FULL; FD=$F  # the decoder's config and workdir: the full ones, or a staged copy of its own
 if [ "$STAGES" -gt 1 ]; then
   FULLD=${FULL%.yaml}-staged$STAGES.yaml; FD=$D/full-staged$STAGES
@@ -81,6 +86,15 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
         on_gpu; job "tiny-$module-$precision" "$HARNESS $ON $CLI39 engine -c $TINY -w $W --precision $precision -m $module"
       done
     done
+  fi
+  if [ -n "${TINY_STAGED:-}" ]; then  # the two-GPU test's build: tiny, decoder in two stages, fp16
+    c="-c $TINYS -w $WS"
+    graphs="$CLI312 export $c -m embed -m decoder && $CLI312 optimize $c -m embed -m decoder"
+    graphs="$graphs && env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $c -m decoder"
+    graphs="$graphs && $CLI312 calibrate --fp16 $c -m embed -m decoder"
+    builds=""
+    for part in embed decoder.stage0 decoder.stage1; do on_gpu; builds="$builds $ON $CLI39 engine $c -m $part --precision fp16 &"; done
+    job tiny-staged "$graphs && $HARNESS { $builds wait; }"
   fi
   WEIGHTS=""
   if [ -n "${CHECKPOINT:-}" ]; then  # every full-width chain waits for the checkpoint
@@ -124,7 +138,7 @@ wait)
   for f in "$L"/*.log; do
     echo "--- $(basename "$f")"; grep -E ": done in|rror|FAILED|DCHECK|Killed|cached" "$f" | grep -v "^\[" | tail -12
   done
-  ls -la "$W/engines" "$F/engines" "$FD/engines" 2>/dev/null | grep -v json | sort -u
+  ls -la "$W/engines" "$F/engines" "$FD/engines" "$WS/engines" 2>/dev/null | grep -v json | sort -u
   df -h /tmp | tail -1
   tar -czf "$OUT/logs.tgz" -C "$L" . 2>/dev/null; true
   ;;
@@ -164,15 +178,17 @@ overhead)  # how much of a TensorRT call is the host (scripts/trt_call_overhead.
       --case $2 --batch $3 2>&1 | grep -v "^\[" | tee -a "$OUT/overhead.txt"
   done
   ;;
-bench)  # the phone agent's step: one screenshot; prefill of 3,300 new tokens after 3,000; decode at 20,000
-  ext="--extrapolate-to configs/autoglm-phone-9b.yaml --min-time 1"
+bench)  # the phone agent's step: one screenshot; prefill of 3,300 new tokens after 3,000; decode at 20,000 (1 and 8 rows)
+  ext="--extrapolate-to configs/autoglm-phone-9b.yaml --min-time ${BENCH_MIN_TIME:-1}"
   shapes="--prompt 3300 --prefix 3000 --past 20000"
-  $CLI312 bench -c $FULL -w $F -m vision --backends torch --batches 1,8 $ext 2>&1 | tee "$OUT/bench_torch.txt"
-  $CLI312 bench -c $FULLD -w $FD -m decoder --backends torch --batches 1 $shapes $ext 2>&1 | tee -a "$OUT/bench_torch.txt"
   precisions=$(printf -- "--precision %s " ${FULL_PRECISIONS:-fp16 int8})
-  $CLI39 bench -c $FULL -w $F -m vision --backends tensorrt --batches 1,8 $ext $precisions 2>&1 \
-    | grep -v "^\[W\]" | tee "$OUT/bench_full.txt"
-  $CLI39 bench -c $FULLD -w $FD -m decoder --backends tensorrt --batches 1 $shapes $ext $precisions 2>&1 \
+  if [ -n "${VISION_BENCH:-}" ]; then
+    $CLI312 bench -c $FULL -w $F -m vision --backends torch --batches 1,8 $ext 2>&1 | tee "$OUT/bench_torch.txt"
+    $CLI39 bench -c $FULL -w $F -m vision --backends tensorrt --batches 1,8 $ext $precisions 2>&1 \
+      | grep -v "^\[W\]" | tee "$OUT/bench_full.txt"
+  fi
+  $CLI312 bench -c $FULLD -w $FD -m decoder --backends torch --batches 1,8 $shapes $ext 2>&1 | tee -a "$OUT/bench_torch.txt"
+  $CLI39 bench -c $FULLD -w $FD -m decoder --backends tensorrt --batches 1,8 $shapes $ext $precisions 2>&1 \
     | grep -v "^\[W\]" | tee -a "$OUT/bench_full.txt"
   cp "$F/manifest.json" "$OUT/manifest_full.json"; cp "$FD/manifest.json" "$OUT/manifest_full_decoder.json"
   ;;
@@ -212,6 +228,17 @@ for line in open(sys.argv[1]):
 for gpu, used in sorted(seen.items()):
     print(f"GPU {gpu} memory used during serveload (MiB): first {used[0]}, peak {max(used)}, last {used[-1]}")
 PY
+  ;;
+twogpu)  # issue 15: the staged tiny decoder on GPUs 0 and 1 generates what it generates on GPU 0; a chat served so
+  nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+  AUTOGLM_BUILD_TRT_WORKDIR=$WS PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m pytest -q -p no:cacheprovider -rs \
+    "tests/runtime/test_backends_trt.py::test_the_staged_decoder_split_across_two_gpus_generates_what_it_does_on_one" \
+    2>&1 | grep -v "^\[W\]" | tee "$OUT/pytest_two_gpus.txt" | tail -8
+  if [ -n "${TWO_GPU_FULL:-}" ]; then  # the same on the full-width slice's two stages
+    AUTOGLM_BUILD_TRT_WORKDIR=$FD PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m pytest -q -p no:cacheprovider -rs \
+      "tests/runtime/test_backends_trt.py::test_the_staged_decoder_split_across_two_gpus_generates_what_it_does_on_one" \
+      2>&1 | grep -v "^\[W\]" | tee "$OUT/pytest_two_gpus_full.txt" | tail -8
+  fi
   ;;
 *) echo "unknown phase $PHASE"; exit 2 ;;
 esac

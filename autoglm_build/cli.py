@@ -337,7 +337,7 @@ def serve(
                                             help="Decoder rows at once \\[serve.max_batch]"),
     queue_size: Optional[int] = typer.Option(None, "--queue-size", min=0, help="Waiting requests \\[serve.queue_size]"),
     devices: Optional[str] = typer.Option(None, "--devices", help="GPUs for the decoder's stages, e.g. 0,1: stage i "
-                                          "of N on GPU list[i*len/N], encoders on the first (TensorRT; pipeline "
+                                          "of N on GPU list\\[i*len/N], encoders on the first (TensorRT; pipeline "
                                           "parallel) \\[serve.devices; default: the current GPU]"),
     config: Optional[Path] = ConfigOpt,
     workdir: Optional[Path] = WorkdirOpt,

@@ -109,7 +109,9 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
     if [ "$module" = decoder ]; then  # the decoder calibrates on embedded text: embed is exported beside it
       f="-c $FULLD -w $FD -m $module"; e="-c $FULLD -w $FD -m embed"
       samples="env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $f"
-      graphs="{ $CLI312 export $f & $CLI312 export $e & wait; } && { $CLI312 optimize $f & $CLI312 optimize $e & wait; }"
+      # both halves must succeed (a bare wait returns 0 whatever failed)
+      graphs="{ $CLI312 export $f & a=\$!; $CLI312 export $e & b=\$!; wait \$a && wait \$b; }"
+      graphs="$graphs && { $CLI312 optimize $f & a=\$!; $CLI312 optimize $e & b=\$!; wait \$a && wait \$b; }"
       graphs="$graphs && $samples"
       [ "$STAGES" -gt 1 ] && parts=$(seq -s " " -f "decoder.stage%g" 0 $((STAGES - 1)))
     fi

@@ -38,14 +38,56 @@ class GraphRewrite(Rewrite):
     def __call__(self, model: Any) -> Tuple[Any, int]:
         import onnx_graphsurgeon as gs
 
-        graph = gs.import_onnx(model)
-        count = sum(1 for node in [n for n in graph.nodes if n.op == self.anchor] if self.rewrite(gs, graph, node))
-        graph.cleanup().toposort()
-        return gs.export_onnx(graph), count
+        if not any(n.op_type == self.anchor for n in model.graph.node):
+            return model, 0
+        held = hold_large_initializers(model)
+        try:
+            graph = gs.import_onnx(model)
+            count = sum(1 for node in [n for n in graph.nodes if n.op == self.anchor] if self.rewrite(gs, graph, node))
+            graph.cleanup().toposort()
+            out = gs.export_onnx(graph)
+        finally:
+            restore_initializers(model, held)
+        return restore_initializers(out, held), count
 
     def rewrite(self, gs: Any, graph: Any, node: Any) -> bool:
         """Rewrite the pattern at ``node`` in place (new nodes appended to ``graph.nodes``); whether it did."""
         raise NotImplementedError
+
+
+#: initializers larger than this leave the graph while onnx-graphsurgeon copies it: protobuf cannot copy
+#: one message over 2 GB (the 9B's LM head and embedding table are 2.5 GB in FP32), and the rewrites
+#: read only small constants
+LARGE_INITIALIZER_BYTES = 256 << 20
+
+
+def hold_large_initializers(model: Any, limit: Optional[int] = None) -> dict:
+    """Take the bytes of initializers over ``limit`` out of ``model`` (each left as an external-data
+    placeholder of its name, shape and type); :func:`restore_initializers` puts them back."""
+    import onnx
+
+    limit = LARGE_INITIALIZER_BYTES if limit is None else limit
+    held = {}
+    for tensor in model.graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) > limit:
+            held[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            entry = tensor.external_data.add()
+            entry.key, entry.value = "location", f"held-by-autoglm-build:{tensor.name}"
+    return held
+
+
+def restore_initializers(model: Any, held: dict) -> Any:
+    """Put held initializer bytes back into ``model`` (the one they came from, or its rewritten copy)."""
+    import onnx
+
+    for tensor in model.graph.initializer:
+        if tensor.name in held and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            del tensor.external_data[:]
+            tensor.ClearField("data_location")
+            tensor.raw_data = held[tensor.name]
+    return model
 
 
 def constant(tensor: Any) -> Any:

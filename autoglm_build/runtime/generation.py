@@ -511,15 +511,18 @@ class Sampler:
 
     def __init__(self, tokenizer: ChatTokenizer, slots: int) -> None:
         self.tok = tokenizer
-        self.counts = np.zeros((slots, len(tokenizer.allowed)), np.int64)
         close, stops = tokenizer.ids["</think>"], sorted(tokenizer.stop_ids)
         # the work is over the ids some row may produce (the tiny vocabulary: 1,237 of 4,096 rows)
         candidates = tokenizer.allowed.copy()
         candidates[[close] + stops] = True
         self.ids = np.flatnonzero(candidates)
+        self.column = np.full(len(candidates), -1, np.int64)  # vocabulary id -> its column in ``ids``
+        self.column[self.ids] = np.arange(len(self.ids))
         self.allowed = tokenizer.allowed[self.ids]
         self.close = int(np.searchsorted(self.ids, close))
         self.stops = [int(i) for i in np.searchsorted(self.ids, stops)]
+        # per slot, the counts of the ids it generated, by column of ``ids`` (what the penalties read)
+        self.counts = np.zeros((slots, len(self.ids)), np.int64)
 
     def join(self, slot: int) -> None:
         self.counts[slot] = 0
@@ -528,7 +531,7 @@ class Sampler:
         self.counts[target] = self.counts[source]
 
     def count(self, slot: int, token: int) -> None:
-        self.counts[slot, token] += 1
+        self.counts[slot, self.column[token]] += 1
 
     def pick(self, logits: np.ndarray, rows: List[_Row]) -> List[int]:
         """One token per row of ``logits`` (rows, vocab)."""
@@ -552,7 +555,7 @@ class Sampler:
         frequency = np.array([p.frequency_penalty for p in params])
         presence = np.array([p.presence_penalty for p in params])
         if frequency.any() or presence.any():
-            counts = self.counts[[r.slot for r in rows]][:, self.ids]
+            counts = self.counts[[r.slot for r in rows]]
             logits = logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
         allowed = np.broadcast_to(self.allowed, logits.shape).copy()
         allowed[:, self.close] = [r.req.thinking for r in rows]
@@ -582,8 +585,37 @@ class Sampler:
         return tokens
 
 
-def _nucleus(probs: np.ndarray, top_p: np.ndarray) -> np.ndarray:
-    """Per row, 1 on the most probable ids whose mass first reaches ``top_p``, else 0."""
+def _nucleus(probs: np.ndarray, top_p: np.ndarray, head: int = 64) -> np.ndarray:
+    """Per row, 1 on the most probable ids whose mass first reaches ``top_p``, else 0.
+
+    The ids are those of a full descending sort (:func:`_nucleus_sorted`), found by sorting only each row's
+    ``head`` most probable ones (``np.argpartition``): the sums over them are the full sort's first
+    ``head`` partial sums, bit for bit (the same values added in the same order; equal values swapped
+    change no sum). A row whose mass stays below ``top_p`` within its head, or whose cut falls between
+    two equal probabilities (which of them the full sort keeps is up to its tie order), takes the full
+    sort.
+    """
+    n = probs.shape[1]
+    if head >= n:
+        return _nucleus_sorted(probs, top_p)
+    top = np.argpartition(probs, n - head, axis=1)[:, n - head:]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(probs, top, axis=1), axis=1), axis=1)
+    ordered = np.take_along_axis(probs, top, axis=1)
+    cut = (np.cumsum(ordered, axis=1) < top_p[:, None]).sum(axis=1) + 1
+    keep = np.zeros(probs.shape)
+    full = []
+    for k, c in enumerate(cut):
+        if c >= head or ordered[k, c - 1] == ordered[k, c]:
+            full.append(k)
+        else:
+            keep[k, top[k, :c]] = 1.0
+    if full:
+        keep[full] = _nucleus_sorted(probs[full], top_p[full])
+    return keep
+
+
+def _nucleus_sorted(probs: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """:func:`_nucleus` by a full sort of every row (the reference; the rows the head cannot decide)."""
     order = np.argsort(-probs, axis=1)
     cumulative = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
     cut = (cumulative < top_p[:, None]).sum(axis=1) + 1

@@ -138,6 +138,23 @@ def test_penalties_equal_a_plain_reference(frequency, presence):
     np.testing.assert_array_equal(apply_penalties(logits, [], frequency, presence), logits)
 
 
+@pytest.mark.parametrize("head", [2, 8, 64])
+def test_nucleus_from_the_head_keeps_the_ids_of_a_full_sort(head):
+    """The partial sort keeps exactly the full sort's ids: cuts inside and beyond the head, ties at the cut
+    (left to the full sort), probabilities piled on one id, top_p at and above the total mass."""
+    from autoglm_build.runtime.generation import _nucleus, _nucleus_sorted
+
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.full(300, 0.3), size=24)
+    probs[3:6, :40] = 0.01  # forty equal ids: cuts among ties
+    probs[6] = 0.0
+    probs[6, 17] = 1.0
+    probs /= probs.sum(axis=1, keepdims=True)
+    for top_p in (0.01, 0.3, 0.395, 0.4, 0.9, 0.999, 1.0, 1.5):
+        p = np.full(len(probs), top_p)
+        np.testing.assert_array_equal(_nucleus(probs, p, head), _nucleus_sorted(probs, p))
+
+
 def test_frequency_penalty_changes_greedy_output(runtime):
     prompt = [("Open the settings app and turn on dark mode", False)]
     plain = _generate(runtime, prompt, temperature=0, max_tokens=40, ignore_eos=True)[0][0][1]

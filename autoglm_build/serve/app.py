@@ -20,6 +20,7 @@ import json
 import secrets
 import threading
 import time
+import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple, Union
@@ -361,11 +362,57 @@ def shown_content(event: Dict[str, Any], reasoning: bool) -> str:
     return event["content"] if reasoning else event["reasoning"] + event["content"]
 
 
+class EventBridge:
+    """The scheduler thread's events onto one asyncio loop, many per wakeup of the loop.
+
+    A decode step emits an event for each of its rows; one ``call_soon_threadsafe`` each (a write to the
+    loop's self-pipe, a wakeup, a callback) cost the loop's thread more than formatting the chunks, and
+    took the GIL from the scheduler as often. Here an event joins a list, and only the first event of an
+    empty list schedules the callback that hands the whole list to the streams' queues, in order. As
+    before, emitting onto a closed loop raises (``RuntimeError``), which ends the row.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: List[Tuple[asyncio.Queue, Dict[str, Any]]] = []
+
+    def emit(self, queue: asyncio.Queue, event: Dict[str, Any]) -> None:
+        """From any thread: ``event`` onto ``queue`` (a queue of this loop)."""
+        with self.lock:
+            self.pending.append((queue, event))
+            if len(self.pending) > 1:  # a callback is scheduled and has not taken the list yet
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody will read these
+            with self.lock:
+                self.pending.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self.lock:
+            batch, self.pending = self.pending, []
+        for queue, event in batch:
+            queue.put_nowait(event)
+
+
+_bridges: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventBridge]" = weakref.WeakKeyDictionary()
+
+
+def bridge(loop: asyncio.AbstractEventLoop) -> EventBridge:
+    """The loop's :class:`EventBridge` (called on the loop's own thread)."""
+    found = _bridges.get(loop)
+    if found is None:
+        found = _bridges[loop] = EventBridge(loop)
+    return found
+
+
 def submit(state: ServerState, prompt: Prompt, params: SamplingParams) -> Tuple[AsyncIterator[Dict], Request]:
     """Queue a request; its events arrive on an asyncio queue of the calling loop."""
-    loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    request = Request(prompt, params, emit=lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+    emit = bridge(asyncio.get_running_loop()).emit
+    request = Request(prompt, params, emit=lambda event: emit(queue, event))
     try:
         state.scheduler.submit(request)
     except QueueFull:
@@ -393,6 +440,7 @@ class Chunks:
     created: int
     model: str
     chat: bool
+    _frame: Optional[Tuple[str, str]] = field(default=None, init=False, repr=False)
 
     def event(self, delta: Optional[Dict[str, Any]] = None, text: str = "", finish: Optional[str] = None,
               usage: Optional[Dict] = None, choices: bool = True) -> str:
@@ -409,12 +457,22 @@ class Chunks:
     def delta(self, event: Dict[str, Any], reasoning: bool) -> Optional[str]:
         """The chunk of a delta event, or None when it shows nothing."""
         if not self.chat:
-            return self.event(text=event["content"]) if event["content"] else None
+            return self._framed(event["content"]) if event["content"] else None
         text = shown_content(event, reasoning)
         delta = {"content": text} if text else {}
         if reasoning and event["reasoning"]:
             delta["reasoning_content"] = event["reasoning"]
-        return self.event(delta) if delta else None
+        return self._framed(delta) if delta else None
+
+    def _framed(self, value: Any) -> str:
+        """``event(delta=value)`` (chat) or ``event(text=value)``, the same text: the chunk's JSON around
+        the value is made once per stream, and only the value is encoded per token."""
+        if self._frame is None:
+            marker = f"<{secrets.token_hex(16)}>"
+            line = self.event(marker) if self.chat else self.event(text=marker)
+            head, tail = line.split(json.dumps(marker))
+            self._frame = (head, tail)
+        return self._frame[0] + json.dumps(value, ensure_ascii=False) + self._frame[1]
 
 
 async def stream_chunks(events: AsyncIterator[Dict], request: Request, ident: str, created: int, model: str,

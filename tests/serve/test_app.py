@@ -61,3 +61,52 @@ def test_metrics_are_prometheus_text_with_the_prefix_cache_counters():
                  "autoglm_prefix_cache_tokens_reused_total 512", "autoglm_prefix_cache_evictions_total 1",
                  "# TYPE autoglm_prefix_cache_bytes gauge", "autoglm_prefix_cache_bytes 4096"):
         assert line in lines
+
+
+def test_stream_chunks_built_around_the_value_equal_whole_chunks():
+    """The per-token chunk (its JSON made once per stream around the delta) is the full chunk's text."""
+    from autoglm_build.serve.app import Chunks
+
+    events = [{"type": "delta", "reasoning": r, "content": c} for r, c in
+              [("", "打开"), ("想\n", ""), ("a\"b\\", "c\u2028d"), ("", "")]]
+    for chat in (True, False):
+        for reasoning in (True, False):
+            fast, slow = Chunks("chatcmpl-1", 7, "m\"x", chat), Chunks("chatcmpl-1", 7, "m\"x", chat)
+            for event in events:
+                got = fast.delta(event, reasoning)
+                text = event["content"] if reasoning or not chat else event["reasoning"] + event["content"]
+                if not chat:
+                    want = slow.event(text=event["content"]) if event["content"] else None
+                else:
+                    delta = {"content": text} if text else {}
+                    if reasoning and event["reasoning"]:
+                        delta["reasoning_content"] = event["reasoning"]
+                    want = slow.event(delta) if delta else None
+                assert got == want
+
+
+def test_event_bridge_delivers_every_event_in_order_and_refuses_a_closed_loop():
+    """Events from another thread reach each stream's queue in order, several per loop wakeup; once
+    the loop is closed, emitting raises (the scheduler ends the row)."""
+    import asyncio
+    import threading
+
+    import pytest
+
+    from autoglm_build.serve.app import bridge
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        queues = [asyncio.Queue() for _ in range(3)]
+        emit = bridge(loop).emit
+        assert bridge(loop).emit == emit
+        sender = threading.Thread(target=lambda: [emit(queues[i % 3], i) for i in range(300)])
+        sender.start()
+        got = [[await q.get() for _ in range(100)] for q in queues]
+        sender.join()
+        return got, emit
+
+    got, emit = asyncio.run(main())
+    assert got == [list(range(k, 300, 3)) for k in range(3)]
+    with pytest.raises(RuntimeError):
+        emit(None, {"type": "delta"})

@@ -32,3 +32,11 @@ def test_generation_never_samples_placeholders_or_undecodable_ids(tiny_cfg):
     assert not tok.allowed[tok.ids["<|image|>"]] and not tok.allowed[tok.ids["<think>"]]
     assert tok.allowed[tok.ids["<|endoftext|>"]]
     assert not tok.allowed[tok.tokenizer.get_vocab_size():].any()
+
+
+def test_decode_one_remembers_exactly_what_decode_gives(tiny_cfg):
+    tok = ChatTokenizer(tokenizer_for(tiny_cfg)[0], tiny_cfg.text.vocab_size)
+    ids = list(range(0, tok.tokenizer.get_vocab_size(with_added_tokens=True), 7)) + sorted(tok.ids.values())
+    for skip in (True, False):
+        for _ in range(2):  # computed, then remembered
+            assert [tok.decode_one(i, skip) for i in ids] == [tok.decode([i], skip) for i in ids]

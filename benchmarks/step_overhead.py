@@ -1,0 +1,204 @@
+"""The server's host work per decode step, with the engine taken out: a scheduler over a stand-in KV
+cache whose decode returns precomputed logits at once, so every microsecond a step takes is the
+scheduler's own (sampling, penalties, detokenization, stop checks, event emission).
+
+Two paths, both with ``--rows`` concurrent requests of ``--tokens`` tokens (EOS ignored, so every row
+runs to the end), sampled like ``benchmarks/serve_load.py`` samples (temperature 0.7, a seed per request):
+
+- ``scheduler``: ``Scheduler.step`` in this thread, events appended to lists (sampling and text only);
+- ``server``: the scheduler on its own thread as ``serve`` runs it, events through the app's own
+  ``submit`` onto an asyncio loop on this thread, which turns them into SSE chunks with the app's
+  ``stream_chunks`` (everything of the server's but uvicorn and the socket). The two threads share
+  the GIL as they do in the server.
+
+Also ``greedy`` (temperature 0) and ``penalties`` (top-p 0.85, frequency penalty 0.2: the phone agent's
+requests) on the scheduler path. Prints microseconds per decode step (median of ``--repeat`` runs).
+
+Measured on the 2-core CPU dev machine (8 rows, 128 tokens; wall us/step, median of 3, with another
+job sharing the CPU, so +-30%), before the changes that came with this script: scheduler 653, server
+1,123, greedy 273, penalties 1,026. After them (sampler's partial top-p sort, event bridge, SSE frames,
+remembered one-token decodes), CPU us/step median of 5: scheduler ~490-530, server ~760-870, greedy
+~240, penalties ~690-850 (the temperature-only path is mostly the sampler's exp and cumsum over 8 x 1,238
+ids, ~100 us, which must stay bit-identical, plus ~20 us per row of detokenization and events).
+On the H200, serve_load's 8 streams showed ~750 us of host work per step (1.64 ms vs the engine's 0.87).
+
+    python benchmarks/step_overhead.py [--rows 8] [--tokens 128] [--repeat 5] [--profile scheduler]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from autoglm_build.calibration import tokenizer_for  # noqa: E402
+from autoglm_build.config import load_config  # noqa: E402
+from autoglm_build.runtime.generation import Request, SamplingParams, Scheduler  # noqa: E402
+from autoglm_build.runtime.kv_cache import KVCache  # noqa: E402
+from autoglm_build.runtime.text import ChatTokenizer, Segment  # noqa: E402
+from autoglm_build.serve.app import stream_chunks, submit  # noqa: E402
+
+MESSAGE = "第{}个请求: 打开设置并开启深色模式"
+
+
+class InstantCache(KVCache):
+    """Slot bookkeeping of the host cache, no arrays: prefill and decode return precomputed logits."""
+
+    def __init__(self, spec, slots: int, context: int, vocab: int) -> None:
+        super().__init__(None, spec, slots, context)
+        rng = np.random.default_rng(0)
+        self.table = (rng.standard_normal((64, slots, vocab)) * 3).astype(np.float32)
+        self.calls = 0
+
+    def _allocate(self, capacity: int) -> None:
+        self.capacity = capacity
+
+    def fit(self, need: int) -> None:
+        self.capacity = max(self.capacity, need)
+
+    def _logits(self, rows: int) -> np.ndarray:
+        self.calls += 1
+        return self.table[self.calls % len(self.table), :rows]
+
+    def prefill(self, slots, lengths, chunks, prefixes):
+        for _ in chunks:
+            pass
+        for slot, n in zip(slots, lengths):
+            self.used[slot], self.lengths[slot] = True, n
+        return self._logits(len(slots))
+
+    def move(self, source: int, target: int) -> None:
+        self.used[target], self.lengths[target] = True, self.lengths[source]
+        self.release(source)
+
+    def release(self, slot: int) -> None:
+        self.used[slot], self.lengths[slot] = False, 0
+
+    def decode(self, ids, positions, slot=None, commit=True):
+        self.lengths[self.used] += 1
+        return self._logits(self.top)
+
+
+class InstantBackend:
+    max_batch = context = prefill_chunk = prefill_batch = None
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def kv_cache(self, spec, slots, context):
+        return InstantCache(spec, slots, context, self.vocab)
+
+
+def setup(rows: int):
+    cfg = load_config(ROOT / "configs" / "autoglm-phone-tiny.yaml")
+    tok = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
+    sched = Scheduler(InstantBackend(cfg.text.vocab_size), cfg, tok, max_batch=rows, queue_size=64,
+                      context=cfg.engine.context, prefix_cache_bytes=0)
+    prompts = [tok.chat_prompt([("user", [Segment(text=MESSAGE.format(i))])], False) for i in range(rows)]
+    return sched, prompts
+
+
+def per_step(sched: Scheduler, start: float, steps0: int) -> float:
+    return (time.perf_counter() - start) / max(1, sched.steps - steps0) * 1e6
+
+
+def timed_steps(sched: Scheduler) -> List[float]:
+    """Wrap ``sched.step`` to add up the CPU time of its thread; returns the running total (one item)."""
+    spent = [0.0]
+    step = sched.step
+
+    def timed() -> None:
+        t = time.thread_time()
+        step()
+        spent[0] += time.thread_time() - t
+
+    sched.step = timed
+    return spent
+
+
+def run_scheduler(rows: int, tokens: int, **params) -> Tuple[float, float]:
+    """(wall, CPU) microseconds per decode step, ``Scheduler.step`` in this thread, events into lists."""
+    sched, prompts = setup(rows)
+    events: Dict[int, List] = {}
+    for i, prompt in enumerate(prompts):
+        p = SamplingParams(max_tokens=tokens, ignore_eos=True, seed=i, **params)
+        sched.submit(Request(prompt, p, emit=lambda e, i=i: events.setdefault(i, []).append(e)))
+    sched.step()  # the prefill of every row
+    start, steps0, cpu = time.perf_counter(), sched.steps, time.thread_time()
+    sched.run_until_idle()
+    return per_step(sched, start, steps0), (time.thread_time() - cpu) / (sched.steps - steps0) * 1e6
+
+
+def run_server(rows: int, tokens: int) -> Tuple[float, float]:
+    """(wall, CPU of both threads) microseconds per decode step, the scheduler thread feeding the app's SSE
+    chunks on an asyncio loop."""
+    sched, prompts = setup(rows)
+    state = SimpleNamespace(scheduler=sched)
+
+    async def client(i: int, prompt) -> int:
+        params = SamplingParams(max_tokens=tokens, temperature=0.7, seed=i, ignore_eos=True)
+        events, request = submit(state, prompt, params)
+        n = 0
+        async for line in stream_chunks(events, request, "chatcmpl-x", 0, "m", True, False, True):
+            n += len(line)
+        return n
+
+    async def main() -> Tuple[float, float]:
+        spent = timed_steps(sched)
+        sched.start()
+        tasks = [asyncio.ensure_future(client(i, p)) for i, p in enumerate(prompts)]
+        while sched.steps == 0:
+            await asyncio.sleep(0)
+        start, steps0, loop_cpu, sched_cpu = time.perf_counter(), sched.steps, time.thread_time(), spent[0]
+        await asyncio.gather(*tasks)
+        took = per_step(sched, start, steps0)
+        cpu = time.thread_time() - loop_cpu + spent[0] - sched_cpu
+        sched.stop()
+        return took, cpu / (sched.steps - steps0) * 1e6
+
+    return asyncio.run(main())
+
+
+CASES = {
+    "scheduler": lambda a: run_scheduler(a.rows, a.tokens, temperature=0.7),
+    "server": lambda a: run_server(a.rows, a.tokens),
+    "greedy": lambda a: run_scheduler(a.rows, a.tokens, temperature=0.0),
+    "penalties": lambda a: run_scheduler(a.rows, a.tokens, temperature=0.7, top_p=0.85, frequency_penalty=0.2),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--profile", choices=sorted(CASES), help="cProfile one run of this case (stderr) instead")
+    args = ap.parse_args()
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.runcall(CASES[args.profile], args)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        return
+    print(f"host work per decode step, {args.rows} rows x {args.tokens} tokens, us (median of {args.repeat}; "
+          f"cpu: the CPU time of the scheduler's and the event loop's threads, which contention changes less)")
+    print(f"  {'case':<10} {'wall':>8} {'cpu':>8} {'min cpu':>8}")
+    for name, case in CASES.items():
+        runs = [case(args) for _ in range(args.repeat)]
+        wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        print(f"  {name:<10} {wall:8.0f} {cpu:8.0f} {min(r[1] for r in runs):8.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -213,6 +213,8 @@ class TensorRTBackend(Backend):
         self._device_buffers: Dict[str, List[Any]] = {}  # runner name -> the buffers bound to its context
         self._bound: Dict[str, Any] = {}  # runner name -> the key of the binding its context holds (bind)
         self.rebinds = 0  # contexts (re)bound by bind: once per shape bucket, not per step
+        self._scratch: List[Any] = []  # activation memory each shared by one engine's contexts
+        self.scratch_bytes: Dict[str, int] = {}  # engine -> its shared scratch
         self._caches: List[Any] = []
         try:
             if self.devices is not None:
@@ -286,8 +288,10 @@ class TensorRTBackend(Backend):
         else:  # the vision tower's axis 0 is its packed patches
             self.vision_patches = first_dims
         runners = {}
+        contexts = self._contexts_sharing_scratch(trt, engine, module, len(sidecar.profile_names))
         for k, profile_name in enumerate(sidecar.profile_names):
-            runner = TrtRunner(engine, optimization_profile=k, name=f"{module}-{profile_name}")
+            source = contexts[k] if contexts else engine
+            runner = TrtRunner(source, optimization_profile=k, name=f"{module}-{profile_name}")
             runner.activate()
             runners[profile_name] = runner
             self._runner_device[runner.name] = index
@@ -300,6 +304,35 @@ class TensorRTBackend(Backend):
             self.prefill_chunk = chunk if self.prefill_chunk is None else min(self.prefill_chunk, chunk)
             rows = sidecar.profiles[0][self.inputs[module][0]][2][0]
             self.prefill_batch = rows if self.prefill_batch is None else min(self.prefill_batch, rows)
+
+    def _contexts_sharing_scratch(self, trt: Any, engine: Any, module: str, profiles: int) -> List[Any]:
+        """One execution context per profile over one scratch buffer (the engine's activation memory), for
+        an engine with several profiles (the decoder's prefill and decode): by default TensorRT gives each
+        context its own, the size of the largest profile's, though a module's phases never run at once
+        (one scheduler thread; the device cache runs both on its one stream, Polygraphy's ``infer``
+        synchronizes). Empty for one profile. TensorRT >= 10: contexts with user-managed memory and
+        ``set_device_memory``; 8.5: ``create_execution_context_without_device_memory`` and ``device_memory``."""
+        if profiles < 2:
+            return []
+        from polygraphy import cuda
+
+        size = int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
+        scratch = cuda.DeviceArray(shape=(max(size, 1),), dtype=np.uint8)  # on the part's GPU (selected)
+        self._scratch.append(scratch)
+        self.scratch_bytes[module] = size
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        contexts = []
+        for _ in range(profiles):
+            if strategy is not None and hasattr(trt.IExecutionContext, "set_device_memory"):
+                context = engine.create_execution_context(strategy.USER_MANAGED)
+                context.set_device_memory(scratch.ptr, size)
+            else:
+                context = engine.create_execution_context_without_device_memory()
+                context.device_memory = scratch.ptr
+            if context is None:
+                raise UserError(f"{self.files[module]}: TensorRT could not create an execution context")
+            contexts.append(context)
+        return contexts
 
     def input_dtype(self, module: str, name: str) -> np.dtype:
         part = self.part_of(module, name)
@@ -567,9 +600,13 @@ class TensorRTBackend(Backend):
                     select(self._runner_device.get(runner.name))  # its context and stream are that GPU's
                     runner.deactivate()
         self.runners = {}
+        for scratch in getattr(self, "_scratch", []):  # after the contexts that used it
+            scratch.free()
+        self._scratch = []
 
     def describe(self) -> Dict[str, Any]:
         out = super().describe()
+        out["shared_scratch_bytes"] = dict(self.scratch_bytes)
         if self.devices is not None:
             out.update(devices=list(self.devices), placement=dict(self.placement), peer_access=dict(self.peer_access))
         return out

@@ -397,7 +397,7 @@ class EventBridge:
             queue.put_nowait(event)
 
 
-_bridges: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventBridge]" = weakref.WeakKeyDictionary()
+_bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventBridge] = weakref.WeakKeyDictionary()
 
 
 def bridge(loop: asyncio.AbstractEventLoop) -> EventBridge:

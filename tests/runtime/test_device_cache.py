@@ -81,6 +81,9 @@ def test_served_greedy_on_the_device_cache_equals_onnx_runtime_and_the_cache_sta
     on_trt, on_ort = result["tensorrt"], result["onnxruntime"]
     assert on_trt["cache"] == "DeviceKVCache" and on_ort["cache"] == "OrtKVCache"
     assert on_trt["screens_on_device"] == ["DeviceEmbeds", "DeviceEmbeds"]  # the vision engine's output stays
+    # the decoder's prefill and decode contexts share one activation scratch (one profile's engines: none);
+    # the fake fails a context made without device memory that runs without any
+    assert on_trt["describe"]["shared_scratch_bytes"] == {"decoder": 1 << 20}
     for case in ("solo", "batched", "joining", "agent_alone", "agent"):
         assert on_trt[case] == on_ort[case], case
     assert on_trt["batched"] == on_trt["joining"] == on_trt["solo"]

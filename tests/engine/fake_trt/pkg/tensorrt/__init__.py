@@ -818,7 +818,16 @@ class _ICudaEngine:
         if cudart is not None and cudart.device != self._device:
             cudart.violation(f"execution context of engine {self.name} (device {self._device}) created with device "
                              f"{cudart.device} current")
-        return IExecutionContext(self)
+        context = IExecutionContext(self)
+        # USER_MANAGED (TensorRT >= 10): the context runs only once it is given device memory
+        context._memory = 0 if strategy is not None and getattr(strategy, "name", "") == "USER_MANAGED" else None
+        record("ICudaEngine", "create_execution_context", getattr(strategy, "name", None))
+        return context
+
+    def create_execution_context_without_device_memory(self) -> Any:
+        context = self.create_execution_context()
+        context._memory = 0  # runs only once ``device_memory`` is set
+        return context
 
     def serialize(self) -> Any:
         return IHostMemory(json.dumps(self._data).encode())
@@ -844,6 +853,7 @@ class _IExecutionContext:
     def __init__(self, engine: Any) -> None:
         self._engine, self._shapes, self._addresses, self._allocators = engine, {}, {}, {}
         self._profile = 0
+        self._memory: Optional[int] = None  # 0: made without device memory and none given yet
         self._session = None
 
     @property
@@ -871,6 +881,12 @@ class _IExecutionContext:
         if self._engine._tensor(name)[3] == "INPUT":
             return Dims(self._shapes.get(name, self._engine._tensor(name)[2]))
         return Dims(self._run(zeros=True)[name].shape)
+
+    def set_device_memory(self, memory: int, size: int) -> None:
+        if int(size) < self._engine.device_memory_size_v2:
+            raise ValueError(f"set_device_memory: {size} bytes, the engine needs {self._engine.device_memory_size_v2}")
+        record("IExecutionContext", "set_device_memory", int(memory))
+        self._memory = int(memory)
 
     def set_tensor_address(self, name: str, memory: int) -> bool:
         if int(memory) % 256:  # NvInferRuntime.h: "The pointer must have at least 256-byte alignment."
@@ -905,6 +921,10 @@ class _IExecutionContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         record("IExecutionContext", "execute_async_v3")
+        given = self.__dict__.get("_props", {}).get("device_memory")  # the `device_memory =` property (8.5)
+        if getattr(self, "_memory", None) == 0 and not given:  # made without device memory, none given: fails
+            record("IExecutionContext", "execute_async_v3 without device memory")
+            return False
         outputs, written = {}, {}
         for name, value in self._run(zeros=False).items():
             value = np.ascontiguousarray(value.astype(_NP[self._engine._tensor(name)[1]]))

@@ -399,6 +399,9 @@ def _architecture_problems(cfg: BuildConfig) -> List[str]:
         problems.append(f"engine.opt_batch: {g.opt_batch} must lie in [1, engine.max_batch={g.max_batch}]")
     if g.prefill_batch is not None and g.prefill_batch > g.max_batch:
         problems.append(f"engine.prefill_batch: {g.prefill_batch} exceeds engine.max_batch {g.max_batch}")
+    elif max(e.batch_sizes) > g.prefill_rows:  # verify prefills its samples at each of them on the engine
+        problems.append(f"export.batch_sizes: {max(e.batch_sizes)} exceeds engine.prefill_batch {g.prefill_rows} "
+                        "(verify prefills a sample at each batch size)")
     if g.opt_seq > g.prefill_tokens:  # name the field that bounds it: the chunk, or a context below it
         bound = "engine.prefill_chunk" if g.prefill_chunk <= g.context else "engine.context"
         problems.append(f"engine.opt_seq: {g.opt_seq} exceeds {bound} {g.prefill_tokens}")

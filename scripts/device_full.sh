@@ -35,7 +35,7 @@ FULL=configs/autoglm-phone-9b-2layer.yaml; TINY=configs/autoglm-phone-tiny.yaml
 STAGES=${FULL_DECODER_STAGES:-1}
 CKPT=$D/ckpt
 derive() {  # derive SRC DST SUFFIX PYTHON: a copy of config SRC with the change PYTHON makes to its dict d
-  [ -e "$2" ] || python3 -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); d['name'] += sys.argv[3]
+  python3 -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); d['name'] += sys.argv[3]
 $4
 yaml.safe_dump(d, open(sys.argv[2], 'w'))" "$1" "$2" "$3"
 }
@@ -50,7 +50,8 @@ if [ "$STAGES" -gt 1 ]; then
   FULLD=${FULL%.yaml}-staged$STAGES.yaml; FD=$D/full-staged$STAGES
   derive "$FULL" "$FULLD" -staged "d.setdefault('decoder', {})['stages'] = $STAGES"
 fi
-HARNESS="while [ ! -e /tmp/stage/.ready ]; do sleep 5; done;"  # engine builds wait for the staged harness
+# engine builds wait for the staged harness; '&&' so that "X && $HARNESS build" builds only after X succeeded
+HARNESS="while [ ! -e /tmp/stage/.ready ]; do sleep 5; done &&"
 OUT=${OUT:-device-out}
 mkdir -p "$OUT" "$D" "$L"
 export PYTHONUNBUFFERED=1 NO_COLOR=1 COLUMNS=160 AUTOGLM_BUILD_TRT_TACTICS=${AUTOGLM_BUILD_TRT_TACTICS:-cublas}
@@ -98,8 +99,9 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
   fi
   WEIGHTS=""
   if [ -n "${CHECKPOINT:-}" ]; then  # every full-width chain waits for the checkpoint
-    job ckpt "env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py -c $FULL -o $CKPT && touch $CKPT.done"
-    WEIGHTS="while [ ! -e $CKPT.done ]; do sleep 3; done;"
+    job ckpt "env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py -c $FULL -o $CKPT \
+      && touch $CKPT.done || touch $CKPT.failed"
+    WEIGHTS="while [ ! -e $CKPT.done ]; do [ -e $CKPT.failed ] && exit 1; sleep 3; done &&"
   fi
   for module in ${FULL_MODULES-vision decoder}; do  # FULL_MODULES= (empty): none
     f="-c $FULL -w $F -m $module"

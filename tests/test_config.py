@@ -53,6 +53,7 @@ def test_tiny_is_same_architecture_smaller():
         ({"engine": {"context": 16}}, "engine.opt_seq: 64 exceeds engine.context 16"),  # not the chunk's name
         ({"engine": {"prefill_chunk": 16}}, "engine.opt_seq: 64 exceeds engine.prefill_chunk 16"),
         ({"engine": {"prefill_batch": 9}}, "engine.prefill_batch: 9 exceeds engine.max_batch 8"),
+        ({"engine": {"prefill_batch": 2}}, "export.batch_sizes: 8 exceeds engine.prefill_batch 2"),
     ],
 )
 def test_bad_config_is_one_line_naming_file_and_field(tmp_path, changes, expected):

@@ -59,6 +59,7 @@ class GraphRewrite(Rewrite):
 #: one message over 2 GB (the 9B's LM head and embedding table are 2.5 GB in FP32), and the rewrites
 #: read only small constants
 LARGE_INITIALIZER_BYTES = 256 << 20
+HELD = "held-by-autoglm-build:"  # the placeholder location of a held initializer
 
 
 def hold_large_initializers(model: Any, limit: Optional[int] = None) -> dict:
@@ -74,7 +75,7 @@ def hold_large_initializers(model: Any, limit: Optional[int] = None) -> dict:
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
             entry = tensor.external_data.add()
-            entry.key, entry.value = "location", f"held-by-autoglm-build:{tensor.name}"
+            entry.key, entry.value = "location", f"{HELD}{tensor.name}"
     return held
 
 
@@ -91,10 +92,16 @@ def restore_initializers(model: Any, held: dict) -> Any:
 
 
 def constant(tensor: Any) -> Any:
-    """A graphsurgeon tensor's values if it is a constant, else None."""
+    """A graphsurgeon tensor's values if it is a constant whose bytes are in the graph, else None (a
+    large initializer held aside by :func:`hold_large_initializers` is no small constant a rewrite wants)."""
     import onnx_graphsurgeon as gs
 
-    return tensor.values if isinstance(tensor, gs.Constant) else None
+    if not isinstance(tensor, gs.Constant):
+        return None
+    proto = getattr(getattr(tensor, "_values", None), "tensor", None)  # a LazyValues' TensorProto, not loaded
+    if proto is not None and any(e.value.startswith(HELD) for e in getattr(proto, "external_data", [])):
+        return None
+    return tensor.values
 
 
 def is_scalar(value: Any, target: float, tol: float = 1e-3) -> bool:

@@ -213,7 +213,7 @@ class TensorRTBackend(Backend):
         self._device_buffers: Dict[str, List[Any]] = {}  # runner name -> the buffers bound to its context
         self._bound: Dict[str, Any] = {}  # runner name -> the key of the binding its context holds (bind)
         self.rebinds = 0  # contexts (re)bound by bind: once per shape bucket, not per step
-        self._scratch: List[Any] = []  # activation memory each shared by one engine's contexts
+        self._scratch: Dict[str, Any] = {}  # engine -> the activation memory its contexts share
         self.scratch_bytes: Dict[str, int] = {}  # engine -> its shared scratch
         self._caches: List[Any] = []
         try:
@@ -318,7 +318,7 @@ class TensorRTBackend(Backend):
 
         size = int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
         scratch = cuda.DeviceArray(shape=(max(size, 1),), dtype=np.uint8)  # on the part's GPU (selected)
-        self._scratch.append(scratch)
+        self._scratch[module] = scratch
         self.scratch_bytes[module] = size
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
         contexts = []
@@ -590,19 +590,26 @@ class TensorRTBackend(Backend):
         for device in getattr(self, "_devices", {}).values():
             device.close()
         self._devices = {}
-        for buffers in getattr(self, "_device_buffers", {}).values():
-            for buffer in buffers:
-                buffer.free()
-        self._device_buffers = {}
-        for runners in self.runners.values():
+        buffers = getattr(self, "_device_buffers", {})
+        for module in list(self.runners):  # each engine's buffers, contexts, engine and scratch with its GPU current
+            runners = self.runners.pop(module)
             for runner in runners.values():
+                select(self._runner_device.get(runner.name))  # its context and stream are that GPU's
+                for key in (runner.name, f"{runner.name}:kept"):
+                    for buffer in buffers.pop(key, []):
+                        buffer.free()
                 if runner.is_active:
-                    select(self._runner_device.get(runner.name))  # its context and stream are that GPU's
                     runner.deactivate()
+            runner = None
+            runners.clear()  # the last references to the engine (and its runtime) go here, on its GPU
+            scratch = getattr(self, "_scratch", {}).pop(module, None)
+            if scratch is not None:  # after the contexts that used it
+                scratch.free()
+        for rest in [*buffers.values(), list(getattr(self, "_scratch", {}).values())]:  # a load that failed midway
+            for buffer in rest:
+                buffer.free()
+        self._device_buffers, self._scratch = {}, {}
         self.runners = {}
-        for scratch in getattr(self, "_scratch", []):  # after the contexts that used it
-            scratch.free()
-        self._scratch = []
 
     def describe(self) -> Dict[str, Any]:
         out = super().describe()

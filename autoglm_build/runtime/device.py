@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -91,10 +92,33 @@ def _check(status: Any, call: str) -> None:
         raise RuntimeError(f"CUDA error {int(status)} in {call}")
 
 
+_made_current = threading.local()  # per thread: the GPUs whose primary context this thread has made current
+
+
 def select(index: Optional[int]) -> None:
-    """Make GPU ``index`` current for the calling thread (``None``: leave the current one, as one-GPU serving does)."""
-    if index is not None:
-        _check(_cudart().cudaSetDevice(ctypes.c_int(index)), f"cudaSetDevice({index})")
+    """Make GPU ``index`` current for the calling thread (``None``: leave the current one, as one-GPU serving does).
+
+    The first time a thread selects a GPU, a ``cudaFree(NULL)`` makes its primary context current at once:
+    before CUDA 12 ``cudaSetDevice`` only takes effect at the runtime's next call that needs a context, and
+    TensorRT (its own CUDA runtime, linked in) sees only the driver's current context, so an engine
+    deserialized right after the switch would land on the GPU before."""
+    if index is None:
+        return
+    lib = _cudart()
+    _check(lib.cudaSetDevice(ctypes.c_int(index)), f"cudaSetDevice({index})")
+    made = getattr(_made_current, "gpus", None)
+    if made is None:
+        made = _made_current.gpus = set()
+    if index not in made:
+        _check(lib.cudaFree(ctypes.c_void_p(0)), f"cudaFree(NULL) on GPU {index}")
+        made.add(index)
+
+
+def current() -> int:
+    """The calling thread's current GPU."""
+    index = ctypes.c_int(0)
+    _check(_cudart().cudaGetDevice(ctypes.byref(index)), "cudaGetDevice")
+    return index.value
 
 
 def device_count() -> int:
@@ -421,8 +445,13 @@ class DeviceEmbeds:
 
     def __del__(self) -> None:
         if self._owner is None and self.ptr:
-            try:
-                self.device.free(self.ptr)
+            try:  # the collector may run this in any thread, between another call's select and its launch
+                if self.device.index is None:
+                    self.device.free(self.ptr)
+                else:
+                    was = current()
+                    self.device.free(self.ptr)
+                    select(was)
             except Exception:  # noqa: BLE001 - interpreter shutdown: the driver frees it anyway
                 pass
             self.ptr = 0

@@ -32,7 +32,9 @@ def engines(request, tmp_path_factory):
 
     root = tmp_path_factory.mktemp(f"engine-rate-{request.param}")
     # two stages: and a prefill profile of 4 rows (engine.prefill_batch), so 8 rows prefill in two calls
-    staged = {"decoder": {"stages": request.param}, "engine": {"prefill_batch": 4}} if request.param > 1 else {}
+    # (verify's samples, at most that many rows)
+    staged = {"decoder": {"stages": request.param}, "engine": {"prefill_batch": 4},
+              "export": {"batch_sizes": [1, 4]}} if request.param > 1 else {}
     changes = {"modules": MODULES, **staged}
     config = write_config(root / "config.yaml", changes)
     cfg, workdir = load_config(config), root / "w"

@@ -164,3 +164,20 @@ def test_large_initializers_stay_out_of_graphsurgeon_and_come_back(cleaned, monk
     assert held_count == count > 0
     assert rewritten.SerializeToString() == whole.SerializeToString()
     assert model.SerializeToString() == before
+
+
+def test_a_held_initializer_is_no_constant_to_a_rewrite(cleaned, monkeypatch):
+    """A rewrite asking for a held weight's values gets None (not a scalar, nothing to fold), not an
+    error about its placeholder location."""
+    import onnx_graphsurgeon as gs
+
+    from autoglm_build.rewrites import base
+
+    monkeypatch.setattr(base, "LARGE_INITIALIZER_BYTES", 1000)
+    model = onnx.load_from_string(cleaned["decoder"].SerializeToString())
+    held = base.hold_large_initializers(model)
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    assert all(base.constant(tensors[name]) is None for name in held)
+    small = next(t for t in tensors.values() if isinstance(t, gs.Constant) and t.name not in held)
+    assert base.constant(small) is not None

@@ -91,14 +91,15 @@ def _gpus() -> int:
 
 
 def _pointer_device(ptr: int) -> int:
-    """The GPU an allocation lives on (``cudaPointerGetAttributes``; CUDA >= 10's struct)."""
+    """The GPU an allocation lives on (``cudaPointerGetAttributes``; CUDA >= 10's struct, with CUDA 13's
+    reserved tail so that a newer runtime writes inside it, not past it)."""
     import ctypes
 
     from polygraphy import cuda
 
     class Attributes(ctypes.Structure):
         _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int), ("devicePointer", ctypes.c_void_p),
-                    ("hostPointer", ctypes.c_void_p)]
+                    ("hostPointer", ctypes.c_void_p), ("reserved", ctypes.c_long * 8)]
 
     attributes = Attributes()
     status = cuda.wrapper().handle.cudaPointerGetAttributes(ctypes.byref(attributes), ctypes.c_void_p(ptr))
@@ -121,6 +122,10 @@ def test_the_staged_decoder_split_across_two_gpus_generates_what_it_does_on_one(
     if gpus < 2:
         pytest.skip(f"needs 2 GPUs, {gpus} visible")
     one, two = scenario(workdir, "tensorrt", "fp16", [0]), scenario(workdir, "tensorrt", "fp16", [0, 1])
+    for case in ("solo", "batched", "joining", "agent_alone", "agent"):  # said before any assert (a crash hides it)
+        print(f"two GPUs, {case}: {'same' if two[case] == one[case] else 'DIFFERENT'}: {two[case]} vs {one[case]}",
+              flush=True)
+    print(f"two GPUs: caches {one['cache']} / {two['cache']}, describe {two['describe']}", flush=True)
     assert one["cache"] == two["cache"] == "DeviceKVCache"
     for case in ("solo", "batched", "joining", "agent_alone", "agent"):
         assert two[case] == one[case], case

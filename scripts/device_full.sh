@@ -14,6 +14,8 @@
 # engine build per stage, in parallel. CHECKPOINT=1: the full-width slice's weights are a checkpoint in the
 # published layout (scripts/make_layout_checkpoint.py, written first into /tmp/dev/ckpt) that export reads
 # with --checkpoint, so transformers' own model (benchmarks/agent_generate.py) loads the same weights.
+# AUTOGLM_BUILD_TRT_LOG=verbose: TensorRT's verbose builder log with timestamps in each build's log (large):
+# where a slow build spends its time (the long-context decoder's LM-head stage: over 11 min on TensorRT 8.5).
 # TINY_STAGED=1: the tiny config's embed and decoder in two stages (/tmp/dev/staged), graphs made here, fp16 engines
 # built on the harness (round robin over GPUS), for the two-GPU test (phase twogpu).
 #   bash scripts/device_full.sh twogpu                 tiny staged: the same tokens with the stages on GPUs 0 and 1

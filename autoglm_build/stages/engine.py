@@ -273,9 +273,25 @@ def tactic_sources(trt: Any, setting: str) -> Optional[List[Any]]:
 
 def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,
           status, preview: Optional[List[str]] = None) -> bytes:
-    """Serialized engine bytes for ``source`` (Polygraphy loaders, composed then called)."""
+    """Serialized engine bytes for ``source`` (Polygraphy loaders, composed then called).
+
+    ``AUTOGLM_BUILD_TRT_LOG=verbose`` turns on TensorRT's verbose builder log with timestamps (where a slow
+    build spends its time: the long-context decoder's LM-head stage took over 11 minutes on TensorRT 8.5)."""
     import onnx
+    from polygraphy import logger as polygraphy_logger
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    level = os.environ.get("AUTOGLM_BUILD_TRT_LOG", "").lower()
+    if level:
+        if level not in ("verbose", "info"):
+            raise UserError(f"AUTOGLM_BUILD_TRT_LOG: '{level}' is not one of verbose, info")
+        log = polygraphy_logger.G_LOGGER
+        severity = log.VERBOSE if level == "verbose" else log.INFO
+        if hasattr(log, "module_severity"):  # Polygraphy >= 0.47 (``severity`` is deprecated there)
+            log.module_severity = severity
+        else:
+            log.severity = severity
+        log.timestamp = True
 
     strong = trt_env.strongly_typed(trt)
     network = NetworkFromOnnxPath(str(source), strongly_typed=True) if strong else NetworkFromOnnxPath(str(source))

@@ -220,3 +220,21 @@ def test_the_scan_would_catch_a_removed_name():
                                                                           "execute_async_v3")
     assert re.search(r"trt\.TacticSource\.CUBLAS\b", (ROOT / "autoglm_build" / "stages" / "engine.py").read_text()) \
         is None
+
+
+def test_verbose_builder_log_has_timestamps_and_a_bad_level_is_one_line(vision_build, tmp_path):
+    """AUTOGLM_BUILD_TRT_LOG=verbose: the builder's log with a timestamp on each line (to see where a slow
+    build spends its time); any other value than verbose/info: exit 2, one line naming the variable."""
+    import re
+
+    workdir = tmp_path / "w"
+    shutil.copytree(vision_build, workdir)
+    env = harness.environment("8.5.3", "0.49.26", tmp_path / "calls.jsonl")
+    args = ["-m", "autoglm_build", "engine", "-c", str(TINY), "-w", str(workdir), "-m", "vision", "--precision", "fp16"]
+    out = harness.run(args, {**env, "AUTOGLM_BUILD_TRT_LOG": "verbose"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"^\[V\] \(\d\d:\d\d:\d\d\) ", out.stderr + out.stdout, re.M), (out.stderr + out.stdout)[-2000:]
+    bad = harness.run(args + ["--force"], {**env, "AUTOGLM_BUILD_TRT_LOG": "loud"})
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert bad.returncode == 2 and errors == ["error: AUTOGLM_BUILD_TRT_LOG: 'loud' is not one of verbose, info"], \
+        bad.stderr[-2000:]

@@ -47,10 +47,12 @@ def split_name(name: str) -> Tuple[str, Optional[int]]:
 
 def module_parts(config: Optional[Dict], module: str) -> List[str]:
     """The build units of ``module`` in a build whose manifest records ``config`` (its JSON data): the
-    module, or its parts where the module's config section (``decoder:``) sets ``stages`` > 1."""
+    module, or its parts where the module's config section (``decoder:``) sets ``stages`` > 1 or
+    ``head_stage`` (one more part after the layer stages)."""
     section = (config or {}).get(module)
-    stages = section.get("stages", 1) if isinstance(section, dict) else 1
-    return [module] if stages == 1 else [part_name(module, k) for k in range(stages)]
+    section = section if isinstance(section, dict) else {}
+    count = section.get("stages", 1) + int(bool(section.get("head_stage", False)))
+    return [module] if count == 1 else [part_name(module, k) for k in range(count)]
 
 
 def layer_ranges(layers: int, stages: int) -> List[range]:

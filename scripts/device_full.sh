@@ -117,7 +117,11 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
       graphs="{ $CLI312 export $f & a=\$!; $CLI312 export $e & b=\$!; wait \$a && wait \$b; }"
       graphs="$graphs && { $CLI312 optimize $f & a=\$!; $CLI312 optimize $e & b=\$!; wait \$a && wait \$b; }"
       graphs="$graphs && $samples"
-      [ "$STAGES" -gt 1 ] && parts=$(seq -s " " -f "decoder.stage%g" 0 $((STAGES - 1)))
+      # the decoder's parts as its config has them (layer stages, and the head stage with decoder.head_stage)
+      parts=$(env PYTHONPATH=$PWD:/tmp/site312 python3 -c "import sys
+from autoglm_build.config import load_config
+from autoglm_build.modules import registry
+print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD") || exit 1
     fi
     engines=""  # one engine per precision (FULL_PRECISIONS) and stage, each built as soon as its graph is calibrated
     for precision in ${FULL_PRECISIONS:-fp16 int8}; do

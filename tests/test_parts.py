@@ -243,3 +243,83 @@ def test_three_stages_chain_to_the_one_graph(tmp_path):
         feed = _step(rng, 2, 1, 6)
         want_feed, got_feed = ({**feed, **{n.replace("present_", "past_"): v for n, v in out.items()
                                            if n.startswith("present_")}} for out in (want, got))
+
+
+@pytest.fixture(scope="module")
+def headed(tmp_path_factory) -> Path:
+    """The tiny config with ``decoder.head_stage`` (one layer stage, then the head stage): export, optimize,
+    samples and the FP16 precision graphs of embed and both parts, the trained checkpoint's weights."""
+    from autoglm_build.stages.calibrate import CalibrateStage
+    from autoglm_build.stages.optimize import OptimizeStage
+    from autoglm_build.stages.samples import SamplesStage
+
+    root = tmp_path_factory.mktemp("headed")
+    config = write_config(root / "headed.yaml", {"modules": MODULES, "decoder": {"head_stage": True}})
+    return _export(config, root / "w", [OptimizeStage(), SamplesStage(), CalibrateStage("fp16")])
+
+
+def test_the_head_stage_is_a_graph_of_the_final_norm_and_lm_head_alone(headed, tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", {"decoder": {"stages": 2, "head_stage": True}}))
+    assert registry.expand(cfg, ["decoder"]) == ["decoder.stage0", "decoder.stage1", "decoder.stage2"]
+    layers, head = (ort_part(headed / "optimized" / f"decoder.stage{k}.onnx") for k in (0, 1))
+    assert layers[0] == ["inputs_embeds", "attention_mask", "position_ids", "past_key.0", "past_value.0",
+                         "past_key.1", "past_value.1"]
+    assert head[0] == ["hidden_states_in"]
+    import onnx
+
+    graph = onnx.load(str(headed / "optimized" / "decoder.stage1.onnx")).graph
+    assert [o.name for o in graph.output] == ["logits"]
+    assert not any(n.op_type in ("Softmax", "Concat") for n in graph.node)  # no attention, no cache in the head
+    assert {t.name for t in graph.initializer if len(t.dims) == 2} and not any("layers" in t.name for t in graph.initializer)
+
+
+@pytest.mark.parametrize("folder", ["onnx", "optimized"])
+def test_a_head_stage_chains_to_the_one_graph_in_prefill_and_decode(headed, unstaged, folder):
+    one = ort_part(unstaged / "onnx" / "decoder.onnx")[1]
+    two = chain([ort_part(headed / folder / f"decoder.stage{k}.onnx") for k in (0, 1)])
+    rng = np.random.default_rng(4)
+    caches = {}
+    for step in range(3):
+        past = 0 if step == 0 else 7 + step - 1
+        feed = _step(rng, 2, 7 if step == 0 else 1, past)
+        want = one({**feed, **(caches.get("one") or _empty(2))})
+        got = two({**feed, **(caches.get("two") or _empty(2))})
+        assert list(got) == list(want)
+        for name, ref in want.items():
+            np.testing.assert_allclose(got[name], ref, rtol=1e-4, atol=1e-5, err_msg=f"step {step} {name}")
+        caches = {side: {n.replace("present_", "past_"): v for n, v in out.items() if n.startswith("present_")}
+                  for side, out in (("one", want), ("two", got))}
+
+
+def test_a_served_chat_on_a_head_stage_build_returns_the_unstaged_tokens(headed, unstaged):
+    prompt = "Open WeChat and send hello to Alice"
+    want, got = _chat(unstaged, prompt), _chat(headed, prompt)
+    assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
+    assert got["usage"] == want["usage"] and got["usage"]["completion_tokens"] > 1
+
+
+@pytest.mark.slow
+def test_tensorrt_85_builds_and_chains_the_head_stage(headed, tmp_path):
+    """Under the fake TensorRT 8.5.3: the head stage's engine has one profile and no mask or cache input;
+    the backend's `run`, `device_call`, kept bindings and a served chat on the device cache chain it after
+    the layer stage and equal ONNX Runtime on the same FP16 graphs."""
+    import shutil
+
+    from tests.engine.fake_trt import harness
+
+    workdir = tmp_path / "w"
+    shutil.copytree(headed, workdir)
+    env = harness.environment("8.5.3", "0.49.26", tmp_path / "calls.jsonl")
+    args = ["-w", str(workdir), "--precision", "fp16"]
+    built = harness.run(["-m", "autoglm_build", "engine", *args, "-m", "embed", "-m", "decoder"], env, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    [found] = (workdir / "engines").glob("decoder.stage1*.json")
+    sidecar = json.loads(found.read_text())
+    assert [list(p) for p in sidecar["profiles"]] == [["hidden_states_in"]]
+    driven = harness.run([str(Path(harness.__file__).with_name("drive_staged.py")), str(workdir), "fp16"], env)
+    assert driven.returncode == 0, driven.stderr[-3000:]
+    result = json.loads(driven.stdout.strip().splitlines()[-1])
+    assert result["files"] == ["decoder.stage0", "decoder.stage1", "embed"]
+    assert result["outputs"] == ["logits", "present_key.0", "present_value.0", "present_key.1", "present_value.1"]
+    assert result["run_max_diff"] < 1e-2 and result["device_max_diff"] == 0.0 and result["kept_max_diff"] == 0.0
+    assert result["chat"]["tensorrt"] == result["chat"]["onnxruntime"] and result["chat"]["tensorrt"]

@@ -91,8 +91,11 @@ def _torch_module():
             zero = torch.zeros((), dtype=dtype)
             return torch.where(allowed, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype))
 
-        def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        def forward(self, inputs_embeds, attention_mask=None, position_ids=None, *past):
             lm, layers = self.language_model, self.stage_layers
+            if not layers:  # the head stage: the final norm and LM head alone (no mask, positions or cache)
+                hidden = lm.norm(inputs_embeds)
+                return self.lm_head(hidden[:, -1, :] if self.last_logits_only else hidden)
             cache = ExplicitCache({i: (past[2 * j], past[2 * j + 1]) for j, i in enumerate(layers)})
             mask = self.causal_mask(attention_mask, inputs_embeds.shape[1], inputs_embeds.dtype)
             rotary = lm.rotary_emb(inputs_embeds, position_ids=position_ids.permute(1, 0, 2))
@@ -166,8 +169,8 @@ class DecoderSpec(ModuleSpec):
 
     def parts(self, cfg: BuildConfig) -> List[str]:
         """``decoder``, or ``decoder.stage0`` .. with ``decoder.stages`` > 1 (:mod:`autoglm_build.parts`)."""
-        stages = cfg.decoder.stages
-        return [self.name] if stages == 1 else [part_name(self.name, k) for k in range(stages)]
+        count = cfg.decoder.parts
+        return [self.name] if count == 1 else [part_name(self.name, k) for k in range(count)]
 
     def part(self, index: int) -> DecoderStageSpec:
         """The spec of stage ``index`` (``decoder.stage{index}``)."""
@@ -326,6 +329,10 @@ class DecoderStageSpec(DecoderSpec):
     ``logits``, the others return ``hidden_states``. Each stage takes and returns its own layers'
     ``past_*``/``present_*`` under their global indices. Its weights are the whole decoder's (same
     seed, or the same checkpoint tensors), its validation cases the decoder's with the stage's inputs.
+
+    With ``decoder.head_stage`` the layer stages all return ``hidden_states`` and one more stage (index
+    ``decoder.stages``) holds no layer: ``hidden_states_in`` -> final norm -> LM head -> ``logits``, with
+    no mask, positions or cache.
     """
 
     def __init__(self, index: int) -> None:
@@ -344,11 +351,19 @@ class DecoderStageSpec(DecoderSpec):
         return self.index == 0
 
     def last(self, cfg: BuildConfig) -> bool:
-        return self.index == cfg.decoder.stages - 1
+        return self.index == cfg.decoder.parts - 1
+
+    def head(self, cfg: BuildConfig) -> bool:
+        """The head stage (``decoder.head_stage``): the final norm and LM head, no layer."""
+        return cfg.decoder.head_stage and self.index == cfg.decoder.stages
 
     def layers(self, cfg: BuildConfig) -> range:
-        if self.index >= cfg.decoder.stages:
-            raise ValueError(f"{self.name}: the config has decoder.stages {cfg.decoder.stages}")
+        if self.index >= cfg.decoder.parts:
+            raise ValueError(f"{self.name}: the config's decoder has {cfg.decoder.parts} parts "
+                             f"(decoder.stages {cfg.decoder.stages}, head_stage {cfg.decoder.head_stage})")
+        if self.head(cfg):
+            n = cfg.text.num_hidden_layers
+            return range(n, n)
         return layer_ranges(cfg.text.num_hidden_layers, cfg.decoder.stages)[self.index]
 
     def build(self, cfg: BuildConfig):
@@ -361,6 +376,8 @@ class DecoderStageSpec(DecoderSpec):
         return self._build(cfg, self.layers(cfg), self.last(cfg))
 
     def input_names(self, cfg: BuildConfig) -> List[str]:
+        if self.head(cfg):
+            return [HIDDEN_IN]
         names = super().input_names(cfg)
         return names if self.first() else [HIDDEN_IN] + names[1:]
 
@@ -372,6 +389,8 @@ class DecoderStageSpec(DecoderSpec):
         axes = super().dynamic_axes(cfg)
         if not self.first():
             axes[HIDDEN_IN] = axes.pop("inputs_embeds")
+        if self.head(cfg):
+            del axes["attention_mask"], axes["position_ids"]
         if not self.last(cfg):
             del axes["logits"]
             axes[HIDDEN] = {0: "batch", 1: "seq"}
@@ -382,11 +401,14 @@ class DecoderStageSpec(DecoderSpec):
         inputs = super().step_inputs(cfg, rng, batch, seq, past, pad)
         if not self.first():
             inputs[HIDDEN_IN] = inputs.pop("inputs_embeds")
-        return inputs
+        names = self.input_names(cfg)
+        return {n: v for n, v in inputs.items() if n in names or n.startswith("past_")}
 
     def fingerprint_data(self, cfg: BuildConfig) -> Dict[str, Any]:
         data = super().fingerprint_data(cfg)
         data.update(module=self.name, stages=cfg.decoder.stages, layers=[self.layers(cfg).start, self.layers(cfg).stop])
+        if cfg.decoder.head_stage:
+            data.update(head_stage=True)
         return data
 
     def calibration_batches(self, cfg: BuildConfig, data, graphs):

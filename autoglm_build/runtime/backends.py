@@ -203,6 +203,7 @@ class TensorRTBackend(Backend):
                  devices: Optional[Sequence[int]] = None, origin: str = "--devices") -> None:
         super().__init__(precision)
         self.devices = list(devices) if devices is not None else None
+        self.config = manifest.config  # the build's config (JSON data)
         self.placement: Dict[str, Optional[int]] = {}  # loaded engine -> its GPU (None: the current one)
         self.peer_access: Dict[str, bool] = {}  # "0->1": whether GPU 0 reaches GPU 1's memory directly
         self._devices: Dict[Optional[int], Any] = {}  # GPU -> its Device (stream), made on first use
@@ -220,7 +221,8 @@ class TensorRTBackend(Backend):
             if self.devices is not None:
                 from autoglm_build.runtime.device import check_devices, check_placement
 
-                check_placement(self.devices, len(module_parts(manifest.config, "decoder")), origin)
+                layer_stages = ((manifest.config or {}).get("decoder") or {}).get("stages", 1)
+                check_placement(self.devices, layer_stages, origin)
                 check_devices(self.devices, origin)
             for module in modules:
                 self.parts[module] = module_parts(manifest.config, module)
@@ -245,7 +247,8 @@ class TensorRTBackend(Backend):
             return [self.devices[0]] * len(parts)
         from autoglm_build.runtime.device import stage_devices
 
-        return stage_devices(self.devices, len(parts))
+        head = bool(((self.config or {}).get("decoder") or {}).get("head_stage")) and len(parts) > 1
+        return stage_devices(self.devices, len(parts) - head, head)
 
     def _connect(self) -> None:
         """Peer access between GPUs whose stages hand activations to each other (both ways), where the

@@ -59,10 +59,12 @@ def parse_devices(text: str, origin: str = "--devices") -> List[int]:
     return devices
 
 
-def stage_devices(devices: Sequence[int], stages: int) -> List[int]:
+def stage_devices(devices: Sequence[int], stages: int, head: bool = False) -> List[int]:
     """The GPU of each of ``stages`` stages: stage ``i`` on ``devices[i * len(devices) // stages]`` (contiguous
-    runs of stages per GPU, the earlier GPUs taking the remainder's stages last: 3 stages on 2 GPUs are 0, 0, 1)."""
-    return [devices[i * len(devices) // stages] for i in range(stages)]
+    runs of stages per GPU, the earlier GPUs taking the remainder's stages last: 3 stages on 2 GPUs are 0, 0, 1).
+    ``head``: one more part, the head stage (``decoder.head_stage``: no layer, no cache), on the last stage's GPU."""
+    placed = [devices[i * len(devices) // stages] for i in range(stages)]
+    return placed + placed[-1:] if head else placed
 
 
 def check_placement(devices: Sequence[int], stages: int, origin: str = "--devices") -> None:

@@ -397,10 +397,12 @@ class DeviceKVCache(KVCache):
         def make() -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, int]]:
             inputs = self.backend.inputs[unit]
             first = inputs[0]
-            shapes = {first: (n, seq, self.hidden), "attention_mask": (n, past.columns + seq),
-                      "position_ids": (n, 3, seq)}
+            shapes = {first: (n, seq, self.hidden)}
             out = "logits" if "logits" in self.backend.shapes[unit] else "hidden_states"
-            addresses = {first: source, "attention_mask": mask_ptr, "position_ids": pos_ptr, out: target}
+            addresses = {first: source, out: target}
+            if "attention_mask" in inputs:  # every stage's but the head stage's (decoder.head_stage)
+                shapes.update(attention_mask=(n, past.columns + seq), position_ids=(n, 3, seq))
+                addresses.update(attention_mask=mask_ptr, position_ids=pos_ptr)
             for name in inputs:
                 if name.startswith("past_"):
                     z = shard.planes[name[len("past_"):]]

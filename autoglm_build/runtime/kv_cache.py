@@ -296,11 +296,13 @@ class OrtKVCache(KVCache):
     own layers' slots; the ``hidden_states`` between stages are the one array that moves."""
 
     def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any = np.float32) -> None:
-        self.stages = []  # per stage: session, its binding, its first input's dtype, its own cache names
+        # per stage: session, its binding, its first input's dtype, its own cache names, its mask/position inputs
+        self.stages = []
         for unit in backend.parts.get("decoder", ["decoder"]):
             session, inputs = backend.sessions[unit], backend.inputs[unit]
             own = [n[len("past_"):] for n in inputs if n.startswith("past_")]
-            self.stages.append((session, session.io_binding(), inputs[0], backend.dtypes[unit][inputs[0]], own))
+            steps = [n for n in ("attention_mask", "position_ids") if n in inputs]  # not the head stage's
+            self.stages.append((session, session.io_binding(), inputs[0], backend.dtypes[unit][inputs[0]], own, steps))
         self.present: Dict[str, np.ndarray] = {}
         super().__init__(backend, spec, slots, context, dtype)
 
@@ -315,12 +317,12 @@ class OrtKVCache(KVCache):
     def _run_decode(self, embeds: np.ndarray, positions: np.ndarray,
                     rows: slice) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
         hidden = embeds
-        for session, binding, first, first_dtype, own in self.stages:
-            keep = [np.ascontiguousarray(hidden, first_dtype), self.mask[rows],
-                    np.ascontiguousarray(positions, np.int64)]  # alive until the run returns
+        for session, binding, first, first_dtype, own, steps in self.stages:
+            keep = {first: np.ascontiguousarray(hidden, first_dtype), "attention_mask": self.mask[rows],
+                    "position_ids": np.ascontiguousarray(positions, np.int64)}  # alive until the run returns
             binding.bind_output(session.get_outputs()[0].name, "cpu")  # logits, or hidden_states
-            for name, array in zip((first, "attention_mask", "position_ids"), keep):
-                self._bind_input(binding, name, array)
+            for name in (first, *steps):
+                self._bind_input(binding, name, keep[name])
             for name in own:
                 self._bind_input(binding, f"past_{name}", self.store[name][rows])
                 present = self.present[name][rows]

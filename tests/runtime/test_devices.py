@@ -40,6 +40,7 @@ def test_stage_i_of_n_goes_to_devices_i_times_len_over_n():
     assert stage_devices([3, 1], 3) == [3, 3, 1]  # the listed order, not the indices' order
     assert stage_devices([2], 2) == [2, 2]
     assert stage_devices([0, 1, 2], 3) == [0, 1, 2]
+    assert stage_devices([0, 1], 2, head=True) == [0, 1, 1]  # the head stage beside the last layer stage
 
 
 def test_a_bad_device_list_is_one_line_naming_the_option():

@@ -130,7 +130,7 @@ def test_the_staged_decoder_split_across_two_gpus_generates_what_it_does_on_one(
     for case in ("solo", "batched", "joining", "agent_alone", "agent"):
         assert two[case] == one[case], case
     assert two["agent"] == two["agent_alone"] and two["prefix"]["hits"] == 2
-    assert two["describe"]["placement"] == {**{u: 0 for u in two["describe"]["files"]}, stages[-1]: 1}
+    assert two["describe"]["placement"] == {**{u: 0 for u in two["describe"]["files"]}, **_placed(workdir, [0, 1])}
     steps = [s for case in two["steps"].values() for s in case]
     assert steps and all(s["device"]["peer_calls"] >= 1 for s in steps)  # every decode step crossed by peer copy
     assert all(s["device"]["d2h_bytes"] <= s["logits_bytes"] for s in steps)
@@ -139,6 +139,17 @@ def test_the_staged_decoder_split_across_two_gpus_generates_what_it_does_on_one(
     assert on_host["cache"] == "KVCache" and on_host["solo"] == one["solo"] and on_host["joining"] == one["joining"]
     monkeypatch.undo()
     _check_memory_placement(workdir)
+
+
+def _placed(workdir: Path, devices) -> dict:
+    """Each decoder part's GPU under the placement rule (the head stage beside the last layer stage)."""
+    from autoglm_build.runtime.device import stage_devices
+
+    config = Manifest.load(workdir).config
+    section = config.get("decoder") or {}
+    parts = module_parts(config, "decoder")
+    head = bool(section.get("head_stage"))
+    return dict(zip(parts, stage_devices(devices, len(parts) - head, head)))
 
 
 def _check_memory_placement(workdir: Path) -> None:
@@ -151,8 +162,9 @@ def _check_memory_placement(workdir: Path) -> None:
     try:
         spec = CacheSpec(cfg.text.num_hidden_layers, cfg.text.num_key_value_heads, cfg.text.head_dim)
         cache = backend.kv_cache(spec, 2, backend.context)
+        placed = _placed(workdir, [0, 1])  # e.g. stage0 on 0, stage1 and the head stage on 1
         assert [s.device.index for s in cache.shards] == [0, 1]
-        assert [s.units for s in cache.shards] == [[u] for u in backend.parts["decoder"]]
+        assert [s.units for s in cache.shards] == [[u for u, d in placed.items() if d == k] for k in (0, 1)]
         for shard in cache.shards:
             assert _pointer_device(shard.store_ptr) == shard.device.index
             assert _pointer_device(shard.mask_ptr) == shard.device.index

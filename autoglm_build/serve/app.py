@@ -71,7 +71,7 @@ class ServerState:
     api_key: Optional[str] = None
     model_ids: Tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
-    media_lock: threading.Lock = field(default_factory=threading.Lock)
+    media_lock: threading.Lock = field(default_factory=threading.Lock)  # one encoder call at a time (one context)
 
 
 def validation_error(exc: ValidationError) -> APIError:
@@ -323,12 +323,12 @@ def media_segment(state: ServerState, part: Union[ImagePart, AudioPart], param: 
     if needed not in state.backend.files:
         raise APIError(400, f"{param}: this build has no {needed} module", param=param)
     try:
-        with state.media_lock:
-            if isinstance(part, ImagePart):
-                data = image_bytes(part.image_url.url, f"{param}.image_url.url")
-                return encode_image(state.backend, state.cfg, data, f"{param}.image_url")
-            data = decode_base64(part.input_audio.data, f"{param}.input_audio.data")
-            return encode_audio(state.backend, state.cfg, data, f"{param}.input_audio")
+        # the lock is held around the encoder call only: requests decode and preprocess concurrently
+        if isinstance(part, ImagePart):
+            data = image_bytes(part.image_url.url, f"{param}.image_url.url")
+            return encode_image(state.backend, state.cfg, data, f"{param}.image_url", state.media_lock)
+        data = decode_base64(part.input_audio.data, f"{param}.input_audio.data")
+        return encode_audio(state.backend, state.cfg, data, f"{param}.input_audio", state.media_lock)
     except MediaError as exc:
         raise APIError(400, exc.message, param=exc.param) from None
     except ImportError as exc:  # e.g. the GPU harness's Python without Pillow/transformers

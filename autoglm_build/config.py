@@ -295,6 +295,10 @@ class ServeConfig(_Section):
         2048, ge=0, description="keys/values of prompt prefixes kept for reuse across requests (the phone agent's "
         "system prompt and history), least recently used out; 0 turns reuse off. 2,048 MiB: about 51K tokens "
         "of the 9B model's FP16 cache (40 KiB a token)")
+    overlap: bool = Field(
+        True, description="launch each decode step before the previous step's text work (detokenizing, stop "
+        "strings, streaming), so the GPU runs while the host works; same tokens and text either way; false: "
+        "one step after the other")
     devices: Optional[List[int]] = Field(
         None, min_length=1, description="GPUs the decoder's stages are placed on (TensorRT, pipeline parallel): stage "
         "i of N on devices[i * len(devices) // N], vision/audio/embed on the first; each GPU listed once, at most "

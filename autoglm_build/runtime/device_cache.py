@@ -27,7 +27,7 @@ the same calls the scheduler and the prefix cache make, with the memory on the d
   ``free_block`` back to the pool: no ``cudaFree``, which would wait for the device).
 
 Everything runs on the backend's one stream (:class:`~.device.Device`), in order; a step waits for the
-stream once, for its logits.
+stream once, for its logits: :meth:`DeviceKVCache.decode_async` queues a step and returns, its result waits.
 
 **On several GPUs** (the decoder's stages placed by ``serve --devices``, :mod:`~.device`) the cache is cut
 into :class:`Shard` s, one per GPU: each holds the planes of the stages placed there (its own store, its
@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from autoglm_build.runtime.device import D2H, Buffer, Device, DeviceEmbeds, Layout, lines_for
-from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache, Prefix
+from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache, Prefix, Step, mutates
 
 
 class DeviceBlock:
@@ -225,10 +225,12 @@ class DeviceKVCache(KVCache):
         super()._take(slot, length)
         self._mask_rows.add(slot)
 
+    @mutates
     def release(self, slot: int) -> None:
         super().release(slot)
         self._mask_rows.add(slot)
 
+    @mutates
     def move(self, source: int, target: int) -> None:
         n = int(self.lengths[source])
         for shard in self.shards:
@@ -253,6 +255,7 @@ class DeviceKVCache(KVCache):
 
     # ---- prefix blocks ------------------------------------------------------------------------
 
+    @mutates
     def save_block(self, slot: int, start: int, stop: int) -> DeviceBlock:
         tokens = stop - start
         free = self._pool.get(tokens)
@@ -267,11 +270,13 @@ class DeviceKVCache(KVCache):
                                  tokens)
         return DeviceBlock(ptrs, tokens)
 
+    @mutates
     def free_block(self, block: Any) -> None:
         self._pool.setdefault(block.tokens, []).append(block.ptrs)
 
     # ---- prefill ------------------------------------------------------------------------------
 
+    @mutates
     def prefill(self, slots: Sequence[int], lengths: Sequence[int], chunks: Iterable[Chunk],
                 prefixes: Optional[Sequence[Prefix]] = None) -> np.ndarray:
         n = len(slots)
@@ -412,10 +417,27 @@ class DeviceKVCache(KVCache):
             return shapes, addresses
         return make
 
+    @mutates
     def decode(self, ids: np.ndarray, positions: np.ndarray, slot: Optional[int] = None,
                commit: bool = True) -> np.ndarray:
         """:meth:`KVCache.decode` on the device. The logits array is reused by the next call; only the
         used rows (and of them the ``logit_columns``) are filled."""
+        if slot is None and commit:
+            return self.decode_async(ids, positions).result()
+        return self._logits(*self._launch(ids, positions, slot, False))
+
+    @mutates
+    def decode_async(self, ids: np.ndarray, positions: np.ndarray) -> Step:
+        """:meth:`KVCache.decode_async` on the device: returns once the engines, the new columns' copies into
+        the slots and the mask's elements are queued on the stream(s); ``result()`` downloads the logits
+        (into pageable memory, which waits for the device: so not here) and waits for every stream."""
+        launched = self._launch(ids, positions, None, True)
+        return Step(self, lambda: self._logits(*launched))
+
+    def _launch(self, ids: np.ndarray, positions: np.ndarray, slot: Optional[int],
+                commit: bool) -> Tuple[int, int, List[int], List[Tuple[int, int]]]:
+        """Queue one decode step; returns (rows run, the device logits, the used rows from the first row run,
+        the (slot, column) of each new column committed)."""
         self.fit(int(self.lengths[self.used].max(initial=0)) + 1)
         self._flush_mask()
         cap, item = self.capacity, self.mask_dtype.itemsize
@@ -434,6 +456,7 @@ class DeviceKVCache(KVCache):
         logits = self.shards[-1].buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
         self._run("decode", n, 1, self._embed(ids, "decode"), masks, positions, past, present, logits)
         used = [int(s) for s in np.flatnonzero(self.used[row:row + n])]  # rows from ``row``
+        committed = []
         if commit:  # each used row's new column into its slot, its mask element up
             for k in used:
                 s, at = row + k, int(self.lengths[row + k])
@@ -443,9 +466,21 @@ class DeviceKVCache(KVCache):
                 for shard in self.shards:
                     shard.device.upload(shard.mask_ptr + (s * (cap + 1) + at) * item, self._one)
                 self.lengths[s] += 1
+                committed.append((s, at))
+        return n, logits, used, committed
+
+    def _logits(self, n: int, ptr: int, used: List[int], committed: List[Tuple[int, int]]) -> np.ndarray:
+        """The step's logits on the host once every stream is done. If that raises, the committed columns are
+        taken back (lengths and mask as before the step), so the step can be run again."""
         out = self._logits_host[:n]
-        self._download_rows(out, logits, used)
-        self._sync()
+        try:
+            self._download_rows(out, ptr, used)
+            self._sync()
+        except BaseException:
+            for s, at in committed:
+                self.lengths[s], self.mask[s, at] = at, 0
+                self._mask_rows.add(s)
+            raise
         return out if self.logits_dtype == np.float32 else out.astype(np.float32)
 
     def _download_rows(self, host: np.ndarray, ptr: int, rows: Sequence[int]) -> None:

@@ -13,6 +13,14 @@ are not thread-safe, and one thread keeps the GPU's work in order). It does cont
    (temperature, top-p, penalties; each seeded request draws from its own generator, so what it
    samples does not depend on its neighbours). Rows that finish (stop token, stop string, max_tokens)
    or whose client went away free their slot.
+4. With ``overlap`` (``serve.overlap``), the next decode step is launched as soon as the tokens are picked
+   and their cheap bookkeeping is done (what the next pick reads), before this step's text work
+   (detokenizing, stop strings, events): on a GPU the engines run while the host streams the text. It is
+   launched only when it is the step the serial order would run next (no row finished or left, nobody to
+   admit, no hole to close). A row that a stop string ends meanwhile is in that step: its result is
+   dropped and the row leaves afterwards (one step of compute lost, its cache column a real token's).
+   Every cache call that changes the cache waits until the step's result is taken (the cache refuses
+   it before); so do admission, retiring and errors. The tokens and text are those of the serial order.
 
 Positions are per row (GLM's 3-part rotary positions, so images keep their 2-D layout), which is
 why padding changes nothing a row computes: padded keys are masked and positions skip them.
@@ -37,7 +45,7 @@ import numpy as np
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.runtime.backends import Backend
-from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache, Splice
+from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache, Splice, Step
 from autoglm_build.runtime.prefix_cache import BLOCK_TOKENS, PrefixCache, Reuse
 from autoglm_build.runtime.text import ChatTokenizer, Detokenizer, Prompt, StopMatcher
 
@@ -138,12 +146,14 @@ class Scheduler:
             prefill profile's rows); more admitted at once are prefilled in groups of that many.
         prefix_cache_bytes: the prefix cache's budget (default ``serve.prefix_cache_mib``; 0: no reuse).
         prefix_block: tokens per prefix-cache block.
+        overlap: launch each decode step before the previous step's text work (default ``serve.overlap``;
+            module docstring, item 4).
     """
 
     def __init__(self, backend: Backend, cfg: BuildConfig, tokenizer: ChatTokenizer, max_batch: int,
                  queue_size: int, context: int, prefill_chunk: Optional[int] = None,
                  prefix_cache_bytes: Optional[int] = None, prefix_block: int = BLOCK_TOKENS,
-                 prefill_batch: Optional[int] = None) -> None:
+                 prefill_batch: Optional[int] = None, overlap: Optional[bool] = None) -> None:
         self.backend, self.cfg, self.tokenizer = backend, cfg, tokenizer
         self.max_batch = min(max_batch, backend.max_batch or max_batch)
         self.context = min(context, backend.context or context)
@@ -168,7 +178,10 @@ class Scheduler:
         self.thread: Optional[threading.Thread] = None
         self.accepting = True
         self.running = False
+        self.overlap = cfg.serve.overlap if overlap is None else overlap
+        self.flight: Optional[Step] = None  # the decode step launched ahead; while set, rows stay in the batch
         self.steps = 0
+        self.overlapped = 0  # decode steps launched before the previous step's text work
         self.tokens = 0
         self.logged = time.monotonic()
 
@@ -187,8 +200,9 @@ class Scheduler:
         with self.lock:
             return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
                     "queue_size": self.queue_size, "context": self.context, "prefill_chunk": self.prefill_chunk,
-                    "prefill_batch": self.prefill_batch,
-                    "decode_steps": self.steps, "tokens": self.tokens, "prefill_tokens": self.prefill_tokens,
+                    "prefill_batch": self.prefill_batch, "overlap": self.overlap,
+                    "decode_steps": self.steps, "overlapped_steps": self.overlapped, "tokens": self.tokens,
+                    "prefill_tokens": self.prefill_tokens,
                     "prefill_positions": self.prefill_positions, "prefix_cache": self.prefix.stats()}
 
     def start(self) -> None:
@@ -227,12 +241,13 @@ class Scheduler:
         """Admit waiting requests (one batched prefill), then one decode step for every row."""
         admitted: List[Request] = []
         try:
-            admitted = self._admit()
+            admitted = self._admit() if self.flight is None else []  # a step in flight is taken first
             if admitted:
                 self._prefill(admitted)
             elif self.rows:
                 self._decode()
         except Exception as exc:  # a bug outside the per-row paths: end what it touched, keep serving
+            self._land()
             in_rows = {id(r.req) for r in self.rows}
             for req in admitted:
                 if id(req) not in in_rows:
@@ -258,10 +273,14 @@ class Scheduler:
             pass
 
     def _end(self, row: _Row, exc: BaseException) -> None:
-        """The row leaves the batch with an error; the others stay."""
+        """The row leaves the batch with an error; the others stay. While a step is in flight the row is
+        in it: it leaves once the step's result is taken (its result dropped)."""
         if row in self.rows:
-            self.rows.remove(row)
-            self.cache.release(row.slot)
+            if self.flight is None:
+                self.rows.remove(row)
+                self.cache.release(row.slot)
+            else:
+                row.finish = "error"
         self._error(row.req, exc)
 
     # ---- prefill ----------------------------------------------------------------------------
@@ -368,26 +387,65 @@ class Scheduler:
     # ---- decode -----------------------------------------------------------------------------
 
     def _decode(self) -> None:
-        self._retire()  # rows whose client left since the last step
-        if not self.rows:
-            return
-        try:
-            logits = self._decode_step()
-        except Exception:  # noqa: BLE001 - whose fault? each row alone says
-            self._isolate()
+        """One decode step of every row: the one in flight, else one run now; its tokens; the next step
+        launched (with ``overlap``, when it may be) before this one's text."""
+        logits = self._land()
+        if logits is None:  # nothing in flight (or it raised: the serial path runs it again)
+            self._retire()  # rows that finished, or whose client left, since the last step
             if not self.rows:
                 return
-            try:
-                logits = self._decode_step()
-            except Exception as exc:  # fails with every row that works alone: not one row's fault
-                for row in list(self.rows):
-                    self._end(row, exc)
+            logits = self._decode_serial()
+            if logits is None:
                 return
         for row in self.rows:
             row.next_position += 1
         self.steps += 1
-        self._sample(logits[[r.slot for r in self.rows]], self.rows)
-        self._retire()
+        rows = [r for r in self.rows if r.finish is None]  # ended while the step ran: its result is dropped
+        if rows:
+            self._sample(logits[[r.slot for r in rows]], rows, launch=self.overlap)
+        if self.flight is None:
+            self._retire()
+
+    def _decode_serial(self) -> Optional[np.ndarray]:
+        """One decode step of every row, waited for; when it raises, each row alone, and the rows left once
+        more. None: no row is left."""
+        try:
+            return self._decode_step()
+        except Exception:  # noqa: BLE001 - whose fault? each row alone says
+            self._isolate()
+            if not self.rows:
+                return None
+            try:
+                return self._decode_step()
+            except Exception as exc:  # fails with every row that works alone: not one row's fault
+                for row in list(self.rows):
+                    self._end(row, exc)
+                return None
+
+    def _launch(self) -> None:
+        """Launch the next decode step ahead of this step's text, if it is the step the serial order runs next:
+        every row goes on (none finished, left or failed), nobody waits for a free row, and no row would
+        move down into a free slot. A launch that raises is left to the serial path, which runs it again."""
+        if any(r.finish is not None or r.req.cancelled for r in self.rows) or self.cache.top > len(self.rows):
+            return
+        if self.waiting and len(self.rows) < self.max_batch:
+            return
+        try:
+            self.flight = self.cache.decode_async(*self._inputs(self.rows, self.cache.top))
+        except Exception:  # noqa: BLE001 - the serial path runs the step again and says whose fault it is
+            return
+        self.overlapped += 1
+
+    def _land(self) -> Optional[np.ndarray]:
+        """The logits of the step in flight, once it is done. None: no step in flight, or it raised (the
+        cache took the step back; the serial path runs it again)."""
+        flight, self.flight = self.flight, None
+        if flight is None:
+            return None
+        try:
+            return flight.result()
+        except Exception:  # noqa: BLE001 - see above
+            return None
 
     def _inputs(self, rows: List[_Row], top: int) -> Tuple[np.ndarray, np.ndarray]:
         ids = np.zeros((top, 1), np.int64)
@@ -430,9 +488,10 @@ class Scheduler:
 
     # ---- sampling ---------------------------------------------------------------------------
 
-    def _sample(self, logits: np.ndarray, rows: List[_Row]) -> None:
+    def _sample(self, logits: np.ndarray, rows: List[_Row], launch: bool = False) -> None:
         """Pick each row's next token in one pass over the batch; a row whose own state makes that pass
-        raise is tried alone and ends alone."""
+        raise is tried alone and ends alone. Then each token's bookkeeping, and its text; with ``launch``
+        the next decode step is launched between the two (:meth:`_launch`) when every row got its token."""
         live = [r for r in rows if not r.req.cancelled]
         index = [k for k, r in enumerate(rows) if not r.req.cancelled]
         try:
@@ -445,38 +504,57 @@ class Scheduler:
                 except Exception as exc:
                     tokens.append(None)
                     self._end(row, exc)
+        accepted = []
         for row, token in zip(live, tokens):
             if token is None:
                 continue
             try:
-                self._accept(row, token)
+                accepted.append((row, token, self._advance(row, token)))
+            except Exception as exc:
+                self._end(row, exc)
+        if launch and len(accepted) == len(rows):
+            self._launch()
+        for row, token, kind in accepted:
+            try:
+                self._deliver(row, token, kind)
             except Exception as exc:  # e.g. its client's event loop is gone
                 self._end(row, exc)
 
-    def _accept(self, row: _Row, token: int) -> None:
+    def _advance(self, row: _Row, token: int) -> str:
+        """The token's bookkeeping, all that the next pick reads: the ids and their counts, the thinking
+        span, a stop id, ``max_tokens``. Returns its kind for :meth:`_deliver`: ``stop`` (a stop id),
+        ``close`` (``</think>``), ``reasoning`` or ``content``."""
         req, tok = row.req, self.tokenizer
         req.token_ids.append(token)
         self.sampler.count(row.slot, token)
         self.tokens += 1
         row.pending = token
-        reasoning = content = ""
         if token in tok.stop_ids and not req.params.ignore_eos:
-            row.finish = "stop"
-        elif req.thinking:
-            if token == tok.ids["</think>"]:
-                req.thinking = False
-            else:
-                req.reasoning_tokens += 1
-                reasoning = row.reasoning.push(token)
+            kind = row.finish = "stop"
+        elif not req.thinking:
+            kind = "content"
+        elif token == tok.ids["</think>"]:
+            kind, req.thinking = "close", False
         else:
-            text, hit = row.stops.feed(row.content.push(token))
-            content = text
-            if hit:
-                row.finish = "stop"
+            kind = "reasoning"
+            req.reasoning_tokens += 1
         if row.finish is None and req.generated >= req.params.max_tokens:
             row.finish = "length"
-        if row.finish is not None:
-            content += row.stops.flush() if row.finish == "length" else ""
+        return kind
+
+    def _deliver(self, row: _Row, token: int, kind: str) -> None:
+        """The token's text: detokenized, matched against the stop strings (a match ends the row, before
+        ``max_tokens`` does), sent as a delta; then the done event if the row finished."""
+        req = row.req
+        reasoning = content = ""
+        if kind == "reasoning":
+            reasoning = row.reasoning.push(token)
+        elif kind == "content":
+            content, hit = row.stops.feed(row.content.push(token))
+            if hit:
+                row.finish = "stop"
+        if row.finish == "length":
+            content += row.stops.flush()
         if reasoning or content:
             req.emit({"type": "delta", "reasoning": reasoning, "content": content})
         if row.finish is not None:

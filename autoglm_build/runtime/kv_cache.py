@@ -15,7 +15,10 @@ dtype the backend's graph/engine declares for ``past_*`` (FP32 or FP16):
   row is copied. :meth:`move` moves one row into a lower free slot so the batch can shrink;
 - ``capacity`` grows (and shrinks) in pages of about 1/8 of the longest row, so the attention the
   engine computes beyond the longest row stays under about 12 %, and re-laying the cache (the one
-  whole copy) happens every ``capacity/8`` steps at most.
+  whole copy) happens every ``capacity/8`` steps at most;
+- :meth:`KVCache.decode_async` launches a committed step and returns a :class:`Step` whose ``result()``
+  waits for its logits: on the GPU the scheduler streams the previous step's text while the step runs.
+  Until then the cache refuses every call that changes it (:func:`mutates`).
 
 Paged attention (vLLM's) would need an attention kernel that reads pages; the exported graph's
 attention is standard ONNX over a dense past, which TensorRT 8.5 parses, so slots it is.
@@ -35,13 +38,14 @@ Imports on the GPU harness's Python 3.9 without torch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
 MIN_PAGE = 16  # columns: the smallest growth step of the capacity
-
+Method = TypeVar("Method", bound=Callable[..., Any])
 
 
 class Splice(NamedTuple):
@@ -89,6 +93,49 @@ class CacheSpec:
         return [f"{kind}.{i}" for i in range(self.layers) for kind in ("key", "value")]
 
 
+def mutates(method: Method) -> Method:
+    """A cache call that changes (or, on the device, reuses the buffers of) the cache: it raises
+    ``RuntimeError`` while a decode step launched by :meth:`KVCache.decode_async` is in flight, so a
+    scheduler that calls it too early fails its tests instead of corrupting rows."""
+    @functools.wraps(method)
+    def guarded(self: KVCache, *args: Any, **kwargs: Any) -> Any:
+        if self.in_flight:
+            raise RuntimeError(f"KV cache: {method.__name__} called while a decode step is in flight "
+                               "(take its result first)")
+        return method(self, *args, **kwargs)
+    return guarded  # type: ignore[return-value]
+
+
+class Step:
+    """A decode step launched by :meth:`KVCache.decode_async`. Until :meth:`result` returns (or raises), the
+    cache refuses every call that would change it.
+
+    Args:
+        cache: the cache it runs on (its ``in_flight`` flag is set until the result is taken).
+        finish: waits for the step and returns its logits (the second half of :meth:`KVCache.decode`).
+    """
+
+    def __init__(self, cache: KVCache, finish: Callable[[], np.ndarray]) -> None:
+        self.cache, self._finish = cache, finish
+        self._logits: Optional[np.ndarray] = None
+        self._error: Optional[BaseException] = None
+        cache.in_flight = True
+
+    def result(self) -> np.ndarray:
+        """The step's logits, as :meth:`KVCache.decode` returns them (waits for the device once)."""
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            try:
+                self._logits = finish()
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self.cache.in_flight = False
+        if self._error is not None:
+            raise self._error
+        return self._logits  # type: ignore[return-value]
+
+
 def capacity_for(need: int, limit: Optional[int] = None) -> int:
     """Columns to allocate for ``need``: rounded up to a page of about ``need / 8`` (a power of two, at
     least :data:`MIN_PAGE`), at most ``limit`` but never below ``need``."""
@@ -107,6 +154,8 @@ class KVCache:
         context: the longest row, prompt and generated tokens (the decode call's past stays below it).
         dtype: the dtype the decoder declares for ``past_*``.
     """
+
+    in_flight = False  # a decode_async step whose result is not taken yet (:func:`mutates`)
 
     def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any = np.float32) -> None:
         self.backend, self.spec, self.slots, self.context = backend, spec, slots, context
@@ -154,6 +203,7 @@ class KVCache:
         self.mask[:, capacity] = 1
         self.mask[:, :capacity] = np.arange(capacity)[None, :] < self.lengths[:, None]
 
+    @mutates
     def fit(self, need: int) -> None:
         """Make room for ``need`` columns per row; give back room when the longest row needs under half."""
         if need > self.capacity or (self.capacity > 4 * MIN_PAGE and 2 * need < self.capacity):
@@ -161,6 +211,7 @@ class KVCache:
 
     # ---- rows -------------------------------------------------------------------------------
 
+    @mutates
     def prefill(self, slots: Sequence[int], lengths: Sequence[int], chunks: Iterable[Chunk],
                 prefixes: Optional[Sequence[Prefix]] = None) -> np.ndarray:
         """Run the decoder over ``chunks`` of left-padded prompts (each chunk attends to the cache the
@@ -219,6 +270,7 @@ class KVCache:
         s = self.spec
         return len(s.names) * s.kv_heads * tokens * s.head_dim * self.dtype.itemsize
 
+    @mutates
     def save_block(self, slot: int, start: int, stop: int) -> Any:
         """A copy of columns ``[start, stop)`` of the row in ``slot``, every layer's keys and values: here
         one host array ``(names, kv_heads, stop - start, head_dim)``; a device cache returns its own
@@ -228,6 +280,7 @@ class KVCache:
             block[j] = self.store[name][slot, :, start:stop]
         return block
 
+    @mutates
     def free_block(self, block: Any) -> None:
         """The prefix cache dropped ``block`` (host arrays: the garbage collector frees them; a device
         cache returns the memory to its pool)."""
@@ -237,11 +290,13 @@ class KVCache:
         self.mask[slot, :self.capacity] = 0
         self.mask[slot, :length] = 1
 
+    @mutates
     def release(self, slot: int) -> None:
         """The row in ``slot`` leaves; no other row moves."""
         self.used[slot], self.lengths[slot] = False, 0
         self.mask[slot, :self.capacity] = 0
 
+    @mutates
     def move(self, source: int, target: int) -> None:
         """Move the row in ``source`` to the free slot ``target`` (one row's columns copied)."""
         n = int(self.lengths[source])
@@ -252,6 +307,7 @@ class KVCache:
 
     # ---- decode -----------------------------------------------------------------------------
 
+    @mutates
     def decode(self, ids: np.ndarray, positions: np.ndarray, slot: Optional[int] = None,
                commit: bool = True) -> np.ndarray:
         """One decode step of slots ``0..top`` (or of ``slot`` alone): ``ids`` (rows, 1) and
@@ -273,6 +329,16 @@ class KVCache:
             self.mask[used, at] = 1
             self.lengths[used] += 1
         return logits
+
+    @mutates
+    def decode_async(self, ids: np.ndarray, positions: np.ndarray) -> Step:
+        """:meth:`decode` of slots ``0..top``, committed, launched: its :class:`Step`'s ``result()`` returns
+        what ``decode(ids, positions)`` returns. The cache's bookkeeping (lengths, mask) is the step's
+        once this returns; until the result is taken every call that changes the cache raises
+        ``RuntimeError``. Here (host arrays, ONNX Runtime) the step is computed before this returns; a
+        device cache returns once the work is queued, so the host can do other work meanwhile."""
+        logits = self.decode(ids, positions)
+        return Step(self, lambda: logits)
 
     def _run_prefill(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                      past: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

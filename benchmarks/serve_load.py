@@ -110,7 +110,8 @@ def prompt_ids(args) -> Tuple[list, object]:
 
 def engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int) -> dict:
     """The decoder alone at ``batch``: :func:`ort_engine_rate` or :func:`trt_engine_rate` by backend."""
-    if backend.name == "tensorrt":
+    if backend.name == "tensorrt" or len(backend.parts.get("decoder", ["decoder"])) > 1:
+        # a staged decoder on ONNX Runtime: its stages chained through the server's own cache (OrtKVCache)
         return trt_engine_rate(backend, cfg, tokenizer, batch, ids, steps)
     return {"tokens_per_s": ort_engine_rate(backend, cfg, batch, len(ids), steps), "steps": steps, "cache": "bound"}
 
@@ -482,7 +483,8 @@ def agent_table(results: dict, baseline: Optional[dict] = None) -> int:
 
 ENGINE_ALONE = {"tensorrt": "embed and decoder engines on the server's KV cache ({cache}), the sampler's logits "
                             "to the host, no sampling",
-                "onnxruntime": "decoder graph alone (IOBinding), no embed, no sampling"}
+                "onnxruntime": "decoder graph alone (IOBinding), no embed, no sampling",
+                "staged": "embed and the decoder's stages chained on the server's KV cache ({cache}), no sampling"}
 
 
 def engine_alone(args, cfg) -> dict:
@@ -497,7 +499,8 @@ def engine_alone(args, cfg) -> dict:
         d = backend.describe()
     finally:
         backend.close()
-    what = ENGINE_ALONE[d["backend"]].format(cache=rates[8]["cache"])
+    staged = d["backend"] == "onnxruntime" and rates[8].get("cache") != "bound"
+    what = (ENGINE_ALONE["staged"] if staged else ENGINE_ALONE[d["backend"]]).format(cache=rates[8]["cache"])
     return {"backend": d["backend"], "precision": d["precision"], "prompt": len(ids), "what": what,
             "rates": rates}
 

@@ -25,6 +25,7 @@
 #   bash scripts/device_full.sh tiny                   tiny: verify int8, bench
 #   bash scripts/device_full.sh serve                  tiny: tests/serve on the TensorRT backend (fp16 engines)
 #   bash scripts/device_full.sh profile                full width: TensorRT per-layer times, torch.profiler kernels
+#                                                      (one-graph decoder only: the 2-layer config's head stage off)
 #   bash scripts/device_full.sh bench                  full width: torch, then TensorRT
 #   bash scripts/device_full.sh overhead               full width: TensorRT called through Polygraphy, bound, CUDA graph
 # Wheels: .whl/ for the Python 3.12 side (pydantic, onnxslim, the tested transformers, ...) and .whl39/
@@ -82,6 +83,13 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
     for w in .whl39/*.whl; do python3 -m zipfile -e "$w" /tmp/site39; done
   fi
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
+  # the decoder's parts as its config has them (layer stages, and the head stage with decoder.head_stage),
+  # read before any job starts
+  DECODER_PARTS=$(env PYTHONPATH=$PWD:/tmp/site312 python3 -c "import sys
+from autoglm_build.config import load_config
+from autoglm_build.modules import registry
+print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD") \
+    || { echo "error: cannot read the decoder's parts from $FULLD"; exit 1; }
   if [ -n "${TINY_MODULES:-}" ]; then
     rm -rf "$W" && cp -r "${2:-build/autoglm-phone-tiny}" "$W"
     for precision in ${TINY_PRECISIONS:-int8}; do
@@ -117,11 +125,7 @@ start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TIN
       graphs="{ $CLI312 export $f & a=\$!; $CLI312 export $e & b=\$!; wait \$a && wait \$b; }"
       graphs="$graphs && { $CLI312 optimize $f & a=\$!; $CLI312 optimize $e & b=\$!; wait \$a && wait \$b; }"
       graphs="$graphs && $samples"
-      # the decoder's parts as its config has them (layer stages, and the head stage with decoder.head_stage)
-      parts=$(env PYTHONPATH=$PWD:/tmp/site312 python3 -c "import sys
-from autoglm_build.config import load_config
-from autoglm_build.modules import registry
-print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD") || exit 1
+      parts=$DECODER_PARTS
     fi
     engines=""  # one engine per precision (FULL_PRECISIONS) and stage, each built as soon as its graph is calibrated
     for precision in ${FULL_PRECISIONS:-fp16 int8}; do

@@ -16,6 +16,7 @@ Runs on the GPU harness (Python 3.9, TensorRT). For the case's inputs, already o
 from __future__ import annotations
 
 import ctypes
+import sys
 from typing import Callable, List, Tuple
 
 import numpy as np
@@ -65,6 +66,12 @@ def main(argv: List[str] = None) -> int:
 
     trt = trt_env.load()
     backend = TensorRTBackend(args.workdir, Manifest.load(args.workdir), [args.module], args.precision)
+    parts = backend.parts.get(args.module, [args.module])
+    if len(parts) > 1:  # one engine per part: this script times one engine's calls
+        backend.close()
+        print(f"error: {args.module} is built as {len(parts)} engines ({', '.join(parts)}); this script times one "
+              f"engine: use a one-graph build (decoder.stages: 1, decoder.head_stage: false)", file=sys.stderr)
+        return 2
     runner = backend.runner(args.module, case["phase"])
     print(f"{args.module} {args.precision} {case['case']} batch {args.batch} "
           f"(TensorRT {trt.__version__}, {trt_env.gpu()['name']}):", flush=True)

@@ -324,3 +324,32 @@ def test_tensorrt_85_builds_and_chains_the_head_stage(headed, tmp_path):
     assert result["outputs"] == ["logits", "present_key.0", "present_value.0", "present_key.1", "present_value.1"]
     assert result["run_max_diff"] < 1e-2 and result["device_max_diff"] == 0.0 and result["kept_max_diff"] == 0.0
     assert result["chat"]["tensorrt"] == result["chat"]["onnxruntime"] and result["chat"]["tensorrt"]
+
+
+def test_serve_loads_engine_alone_rate_chains_a_staged_decoder_on_onnx_runtime(headed):
+    """``serve_load.py --engine-only --backend onnxruntime`` on a staged build (every full-size config is one
+    now): the stages chained through the server's own host cache, not the one-graph IOBinding loop."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    config = next(headed.parent.glob("*.yaml"))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--engine-only", "-c",
+                          str(config), "-w", str(headed), "--backend", "onnxruntime", "--max-tokens", "6"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert "stages chained" in result["what"] and "OrtKVCache" in result["what"]
+    assert all(r["tokens_per_s"] > 0 and r["units"] == ["decoder.stage0", "decoder.stage1"]
+               for r in result["rates"].values())
+
+
+def test_turning_the_head_stage_on_changes_only_the_stages_it_changes(tmp_path):
+    from autoglm_build.modules.decoder import DecoderStageSpec
+
+    plain = load_config(write_config(tmp_path / "a.yaml", {"decoder": {"stages": 2}}))
+    headed = load_config(write_config(tmp_path / "b.yaml", {"decoder": {"stages": 2, "head_stage": True}}))
+    first, last = DecoderStageSpec(0), DecoderStageSpec(1)
+    assert first.fingerprint_data(plain) == first.fingerprint_data(headed)  # stage 0 keeps its graph
+    assert last.fingerprint_data(plain) != last.fingerprint_data(headed)  # stage 1 loses the norm and LM head

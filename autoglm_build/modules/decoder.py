@@ -407,7 +407,7 @@ class DecoderStageSpec(DecoderSpec):
     def fingerprint_data(self, cfg: BuildConfig) -> Dict[str, Any]:
         data = super().fingerprint_data(cfg)
         data.update(module=self.name, stages=cfg.decoder.stages, layers=[self.layers(cfg).start, self.layers(cfg).stop])
-        if cfg.decoder.head_stage:
+        if cfg.decoder.head_stage and self.index >= cfg.decoder.stages - 1:  # the stages it changes
             data.update(head_stage=True)
         return data
 

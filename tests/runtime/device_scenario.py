@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -50,36 +51,62 @@ def _fake_cudart() -> Optional[Any]:
 
 
 class StepLog:
-    """Wraps a scheduler's ``cache.decode``: per committed decode step, what moved and what was rebound."""
+    """Wraps a scheduler's ``cache.decode`` and ``cache.decode_async`` (the steps launched ahead, whose result
+    comes after the previous step's text): per committed decode step, what moved and what was rebound."""
 
     def __init__(self, scheduler: Scheduler, backend: Backend) -> None:
         self.cache, self.backend, self.steps = scheduler.cache, backend, []
         self.fake = _fake_cudart()
         self.prefilled = False
         self.calls = 0
-        inner, prefill = self.cache.decode, self.cache.prefill
+        self.inside = False  # in a logged call: the calls it makes (decode <-> decode_async) are its own
+        inner, launch, prefill = self.cache.decode, self.cache.decode_async, self.cache.prefill
 
         def prefilling(*args, **kwargs):
             self.prefilled = True
             return prefill(*args, **kwargs)
 
         def decode(ids, positions, slot=None, commit=True):
-            # the scheduler's isolation path (one row alone, nothing stored) on the highest used slot, first
-            alone, used = None, [int(s) for s in np.flatnonzero(self.cache.used[:self.cache.top])]
-            self.calls += 1
-            if slot is None and commit and used and used[-1] > 0 and self.calls % 4 == 0:  # rebinds: 1 in 4
-                k = used[-1]
-                alone = (k, np.array(inner(ids[k:k + 1], positions[k:k + 1], k, False), copy=True))
-            fake_at = len(self.fake.copies) if self.fake is not None else 0
-            device = getattr(self.cache, "device", None)
-            before = dict(self.cache.traffic) if device is not None else {}
-            rebinds = getattr(backend, "rebinds", 0)
-            top = self.cache.top
-            out = inner(ids, positions, slot, commit)
+            if self.inside:
+                return inner(ids, positions, slot, commit)
+            done = self._begin(inner, ids, positions, slot, commit)
+            return done(self._within(lambda: inner(ids, positions, slot, commit)))
+
+        def decode_async(ids, positions):
+            if self.inside:
+                return launch(ids, positions)
+            done = self._begin(inner, ids, positions, None, True)
+            step = self._within(lambda: launch(ids, positions))
+            return SimpleNamespace(result=lambda: done(step.result()))
+
+        self.cache.decode, self.cache.decode_async, self.cache.prefill = decode, decode_async, prefilling
+
+    def _within(self, call):
+        self.inside = True
+        try:
+            return call()
+        finally:
+            self.inside = False
+
+    def _begin(self, inner, ids, positions, slot, commit):
+        """Before a step: the isolation probe (1 in 4) and the counters; returns what logs the step's logits."""
+        # the scheduler's isolation path (one row alone, nothing stored) on the highest used slot, first
+        alone, used = None, [int(s) for s in np.flatnonzero(self.cache.used[:self.cache.top])]
+        self.calls += 1
+        if slot is None and commit and used and used[-1] > 0 and self.calls % 4 == 0:  # rebinds: 1 in 4
+            k = used[-1]
+            alone = (k, np.array(inner(ids[k:k + 1], positions[k:k + 1], k, False), copy=True))
+        fake_at = len(self.fake.copies) if self.fake is not None else 0
+        device = getattr(self.cache, "device", None)
+        before = dict(self.cache.traffic) if device is not None else {}
+        rebinds = getattr(self.backend, "rebinds", 0)
+        top = self.cache.top
+
+        def done(out: np.ndarray) -> np.ndarray:
             capacity = self.cache.capacity
             step = {"top": top, "capacity": capacity, "slots": self.cache.slots, "rows": int(out.shape[0]),
                     "cache_bytes": top * self.cache.block_bytes(capacity), "logits_bytes": out.size * 4,
-                    "rebinds": getattr(backend, "rebinds", 0) - rebinds, "commit": commit,
+                    "rebinds": getattr(self.backend, "rebinds", 0) - rebinds, "commit": commit,
                     "after_prefill": self.prefilled, "probed": alone is not None}
             self.prefilled = False
             if device is not None:
@@ -96,8 +123,7 @@ class StepLog:
                 step["alone_max_diff"] = float(np.abs(row[0, lo:hi] - out[k, lo:hi]).max())
             self.steps.append(step)
             return out
-
-        self.cache.decode, self.cache.prefill = decode, prefilling
+        return done
 
 
 def _generate(scheduler: Scheduler, prompts: List[Prompt]) -> List[List[int]]:

@@ -105,6 +105,28 @@ def test_served_greedy_on_the_device_cache_equals_onnx_runtime_and_the_cache_sta
                 assert step["rebinds"] == 0, step
 
 
+def test_the_decode_overlap_on_the_device_cache_generates_what_the_serial_scheduler_does(graphs, tmp_path):
+    """Issue 14: with ``serve.overlap`` the scheduler launches each decode step (``decode_async``: the engines,
+    the new columns' copies and the mask queued; the logits downloaded when the result is taken) before the
+    previous step's text work. ``tests.runtime.overlap_scenario``'s cases (rows joining and leaving, sampling
+    with penalties, stop strings ending rows while a step is in flight, a cancel, prefix reuse) give every
+    event the serial scheduler gives; the cache refuses every call that changes it while a step is in flight;
+    a result whose download raises is taken back (lengths, mask) and run again serially."""
+    workdir, env = _engines(graphs, tmp_path, *PAIRS[0])
+    cases = _drive(workdir, env, "overlap")["tensorrt"]
+    failing = cases.pop("failing_results")
+    for name, case in cases.items():
+        on, off = case["on"], case["off"]
+        assert on["cache"] == off["cache"] == "DeviceKVCache"
+        assert on["events"] == off["events"] and on["tokens"] == off["tokens"], name
+        assert off["overlapped_steps"] == 0 and on["overlapped_steps"] >= on["decode_steps"] // 2, name
+        assert on["stopped_in_flight"] >= 1, name
+        assert on["refused"] == ["decode", "decode_async", "release", "move", "fit", "save_block", "prefill"]
+    assert cases["agent"]["on"]["prefix"]["hits"] == 2
+    assert failing["on"]["events"] == failing["off"]["events"]
+    assert failing["failed"] == 2 and failing["wrong_lengths"] == 0
+
+
 def test_the_checks_fail_on_the_host_cache(graphs, tmp_path):
     """The path before the device cache (host arrays through Polygraphy's ``infer``) generates the same
     tokens and moves the whole cache both ways every step: each step fails the traffic check."""

@@ -1,9 +1,10 @@
 """Served greedy generations on the TensorRT backend (fake TensorRT, one process) and on ONNX Runtime.
 
-Usage: ``drive_serve.py WORKDIR PRECISION [host]``. Prints one JSON line: ``tests.runtime.device_scenario``'s
+Usage: ``drive_serve.py WORKDIR PRECISION [host|overlap]``. Prints one JSON line: ``tests.runtime.device_scenario``'s
 result per backend (``tensorrt``, ``onnxruntime``). With ``host``, the TensorRT backend keeps the KV cache
 on the host and runs each step through Polygraphy's ``infer`` (the path before the device cache), so a
-test can show that its checks tell the two apart.
+test can show that its checks tell the two apart. With ``overlap``, ``tests.runtime.overlap_scenario``'s
+cases on the TensorRT backend alone (the scheduler's decode overlap on and off).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ def main() -> None:
     from tests.runtime.device_scenario import scenario
 
     workdir, precision = Path(sys.argv[1]), sys.argv[2]
+    if sys.argv[3:] == ["overlap"]:
+        from tests.runtime.overlap_scenario import on_workdir
+
+        print(json.dumps({"tensorrt": on_workdir(workdir, "tensorrt", precision)}))
+        return
     if sys.argv[3:] == ["host"]:
         backends.TensorRTBackend.kv_cache = backends.Backend.kv_cache
     print(json.dumps({name: scenario(workdir, name, precision) for name in ("tensorrt", "onnxruntime")}))

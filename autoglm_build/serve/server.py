@@ -25,6 +25,8 @@ API_KEY_ENV = "AUTOGLM_BUILD_API_KEY"
 #: overrides ``serve.prefix_cache_mib`` (0: reuse off) without another config file, which a workdir
 #: built from its own config would refuse: the load benchmark serves one build both ways
 PREFIX_CACHE_ENV = "AUTOGLM_BUILD_PREFIX_CACHE_MIB"
+#: overrides ``serve.overlap`` (1 on, 0 off) likewise: the load benchmark A/Bs one build both ways
+OVERLAP_ENV = "AUTOGLM_BUILD_OVERLAP"
 
 
 def prefix_cache_bytes(cfg: BuildConfig) -> int:
@@ -36,6 +38,18 @@ def prefix_cache_bytes(cfg: BuildConfig) -> int:
         raise UserError(f"${PREFIX_CACHE_ENV}: '{raw}' is not a whole number of MiB",
                         hint=f"unset it to use serve.prefix_cache_mib ({cfg.serve.prefix_cache_mib})")
     return int(raw) << 20
+
+
+def decode_overlap(cfg: BuildConfig) -> bool:
+    """Whether the scheduler launches each decode step before the previous step's text work:
+    ``$AUTOGLM_BUILD_OVERLAP`` (1 or 0), else ``serve.overlap``."""
+    raw = os.environ.get(OVERLAP_ENV, "").strip()
+    if not raw:
+        return cfg.serve.overlap
+    if raw not in ("0", "1"):
+        raise UserError(f"${OVERLAP_ENV}: '{raw}' is not 1 (on) or 0 (off)",
+                        hint=f"unset it to use serve.overlap ({str(cfg.serve.overlap).lower()})")
+    return raw == "1"
 
 
 def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precision: Optional[str] = None,
@@ -60,7 +74,7 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
         tokenizer = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
         scheduler = Scheduler(runtime, cfg, tokenizer, max_batch or cfg.serve.max_batch,
                               cfg.serve.queue_size if queue_size is None else queue_size, cfg.engine.context,
-                              prefix_cache_bytes=prefix_cache_bytes(cfg))
+                              prefix_cache_bytes=prefix_cache_bytes(cfg), overlap=decode_overlap(cfg))
     except BaseException:
         runtime.close()
         raise
@@ -91,7 +105,8 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
         placed = f", {', '.join(stages)}"
     announce(f"serving {', '.join(state.model_ids)} on http://{host}:{port} ({d['backend']} {d['precision']}{placed}, "
              f"max batch {state.scheduler.max_batch}, context {state.scheduler.context}, "
-             f"prefix cache {f'{reuse} MiB' if state.scheduler.prefix.enabled else 'off'}"
+             f"prefix cache {f'{reuse} MiB' if state.scheduler.prefix.enabled else 'off'}, "
+             f"decode overlap {'on' if state.scheduler.overlap else 'off'}"
              f"{', API key required' if state.api_key else ''})")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
                             access_log=log_level == "debug")

@@ -1,4 +1,4 @@
-"""API keys, the bounded queue, clients that leave, and SIGTERM."""
+"""API keys, the bounded queue, clients that leave, SIGTERM, and the environment's overrides."""
 
 from __future__ import annotations
 
@@ -125,3 +125,16 @@ def test_a_port_in_use_is_one_line_exit_2(served_build: Path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)"]
     assert "Traceback" not in proc.stderr and "INFO:" not in proc.stderr
+
+
+def test_overlap_env_overrides_the_config_and_a_bad_value_is_one_line(monkeypatch, tiny_cfg):
+    from autoglm_build.errors import UserError
+    from autoglm_build.serve.server import OVERLAP_ENV, decode_overlap
+
+    assert tiny_cfg.serve.overlap is True
+    for raw, want in (("", True), ("0", False), (" 1 ", True)):
+        monkeypatch.setenv(OVERLAP_ENV, raw)
+        assert decode_overlap(tiny_cfg) is want
+    monkeypatch.setenv(OVERLAP_ENV, "off")
+    with pytest.raises(UserError, match="AUTOGLM_BUILD_OVERLAP: 'off' is not 1"):
+        decode_overlap(tiny_cfg)

@@ -1,6 +1,7 @@
 """Prefix reuse through the server: the phone agent's steps answered by a server that reuses its history's
 keys/values equal those of a server that prefills every prompt whole ($AUTOGLM_BUILD_PREFIX_CACHE_MIB=0),
-and /metrics and /ready say what was reused."""
+and /metrics and /ready say what was reused. The second server also decodes one step after the other
+($AUTOGLM_BUILD_OVERLAP=0), the first launching each step before the previous one's text (serve.overlap)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from autoglm_build.serve.server import PREFIX_CACHE_ENV
+from autoglm_build.serve.server import OVERLAP_ENV, PREFIX_CACHE_ENV
 from tests.serve.conftest import Server, running_server
 from tests.serve.test_agent import MODEL, SCREENS, png_url, split_reply, stream_step, system_prompt, user_turn
 
 
 @pytest.fixture(scope="module")
 def whole(served_build: Path, tmp_path_factory) -> Iterator[Server]:
-    """A second server over the same build without prefix reuse."""
-    with running_server(served_build, tmp_path_factory.mktemp("serve-whole"), env={PREFIX_CACHE_ENV: "0"}) as srv:
+    """A second server over the same build without prefix reuse or decode overlap."""
+    env = {PREFIX_CACHE_ENV: "0", OVERLAP_ENV: "0"}
+    with running_server(served_build, tmp_path_factory.mktemp("serve-whole"), env=env) as srv:
         yield srv
 
 
@@ -54,8 +56,10 @@ def test_agent_steps_reuse_their_history_and_answer_as_a_whole_prefill_does(serv
     assert on["autoglm_prefix_cache_tokens_reused_total"] >= 2 * 4096  # the system prompt, twice at least
     assert on["autoglm_prefill_tokens_total"] < off["autoglm_prefill_tokens_total"] - 2 * 4096
     assert off["autoglm_prefix_cache_hits_total"] == off["autoglm_prefix_cache_bytes"] == 0
+    assert on["autoglm_overlapped_steps_total"] > 0 and off["autoglm_overlapped_steps_total"] == 0
     ready = httpx.get(server.url + "/ready").json()
     assert ready["prefix_cache"]["bytes"] == on["autoglm_prefix_cache_bytes"] > 0
+    assert ready["overlap"] is True and httpx.get(whole.url + "/ready").json()["overlap"] is False
 
 
 def test_two_concurrent_requests_with_one_prefix_answer_as_alone(server, whole):

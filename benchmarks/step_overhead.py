@@ -22,7 +22,17 @@ remembered one-token decodes), CPU us/step median of 5: scheduler ~490-530, serv
 ids, ~100 us, which must stay bit-identical, plus ~20 us per row of detokenization and events).
 On the H200, serve_load's 8 streams showed ~750 us of host work per step (1.64 ms vs the engine's 0.87).
 
-    python benchmarks/step_overhead.py [--rows 8] [--tokens 128] [--repeat 5] [--profile scheduler]
+Every case runs with ``serve.overlap`` off and on. ``--gpu-us N`` stands in for the engine's step time: a
+step's logits come back no earlier than N microseconds after its launch (the launch itself returns at once;
+the wait sleeps, releasing the GIL as a CUDA sync does). Off, a step's wall time is then N plus the host
+work; on, step N's text work (detokenizing, stop strings, events) runs while step N+1 is "on the GPU",
+and the rest (the logits' wait, the sampler's pick, the launch) stays between two steps: the next step's ids
+are what the pick chose. Measured on the 2-core dev CPU with ``--gpu-us 900`` (the H200's tiny-config step
+at 8 rows), wall us/step off -> on, median of 5 (+-10 % between runs): 1 row scheduler 1,514 -> 1,350,
+server 1,559 -> 1,342; 8 rows scheduler 1,818 -> 1,690, server 1,858 -> 1,577, penalties 2,261 -> 1,980,
+greedy 1,395 -> 1,297. Without ``--gpu-us`` the two are equal within the noise (8 rows server 911 / 897).
+
+    python benchmarks/step_overhead.py [--rows 1,8] [--tokens 128] [--repeat 5] [--gpu-us 900] [--profile scheduler]
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 from autoglm_build.calibration import tokenizer_for  # noqa: E402
 from autoglm_build.config import load_config  # noqa: E402
 from autoglm_build.runtime.generation import Request, SamplingParams, Scheduler  # noqa: E402
-from autoglm_build.runtime.kv_cache import KVCache  # noqa: E402
+from autoglm_build.runtime.kv_cache import KVCache, Step  # noqa: E402
 from autoglm_build.runtime.text import ChatTokenizer, Segment  # noqa: E402
 from autoglm_build.serve.app import stream_chunks, submit  # noqa: E402
 
@@ -54,10 +64,13 @@ MESSAGE = "第{}个请求: 打开设置并开启深色模式"
 
 
 class InstantCache(KVCache):
-    """Slot bookkeeping of the host cache, no arrays: prefill and decode return precomputed logits."""
+    """Slot bookkeeping of the host cache, no arrays: prefill and decode return precomputed logits; a decode
+    step's logits are ready ``gpu_us`` after its launch (:meth:`decode` waits for them, :meth:`decode_async`
+    returns at once and its result waits)."""
 
-    def __init__(self, spec, slots: int, context: int, vocab: int) -> None:
+    def __init__(self, spec, slots: int, context: int, vocab: int, gpu_us: float = 0.0) -> None:
         super().__init__(None, spec, slots, context)
+        self.gpu = gpu_us * 1e-6
         rng = np.random.default_rng(0)
         self.table = (rng.standard_normal((64, slots, vocab)) * 3).astype(np.float32)
         self.calls = 0
@@ -86,26 +99,41 @@ class InstantCache(KVCache):
     def release(self, slot: int) -> None:
         self.used[slot], self.lengths[slot] = False, 0
 
-    def decode(self, ids, positions, slot=None, commit=True):
+    def _launch(self) -> Tuple[np.ndarray, float]:
         self.lengths[self.used] += 1
-        return self._logits(self.top)
+        return self._logits(self.top), time.perf_counter() + self.gpu
+
+    def decode(self, ids, positions, slot=None, commit=True):
+        logits, ready = self._launch()
+        _wait_until(ready)
+        return logits
+
+    def decode_async(self, ids, positions) -> Step:
+        logits, ready = self._launch()
+        return Step(self, lambda: _wait_until(ready) or logits)
+
+
+def _wait_until(deadline: float) -> None:
+    left = deadline - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
 
 
 class InstantBackend:
     max_batch = context = prefill_chunk = prefill_batch = None
 
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
+    def __init__(self, vocab: int, gpu_us: float) -> None:
+        self.vocab, self.gpu_us = vocab, gpu_us
 
     def kv_cache(self, spec, slots, context):
-        return InstantCache(spec, slots, context, self.vocab)
+        return InstantCache(spec, slots, context, self.vocab, self.gpu_us)
 
 
-def setup(rows: int):
+def setup(rows: int, overlap: bool = False, gpu_us: float = 0.0):
     cfg = load_config(ROOT / "configs" / "autoglm-phone-tiny.yaml")
     tok = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
-    sched = Scheduler(InstantBackend(cfg.text.vocab_size), cfg, tok, max_batch=rows, queue_size=64,
-                      context=cfg.engine.context, prefix_cache_bytes=0)
+    sched = Scheduler(InstantBackend(cfg.text.vocab_size, gpu_us), cfg, tok, max_batch=rows, queue_size=64,
+                      context=cfg.engine.context, prefix_cache_bytes=0, overlap=overlap)
     prompts = [tok.chat_prompt([("user", [Segment(text=MESSAGE.format(i))])], False) for i in range(rows)]
     return sched, prompts
 
@@ -128,9 +156,10 @@ def timed_steps(sched: Scheduler) -> List[float]:
     return spent
 
 
-def run_scheduler(rows: int, tokens: int, **params) -> Tuple[float, float]:
+def run_scheduler(a, **params) -> Tuple[float, float]:
     """(wall, CPU) microseconds per decode step, ``Scheduler.step`` in this thread, events into lists."""
-    sched, prompts = setup(rows)
+    sched, prompts = setup(a.rows, a.overlap, a.gpu_us)
+    tokens = a.tokens
     events: Dict[int, List] = {}
     for i, prompt in enumerate(prompts):
         p = SamplingParams(max_tokens=tokens, ignore_eos=True, seed=i, **params)
@@ -141,10 +170,11 @@ def run_scheduler(rows: int, tokens: int, **params) -> Tuple[float, float]:
     return per_step(sched, start, steps0), (time.thread_time() - cpu) / (sched.steps - steps0) * 1e6
 
 
-def run_server(rows: int, tokens: int) -> Tuple[float, float]:
+def run_server(a) -> Tuple[float, float]:
     """(wall, CPU of both threads) microseconds per decode step, the scheduler thread feeding the app's SSE
     chunks on an asyncio loop."""
-    sched, prompts = setup(rows)
+    sched, prompts = setup(a.rows, a.overlap, a.gpu_us)
+    tokens = a.tokens
     state = SimpleNamespace(scheduler=sched)
 
     async def client(i: int, prompt) -> int:
@@ -172,32 +202,42 @@ def run_server(rows: int, tokens: int) -> Tuple[float, float]:
 
 
 CASES = {
-    "scheduler": lambda a: run_scheduler(a.rows, a.tokens, temperature=0.7),
-    "server": lambda a: run_server(a.rows, a.tokens),
-    "greedy": lambda a: run_scheduler(a.rows, a.tokens, temperature=0.0),
-    "penalties": lambda a: run_scheduler(a.rows, a.tokens, temperature=0.7, top_p=0.85, frequency_penalty=0.2),
+    "scheduler": lambda a: run_scheduler(a, temperature=0.7),
+    "server": run_server,
+    "greedy": lambda a: run_scheduler(a, temperature=0.0),
+    "penalties": lambda a: run_scheduler(a, temperature=0.7, top_p=0.85, frequency_penalty=0.2),
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--rows", default="8", help="comma-separated row counts, e.g. 1,8")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--profile", choices=sorted(CASES), help="cProfile one run of this case (stderr) instead")
+    ap.add_argument("--gpu-us", type=float, default=0.0, help="a decode step's logits come this long after its launch")
+    ap.add_argument("--profile", choices=sorted(CASES),
+                    help="cProfile one run of this case (stderr; the first --rows, overlap on) instead")
     args = ap.parse_args()
+    counts = [int(r) for r in args.rows.split(",") if r.strip()]
     if args.profile:
         prof = cProfile.Profile()
-        prof.runcall(CASES[args.profile], args)
+        prof.runcall(CASES[args.profile], SimpleNamespace(**{**vars(args), "rows": counts[0], "overlap": True}))
         pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         return
-    print(f"host work per decode step, {args.rows} rows x {args.tokens} tokens, us (median of {args.repeat}; "
-          f"cpu: the CPU time of the scheduler's and the event loop's threads, which contention changes less)")
-    print(f"  {'case':<10} {'wall':>8} {'cpu':>8} {'min cpu':>8}")
-    for name, case in CASES.items():
-        runs = [case(args) for _ in range(args.repeat)]
-        wall, cpu = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-        print(f"  {name:<10} {wall:8.0f} {cpu:8.0f} {min(r[1] for r in runs):8.0f}")
+    print(f"wall time per decode step, {args.tokens} tokens a row, us (median of {args.repeat}), each step's "
+          f"logits {args.gpu_us:.0f} us after its launch; cpu: the CPU time of the scheduler's and the event "
+          f"loop's threads, which contention changes less")
+    print(f"  {'rows':>4} {'case':<10} {'overlap':<7} {'wall':>8} {'cpu':>8} {'min cpu':>8}")
+    for rows in counts:
+        for name, case in CASES.items():
+            runs: Dict[bool, List[Tuple[float, float]]] = {False: [], True: []}
+            for _ in range(args.repeat):  # off and on in turn: both see the same machine
+                for overlap in runs:
+                    runs[overlap].append(case(SimpleNamespace(**{**vars(args), "rows": rows, "overlap": overlap})))
+            for overlap, got in runs.items():
+                wall, cpu = statistics.median(r[0] for r in got), statistics.median(r[1] for r in got)
+                print(f"  {rows:>4} {name:<10} {'on' if overlap else 'off':<7} {wall:8.0f} {cpu:8.0f} "
+                      f"{min(r[1] for r in got):8.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -297,8 +297,8 @@ class ServeConfig(_Section):
         "of the 9B model's FP16 cache (40 KiB a token)")
     overlap: bool = Field(
         True, description="launch each decode step before the previous step's text work (detokenizing, stop "
-        "strings, streaming), so the GPU runs while the host works; same tokens and text either way; false: "
-        "one step after the other")
+        "strings, streaming), so the GPU runs while the host works (TensorRT; ONNX Runtime computes a step before "
+        "it returns: no overlap); same tokens and text either way; false: one step after the other")
     devices: Optional[List[int]] = Field(
         None, min_length=1, description="GPUs the decoder's stages are placed on (TensorRT, pipeline parallel): stage "
         "i of N on devices[i * len(devices) // N], vision/audio/embed on the first; each GPU listed once, at most "

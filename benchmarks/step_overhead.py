@@ -68,6 +68,8 @@ class InstantCache(KVCache):
     step's logits are ready ``gpu_us`` after its launch (:meth:`decode` waits for them, :meth:`decode_async`
     returns at once and its result waits)."""
 
+    asynchronous = True
+
     def __init__(self, spec, slots: int, context: int, vocab: int, gpu_us: float = 0.0) -> None:
         super().__init__(None, spec, slots, context)
         self.gpu = gpu_us * 1e-6

@@ -131,6 +131,8 @@ class DeviceKVCache(KVCache):
     docstring). Same arguments as :class:`KVCache`; ``backend.device_for(unit)`` is the stream each unit runs
     on, ``device`` the first GPU's (``embed``, stage 0, the encoders' embeddings)."""
 
+    asynchronous = True  # decode_async queues the step and returns
+
     def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any) -> None:
         self.units: List[str] = list(backend.parts.get("decoder", ["decoder"]))
         self.shards = shards_of(backend, spec)

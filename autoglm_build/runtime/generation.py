@@ -13,9 +13,11 @@ are not thread-safe, and one thread keeps the GPU's work in order). It does cont
    (temperature, top-p, penalties; each seeded request draws from its own generator, so what it
    samples does not depend on its neighbours). Rows that finish (stop token, stop string, max_tokens)
    or whose client went away free their slot.
-4. With ``overlap`` (``serve.overlap``), the next decode step is launched as soon as the tokens are picked
-   and their cheap bookkeeping is done (what the next pick reads), before this step's text work
-   (detokenizing, stop strings, events): on a GPU the engines run while the host streams the text. It is
+4. With ``overlap`` (``serve.overlap``) on a cache whose steps run asynchronously (TensorRT's, on the GPU),
+   the next decode step is launched as soon as the tokens are picked and their cheap bookkeeping is done
+   (what the next pick reads), before this step's text work (detokenizing, stop strings, events): the
+   engines run while the host streams the text. (A host cache computes a step before it returns: there,
+   launching ahead would only hold the text back while the decoder runs, so it is not done.) It is
    launched only when it is the step the serial order would run next (no row finished or left, nobody to
    admit, no hole to close). A row that a stop string ends meanwhile is in that step: its result is
    dropped and the row leaves afterwards (one step of compute lost, its cache column a real token's).
@@ -146,8 +148,8 @@ class Scheduler:
             prefill profile's rows); more admitted at once are prefilled in groups of that many.
         prefix_cache_bytes: the prefix cache's budget (default ``serve.prefix_cache_mib``; 0: no reuse).
         prefix_block: tokens per prefix-cache block.
-        overlap: launch each decode step before the previous step's text work (default ``serve.overlap``;
-            module docstring, item 4).
+        overlap: launch each decode step before the previous step's text work where the cache's steps run
+            asynchronously (default ``serve.overlap``; module docstring, item 4).
     """
 
     def __init__(self, backend: Backend, cfg: BuildConfig, tokenizer: ChatTokenizer, max_batch: int,
@@ -200,10 +202,15 @@ class Scheduler:
         with self.lock:
             return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
                     "queue_size": self.queue_size, "context": self.context, "prefill_chunk": self.prefill_chunk,
-                    "prefill_batch": self.prefill_batch, "overlap": self.overlap,
+                    "prefill_batch": self.prefill_batch, "overlap": self.overlapping,
                     "decode_steps": self.steps, "overlapped_steps": self.overlapped, "tokens": self.tokens,
                     "prefill_tokens": self.prefill_tokens,
                     "prefill_positions": self.prefill_positions, "prefix_cache": self.prefix.stats()}
+
+    @property
+    def overlapping(self) -> bool:
+        """Whether decode steps are launched ahead: asked for, and the cache's steps run asynchronously."""
+        return self.overlap and self.cache.asynchronous
 
     def start(self) -> None:
         self.running = True
@@ -402,7 +409,7 @@ class Scheduler:
         self.steps += 1
         rows = [r for r in self.rows if r.finish is None]  # ended while the step ran: its result is dropped
         if rows:
-            self._sample(logits[[r.slot for r in rows]], rows, launch=self.overlap)
+            self._sample(logits[[r.slot for r in rows]], rows, launch=self.overlapping)
         if self.flight is None:
             self._retire()
 

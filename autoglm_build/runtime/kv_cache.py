@@ -156,6 +156,9 @@ class KVCache:
     """
 
     in_flight = False  # a decode_async step whose result is not taken yet (:func:`mutates`)
+    # decode_async returns before the step is computed (a device cache): only then does the scheduler launch
+    # steps ahead; here the step is computed first, so launching it ahead would only hold back the text
+    asynchronous = False
 
     def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any = np.float32) -> None:
         self.backend, self.spec, self.slots, self.context = backend, spec, slots, context

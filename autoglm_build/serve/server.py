@@ -106,7 +106,7 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
     announce(f"serving {', '.join(state.model_ids)} on http://{host}:{port} ({d['backend']} {d['precision']}{placed}, "
              f"max batch {state.scheduler.max_batch}, context {state.scheduler.context}, "
              f"prefix cache {f'{reuse} MiB' if state.scheduler.prefix.enabled else 'off'}, "
-             f"decode overlap {'on' if state.scheduler.overlap else 'off'}"
+             f"decode overlap {'on' if state.scheduler.overlapping else 'off'}"
              f"{', API key required' if state.api_key else ''})")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
                             access_log=log_level == "debug")

@@ -51,6 +51,8 @@ class LateCache(KVCache):
     ``decode_async`` returns at once and the logits come with ``result()``. Every call goes into ``log``; a
     call that changes the cache while a step is in flight goes into ``violations`` too (and raises)."""
 
+    asynchronous = True
+
     def __init__(self, spec: Any, slots: int, context: int, vocab: int) -> None:
         self.vocab, self.log, self.violations = vocab, [], []
         self.failing: Dict[str, set] = {"launch": set(), "result": set()}  # launch numbers that raise

@@ -1,7 +1,8 @@
 """Prefix reuse through the server: the phone agent's steps answered by a server that reuses its history's
 keys/values equal those of a server that prefills every prompt whole ($AUTOGLM_BUILD_PREFIX_CACHE_MIB=0),
 and /metrics and /ready say what was reused. The second server also decodes one step after the other
-($AUTOGLM_BUILD_OVERLAP=0), the first launching each step before the previous one's text (serve.overlap)."""
+($AUTOGLM_BUILD_OVERLAP=0), the first launching each step before the previous one's text (serve.overlap) on
+TensorRT."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from openai import OpenAI
 
 from autoglm_build.serve.server import OVERLAP_ENV, PREFIX_CACHE_ENV
-from tests.serve.conftest import Server, running_server
+from tests.serve.conftest import BACKEND, Server, running_server
 from tests.serve.test_agent import MODEL, SCREENS, png_url, split_reply, stream_step, system_prompt, user_turn
 
 
@@ -56,10 +57,11 @@ def test_agent_steps_reuse_their_history_and_answer_as_a_whole_prefill_does(serv
     assert on["autoglm_prefix_cache_tokens_reused_total"] >= 2 * 4096  # the system prompt, twice at least
     assert on["autoglm_prefill_tokens_total"] < off["autoglm_prefill_tokens_total"] - 2 * 4096
     assert off["autoglm_prefix_cache_hits_total"] == off["autoglm_prefix_cache_bytes"] == 0
-    assert on["autoglm_overlapped_steps_total"] > 0 and off["autoglm_overlapped_steps_total"] == 0
+    ahead = BACKEND == "tensorrt"  # ONNX Runtime computes a step before it returns: nothing to overlap
+    assert (on["autoglm_overlapped_steps_total"] > 0) == ahead and off["autoglm_overlapped_steps_total"] == 0
     ready = httpx.get(server.url + "/ready").json()
     assert ready["prefix_cache"]["bytes"] == on["autoglm_prefix_cache_bytes"] > 0
-    assert ready["overlap"] is True and httpx.get(whole.url + "/ready").json()["overlap"] is False
+    assert ready["overlap"] is ahead and httpx.get(whole.url + "/ready").json()["overlap"] is False
 
 
 def test_two_concurrent_requests_with_one_prefix_answer_as_alone(server, whole):

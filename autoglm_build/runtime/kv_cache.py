@@ -338,8 +338,9 @@ class KVCache:
         """:meth:`decode` of slots ``0..top``, committed, launched: its :class:`Step`'s ``result()`` returns
         what ``decode(ids, positions)`` returns. The cache's bookkeeping (lengths, mask) is the step's
         once this returns; until the result is taken every call that changes the cache raises
-        ``RuntimeError``. Here (host arrays, ONNX Runtime) the step is computed before this returns; a
-        device cache returns once the work is queued, so the host can do other work meanwhile."""
+        ``RuntimeError``; a result that raises leaves the cache as it was before the step. Here (host
+        arrays, ONNX Runtime) the step is computed before this returns (a call that raises stores nothing); a
+        device cache (``asynchronous``) returns once the work is queued, so the host can work meanwhile."""
         logits = self.decode(ids, positions)
         return Step(self, lambda: logits)
 

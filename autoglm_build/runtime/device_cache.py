@@ -458,18 +458,37 @@ class DeviceKVCache(KVCache):
         logits = self.shards[-1].buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
         self._run("decode", n, 1, self._embed(ids, "decode"), masks, positions, past, present, logits)
         used = [int(s) for s in np.flatnonzero(self.used[row:row + n])]  # rows from ``row``
-        committed = []
+        committed: List[Tuple[int, int]] = []
         if commit:  # each used row's new column into its slot, its mask element up
-            for k in used:
-                s, at = row + k, int(self.lengths[row + k])
-                for shard, store, new in zip(self.shards, stores, present):
-                    shard.device.columns(store, s, at, new, k, cap, 1)
-                self.mask[s, at] = 1
-                for shard in self.shards:
-                    shard.device.upload(shard.mask_ptr + (s * (cap + 1) + at) * item, self._one)
-                self.lengths[s] += 1
-                committed.append((s, at))
+            try:
+                for k in used:
+                    s, at = row + k, int(self.lengths[row + k])
+                    for shard, store, new in zip(self.shards, stores, present):
+                        shard.device.columns(store, s, at, new, k, cap, 1)
+                    self.mask[s, at] = 1
+                    committed.append((s, at))
+                    self.lengths[s] += 1
+                    for shard in self.shards:  # device to device from a 1 kept there: never waits on the host
+                        shard.device.copy(shard.mask_ptr + (s * (cap + 1) + at) * item, self._one_on(shard), item)
+            except BaseException:  # a launch that raised halfway: the rows it committed are taken back
+                self._take_back(committed)
+                raise
         return n, logits, used, committed
+
+    def _one_on(self, shard: Shard) -> int:
+        """A mask element of value 1 on ``shard``'s GPU (written once), the source of each committed column's
+        mask element: a pageable host-to-device copy may wait for the stream, a device copy does not."""
+        if "one" not in shard.buffers:
+            ptr = shard.buffer("one", self._one.nbytes)
+            shard.device.upload(ptr, self._one)
+            return ptr
+        return shard.buffer("one", self._one.nbytes)
+
+    def _take_back(self, committed: Sequence[Tuple[int, int]]) -> None:
+        """Lengths and mask as before the step's commits (the device's mask rows re-sent at the next flush)."""
+        for s, at in committed:
+            self.lengths[s], self.mask[s, at] = at, 0
+            self._mask_rows.add(s)
 
     def _logits(self, n: int, ptr: int, used: List[int], committed: List[Tuple[int, int]]) -> np.ndarray:
         """The step's logits on the host once every stream is done. If that raises, the committed columns are
@@ -479,9 +498,7 @@ class DeviceKVCache(KVCache):
             self._download_rows(out, ptr, used)
             self._sync()
         except BaseException:
-            for s, at in committed:
-                self.lengths[s], self.mask[s, at] = at, 0
-                self._mask_rows.add(s)
+            self._take_back(committed)
             raise
         return out if self.logits_dtype == np.float32 else out.astype(np.float32)
 

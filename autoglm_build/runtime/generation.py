@@ -184,6 +184,7 @@ class Scheduler:
         self.flight: Optional[Step] = None  # the decode step launched ahead; while set, rows stay in the batch
         self.steps = 0
         self.overlapped = 0  # decode steps launched before the previous step's text work
+        self.fallbacks = 0  # steps launched ahead whose launch or result raised (run again serially)
         self.tokens = 0
         self.logged = time.monotonic()
 
@@ -439,7 +440,8 @@ class Scheduler:
             return
         try:
             self.flight = self.cache.decode_async(*self._inputs(self.rows, self.cache.top))
-        except Exception:  # noqa: BLE001 - the serial path runs the step again and says whose fault it is
+        except Exception as exc:  # noqa: BLE001 - the serial path runs the step again and says whose fault it is
+            self._fell_back("launch", exc)
             return
         self.overlapped += 1
 
@@ -451,8 +453,15 @@ class Scheduler:
             return None
         try:
             return flight.result()
-        except Exception:  # noqa: BLE001 - see above
+        except Exception as exc:  # noqa: BLE001 - see above
+            self._fell_back("result", exc)
             return None
+
+    def _fell_back(self, what: str, exc: BaseException) -> None:
+        """Say (once per scheduler) that a step launched ahead failed and ran again serially."""
+        if not self.fallbacks:
+            log.warning("decode overlap: a step's %s raised (%s); it ran again serially", what, _failure(exc))
+        self.fallbacks += 1
 
     def _inputs(self, rows: List[_Row], top: int) -> Tuple[np.ndarray, np.ndarray]:
         ids = np.zeros((top, 1), np.int64)

@@ -155,15 +155,20 @@ def compare(cfg: Any, backend: Any, tok: ChatTokenizer) -> Dict[str, Dict[str, A
     return cases
 
 
-def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2, 4)) -> Dict[str, Any]:
+def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2, 4),
+                         failing_commits=(5,)) -> Dict[str, Any]:
     """The device cache's steps launched ahead whose result raises (the logits' download, in the results
     ``failing``, with overlap on): the cache takes each such step back and the serial path runs it again.
     Events with overlap off and on, how many results failed, and how often a row's cache length was not its
-    prompt's plus the tokens fed to it once a result was taken."""
+    prompt's plus the tokens fed to it once a result was taken. Also a launch that raises halfway through its
+    rows' commits (the mask element copies ``failing_commits``, counted over launches ahead): the rows it
+    committed are taken back and the serial path runs the step again (``launch_failed``)."""
     texts = [tok.chat_prompt([("user", [Segment(text=TEXTS[i])])], thinking) for i, thinking, *_ in REQUESTS]
     batches = [[(p, params, cancel) for p, (_, _, params, _, cancel) in zip(texts, REQUESTS)]]
     results: List[bool] = []  # per result taken of a step launched ahead: did it fail?
     wrong: List[int] = []  # rows whose cache length is not their prompt's and fed tokens'
+    commits: List[int] = []  # mask element copies made inside launches ahead
+    launch_failed: List[int] = []
 
     def make(overlap: bool) -> Scheduler:
         sched = Scheduler(backend, cfg, tok, max_batch=3, queue_size=16, context=cfg.engine.context,
@@ -188,10 +193,27 @@ def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2,
                 if sched.cache.lengths[row.slot] != len(row.req.prompt.ids) + fed:
                     wrong.append(row.req.id)
             return logits
+        launch, one_on, launching = sched._launch, sched.cache._one_on, []
+
+        def watched_launch():
+            launching.append(1)
+            try:
+                return launch()
+            finally:
+                launching.pop()
+
+        def failing_one_on(shard):
+            if launching:
+                commits.append(1)
+                if len(commits) in failing_commits and sched.cache.top > 1:
+                    launch_failed.append(1)
+                    raise RuntimeError("cudaMemcpyAsync failed")
+            return one_on(shard)
         sched.cache._download_rows, sched._land = failing_download, watched_land
+        sched._launch, sched.cache._one_on = watched_launch, failing_one_on
         return sched
     return {"off": _run(make, False, batches), "on": _run(make, True, batches), "failed": sum(results),
-            "wrong_lengths": len(wrong)}
+            "wrong_lengths": len(wrong), "launch_failed": len(launch_failed)}
 
 
 def on_workdir(workdir: Path, backend_name: str, precision: str) -> Dict[str, Any]:

@@ -111,7 +111,8 @@ def test_the_decode_overlap_on_the_device_cache_generates_what_the_serial_schedu
     previous step's text work. ``tests.runtime.overlap_scenario``'s cases (rows joining and leaving, sampling
     with penalties, stop strings ending rows while a step is in flight, a cancel, prefix reuse) give every
     event the serial scheduler gives; the cache refuses every call that changes it while a step is in flight;
-    a result whose download raises is taken back (lengths, mask) and run again serially."""
+    a result whose download raises, or a launch that raises halfway through its rows' commits, is taken back
+    (lengths, mask) and run again serially."""
     workdir, env = _engines(graphs, tmp_path, *PAIRS[0])
     cases = _drive(workdir, env, "overlap")["tensorrt"]
     failing = cases.pop("failing_results")
@@ -124,7 +125,7 @@ def test_the_decode_overlap_on_the_device_cache_generates_what_the_serial_schedu
         assert on["refused"] == ["decode", "decode_async", "release", "move", "fit", "save_block", "prefill"]
     assert cases["agent"]["on"]["prefix"]["hits"] == 2
     assert failing["on"]["events"] == failing["off"]["events"]
-    assert failing["failed"] == 2 and failing["wrong_lengths"] == 0
+    assert failing["failed"] == 2 and failing["launch_failed"] == 1 and failing["wrong_lengths"] == 0
 
 
 def test_the_checks_fail_on_the_host_cache(graphs, tmp_path):

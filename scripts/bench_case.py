@@ -38,3 +38,21 @@ def load_case(parser: argparse.ArgumentParser,
         return args, cfg, find_case(cfg, args.module, args.batch, args.case, args.prompt, args.past)
     except UserError as exc:
         parser.error(exc.message)
+
+
+def one_engine_backend(args: argparse.Namespace) -> Any:
+    """The TensorRT backend of ``args.module``'s engine; a module built as several engines (a staged
+    decoder: each stage, or the head stage, its own) exits 2 with one line: these scripts time one engine."""
+    import sys
+
+    from autoglm_build.manifest import Manifest
+    from autoglm_build.runtime.backends import TensorRTBackend
+
+    backend = TensorRTBackend(args.workdir, Manifest.load(args.workdir), [args.module], args.precision)
+    parts = backend.parts.get(args.module, [args.module])
+    if len(parts) > 1:
+        backend.close()
+        print(f"error: {args.module} is built as {len(parts)} engines ({', '.join(parts)}); this script times one "
+              f"engine: use a one-graph build (decoder.stages: 1, decoder.head_stage: false)", file=sys.stderr)
+        raise SystemExit(2)
+    return backend

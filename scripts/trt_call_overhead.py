@@ -16,16 +16,13 @@ Runs on the GPU harness (Python 3.9, TensorRT). For the case's inputs, already o
 from __future__ import annotations
 
 import ctypes
-import sys
 from typing import Callable, List, Tuple
 
 import numpy as np
-from bench_case import case_parser, load_case  # scripts/bench_case.py
+from bench_case import case_parser, load_case, one_engine_backend  # scripts/bench_case.py
 
 from autoglm_build.bench import timed
 from autoglm_build.engine import tensorrt as trt_env
-from autoglm_build.manifest import Manifest
-from autoglm_build.runtime.backends import TensorRTBackend
 
 
 def graph_replay(call: Callable[[], None], stream) -> Tuple[Callable[[], None], Callable[[], None]]:
@@ -65,13 +62,7 @@ def main(argv: List[str] = None) -> int:
     from polygraphy import cuda
 
     trt = trt_env.load()
-    backend = TensorRTBackend(args.workdir, Manifest.load(args.workdir), [args.module], args.precision)
-    parts = backend.parts.get(args.module, [args.module])
-    if len(parts) > 1:  # one engine per part: this script times one engine's calls
-        backend.close()
-        print(f"error: {args.module} is built as {len(parts)} engines ({', '.join(parts)}); this script times one "
-              f"engine: use a one-graph build (decoder.stages: 1, decoder.head_stage: false)", file=sys.stderr)
-        return 2
+    backend = one_engine_backend(args)
     runner = backend.runner(args.module, case["phase"])
     print(f"{args.module} {args.precision} {case['case']} batch {args.batch} "
           f"(TensorRT {trt.__version__}, {trt_env.gpu()['name']}):", flush=True)

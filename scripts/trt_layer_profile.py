@@ -11,15 +11,12 @@ how much of the total the Myelin ("ForeignNode") and reformatting layers take.
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 from typing import List
 
-from bench_case import case_parser, load_case  # scripts/bench_case.py
+from bench_case import case_parser, load_case, one_engine_backend  # scripts/bench_case.py
 
 from autoglm_build.engine import tensorrt as trt_env
-from autoglm_build.manifest import Manifest
-from autoglm_build.runtime.backends import TensorRTBackend
 
 
 def main(argv: List[str] = None) -> int:
@@ -28,13 +25,7 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--top", type=int, default=12)
     args, cfg, case = load_case(parser, argv)
     trt = trt_env.load()
-    backend = TensorRTBackend(args.workdir, Manifest.load(args.workdir), [args.module], args.precision)
-    parts = backend.parts.get(args.module, [args.module])
-    if len(parts) > 1:  # one engine per part: this script times one engine's calls
-        backend.close()
-        print(f"error: {args.module} is built as {len(parts)} engines ({', '.join(parts)}); this script times one "
-              f"engine: use a one-graph build (decoder.stages: 1, decoder.head_stage: false)", file=sys.stderr)
-        return 2
+    backend = one_engine_backend(args)
     call, sync, _ = backend.device_call(args.module, case["feed"], case["phase"])
     for _ in range(3):
         call()

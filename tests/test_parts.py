@@ -176,11 +176,29 @@ def load_config_from(data: dict):
     return BuildConfig.model_validate(data)
 
 
-def test_a_served_chat_on_the_staged_build_returns_the_unstaged_tokens(staged, unstaged):
+@pytest.mark.parametrize("build", ["staged", "headed"])
+def test_a_served_chat_on_the_staged_build_returns_the_unstaged_tokens(build, unstaged, request):
+    """Two layer stages, or one layer stage and the head stage (``decoder.head_stage``)."""
     prompt = "Open WeChat and send hello to Alice"
-    want, got = _chat(unstaged, prompt), _chat(staged, prompt)
+    want, got = _chat(unstaged, prompt), _chat(request.getfixturevalue(build), prompt)
     assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
     assert got["usage"] == want["usage"] and got["usage"]["completion_tokens"] > 1
+
+
+def _fake_engines(source: Path, tmp_path: Path, pair, precision: str):
+    """(workdir, env, args): a copy of ``source`` with embed and the decoder's engines built by the fake
+    TensorRT ``pair`` (TensorRT, Polygraphy); ``args`` name the copy and the precision for later commands."""
+    import shutil
+
+    from tests.engine.fake_trt import harness
+
+    workdir = tmp_path / "w"
+    shutil.copytree(source, workdir)
+    env = harness.environment(*pair, tmp_path / "calls.jsonl")
+    args = ["-w", str(workdir), "--precision", precision]
+    built = harness.run(["-m", "autoglm_build", "engine", *args, "-m", "embed", "-m", "decoder"], env, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    return workdir, env, args
 
 
 @pytest.mark.slow
@@ -188,16 +206,9 @@ def test_tensorrt_chains_the_staged_engines_symmetrically(staged, tmp_path):
     """Under the fake TensorRT 10.13 (tests/engine/fake_trt): `engine -m decoder` builds one engine per
     stage; verify's engine path, the backend's `run` and `device_call`, and a served chat chain them
     and equal ONNX Runtime on the same INT8 graphs; `bench` times the chained engines."""
-    import shutil
-
     from tests.engine.fake_trt import harness
 
-    workdir = tmp_path / "w"
-    shutil.copytree(staged, workdir)
-    env = harness.environment("10.13.0", "0.53.6", tmp_path / "calls.jsonl")
-    args = ["-w", str(workdir), "--precision", "int8"]
-    built = harness.run(["-m", "autoglm_build", "engine", *args, "-m", "embed", "-m", "decoder"], env, timeout=600)
-    assert built.returncode == 0, built.stderr[-3000:]
+    workdir, env, args = _fake_engines(staged, tmp_path, ("10.13.0", "0.53.6"), "int8")
     manifest = Manifest.load(workdir)
     assert [manifest.record("engine-int8", f"decoder.stage{k}").status for k in (0, 1)] == ["done", "done"]
     verify = harness.run(["-m", "autoglm_build", "verify", *args, "-m", "decoder", "--backend", "tensorrt",
@@ -292,28 +303,14 @@ def test_a_head_stage_chains_to_the_one_graph_in_prefill_and_decode(headed, unst
                   for side, out in (("one", want), ("two", got))}
 
 
-def test_a_served_chat_on_a_head_stage_build_returns_the_unstaged_tokens(headed, unstaged):
-    prompt = "Open WeChat and send hello to Alice"
-    want, got = _chat(unstaged, prompt), _chat(headed, prompt)
-    assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
-    assert got["usage"] == want["usage"] and got["usage"]["completion_tokens"] > 1
-
-
 @pytest.mark.slow
 def test_tensorrt_85_builds_and_chains_the_head_stage(headed, tmp_path):
     """Under the fake TensorRT 8.5.3: the head stage's engine has one profile and no mask or cache input;
     the backend's `run`, `device_call`, kept bindings and a served chat on the device cache chain it after
     the layer stage and equal ONNX Runtime on the same FP16 graphs."""
-    import shutil
-
     from tests.engine.fake_trt import harness
 
-    workdir = tmp_path / "w"
-    shutil.copytree(headed, workdir)
-    env = harness.environment("8.5.3", "0.49.26", tmp_path / "calls.jsonl")
-    args = ["-w", str(workdir), "--precision", "fp16"]
-    built = harness.run(["-m", "autoglm_build", "engine", *args, "-m", "embed", "-m", "decoder"], env, timeout=600)
-    assert built.returncode == 0, built.stderr[-3000:]
+    workdir, env, _ = _fake_engines(headed, tmp_path, ("8.5.3", "0.49.26"), "fp16")
     [found] = (workdir / "engines").glob("decoder.stage1*.json")
     sidecar = json.loads(found.read_text())
     assert [list(p) for p in sidecar["profiles"]] == [["hidden_states_in"]]

@@ -91,7 +91,7 @@ class Shard:
     def __init__(self, device: Device, units: List[str], names: List[str]) -> None:
         self.device, self.units, self.names = device, units, names
         self.planes = {name: z for z, name in enumerate(names)}
-        self.store_ptr, self.mask_ptr = 0, 0
+        self.store_ptr, self.mask_ptr, self.one_ptr = 0, 0, 0  # one_ptr: a scratch buffer (freed with them)
         self.buffers: Dict[str, Buffer] = {}
         self.blocks: List[int] = []  # every prefix block allocated here
 
@@ -164,6 +164,10 @@ class DeviceKVCache(KVCache):
                 # once: masked columns are read (times a zero weight); never let them hold NaN bit patterns
                 shard.device.memset(shard.store_ptr, size)
                 shard.mask_ptr = shard.device.malloc(slots * context * self.mask_dtype.itemsize)
+                # a mask element of 1 kept on the GPU, the source of each committed column's mask element:
+                # a pageable host-to-device copy may wait for the stream, a device copy does not
+                shard.one_ptr = shard.buffer("one", self._one.nbytes)
+                shard.device.upload(shard.one_ptr, self._one)
             self._logits_host = np.empty((slots, self.vocab), self.logits_dtype)
             super().__init__(backend, spec, slots, context, dtype)
             self._sync()
@@ -469,20 +473,11 @@ class DeviceKVCache(KVCache):
                     committed.append((s, at))
                     self.lengths[s] += 1
                     for shard in self.shards:  # device to device from a 1 kept there: never waits on the host
-                        shard.device.copy(shard.mask_ptr + (s * (cap + 1) + at) * item, self._one_on(shard), item)
+                        shard.device.copy(shard.mask_ptr + (s * (cap + 1) + at) * item, shard.one_ptr, item)
             except BaseException:  # a launch that raised halfway: the rows it committed are taken back
                 self._take_back(committed)
                 raise
         return n, logits, used, committed
-
-    def _one_on(self, shard: Shard) -> int:
-        """A mask element of value 1 on ``shard``'s GPU (written once), the source of each committed column's
-        mask element: a pageable host-to-device copy may wait for the stream, a device copy does not."""
-        if "one" not in shard.buffers:
-            ptr = shard.buffer("one", self._one.nbytes)
-            shard.device.upload(ptr, self._one)
-            return ptr
-        return shard.buffer("one", self._one.nbytes)
 
     def _take_back(self, committed: Sequence[Tuple[int, int]]) -> None:
         """Lengths and mask as before the step's commits (the device's mask rows re-sent at the next flush)."""

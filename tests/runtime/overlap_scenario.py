@@ -193,7 +193,7 @@ def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2,
                 if sched.cache.lengths[row.slot] != len(row.req.prompt.ids) + fed:
                     wrong.append(row.req.id)
             return logits
-        launch, one_on, launching = sched._launch, sched.cache._one_on, []
+        launch, launching = sched._launch, []
 
         def watched_launch():
             launching.append(1)
@@ -201,16 +201,18 @@ def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2,
                 return launch()
             finally:
                 launching.pop()
+        sched.cache._download_rows, sched._land, sched._launch = failing_download, watched_land, watched_launch
+        for shard in sched.cache.shards:  # a committed column's mask element: the copy from the shard's 1
+            copy = shard.device.copy
 
-        def failing_one_on(shard):
-            if launching:
-                commits.append(1)
-                if len(commits) in failing_commits and sched.cache.top > 1:
-                    launch_failed.append(1)
-                    raise RuntimeError("cudaMemcpyAsync failed")
-            return one_on(shard)
-        sched.cache._download_rows, sched._land = failing_download, watched_land
-        sched._launch, sched.cache._one_on = watched_launch, failing_one_on
+            def failing_copy(dst, src, nbytes, copy=copy, one=shard.one_ptr):
+                if launching and src == one:
+                    commits.append(1)
+                    if len(commits) in failing_commits and sched.cache.top > 1:
+                        launch_failed.append(1)
+                        raise RuntimeError("cudaMemcpyAsync failed")
+                return copy(dst, src, nbytes)
+            shard.device.copy = failing_copy
         return sched
     return {"off": _run(make, False, batches), "on": _run(make, True, batches), "failed": sum(results),
             "wrong_lengths": len(wrong), "launch_failed": len(launch_failed)}

@@ -221,6 +221,12 @@ class CalibrateConfig(_Section):
     modules: Dict[str, ModuleCalibration] = Field(default_factory=dict)
     target_cosine: Optional[float] = Field(None, gt=0, le=1, description="sensitivity fallback target")
     gate: AccuracyGate = Field(default_factory=AccuracyGate)
+    measure_fp16: bool = Field(True, description=(
+        "calibrate --fp16 measures the FP16 graph against FP32 on held-out samples and holds it to the gate; "
+        "false leaves that to verify (which compares the chained FP16 graphs with FP32 on its samples): a stage "
+        "of a staged module is measured through the whole module after the stages before it, so 40 layers in 8 "
+        "stages run the model on the CPU about 27 times, one stage after another, where without it the stages "
+        "convert in parallel. INT8 is always measured (its FP16 fallback needs it)"))
     trt_version: str = Field("8.5.3", pattern=r"^\d+\.\d+(\.\d+)?$", description="calibration cache header")
 
 

@@ -116,7 +116,8 @@ class Pipeline:
 
     def check_prompts(self) -> None:
         """The tokenizer and calibration prompts, where a stage of this pipeline tokenizes them."""
-        if any(stage.name in PROMPT_STAGES for stage in self.stages):
+        if any(stage.name in PROMPT_STAGES and getattr(stage, "measures", lambda cfg: True)(self.cfg)
+               for stage in self.stages):  # an FP16 graph not measured here reads no prompts
             check_prompts(self.cfg, self.module_names())
 
     def plan(self) -> List[Dict[str, Any]]:

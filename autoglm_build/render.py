@@ -23,8 +23,8 @@ def render_outcomes(outcomes: Sequence[Outcome], workdir: Path) -> None:
     for o in outcomes:
         rec = o.record
         metrics = rec.metrics if rec else {}
-        if "accuracy" in metrics:  # calibrate: errors vs FP32; details in the precision table
-            metrics = metrics["accuracy"]
+        if "accuracy" in metrics:  # calibrate: errors vs FP32 (None: not measured); details in the precision table
+            metrics = metrics["accuracy"] or {}
         size = sum(_artifact_bytes(workdir, p) for p in rec.artifacts) if rec else 0
         table.add_row(
             o.stage, o.module, o.status, f"{rec.duration_s:.1f}s" if rec else "-",
@@ -84,6 +84,8 @@ def render_precision(outcomes: Sequence[Outcome]) -> None:
     for o in outcomes:
         m = o.record.metrics
         acc, cen = m["accuracy"], m.get("precision_census", {})
+        if acc is None:  # calibrate.measure_fp16: false (verify measures it)
+            acc = {"cosine_min": float("nan"), "max_abs": float("nan"), "max_rel": float("nan")}
         kept = ", ".join(f"{cat} {c.get('fp16', 0)}/{sum(c.values())}" for cat, c in cen.items()
                          if cat != "matmul/conv (other)" and c)
         moved = m.get("fallback", {}).get("moved_to_fp16")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
@@ -18,6 +19,7 @@ from autoglm_build.manifest import Manifest
 from autoglm_build.modules import registry
 from autoglm_build.parts import chain, layer_ranges, ort_part, split_name
 from autoglm_build.pipeline import Pipeline
+from autoglm_build.workdir import Build
 from tests.conftest import write_config
 
 MODULES = ["embed", "decoder"]
@@ -350,3 +352,40 @@ def test_turning_the_head_stage_on_changes_only_the_stages_it_changes(tmp_path):
     first, last = DecoderStageSpec(0), DecoderStageSpec(1)
     assert first.fingerprint_data(plain) == first.fingerprint_data(headed)  # stage 0 keeps its graph
     assert last.fingerprint_data(plain) != last.fingerprint_data(headed)  # stage 1 loses the norm and LM head
+
+
+def test_fp16_stages_convert_alone_when_verify_measures_them(staged, tmp_path, monkeypatch):
+    """``calibrate.measure_fp16: false`` (the 40-layer build's 8 stages convert in parallel): a stage's FP16 graph
+    is made without calibration data or the stages before it, records no accuracy and says so; verify then
+    measures the chained FP16 graphs against FP32 and passes."""
+    import shutil
+
+    from autoglm_build.stages import calibrate
+    from autoglm_build.stages.calibrate import CalibrateStage
+
+    workdir = tmp_path / "w"
+    shutil.copytree(staged, workdir)
+    config = write_config(tmp_path / "c.yaml", {"modules": MODULES, "decoder": {"stages": 2},
+                                                 "calibrate": {"measure_fp16": False}})
+    cfg = load_config(config)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read while measure_fp16 is false")
+
+    with monkeypatch.context() as m:
+        m.setattr(calibrate.CalibrationData, "discover", refuse)
+        m.setattr(CalibrateStage, "earlier_graphs", refuse)
+        outcomes = Pipeline(cfg, workdir, [CalibrateStage("fp16")], ["decoder.stage1", "decoder.stage0"],
+                            reporter=Reporter(-1), config_path=str(config)).run()
+    assert [(o.module, o.status) for o in outcomes] == [("decoder.stage1", "ran"), ("decoder.stage0", "ran")]
+    for o in outcomes:
+        assert o.record.metrics["accuracy"] is None and o.record.params["measured"] is False
+        assert any("fp16 accuracy not measured" in w for w in o.record.warnings), o.record.warnings
+        graph = onnx.load(str(Build(workdir).graph(o.module, "fp16")), load_external_data=False)
+        kinds = {t.data_type for t in graph.graph.initializer}
+        assert onnx.TensorProto.FLOAT16 in kinds
+    result = CliRunner().invoke(app, ["verify", "-w", str(workdir), "-m", "decoder", "--precision", "fp16",
+                                      "--backend", "onnxruntime", "--strict", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert rows and all(r["passed"] and r["cosine_min"] > 0.99 for r in rows), rows

@@ -112,11 +112,20 @@ class CalibrateStage(Stage):
     def settings(self, cfg: BuildConfig) -> CalibrateConfig:
         return cfg.calibrate.model_copy(update=self.overrides)
 
+    def measures(self, cfg: BuildConfig) -> bool:
+        """Whether this stage measures its graphs against FP32 (INT8 always; FP16 unless
+        ``calibrate.measure_fp16: false``)."""
+        return self.precision == "int8" or self.settings(cfg).measure_fp16
+
     def check_inputs(self, cfg: BuildConfig, modules: List[str]) -> None:
-        check_calibration_data(Path(self.settings(cfg).data), modules)
+        if self.measures(cfg):
+            check_calibration_data(Path(self.settings(cfg).data), modules)
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
         settings = self.settings(ctx.cfg)
+        if not self.measures(ctx.cfg):  # the graph alone: no data, no other module's or stage's graph
+            return {"module": module, "inputs": {module: [a.sha256 for a in fp32_artifacts(ctx.manifest, module)]},
+                    "settings": settings.model_dump(mode="json")}
         graphs = {m: fp32_artifacts(ctx.manifest, m) for m in _upstream(ctx.cfg, module)}
         earlier = {p: [a.sha256 for a in ctx.manifest.artifacts_of(self.name, p)] for p in _earlier(ctx.cfg, module)}
         return {
@@ -135,6 +144,8 @@ class CalibrateStage(Stage):
         settings = self.settings(ctx.cfg)
         cfg = ctx.cfg.model_copy(update={"calibrate": settings})
         source = fp32_graph(ctx, module)
+        if not self.measures(ctx.cfg):
+            return self.fp16_unmeasured(ctx, spec, module, source)
         graphs = {m: fp32_graph(ctx, m) for m in _upstream(ctx.cfg, module)}
         ctx.status("preprocessing calibration data")
         calib, held = spec.calibration_batches(cfg, CalibrationData.discover(Path(settings.data)), graphs)
@@ -160,6 +171,27 @@ class CalibrateStage(Stage):
             outputs = move_into_place(files + extra, ctx.workdir / self.precision, module, "onnx-" + self.precision)
         params = {"method": settings.method, "batch_size": settings.batch_size, "source": str(source)}
         return StageResult(outputs=outputs, params=params, metrics=metrics, warnings=warnings)
+
+    def fp16_unmeasured(self, ctx: StageContext, spec: ModuleSpec, module: str, source: Path) -> StageResult:
+        """``calibrate.measure_fp16: false``: the FP16 graph, converted and checked as always, without the
+        accuracy measurement (no calibration data read, no stage before this one needed): ``verify`` measures
+        it, the chained graphs against FP32. ``metrics.accuracy`` is None and the stage warns."""
+        import onnx
+
+        model = to_fp16(onnx.load(str(source)), spec.fp16_io(ctx.cfg))
+        offenders = fp16_reductions(model)
+        if offenders:
+            raise RuntimeError(f"{module}: FP16 reductions in the fp16 graph: {offenders[:5]}")
+        with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix=f".{self.name}-{module}-") as tmp:
+            files = save_model(model, Path(tmp) / f"{module}.onnx", ctx.cfg.export.large_model_bytes)
+            onnx.checker.check_model(str(files[0]))
+            outputs = move_into_place(files, ctx.workdir / self.precision, module, "onnx-" + self.precision)
+        metrics = {"accuracy": None, "qdq": qdq_count(model), "precision_census": census(model, CENSUS),
+                   "calibration_batches": 0, "heldout_batches": 0}
+        warning = (f"{module}: fp16 accuracy not measured (calibrate.measure_fp16: false); "
+                   f"autoglm-build verify -m {spec.module} --precision fp16 measures it")
+        return StageResult(outputs=outputs, params={"source": str(source), "measured": False},
+                           metrics=metrics, warnings=[warning])
 
     def earlier_graphs(self, ctx: StageContext, module: str) -> Dict[str, Path]:
         """This precision's graphs of the stages before ``module`` (a stage of a staged module), checked.

@@ -26,6 +26,7 @@ configs' ``initializer_range``), norm scales 1 + N(0, 0.02).
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -178,7 +179,8 @@ def hf_config_json(cfg: BuildConfig, dtype: str) -> str:
 
 
 def write_checkpoint(cfg: BuildConfig, out: Path, dtype: str = "bf16", shard_mib: float = DEFAULT_SHARD_MIB,
-                     seed: int = 0, progress: Optional[Callable[[str, int], None]] = None) -> Dict[str, Any]:
+                     seed: int = 0, progress: Optional[Callable[[str, int], None]] = None,
+                     workers: int = 1) -> Dict[str, Any]:
     """Write the checkpoint for ``cfg`` into ``out``: created if missing, replaced whole if it holds
     an earlier output of this function, refused otherwise.
 
@@ -189,6 +191,7 @@ def write_checkpoint(cfg: BuildConfig, out: Path, dtype: str = "bf16", shard_mib
         shard_mib: Largest shard, MiB (a tensor bigger than that gets a shard of its own).
         seed: The values' seed.
         progress: Called with each shard's file name and tensor bytes once it is written.
+        workers: Shards written at once (threads); the bytes do not depend on it.
 
     Returns:
         ``{"files": [names], "tensors": n, "parameters": n, "total_size": bytes}``.
@@ -204,7 +207,7 @@ def write_checkpoint(cfg: BuildConfig, out: Path, dtype: str = "bf16", shard_mib
         check_replaceable(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        summary = _write_files(cfg, tmp, dtype, shard_mib, seed, progress)
+        summary = _write_files(cfg, tmp, dtype, shard_mib, seed, progress, workers)
         _swap_in(tmp, out)
         tmp = None
     except OSError as exc:
@@ -243,7 +246,7 @@ def _ours(shard: Path) -> bool:
 
 
 def _write_files(cfg: BuildConfig, out: Path, dtype: str, shard_mib: float, seed: int,
-                 progress: Optional[Callable[[str, int], None]]) -> Dict[str, Any]:
+                 progress: Optional[Callable[[str, int], None]], workers: int = 1) -> Dict[str, Any]:
     """The checkpoint's files into the empty directory ``out``."""
     import torch
 
@@ -251,12 +254,18 @@ def _write_files(cfg: BuildConfig, out: Path, dtype: str, shard_mib: float, seed
     specs = layout(cfg)
     shards = shard_plan(specs, int(shard_mib * 2**20), itemsize)
     names = shard_names(len(shards))
-    total = 0
-    for name, group in zip(names, shards):
+
+    def one(name: str, group: List[TensorSpec]) -> int:
         written = write_shard(out / name, group, seed, dtype)
-        total += written
         if progress:
             progress(name, written)
+        return written
+
+    if workers > 1:  # shards in parallel threads (torch's randn and file writes release the GIL): same bytes
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            total = sum(pool.map(one, names, shards))
+    else:
+        total = sum(one(name, group) for name, group in zip(names, shards))
     (out / "config.json").write_text(hf_config_json(cfg, dtype), encoding="utf-8")
     if len(names) > 1:
         weight_map = {s.name: name for name, group in zip(names, shards) for s in group}

@@ -35,6 +35,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--shard-mib", type=float, default=DEFAULT_SHARD_MIB,
                         help="largest shard in MiB (default: 5 GB, save_pretrained's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random values (default 0)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="shards written at once (threads; same bytes whatever the count; default 1)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -47,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{name}: {nbytes / 2**30:.2f} GiB ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
     try:
-        summary = write_checkpoint(cfg, args.out, args.dtype, args.shard_mib, args.seed, progress)
+        summary = write_checkpoint(cfg, args.out, args.dtype, args.shard_mib, args.seed, progress, args.workers)
     except UserError as exc:
         print(f"error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
         return exc.exit_code

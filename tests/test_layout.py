@@ -53,6 +53,7 @@ def test_names_and_shapes_are_transformers_glm4v_plus_our_speech_module(tiny_cfg
 def test_script_writes_shards_an_index_and_config_json_the_same_bytes_twice(tmp_path, tiny_cfg):
     first = _files(_make(tmp_path / "a", "--shard-mib", "1"))
     assert first == _files(_make(tmp_path / "b", "--shard-mib", "1"))
+    assert first == _files(_make(tmp_path / "c", "--shard-mib", "1", "--workers", "3"))  # shards in parallel
     shards = sorted(n for n in first if n.endswith(".safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads(first[INDEX_NAME])

@@ -28,6 +28,14 @@
 #                                                      (one-graph decoder only: the 2-layer config's head stage off)
 #   bash scripts/device_full.sh bench                  full width: torch, then TensorRT
 #   bash scripts/device_full.sh overhead               full width: TensorRT called through Polygraphy, bound, CUDA graph
+# The whole 9B model (issue 15), the decoder and embed of configs/autoglm-phone-9b.yaml (40 layers in 8 stages + the head
+# stage) from a 9B checkpoint in the published layout written on the device (NINE_CKPT, bf16), each part's chain in its
+# own process (export -> optimize -> its export's weights removed -> FP16 graph without calibrate's own measurement ->
+# engine on the next of $GPUS), torch eager/sdpa on the same checkpoint on the last GPU meanwhile:
+#   bash scripts/device_full.sh nine [seconds]        start every job, wait; NINE_CONTEXT/NINE_OPT_PAST/NINE_WORKSPACE
+#                                                      override engine.context/opt_past/workspace_mib for the lease
+#   bash scripts/device_full.sh nine-check            bench TensorRT at 40 layers, serve_load with the decode overlap on/off
+#   bash scripts/device_full.sh nine-verify           verify (chained engines vs ONNX Runtime; FP16 vs FP32)
 # Wheels: .whl/ for the Python 3.12 side (pydantic, onnxslim, the tested transformers, ...) and .whl39/
 # for the harness's Python 3.9 (Pillow, pytest, openai, ...), made by scripts/fetch_device_wheels.sh from
 # the lists beside it.
@@ -53,6 +61,12 @@ if [ "$STAGES" -gt 1 ]; then
   FULLD=${FULL%.yaml}-staged$STAGES.yaml; FD=$D/full-staged$STAGES
   derive "$FULL" "$FULLD" -staged "d.setdefault('decoder', {})['stages'] = $STAGES"
 fi
+NINE=${NINE_CONFIG:-configs/autoglm-phone-9b.yaml}; N9C=configs/autoglm-phone-9b-lease.yaml; N9=$D/9b; N9CKPT=${NINE_CKPT:-$D/ckpt9b}
+NINE_PAST=${NINE_OPT_PAST:-4096}
+derive "$NINE" "$N9C" -lease "d['modules'] = ['embed', 'decoder']; d['checkpoint'] = '$N9CKPT'
+d['tokenizer'] = 'tokenizers/autoglm-phone-tiny.json'  # random weights: any tokenizer within the vocabulary
+d['calibrate']['measure_fp16'] = False  # verify measures the chained FP16 graphs; the 9 parts convert in parallel
+d['engine'].update(context=${NINE_CONTEXT:-8192}, opt_past=$NINE_PAST, workspace_mib=${NINE_WORKSPACE:-12288})"
 # engine builds wait for the staged harness; '&&' so that "X && $HARNESS build" builds only after X succeeded
 HARNESS="while [ ! -e /tmp/stage/.ready ]; do sleep 5; done &&"
 OUT=${OUT:-device-out}
@@ -140,6 +154,57 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD
   done
   exec bash "$0" wait "${START_WAIT:-480}"
   ;;
+nine)  # the 9B model's decoder and embed, every part in parallel (see the header); NO_WHEELS=1: a dry run off the device
+  if [ -z "${NO_WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site312 \
+      .whl/*.whl || exit 1
+    for w in .whl39/*.whl; do python3 -m zipfile -e "$w" /tmp/site39; done
+  fi
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2; df -h /tmp | tail -1
+  PARTS=$(env PYTHONPATH=$PWD:/tmp/site312 python3 -c "import sys
+from autoglm_build.config import load_config
+from autoglm_build.modules import registry
+print(' '.join(registry.expand(load_config(sys.argv[1]), ['embed', 'decoder'])))" "$N9C") \
+    || { echo "error: cannot read the parts of $N9C"; exit 1; }
+  echo "parts: $PARTS"
+  stamp='echo "=== $(date +%s) $(date +%T)"'
+  job ckpt9 "$stamp ckpt; env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py \
+    -c $NINE -o $N9CKPT --workers ${NINE_CKPT_WORKERS:-6} && touch $N9CKPT.done || touch $N9CKPT.failed; $stamp ckpt end"
+  CKPT_WAIT="while [ ! -e $N9CKPT.done ]; do [ -e $N9CKPT.failed ] && exit 1; sleep 3; done"
+  c="-c $N9C -w $N9"
+  last=0; [ ${#GPU_LIST[@]} -gt 0 ] && last=${GPU_LIST[${#GPU_LIST[@]}-1]}
+  # torch eager and sdpa, the same checkpoint, fp16, on the last GPU before its builds start (the CPU busy exporting)
+  job torch9 "$CKPT_WAIT && while [ ! -s $N9/manifest.json ]; do sleep 5; done && $stamp torch && env CUDA_VISIBLE_DEVICES=$last $CLI312 bench $c -m decoder --backends torch \
+    --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1; $stamp torch end"
+  for part in $PARTS; do
+    on_gpu
+    data="$N9/onnx/$part.onnx.data"  # the exported FP32 weights: the optimized graph replaces them (disk)
+    job "part-$part" "$CKPT_WAIT && $stamp export && $CLI312 export $c -m $part && $stamp optimize \
+      && $CLI312 optimize $c -m $part && { rm -f $data; touch $N9/.optimized-$part; $stamp fp16; } \
+      && $CLI312 calibrate --fp16 $c -m $part && $stamp harness && $HARNESS $stamp engine \
+      && $ON $CLI39 engine $c -m $part --precision fp16; $stamp end"
+  done
+  waits=""; for part in $PARTS; do waits="$waits while [ ! -e $N9/.optimized-$part ]; do sleep 5; done;"; done
+  job samples9 "$waits $stamp samples && env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $c \
+    -m embed -m decoder; $stamp samples end"
+  exec bash "$0" wait "${2:-0}"
+  ;;
+nine-verify)  # the 9B decoder's chained engines against ONNX Runtime, and its FP16 graphs against FP32 (CPU)
+  $CLI39 verify -c $N9C -w $N9 -m decoder --precision fp16 --strict 2>&1 | grep -v "^\[W\]" | tee "$OUT/verify_9b.txt"
+  echo "verify exit: ${PIPESTATUS[0]}"
+  ;;
+nine-check)  # the 9B decoder's engines: bench at 40 layers, the server with the decode overlap on and off
+  c="-c $N9C -w $N9"
+  nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
+  $CLI39 bench $c -m decoder --backends tensorrt --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1 \
+    --precision fp16 2>&1 | grep -v "^\[W\]" | tee "$OUT/bench_9b_trt.txt"
+  for overlap in 1 0; do
+    AUTOGLM_BUILD_OVERLAP=$overlap PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-240} /tmp/stage/trtpy \
+      benchmarks/serve_load.py $c --backend tensorrt --clients 0 --max-tokens 64 2>&1 | grep -v "^\[W\]" \
+      | tee "$OUT/serve_load_9b_overlap$overlap.txt"
+  done
+  cp "$N9/manifest.json" "$OUT/manifest_9b.json"
+  ;;
 ready)  # the harness's parts are all in /tmp/stage: unpack once (about 20 s), then release the builds
   /tmp/stage/trtpy -c "import tensorrt, polygraphy; print('TensorRT', tensorrt.__version__, 'Polygraphy', polygraphy.__version__)" \
     && touch /tmp/stage/.ready
@@ -150,9 +215,9 @@ wait)
   while pgrep -f "[a]utoglm_build.cli" >/dev/null && [ $SECONDS -lt $end ]; do sleep 10; done
   pgrep -fa "[a]utoglm_build.cli" | cut -c1-160 || echo "all jobs finished"
   for f in "$L"/*.log; do
-    echo "--- $(basename "$f")"; grep -E ": done in|rror|FAILED|DCHECK|Killed|cached" "$f" | grep -v "^\[" | tail -12
+    echo "--- $(basename "$f")"; grep -a -E "^===|: done in|rror|FAILED|DCHECK|Killed|cached|peak RSS|Maximum resident" "$f" | grep -v "^\[" | tail -12
   done
-  ls -la "$W/engines" "$F/engines" "$FD/engines" "$WS/engines" 2>/dev/null | grep -v json | sort -u
+  ls -la "$W/engines" "$F/engines" "$FD/engines" "$WS/engines" "$N9/engines" 2>/dev/null | grep -v json | sort -u
   df -h /tmp | tail -1
   tar -czf "$OUT/logs.tgz" -C "$L" . 2>/dev/null; true
   ;;

@@ -36,6 +36,7 @@
 #                                                      override engine.context/opt_past/workspace_mib for the lease
 #   bash scripts/device_full.sh nine-check            bench TensorRT at 40 layers, serve_load with the decode overlap on/off
 #   bash scripts/device_full.sh nine-verify           verify (chained engines vs ONNX Runtime; FP16 vs FP32)
+#   bash scripts/device_full.sh nine-twogpu           the 9B decoder's stages over GPUs 0 and 1: the tokens of one GPU
 # Wheels: .whl/ for the Python 3.12 side (pydantic, onnxslim, the tested transformers, ...) and .whl39/
 # for the harness's Python 3.9 (Pillow, pytest, openai, ...), made by scripts/fetch_device_wheels.sh from
 # the lists beside it.
@@ -192,6 +193,11 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), ['embed', 'decoder'])))
 nine-verify)  # the 9B decoder's chained engines against ONNX Runtime, and its FP16 graphs against FP32 (CPU)
   $CLI39 verify -c $N9C -w $N9 -m decoder --precision fp16 --strict 2>&1 | grep -v "^\[W\]" | tee "$OUT/verify_9b.txt"
   echo "verify exit: ${PIPESTATUS[0]}"
+  ;;
+nine-twogpu)  # the 9B decoder's stages on GPUs 0 and 1 generate what they generate on GPU 0 (issue 15)
+  AUTOGLM_BUILD_TRT_WORKDIR=$N9 PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m pytest -q -p no:cacheprovider -rs \
+    "tests/runtime/test_backends_trt.py::test_the_staged_decoder_split_across_two_gpus_generates_what_it_does_on_one" \
+    2>&1 | grep -v "^\[W\]" | tee "$OUT/pytest_two_gpus_9b.txt" | tail -8
   ;;
 nine-check)  # the 9B decoder's engines: bench at 40 layers, the server with the decode overlap on and off
   c="-c $N9C -w $N9"

@@ -292,3 +292,50 @@ def test_a_failing_row_ends_alone_and_the_others_generate_what_they_generate_alo
         assert bad[-1]["type"] == "error" and [e["type"] for e in bad].count("error") == 1
         assert ("row poisoned" if failure == "backend error in one row" else "ValueError") in bad[-1]["message"]
     assert scheduler.stats()["active"] == 0 and scheduler.cache.top == 0
+
+
+def test_greedy_rows_pick_what_the_full_pass_picks(runtime):
+    """The greedy rows' pass over whole rows (:meth:`Sampler._greedy`) equals the full float64 pass
+    (:meth:`Sampler._pick`) id for id: penalties of both kinds and signs, repeated ids, ties between a
+    penalized and a plain id and between plain ids, the ``</think>`` and stop ids barred or not, float16 and
+    float32 logits, and ids no row produces holding the largest logit."""
+    from types import SimpleNamespace
+
+    from autoglm_build.runtime.generation import Sampler
+
+    _, _, tok = runtime
+    sampler = Sampler(tok, slots=4)
+    rng = np.random.default_rng(3)
+    vocab = len(tok.allowed)
+    checked = 0
+    for case in range(300):
+        slot = case % 4
+        sampler.join(slot)
+        for token in rng.choice(sampler.ids, size=int(rng.integers(0, 40))):
+            sampler.count(slot, int(token))
+        if case % 7 == 0:  # a generated stop / </think>: barred ids the row has counts for
+            sampler.count(slot, sampler.close_id)
+            sampler.count(slot, int(sampler.stop_ids[0]))
+        frequency, presence = [(0.0, 0.0), (0.2, 0.0), (2.0, 1.5), (0.0, 0.7), (-0.5, 0.0), (0.3, -1.0)][case % 6]
+        logits = rng.standard_normal(vocab).astype(np.float32) * 3
+        if case % 5 == 0:  # quantized logits: many exact ties
+            logits = np.round(logits)
+        if case % 11 == 0:  # an id no row may produce holds the maximum
+            logits[sampler.never[0]] = 100.0
+        seen = np.flatnonzero(sampler.counts[slot])
+        if case % 3 == 0 and seen.size:  # a penalized id ties the best plain one after its penalty, exactly
+            frequency, presence = 0.5, 0.25  # dyadic: the penalized float64 value lands on the plain one
+            logits = np.round(logits * 4) / 4
+            top = sampler.ids[seen[0]]
+            count = sampler.counts[slot, seen[0]]
+            best = float(np.max(np.delete(logits[sampler.ids], seen)))
+            logits[top] = np.float32(best + frequency * count + presence)
+        if case % 4 == 1:
+            logits = logits.astype(np.float16)
+        params = SamplingParams(temperature=0, frequency_penalty=frequency, presence_penalty=presence,
+                                ignore_eos=bool(case % 2))
+        row = SimpleNamespace(slot=slot, req=SimpleNamespace(params=params, thinking=bool(case % 3 == 2)))
+        full = int(sampler.ids[sampler._pick(np.take(logits[None], sampler.ids, axis=1).astype(np.float64), [row])[0]])
+        assert sampler._greedy(logits, row) == full, case
+        checked += 1
+    assert checked == 300

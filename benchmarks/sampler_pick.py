@@ -82,10 +82,12 @@ def main() -> int:
     for name, params in shapes.items():
         batch = rows(sampler, args.rows, params, rng)
 
-        def before():
+        def before(batch=batch):
             return list(sampler.ids[sampler._pick(np.take(logits, sampler.ids, axis=1).astype(np.float64), batch)])
 
-        now = lambda: sampler.pick(logits, batch)  # noqa: E731
+        def now(batch=batch):
+            return sampler.pick(logits, batch)
+
         # greedy: both paths' ids compared; sampled: not comparable here (each pick draws from the rows' generators)
         same = "-" if params.temperature > 0 else ("yes" if before() == now() else "NO")
         print(f"{name:10} {median_us(before, args.repeat):10.0f} {median_us(now, args.repeat):10.0f}  {same}")

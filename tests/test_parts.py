@@ -235,6 +235,53 @@ def test_tensorrt_chains_the_staged_engines_symmetrically(staged, tmp_path):
         "prefill 16", "decode @16"}
 
 
+SMALL, LARGE = (3 << 20) + 256, (5 << 20) + 256  # activation memory of no other buffer's size
+
+
+def _scratch(workdir: Path, env: dict, stage0: int, stage1: int) -> dict:
+    """``drive_scratch.py`` with the fake engines of stage 0 and 1 needing these many bytes of scratch."""
+    from tests.engine.fake_trt import harness
+
+    env = {**env, "FAKE_TRT_DEVICE_MEMORY": f"decoder.stage0={stage0},decoder.stage1={stage1}"}
+    driven = harness.run([str(Path(harness.__file__).with_name("drive_scratch.py")), str(workdir), "fp16"], env,
+                         timeout=600)
+    assert driven.returncode == 0, driven.stderr[-3000:]
+    return json.loads(driven.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair", [("8.5.3", "0.49.26"), ("10.13.0", "0.53.6")], ids=["trt8.5", "trt10.13"])
+def test_the_decoder_stages_share_one_scratch_that_grows_as_they_load(staged, tmp_path, pair):
+    """The layer stages' four contexts (two stages x prefill and decode) run on one activation buffer of the
+    larger stage's size: allocated once when stage 0 needs the most; when stage 1 needs more, a bigger one
+    replaces it while loading, stage 0's contexts follow it (the fake fails a run on freed memory) and the
+    first is freed then. ``close`` frees the pool once (the fake fails a second ``cudaFree``), also after a
+    load that failed midway; the chained runs, a staged ``device_call`` called twice without a sync and a
+    served chat are unchanged."""
+    workdir, env, _ = _fake_engines(staged, tmp_path, pair, "fp16")
+    for stage0, stage1 in ((LARGE, SMALL), (SMALL, LARGE)):
+        result = _scratch(workdir, env, stage0, stage1)
+        assert result["violations"] == []
+        assert result["scratch_bytes"] == {"decoder.stage0": stage0, "decoder.stage1": stage1}
+        assert result["pools"] == [{"gpu": None, "bytes": LARGE, "parts": ["decoder.stage0", "decoder.stage1"]}]
+        [pool] = result["pool_addresses"]
+        assert list(result["contexts"]["embed"].values()) == [0]  # one profile: TensorRT's own memory
+        assert [address for part in ("decoder.stage0", "decoder.stage1")
+                for address in result["contexts"][part].values()] == [pool] * 4
+        mallocs = [size for kind, _, size in result["loaded"] if kind == "malloc"]
+        if stage0 == LARGE:
+            assert mallocs == [LARGE] and result["loaded"] == [["malloc", pool, LARGE]]
+        else:  # grown while stage 1 loaded: the first buffer freed, stage 0's contexts moved to the second
+            first = result["loaded"][0][1]
+            assert result["loaded"] == [["malloc", first, SMALL], ["malloc", pool, LARGE], ["free", first, SMALL]]
+        assert result["closed"] == result["loaded"] + [["free", pool, LARGE]]
+        failed = result["failed_load"]  # stage 1's decode runner refused: every scratch buffer freed once
+        assert failed["error"] == "refused on purpose"
+        assert failed["history"] == [[kind, size] for kind, _, size in result["closed"]]
+        assert result["run_max_diff"] < 1e-2
+        assert result["chat"]["tensorrt"] == result["chat"]["onnxruntime"] and result["chat"]["tensorrt"]
+
+
 def test_three_stages_chain_to_the_one_graph(tmp_path):
     """A middle stage takes the activations in and gives them out (``decoder.stages: 3`` on a 3-layer
     decoder, random weights): its graph's input and output cannot share a name, and the chain still

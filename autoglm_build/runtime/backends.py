@@ -180,6 +180,78 @@ class OnnxRuntimeBackend(Backend):
         return OrtKVCache(self, spec, slots, context, self.input_dtype("decoder", "past_key.0"))
 
 
+class ScratchPool:
+    """One activation-scratch buffer on one GPU and the execution contexts pointed at it.
+
+    TensorRT gives every execution context its own activation memory unless the context is made without
+    it; the backend makes its multi-profile engines' contexts without and points them here instead
+    (:meth:`TensorRTBackend._contexts_sharing_scratch` says which contexts share a pool and why that is
+    safe). The buffer grows to the largest engine added: a bigger one is allocated, every context
+    already added is pointed at it, then the old one is freed, which is only safe while nothing runs
+    (the backend adds engines while it loads them).
+    """
+
+    def __init__(self, gpu: Optional[int], user_managed: bool) -> None:
+        self.gpu = gpu  # None: the current GPU (no placement)
+        self.user_managed = user_managed  # TensorRT >= 10's set_device_memory, else 8.5's device_memory
+        self.buffer: Any = None  # a polygraphy.cuda.DeviceArray of ``nbytes``
+        self.nbytes = 0
+        self.parts: List[str] = []  # the engines sharing it, in load order
+        self._contexts: Dict[str, List[Tuple[Any, int]]] = {}  # part -> its contexts, each with its engine's need
+
+    def fit(self, size: int) -> None:
+        """Room for an engine needing ``size`` bytes: a bigger buffer on the pool's GPU if needed, every
+        context already added re-pointed at it, then the old buffer freed (once, even if a re-point fails)."""
+        if self.buffer is not None and size <= self.nbytes:
+            return
+        from polygraphy import cuda
+
+        from autoglm_build.runtime.device import select
+
+        select(self.gpu)
+        old, self.buffer = self.buffer, cuda.DeviceArray(shape=(max(size, 1),), dtype=np.uint8)
+        self.nbytes = size
+        try:
+            for contexts in self._contexts.values():
+                for context, need in contexts:
+                    self._point(context, need)
+        finally:
+            if old is not None:
+                old.free()
+
+    def add(self, part: str, context: Any, need: int) -> None:
+        """Point ``context`` (made without device memory, of an engine needing ``need`` bytes, no more than
+        :meth:`fit` made room for) at the buffer, and keep it for later re-points."""
+        self._point(context, need)
+        if part not in self.parts:
+            self.parts.append(part)
+        self._contexts.setdefault(part, []).append((context, need))
+
+    def _point(self, context: Any, need: int) -> None:
+        if self.user_managed:
+            context.set_device_memory(self.buffer.ptr, need)
+        else:
+            context.device_memory = self.buffer.ptr
+
+    def release(self, part: str) -> None:
+        """Drop the pool's references to ``part``'s contexts (the backend releases the contexts themselves)."""
+        self._contexts.pop(part, None)
+
+    def free(self) -> None:
+        """Free the buffer, with the pool's GPU current; call after every context using it is released
+        (any left from a load that failed midway go first)."""
+        from autoglm_build.runtime.device import select
+
+        select(self.gpu)
+        self._contexts.clear()
+        if self.buffer is not None:
+            self.buffer.free()
+            self.buffer = None
+
+    def describe(self) -> Dict[str, Any]:
+        return {"gpu": self.gpu, "bytes": self.nbytes, "parts": list(self.parts)}
+
+
 class TensorRTBackend(Backend):
     """TensorRT engines through Polygraphy's ``TrtRunner`` (one activated context per profile).
 
@@ -192,6 +264,9 @@ class TensorRTBackend(Backend):
     current, and every call it runs makes that GPU current first; the device KV cache keeps each stage's
     layers on its GPU (:mod:`~autoglm_build.runtime.device_cache`). ``None`` (the default): no GPU is
     ever selected, the engines run on the current one, as before placement existed.
+
+    Activation scratch: the decoder's parts on one GPU share one buffer, every other multi-profile engine
+    has its own (:meth:`_contexts_sharing_scratch`; ``describe()["scratch_pools"]`` lists them).
 
     Raises:
         UserError: a bad placement (more GPUs than decoder stages, a GPU that does not exist), exit 2.
@@ -214,8 +289,8 @@ class TensorRTBackend(Backend):
         self._device_buffers: Dict[str, List[Any]] = {}  # runner name -> the buffers bound to its context
         self._bound: Dict[str, Any] = {}  # runner name -> the key of the binding its context holds (bind)
         self.rebinds = 0  # contexts (re)bound by bind: once per shape bucket, not per step
-        self._scratch: Dict[str, Any] = {}  # engine -> the activation memory its contexts share
-        self.scratch_bytes: Dict[str, int] = {}  # engine -> its shared scratch
+        self._pools: Dict[Tuple[str, Optional[int]], ScratchPool] = {}  # (decoder or engine, GPU) -> its scratch
+        self.scratch_bytes: Dict[str, int] = {}  # multi-profile engine -> the scratch it needs
         self._caches: List[Any] = []
         try:
             if self.devices is not None:
@@ -309,33 +384,53 @@ class TensorRTBackend(Backend):
             self.prefill_batch = rows if self.prefill_batch is None else min(self.prefill_batch, rows)
 
     def _contexts_sharing_scratch(self, trt: Any, engine: Any, module: str, profiles: int) -> List[Any]:
-        """One execution context per profile over one scratch buffer (the engine's activation memory), for
-        an engine with several profiles (the decoder's prefill and decode): by default TensorRT gives each
-        context its own, the size of the largest profile's, though a module's phases never run at once
-        (one scheduler thread; the device cache runs both on its one stream, Polygraphy's ``infer``
-        synchronizes). Empty for one profile. TensorRT >= 10: contexts with user-managed memory and
-        ``set_device_memory``; 8.5: ``create_execution_context_without_device_memory`` and ``device_memory``."""
+        """One execution context per profile, made without activation memory and pointed at a shared
+        scratch buffer, for an engine with several profiles (the decoder's prefill and decode). Empty for
+        one profile (TensorRT allocates that context's own).
+
+        By default TensorRT gives each context its own memory, the size of the engine's largest profile's,
+        so a staged decoder would hold one buffer per profile per stage (8 layer stages at 4.8 GB each at
+        the 9B's 25,480-token context: more than an 80 GB GPU leaves beside the weights). Instead all of
+        the decoder's parts placed on one GPU share one buffer (a :class:`ScratchPool` that grows to the
+        largest part's need as they load), and every other module's engine shares one among its own
+        contexts. Safe because what shares a buffer never runs at once: the decoder's stages and phases
+        run one after another from one thread, the scheduler's, on the serving path on the GPU's one
+        stream (:mod:`~autoglm_build.runtime.device_cache`); Polygraphy's ``infer`` synchronizes after
+        each part and ``device_call``/``device_chain`` wait for each stage before the next. The encoders
+        may run from another thread, so they never share with the decoder. A context's scratch holds
+        nothing between its runs, which is also what lets the pool re-point contexts when it grows.
+
+        TensorRT >= 10: contexts with user-managed memory and ``set_device_memory``; 8.5:
+        ``create_execution_context_without_device_memory`` and ``device_memory``.
+        """
         if profiles < 2:
             return []
-        from polygraphy import cuda
-
         size = int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
-        scratch = cuda.DeviceArray(shape=(max(size, 1),), dtype=np.uint8)  # on the part's GPU (selected)
-        self._scratch[module] = scratch
+        pool = self._pool(trt, module)
+        pool.fit(size)  # before this engine's contexts: a bigger buffer re-points the earlier parts' alone
         self.scratch_bytes[module] = size
-        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
+        strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)  # TensorRT >= 10
         contexts = []
         for _ in range(profiles):
-            if strategy is not None and hasattr(trt.IExecutionContext, "set_device_memory"):
+            if pool.user_managed:
                 context = engine.create_execution_context(strategy.USER_MANAGED)
-                context.set_device_memory(scratch.ptr, size)
             else:
                 context = engine.create_execution_context_without_device_memory()
-                context.device_memory = scratch.ptr
             if context is None:
                 raise UserError(f"{self.files[module]}: TensorRT could not create an execution context")
+            pool.add(module, context, size)
             contexts.append(context)
         return contexts
+
+    def _pool(self, trt: Any, part: str) -> ScratchPool:
+        """The scratch pool of ``part``: the one of the decoder's parts on its GPU, or its own."""
+        index = self.placement.get(part)
+        key = ("decoder", index) if registry.get(part).module == "decoder" else (part, index)
+        if key not in self._pools:
+            user_managed = (getattr(trt, "ExecutionContextAllocationStrategy", None) is not None
+                            and hasattr(trt.IExecutionContext, "set_device_memory"))
+            self._pools[key] = ScratchPool(index, user_managed)
+        return self._pools[key]
 
     def input_dtype(self, module: str, name: str) -> np.dtype:
         part = self.part_of(module, name)
@@ -363,8 +458,10 @@ class TensorRTBackend(Backend):
     def device_call(self, module: str, feed: Feed, phase: str = "prefill", keep: bool = False) -> DeviceCall:
         """:meth:`device_call_part` for a module; a staged module's stages are bound each to its own
         inputs (the later stages' ``hidden_states`` from one host run of the chain first) and ``call``
-        runs them in turn, waiting for each stage's stream before the next one starts. What it does
-        not time is moving ``hidden_states`` between stages (one device copy per stage on one GPU).
+        runs them in turn, waiting for each stage's stream before the next one starts (and for the
+        previous call's last stage before the first: the stages on one GPU share one activation scratch,
+        and a warmup loop calls again without a sync). What it does not time is moving
+        ``hidden_states`` between stages (one device copy per stage on one GPU).
         ``keep``: see :meth:`device_call_part`."""
         units = self.parts.get(module, [module])
         if len(units) == 1:
@@ -376,6 +473,7 @@ class TensorRTBackend(Backend):
         calls = [self.device_call_part(unit, own, phase, keep) for unit, own in zip(units, feeds)]
 
         def call() -> None:
+            calls[-1].sync()  # the previous call's last stage: the first one's scratch may be the same
             for bound in calls[:-1]:
                 bound.call()
                 bound.sync()
@@ -594,7 +692,8 @@ class TensorRTBackend(Backend):
             device.close()
         self._devices = {}
         buffers = getattr(self, "_device_buffers", {})
-        for module in list(self.runners):  # each engine's buffers, contexts, engine and scratch with its GPU current
+        pools = getattr(self, "_pools", {})
+        for module in list(self.runners):  # each engine's buffers, contexts and engine with its GPU current
             runners = self.runners.pop(module)
             for runner in runners.values():
                 select(self._runner_device.get(runner.name))  # its context and stream are that GPU's
@@ -604,19 +703,21 @@ class TensorRTBackend(Backend):
                 if runner.is_active:
                     runner.deactivate()
             runner = None
+            for pool in pools.values():
+                pool.release(module)
             runners.clear()  # the last references to the engine (and its runtime) go here, on its GPU
-            scratch = getattr(self, "_scratch", {}).pop(module, None)
-            if scratch is not None:  # after the contexts that used it
-                scratch.free()
-        for rest in [*buffers.values(), list(getattr(self, "_scratch", {}).values())]:  # a load that failed midway
+        for pool in pools.values():  # once, after every context that used it (and a load that failed midway)
+            pool.free()
+        for rest in buffers.values():  # a load that failed midway
             for buffer in rest:
                 buffer.free()
-        self._device_buffers, self._scratch = {}, {}
+        self._device_buffers, self._pools = {}, {}
         self.runners = {}
 
     def describe(self) -> Dict[str, Any]:
         out = super().describe()
         out["shared_scratch_bytes"] = dict(self.scratch_bytes)
+        out["scratch_pools"] = [pool.describe() for pool in self._pools.values()]
         if self.devices is not None:
             out.update(devices=list(self.devices), placement=dict(self.placement), peer_access=dict(self.peer_access))
         return out

@@ -128,6 +128,11 @@ def test_the_staged_decoder_on_two_gpus_generates_what_it_does_on_one(engines):
     assert fake["engines"] == {"vision": [0], "embed": [0], "decoder.stage0": [0], "decoder.stage1": [1]}
     assert two["tensorrt"]["describe"]["placement"] == {"vision": 0, "embed": 0, "decoder.stage0": 0,
                                                         "decoder.stage1": 1}
+    # the decoder's stages share one activation scratch per GPU: one pool on each of two, both stages' on one
+    assert two["tensorrt"]["describe"]["scratch_pools"] == [{"gpu": 0, "bytes": 1 << 20, "parts": ["decoder.stage0"]},
+                                                            {"gpu": 1, "bytes": 1 << 20, "parts": ["decoder.stage1"]}]
+    assert one["tensorrt"]["describe"]["scratch_pools"] == [{"gpu": 0, "bytes": 1 << 20,
+                                                             "parts": ["decoder.stage0", "decoder.stage1"]}]
     # device 1 holds stage 1's half of the KV store (2 slots x 1 layer x key/value x 2 heads x context x 32 FP16)
     assert int(fake["allocated"]["1"]) >= 2 * 2 * 2 * (16384 - 1) * 32 * 2
     assert fake["peer"][0] > 0 and fake["peer_access"] == ["0->1", "1->0"]

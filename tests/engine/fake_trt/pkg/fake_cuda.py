@@ -30,7 +30,8 @@ engine call with False):
   everything at once, so a missing wait changes no value here; this check is what shows it.
 
 ``allocated`` (bytes per device) and ``kernels`` (engine name, device, devices of its bound memory) say
-where things ran.
+where things ran; ``history`` lists every ``cudaMalloc`` and ``cudaFree`` (kind, address, bytes, device) in
+order, and freeing what is not a live allocation (twice, or never allocated) is a violation.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class FakeCudart:
         self.events: Dict[int, Tuple[int, Dict[int, int]]] = {}  # event -> (device, what its record saw)
         self.peers: set = set()  # (device, peer) pairs with peer access enabled
         self.allocated: Dict[int, int] = {}  # device -> bytes ever allocated there
+        self.history: List[Tuple[str, int, int, int]] = []  # ("malloc" or "free", address, bytes, device)
         self.kernels: List[Tuple[str, int, List[int]]] = []
         self.violations: List[str] = []
         self.traffic: Dict[str, List[int]] = {k: [0, 0] for k in [*KINDS.values(), "peer"]}  # kind -> [calls, bytes]
@@ -152,6 +154,7 @@ class FakeCudart:
         self.allocations[address] = Allocation(address, size, self.device)
         bisect.insort(self._starts, address)
         self.allocated[self.device] = self.allocated.get(self.device, 0) + size
+        self.history.append(("malloc", address, size, self.device))
         return self._set(ref, address)
 
     def cudaPointerGetAttributes(self, ref, ptr) -> int:
@@ -165,9 +168,15 @@ class FakeCudart:
     def cudaFree(self, ptr) -> int:
         self._barrier()  # cudaFree waits for the device
         address = _int(ptr)
-        if self.buffers.pop(address, None) is not None:
-            del self.allocations[address]
-            self._starts.remove(address)
+        if not address:  # cudaFree(NULL): nothing, as CUDA
+            return 0
+        alloc = self.allocations.pop(address, None)
+        if alloc is None:
+            self.violation(f"cudaFree({address:#x}): not a live allocation (freed twice, or never allocated)")
+            return INVALID_VALUE
+        del self.buffers[address]
+        self._starts.remove(address)
+        self.history.append(("free", address, alloc.size, alloc.device))
         return 0
 
     # ---- ordering between streams -------------------------------------------------------------

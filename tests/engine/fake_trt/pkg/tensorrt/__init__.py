@@ -18,8 +18,16 @@ network, parser, engine and execution context behave:
   device current, and an ``execute_async_v3`` on another device, another device's stream or memory,
   are violations of the fake CUDA runtime (``fake_cuda.FakeCudart.kernel``), where it is installed.
 
+An engine's activation memory (``device_memory_size``, 1 MiB unless ``FAKE_TRT_DEVICE_MEMORY`` says
+otherwise) is written by every run: a context given memory of its own (``set_device_memory`` on 10+, the
+``device_memory`` property on 8.5) fails a run when that memory is not a live allocation of the
+engine's size (freed, too small), and the fake CUDA runtime checks the run's order against other
+streams' use of it, as for any buffer it writes.
+
 Environment: ``FAKE_TRT_VERSION`` (e.g. ``11.1.0``), ``FAKE_TRT_LOG`` (JSON lines of recorded calls),
-``FAKE_TRT_OUTPUT_BIAS`` (``logits:0.09``: INT8 engines are broken builds, :func:`_broken`).
+``FAKE_TRT_OUTPUT_BIAS`` (``logits:0.09``: INT8 engines are broken builds, :func:`_broken`),
+``FAKE_TRT_DEVICE_MEMORY`` (``decoder.stage0=3145984,decoder.stage1=5243136``: engine name -> its
+activation memory in bytes).
 """
 
 # ruff: noqa: F821 (the bound classes, DataType, ITensor..., are made from the surface at import time)
@@ -731,6 +739,12 @@ class _Runtime:
         return ICudaEngine(data)
 
 
+def _device_memory(engine: str) -> int:
+    """Engine ``engine``'s activation memory in bytes: ``FAKE_TRT_DEVICE_MEMORY``'s, else 1 MiB."""
+    sizes = dict(item.split("=") for item in os.environ.get("FAKE_TRT_DEVICE_MEMORY", "").split(",") if item)
+    return int(sizes.get(engine, 1 << 20))
+
+
 @behaviour("ICudaEngine")
 class _ICudaEngine:
     def __init__(self, data: dict) -> None:
@@ -793,17 +807,17 @@ class _ICudaEngine:
 
     @property
     def device_memory_size(self) -> int:
-        return 1 << 20
+        return _device_memory(self.name)
 
     @property
     def device_memory_size_v2(self) -> int:
-        return 1 << 20
+        return _device_memory(self.name)
 
     def get_device_memory_size_for_profile(self, profile_index: int) -> int:
-        return 1 << 20
+        return _device_memory(self.name)
 
     def get_device_memory_size_for_profile_v2(self, profile_index: int) -> int:
-        return 1 << 20
+        return _device_memory(self.name)
 
     @property
     def refittable(self) -> bool:
@@ -925,6 +939,10 @@ class _IExecutionContext:
         if getattr(self, "_memory", None) == 0 and not given:  # made without device memory, none given: fails
             record("IExecutionContext", "execute_async_v3 without device memory")
             return False
+        scratch = int(given or getattr(self, "_memory", None) or 0)  # 0: TensorRT's own memory (unchecked)
+        cudart = _cudart()
+        if scratch and cudart is not None and not self._scratch_live(cudart, scratch):
+            return False
         outputs, written = {}, {}
         for name, value in self._run(zeros=False).items():
             value = np.ascontiguousarray(value.astype(_NP[self._engine._tensor(name)[1]]))
@@ -937,16 +955,26 @@ class _IExecutionContext:
             else:
                 address = self._addresses[name]
             outputs[name], written[name] = value, int(address)
-        cudart = _cudart()
         if cudart is not None:
             reads = [self._addresses[n] for n, _, _, mode in self._engine._io
                      if mode == "INPUT" and int(np.prod(self._shapes[n]))]
-            if not cudart.kernel(self._engine.name, self._engine._device, int(stream_handle or 0), reads,
-                                 [a for n, a in written.items() if outputs[n].nbytes]):
+            writes = [a for n, a in written.items() if outputs[n].nbytes] + ([scratch] if scratch else [])
+            if not cudart.kernel(self._engine.name, self._engine._device, int(stream_handle or 0), reads, writes):
                 return False
         for name, value in outputs.items():
             ctypes.memmove(written[name], value.ctypes.data, value.nbytes)
         return True
+
+    def _scratch_live(self, cudart: Any, scratch: int) -> bool:
+        """Whether the memory this context was given is a live allocation with room for the engine's
+        activations (a violation of the fake CUDA runtime otherwise: a use after free, or too small)."""
+        need = self._engine.device_memory_size
+        alloc = cudart.find(scratch)
+        if alloc is not None and scratch + need <= alloc.address + alloc.size:
+            return True
+        cudart.violation(f"engine {self._engine.name} runs on activation memory {scratch:#x} that is not a live "
+                         f"allocation of its {need} bytes")
+        return False
 
     def _run(self, zeros: bool) -> Dict[str, np.ndarray]:
         import onnxruntime as ort

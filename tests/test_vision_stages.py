@@ -93,6 +93,9 @@ def test_each_stage_is_its_own_graph_measured_inside_the_tower(staged):
         assert manifest.record(stage, "vision") is None
         assert [manifest.record(stage, f"vision.stage{k}").status for k in (0, 1)] == ["done", "done"]
     assert manifest.record("samples", "vision").status == "done"  # the tower's samples, taken as one
+    shown = CliRunner().invoke(app, ["inspect", "-w", str(staged), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert {"vision.stage0", "vision.stage1"} <= {a["module"] for a in json.loads(shown.stdout)["artifacts"].values()}
     first, last = (ort_part(staged / "optimized" / f"vision.stage{k}.onnx") for k in (0, 1))
     assert first[0] == ["pixel_values", "patch_pos", "patch_grid"]
     assert last[0] == ["hidden_states_in", "patch_pos", "patch_grid"]
@@ -219,3 +222,9 @@ def test_tensorrt_builds_and_chains_the_staged_tower(staged, tmp_path):
     assert {"vision.stage0", "vision.stage1"} <= set(chats["tensorrt"]["files"])
     assert chats["tensorrt"]["image_tokens"] == chats["onnxruntime"]["image_tokens"] == 230
     assert chats["tensorrt"]["content"] == chats["onnxruntime"]["content"] and chats["tensorrt"]["content"]
+    bench = harness.run(["-m", "autoglm_build", "bench", *args, "-m", "vision", "--backends", "tensorrt,onnxruntime",
+                         "--min-time", "0.05", "--batches", "1", "--json"], env, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    report = json.loads(bench.stdout)
+    assert not report["notes"], report["notes"]
+    assert {r["backend"] for r in report["rows"]} >= {"tensorrt fp16", "onnxruntime fp32"}

@@ -371,7 +371,8 @@ def _architecture_problems(cfg: BuildConfig) -> List[str]:
         problems.append(f"decoder.stages: {cfg.decoder.stages} exceeds text.num_hidden_layers {t.num_hidden_layers} "
                         "(each stage holds at least one layer)")
     if v.stages > v.depth:
-        problems.append(f"vision.stages: {v.stages} exceeds vision.depth {v.depth} (each stage holds at least one layer)")
+        problems.append(f"vision.stages: {v.stages} exceeds vision.depth {v.depth} "
+                        "(each stage holds at least one layer)")
     if v.hidden_size % v.num_heads:
         problems.append(f"vision.num_heads: {v.num_heads} does not divide vision.hidden_size {v.hidden_size}")
     elif (v.hidden_size // v.num_heads) % 4:

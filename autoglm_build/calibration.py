@@ -75,7 +75,9 @@ def check_calibration_data(root: Path, modules: List[str]) -> None:
         raise CalibrationDataError(f"calibrate.data: {root}: calibration data directory not found",
                                    hint="a relative calibrate.data is resolved against the config file's directory")
     data = CalibrationData.discover(root)
-    for module in modules:
+    from autoglm_build.parts import split_name
+
+    for module in (split_name(m)[0] for m in modules):  # a stage (vision.stage1) reads its module's data
         if module in ("vision", "audio"):
             data.require({"vision": "images", "audio": "audio"}[module])
         elif module in ("embed", "decoder") and not data.prompts_file.is_file():

@@ -52,6 +52,10 @@ class VisionConfig(_Section):
     hidden_act: str = "silu"
     attention_bias: bool = False
     rope_theta: float = Field(10000.0, gt=0)
+    stages: int = Field(1, ge=1, description=(
+        "contiguous ranges of the tower's layers (blocks), each its own graph, precision graph and engine "
+        "(vision.stage0, ...): the first adds the patch embedding and positions, the last the merger; 1 = one graph. "
+        "How the tower is built, not what it computes: left out of the vision graph's fingerprint"))
 
     @property
     def grid(self) -> int:
@@ -365,6 +369,9 @@ def _architecture_problems(cfg: BuildConfig) -> List[str]:
     problems = []
     if cfg.decoder.stages > t.num_hidden_layers:
         problems.append(f"decoder.stages: {cfg.decoder.stages} exceeds text.num_hidden_layers {t.num_hidden_layers} "
+                        "(each stage holds at least one layer)")
+    if v.stages > v.depth:
+        problems.append(f"vision.stages: {v.stages} exceeds vision.depth {v.depth} "
                         "(each stage holds at least one layer)")
     if v.hidden_size % v.num_heads:
         problems.append(f"vision.num_heads: {v.num_heads} does not divide vision.hidden_size {v.hidden_size}")

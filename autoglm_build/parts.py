@@ -1,6 +1,7 @@
 """A staged module: one module cut into contiguous layer ranges ("parts"), each its own graph.
 
-``decoder.stages: N`` builds ``decoder.stage0`` .. ``decoder.stage{N-1}``: each part is exported,
+``decoder.stages: N`` builds ``decoder.stage0`` .. ``decoder.stage{N-1}`` (``vision.stages: N`` likewise
+``vision.stage0`` ..., ending in ``image_embeds``): each part is exported,
 optimized, calibrated and built into an engine on its own (its own manifest records, so the engine
 builds can run in parallel processes), while ``verify``, ``bench`` and ``serve`` run the module as
 one by chaining its parts (:func:`chain`): the first part takes the module's inputs, each later part

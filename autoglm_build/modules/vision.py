@@ -21,13 +21,14 @@ Image tokens come out in the images' order, each image's in its merge-window ord
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.modules.base import Case, ModuleSpec, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
+from autoglm_build.parts import HIDDEN, HIDDEN_IN, Around, chain, layer_ranges, ort_part, part_name
 
 #: image sizes (height, width) the validation cases cycle through: square, portrait, landscape
 CASE_SIZES = ((112, 112), (224, 112), (112, 168), (168, 224))
@@ -85,14 +86,32 @@ def _torch_module():
     )
 
     class VisionEncoder(nn.Module):
-        """``Glm4vVisionModel`` over packed patches -> ``image_embeds (patches / merge^2, D_text)``."""
+        """``Glm4vVisionModel`` over packed patches -> ``image_embeds (patches / merge^2, D_text)``.
 
-        def __init__(self, hf_config: Any) -> None:
+        ``blocks`` (a stage of a staged tower) keeps only that range of blocks, at their global indices
+        (state-dict keys stay the unstaged tower's); ``first`` False takes ``hidden_states_in`` (patches,
+        hidden) instead of pixels and leaves out the patch embedding and positions; ``last`` False leaves
+        out the final norm, downsample and merger and returns the hidden states. The whole tower is built
+        first, so a stage's weights are the unstaged tower's.
+        """
+
+        def __init__(self, hf_config: Any, blocks: Optional[range] = None, first: bool = True,
+                     last: bool = True) -> None:
             super().__init__()
             self.visual = Glm4vVisionModel(hf_config)
             self.merge = hf_config.spatial_merge_size
             self.out_hidden = hf_config.out_hidden_size
             self.table_side = hf_config.image_size // hf_config.patch_size
+            visual = self.visual
+            self.stage_blocks = list(blocks if blocks is not None else range(len(visual.blocks)))
+            self.first, self.last = first, last
+            for i in range(len(visual.blocks)):
+                if i not in self.stage_blocks:
+                    visual.blocks[i] = nn.Identity()
+            if not first:
+                visual.patch_embed = visual.post_conv_layernorm = visual.embeddings = None
+            if not last:
+                visual.post_layernorm = visual.downsample = visual.merger = None
 
         def attention(self, attn: nn.Module, x: torch.Tensor, rotary, mask: torch.Tensor) -> torch.Tensor:
             n = x.shape[0]
@@ -110,16 +129,26 @@ def _torch_module():
             zero = torch.zeros((), dtype=dtype)
             return torch.where(same, zero, torch.full((), torch.finfo(dtype).min, dtype=dtype))[None, None]
 
-        def forward(self, pixel_values: torch.Tensor, patch_pos: torch.Tensor, patch_grid: torch.Tensor):
+        def embed(self, pixel_values: torch.Tensor, patch_pos: torch.Tensor, patch_grid: torch.Tensor):
             visual = self.visual
             h = visual.post_conv_layernorm(visual.patch_embed(pixel_values))
-            h = h + interpolate_positions(visual.embeddings.position_embedding.weight, self.table_side, patch_pos,
-                                      patch_grid)
+            return h + interpolate_positions(visual.embeddings.position_embedding.weight, self.table_side, patch_pos,
+                                             patch_grid)
+
+        def forward(self, pixel_values: torch.Tensor, patch_pos: torch.Tensor, patch_grid: torch.Tensor):
+            """``pixel_values``: the patches (the first stage, or the whole tower), else ``hidden_states_in``."""
+            visual = self.visual
+            h = self.embed(pixel_values, patch_pos, patch_grid) if self.first else pixel_values
+            # every stage derives the rotary angles and the image mask from the patch bookkeeping itself:
+            # a few small ops, where handing them between stages would add two large tensors per call
             rotary = visual.rotary_pos_emb(h, patch_pos)
             mask = self.image_mask(patch_grid, h.dtype)
-            for blk in visual.blocks:
+            for i in self.stage_blocks:
+                blk = visual.blocks[i]
                 h = h + self.attention(blk.attn, blk.norm1(h), rotary, mask)
                 h = h + blk.mlp(blk.norm2(h))
+            if not self.last:
+                return h
             h = visual.post_layernorm(h)
             h = h.reshape(-1, self.merge, self.merge, h.shape[-1]).permute(0, 3, 1, 2)
             h = visual.downsample(h).reshape(-1, self.out_hidden)
@@ -138,14 +167,33 @@ class VisionSpec(ModuleSpec):
     batch_axis = "patches"
 
     def build(self, cfg: BuildConfig):
+        return self._build(cfg, None, True, True)
+
+    def _build(self, cfg: BuildConfig, blocks: Optional[range], first: bool, last: bool):
         import torch
 
         from autoglm_build.modules.hf_configs import vision_config
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed(cfg))
-            module = _torch_module()(vision_config(cfg.vision))
+            module = _torch_module()(vision_config(cfg.vision), blocks, first, last)
         return module.eval()
+
+    def parts(self, cfg: BuildConfig) -> List[str]:
+        """``vision``, or ``vision.stage0`` .. with ``vision.stages`` > 1 (:mod:`autoglm_build.parts`)."""
+        count = cfg.vision.stages
+        return [self.name] if count == 1 else [part_name(self.name, k) for k in range(count)]
+
+    def part(self, index: int) -> VisionStageSpec:
+        """The spec of stage ``index`` (``vision.stage{index}``)."""
+        return VisionStageSpec(index)
+
+    def fingerprint_data(self, cfg: BuildConfig) -> Dict[str, Any]:
+        # `vision.stages` says how the tower is built, not what it computes: an unstaged tower keeps its
+        # fingerprint (a stage adds its own range, VisionStageSpec.fingerprint_data)
+        data = super().fingerprint_data(cfg)
+        data["sections"]["vision"].pop("stages", None)
+        return data
 
     def input_names(self, cfg: BuildConfig) -> List[str]:
         return ["pixel_values", "patch_pos", "patch_grid"]
@@ -224,3 +272,119 @@ class VisionSpec(ModuleSpec):
             return [pack(b, merge) for b in group_within(group, cfg.calibrate.batch_size, limit)]
 
         return packs(calib)[: cfg.calibrate.batches] + npz_feeds(self, cfg, data), packs(held)
+
+
+Feed = Dict[str, np.ndarray]
+
+
+class VisionStageSpec(VisionSpec):
+    """Stage ``index`` of the vision tower cut into ``vision.stages`` contiguous ranges of its blocks.
+
+    Stage 0 takes the tower's inputs and adds the patch embedding, its norm and the interpolated
+    positions before its blocks; later stages take the previous stage's ``hidden_states`` (patches,
+    hidden) as ``hidden_states_in`` with ``patch_pos`` and ``patch_grid``, from which each stage derives
+    its rotary angles and per-image attention mask itself; the last stage adds the final norm,
+    downsample and merger and returns ``image_embeds``, the others return ``hidden_states``. Its weights
+    are the whole tower's (same seed, or the same checkpoint tensors), its validation cases the tower's
+    with the stage's inputs.
+    """
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.name = part_name(VisionSpec.name, index)
+        self.description = f"vision stage {index}: a contiguous range of its blocks"
+
+    @property
+    def module(self) -> str:
+        return VisionSpec.name
+
+    def parts(self, cfg: BuildConfig) -> List[str]:
+        return VisionSpec().parts(cfg)
+
+    def first(self) -> bool:
+        return self.index == 0
+
+    def last(self, cfg: BuildConfig) -> bool:
+        return self.index == cfg.vision.stages - 1
+
+    def blocks(self, cfg: BuildConfig) -> range:
+        if self.index >= cfg.vision.stages:
+            raise ValueError(f"{self.name}: the config's vision tower has {cfg.vision.stages} stages")
+        return layer_ranges(cfg.vision.depth, cfg.vision.stages)[self.index]
+
+    def build(self, cfg: BuildConfig):
+        # What the checkpoint holds beyond this stage's weights is the other stages': not "unused".
+        others = [i for i in range(cfg.vision.depth) if i not in self.blocks(cfg)]
+        ignore = tuple(f"blocks.{i}." for i in others)
+        if not self.first():
+            ignore += ("patch_embed.", "post_conv_layernorm.", "embeddings.")
+        if not self.last(cfg):
+            ignore += ("post_layernorm.", "downsample.", "merger.")
+        self.checkpoint_ignore = VisionSpec.checkpoint_ignore + ignore
+        return self._build(cfg, self.blocks(cfg), self.first(), self.last(cfg))
+
+    def input_names(self, cfg: BuildConfig) -> List[str]:
+        names = super().input_names(cfg)
+        return names if self.first() else [HIDDEN_IN] + names[1:]
+
+    def output_names(self, cfg: BuildConfig) -> List[str]:
+        return super().output_names(cfg) if self.last(cfg) else [HIDDEN]
+
+    def dynamic_axes(self, cfg: BuildConfig) -> Dict[str, Dict[int, str]]:
+        axes = super().dynamic_axes(cfg)
+        if not self.first():
+            axes[HIDDEN_IN] = axes.pop("pixel_values")
+        if not self.last(cfg):
+            axes[HIDDEN] = {0: "patches"}
+            del axes["image_embeds"]
+        return axes
+
+    def own_feed(self, cfg: BuildConfig, feed: Feed, rng: np.random.Generator) -> Feed:
+        """A tower feed as this stage's: a later stage takes random activations (patches, hidden) in place
+        of the pixels, as a decoder stage takes random ``hidden_states_in``."""
+        if self.first():
+            return feed
+        out = {k: v for k, v in feed.items() if k != "pixel_values"}
+        return {HIDDEN_IN: random_floats(rng, (len(feed["pixel_values"]), cfg.vision.hidden_size)), **out}
+
+    def export_inputs(self, cfg: BuildConfig) -> Dict[str, np.ndarray]:
+        return self.own_feed(cfg, super().export_inputs(cfg), np.random.default_rng(1))
+
+    def cases(self, cfg: BuildConfig, rng: np.random.Generator) -> Iterator[Case]:
+        for case in super().cases(cfg, rng):
+            yield Case(label=case.label, batch=case.batch, steps=tuple(self.own_feed(cfg, s, rng) for s in case.steps))
+
+    def fingerprint_data(self, cfg: BuildConfig) -> Dict[str, Any]:
+        data = super().fingerprint_data(cfg)
+        blocks = self.blocks(cfg)
+        data.update(module=self.name, stages=cfg.vision.stages, blocks=[blocks.start, blocks.stop])
+        return data
+
+    def calibration_batches(self, cfg: BuildConfig, data, graphs):
+        """The tower's calibration and held-out packs, each turned into this stage's feed (the earlier
+        stages' FP32 ``hidden_states``, chained in ONNX Runtime). The tower's own held-out packs are kept
+        for :meth:`accuracy_around`."""
+        calib, held = super().calibration_batches(cfg, data, graphs)
+        self.module_heldout = held
+        earlier = VisionSpec().parts(cfg)[:self.index]
+        run = chain([ort_part(graphs[name]) for name in earlier]) if earlier else None
+        inputs = self.input_names(cfg)
+
+        def own(feed: Feed) -> Feed:
+            full = dict(feed)
+            if run is not None:
+                full[HIDDEN_IN] = run(feed)[HIDDEN]
+            return {n: full[n] for n in inputs}
+
+        return [own(f) for f in calib], [own(f) for f in held]
+
+    def accuracy_around(self, cfg: BuildConfig, graphs, earlier) -> Around:
+        """This stage measured as the tower (after :meth:`calibration_batches`): ``image_embeds`` of the
+        tower's held-out packs, through ``earlier`` (the precision graphs of the stages before this one)
+        and the FP32 stages after it (``graphs``)."""
+        names = VisionSpec().parts(cfg)
+        return Around(feeds=self.module_heldout,
+                      before_ref=[ort_part(graphs[n]) for n in names[:self.index]],
+                      before_got=[ort_part(earlier[n]) for n in names[:self.index]],
+                      after=[ort_part(graphs[n]) for n in names[self.index + 1:]],
+                      output=VisionSpec().output_names(cfg)[0])

@@ -4,8 +4,8 @@
 module from the workdir's manifest (refusing files whose sha256 no longer matches it) and runs it
 on numpy feeds. The decoder runs in two phases, ``prefill`` and ``decode``, which on TensorRT are
 the engine's two optimization profiles (:mod:`autoglm_build.engine.profiles`), each with its own
-execution context. A staged module (``decoder.stages`` > 1) loads one graph/engine per stage and
-``run("decoder", ...)`` chains them (:mod:`autoglm_build.parts`), on either backend alike.
+execution context. A staged module (``decoder.stages`` or ``vision.stages`` > 1) loads one graph/engine per
+stage and ``run("decoder", ...)`` chains them (:mod:`autoglm_build.parts`), on either backend alike.
 
 Imports on the GPU harness's Python 3.9 without torch.
 """
@@ -363,8 +363,8 @@ class TensorRTBackend(Backend):
         spec = registry.get(module)  # ``module``: a module, or one stage of a staged module
         if spec.batch_axis == "batch":
             self.max_batch = first_dims if self.max_batch is None else min(self.max_batch, first_dims)
-        else:  # the vision tower's axis 0 is its packed patches
-            self.vision_patches = first_dims
+        else:  # the vision tower's axis 0 is its packed patches (a staged tower: the bound all its stages take)
+            self.vision_patches = first_dims if self.vision_patches is None else min(self.vision_patches, first_dims)
         runners = {}
         contexts = self._contexts_sharing_scratch(trt, engine, module, len(sidecar.profile_names))
         for k, profile_name in enumerate(sidecar.profile_names):
@@ -641,17 +641,21 @@ class TensorRTBackend(Backend):
         """The encoder's ``output`` left on the GPU, in a buffer of its own (freed with the returned
         :class:`~autoglm_build.runtime.device.DeviceEmbeds`), for the KV cache to splice into the decoder's
         ``inputs_embeds`` device to device. Runs on the serving stream, after what is queued there, and
-        waits for it. A staged module runs through :meth:`run` (host arrays)."""
+        waits for it. A staged module (``vision.stages``) runs its earlier stages through :meth:`run_part`
+        (host arrays, chained) and its last stage, which gives ``output``, here."""
         from autoglm_build.runtime.device import DeviceEmbeds
 
         units = self.parts.get(module, [module])
-        if len(units) != 1:
-            return super().encode(module, feed, output)
-        part = units[0]
-        device = self.device_for(part)
-        if output not in self.dtypes[part] or output in feed:
+        *earlier, part = units
+        if output not in self.dtypes[part] or output in self.inputs[part]:
             raise UserError(f"{self.files[part]}: the engine has no output '{output}'; its outputs: "
                             f"{', '.join(n for n in self.dtypes[part] if n not in self.inputs[part])}")
+        if earlier:
+            carried = dict(feed)
+            for unit in earlier:
+                carried.update(self.run_part(unit, part_feed(self.inputs[unit], carried)))
+            feed = part_feed(self.inputs[part], carried)
+        device = self.device_for(part)
         runner = self.runner(part)
         self._bound.pop(runner.name, None)
         context, temporary, result = runner.context, [], None

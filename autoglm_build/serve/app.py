@@ -320,7 +320,7 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> Prompt:
 def media_segment(state: ServerState, part: Union[ImagePart, AudioPart], param: str) -> Segment:
     """One image or audio part through its encoder; what cannot be used is a 400 naming the field."""
     needed, field = ("vision", "image_url") if isinstance(part, ImagePart) else ("audio", "input_audio")
-    if needed not in state.backend.files:
+    if needed not in state.backend.parts:  # loaded: the module, or its stages (vision.stages)
         raise APIError(400, f"{param}: this build has no {needed} module", param=param)
     try:
         # the lock is held around the encoder call only: requests decode and preprocess concurrently

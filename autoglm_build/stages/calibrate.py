@@ -264,11 +264,13 @@ def _scale_warnings(module: str, metrics: Dict[str, Any]) -> List[str]:
 
 def _upstream(cfg: BuildConfig, module: str) -> List[str]:
     """Graphs a module's calibration reads: the decoder embeds its prompts with ``embed`` and, staged,
-    runs every stage (the later stages' inputs, the greedy tokens)."""
+    runs every stage (the later stages' inputs, the greedy tokens); another staged module (``vision``
+    with ``vision.stages``), or one of its stages, reads every stage of it (the earlier ones' outputs,
+    the later ones to measure a stage as the module)."""
     spec = registry.get(module)
     if spec.module == "decoder":
         return ["embed", *spec.parts(cfg)]
-    return [module]
+    return spec.parts(cfg)
 
 
 def _earlier(cfg: BuildConfig, module: str) -> List[str]:

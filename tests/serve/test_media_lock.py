@@ -23,6 +23,7 @@ class CountingEncoder:
     """A stand-in for the backend's vision call that records how many calls were inside it at once."""
 
     files = {"vision": "vision.onnx"}
+    parts = {"vision": ["vision"]}  # the modules loaded (a staged tower: its stages)
     vision_patches = None
 
     def __init__(self) -> None:

@@ -1,0 +1,230 @@
+"""A staged vision tower (``vision.stages: 2``, issue 15): two graphs whose chained ``image_embeds`` are the
+one graph's, each stage calibrated inside the tower, verified, benchmarked and served as one module (ONNX
+Runtime, and the fake TensorRT; tiny config, trained weights)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from autoglm_build.cli import app
+from autoglm_build.config import load_config
+from autoglm_build.console import Reporter
+from autoglm_build.errors import UserError
+from autoglm_build.imaging import VisionGeometry, pack, patchify
+from autoglm_build.manifest import Manifest
+from autoglm_build.modules import registry
+from autoglm_build.parts import chain, ort_part
+from autoglm_build.pipeline import Pipeline
+from tests.conftest import ROOT, write_config
+
+MODULES = ["vision", "embed", "decoder"]
+SCREEN = ROOT / "calibration_data" / "images" / "screen_chat.png"
+
+
+def _build(config: Path, workdir: Path, vision_stages=()) -> Path:
+    """Export and optimize every module of ``config`` (trained checkpoint), then ``vision_stages`` for the
+    vision tower alone and FP16 graphs of embed and the decoder (the engines' inputs)."""
+    from autoglm_build.stages.calibrate import CalibrateStage
+    from autoglm_build.stages.export import ExportStage
+    from autoglm_build.stages.optimize import OptimizeStage
+
+    cfg = load_config(config)
+    quiet = Reporter(-1)
+    Pipeline(cfg, workdir, [ExportStage(cfg.checkpoint), OptimizeStage()], MODULES, reporter=quiet,
+             config_path=str(config)).run()
+    if vision_stages:
+        Pipeline(cfg, workdir, list(vision_stages), ["vision"], reporter=quiet, config_path=str(config)).run()
+        Pipeline(cfg, workdir, [CalibrateStage("fp16")], ["embed", "decoder"], reporter=quiet,
+                 config_path=str(config)).run()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory) -> Path:
+    """The tiny config with ``vision.stages: 2``: vision's samples, INT8 and FP16 graphs per stage."""
+    from autoglm_build.stages.calibrate import CalibrateStage
+    from autoglm_build.stages.samples import SamplesStage
+
+    root = tmp_path_factory.mktemp("vstaged")
+    config = write_config(root / "staged.yaml", {"modules": MODULES, "vision": {"stages": 2}})
+    return _build(config, root / "w", [SamplesStage(), CalibrateStage("int8"), CalibrateStage("fp16")])
+
+
+@pytest.fixture(scope="module")
+def unstaged(tmp_path_factory) -> Path:
+    """The same weights, the tower as one graph."""
+    root = tmp_path_factory.mktemp("vunstaged")
+    return _build(write_config(root / "one.yaml", {"modules": MODULES}), root / "w")
+
+
+def _pack(sizes, seed: int = 0) -> dict:
+    cfg = load_config(ROOT / "configs" / "autoglm-phone-tiny.yaml")
+    rng = np.random.default_rng(seed)
+    geometry = VisionGeometry.of(cfg.vision)
+    return pack([patchify(rng.standard_normal((3, h, w)).astype(np.float32), geometry) for h, w in sizes],
+                cfg.vision.spatial_merge_size)
+
+
+def test_the_tower_expands_into_its_stages_and_refuses_more_stages_than_layers(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", {"vision": {"stages": 2}}))
+    assert registry.expand(cfg, ["vision", "decoder"]) == ["vision.stage0", "vision.stage1", "decoder"]
+    assert registry.expand(cfg, ["vision.stage1"], parts=False) == ["vision"]
+    with pytest.raises(UserError, match="vision.stage2.*builds vision.stage0, vision.stage1"):
+        registry.expand(cfg, ["vision.stage2"])
+    # how the tower is built is not what it computes: the unstaged tower keeps its fingerprint
+    one = load_config(write_config(tmp_path / "one.yaml", {}))
+    assert registry.get("vision").fingerprint_data(cfg) == registry.get("vision").fingerprint_data(one)
+    assert registry.get("vision.stage0").fingerprint_data(cfg) != registry.get("vision.stage1").fingerprint_data(cfg)
+    result = CliRunner().invoke(app, ["run", "--dry-run", "-c", str(write_config(tmp_path / "b.yaml", {
+        "vision": {"stages": 3}})), "-w", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "vision.stages: 3 exceeds vision.depth 2" in result.output
+
+
+def test_each_stage_is_its_own_graph_measured_inside_the_tower(staged):
+    manifest = Manifest.load(staged)
+    for stage in ("export", "optimize", "calibrate-int8", "calibrate-fp16"):
+        assert manifest.record(stage, "vision") is None
+        assert [manifest.record(stage, f"vision.stage{k}").status for k in (0, 1)] == ["done", "done"]
+    assert manifest.record("samples", "vision").status == "done"  # the tower's samples, taken as one
+    shown = CliRunner().invoke(app, ["inspect", "-w", str(staged), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert {"vision.stage0", "vision.stage1"} <= {a["module"] for a in json.loads(shown.stdout)["artifacts"].values()}
+    first, last = (ort_part(staged / "optimized" / f"vision.stage{k}.onnx") for k in (0, 1))
+    assert first[0] == ["pixel_values", "patch_pos", "patch_grid"]
+    assert last[0] == ["hidden_states_in", "patch_pos", "patch_grid"]
+    # no checkpoint tensor reported unused: each stage's export ignores the other stage's blocks
+    for k in (0, 1):
+        assert not any("unused" in w for w in manifest.record("export", f"vision.stage{k}").warnings)
+        accuracy = manifest.record("calibrate-int8", f"vision.stage{k}").metrics["accuracy"]
+        assert accuracy["output"] == "image_embeds" and accuracy["cosine_min"] > 0.99, accuracy
+
+
+@pytest.mark.parametrize("folder", ["onnx", "optimized"])
+def test_chained_stages_equal_the_one_graph_on_a_pack_of_images(staged, unstaged, folder):
+    one = ort_part(unstaged / folder / "vision.onnx")[1]
+    two = chain([ort_part(staged / folder / f"vision.stage{k}.onnx") for k in (0, 1)])
+    for sizes in ([(112, 112)], [(644, 280), (168, 224), (224, 112)]):  # one image; three shapes in one pack
+        feed = _pack(sizes, seed=len(sizes))
+        want, got = one(feed), two(feed)
+        assert list(got) == ["image_embeds"] and got["image_embeds"].shape == want["image_embeds"].shape
+        np.testing.assert_allclose(got["image_embeds"], want["image_embeds"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_backend_encodes_with_the_stages_chained(staged, unstaged):
+    from autoglm_build.runtime.backends import open_backend
+
+    staged_backend, one_backend = (open_backend(w, ["vision"], "onnxruntime") for w in (staged, unstaged))
+    assert set(staged_backend.files) == {"vision.stage0", "vision.stage1"}
+    feed = _pack([(280, 644), (112, 168)], seed=7)
+    got, want = (b.encode("vision", feed, "image_embeds") for b in (staged_backend, one_backend))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_verify_strict_passes_on_the_staged_tower(staged):
+    result = CliRunner().invoke(app, ["verify", "-w", str(staged), "-m", "vision", "--strict",
+                                      "--backend", "onnxruntime", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert {(r["module"], r["precision"], r["batch"]) for r in rows} == {
+        ("vision", p, b) for p in ("int8", "fp16") for b in (1, 4, 8)}
+    assert all(r["output"] == "image_embeds" and r["passed"] for r in rows), rows
+
+
+def _image_chat(workdir: Path) -> dict:
+    from fastapi.testclient import TestClient
+
+    from autoglm_build.config import BuildConfig
+    from autoglm_build.serve.app import create_app
+    from autoglm_build.serve.server import build_state
+
+    state = build_state(BuildConfig.model_validate(Manifest.load(workdir).config), workdir, backend="onnxruntime")
+    url = "data:image/png;base64," + base64.b64encode(SCREEN.read_bytes()).decode()
+    try:
+        with TestClient(create_app(state)) as client:
+            resp = client.post("/v1/chat/completions", json={
+                "model": state.model_ids[0], "max_tokens": 16, "temperature": 0,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                          {"type": "text", "text": "What is on the screen?"}]}]})
+        loaded = set(state.backend.files)
+    finally:
+        state.backend.close()
+    assert resp.status_code == 200, resp.text
+    return {**resp.json(), "loaded": loaded}
+
+
+def test_a_served_image_chat_on_the_staged_tower_returns_the_unstaged_reply(staged, unstaged):
+    want, got = _image_chat(unstaged), _image_chat(staged)
+    assert {"vision.stage0", "vision.stage1"} <= got["loaded"] and "vision" in want["loaded"]
+    assert got["usage"]["prompt_tokens_details"]["image_tokens"] == 230  # 1080x2400 at the tiny max_pixels
+    assert got["usage"] == want["usage"] and got["usage"]["completion_tokens"] > 1
+    assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
+
+
+def test_fp16_stages_convert_alone_when_verify_measures_them(staged, tmp_path):
+    """``calibrate.measure_fp16: false``: each vision stage's FP16 graph is made without the stages before it,
+    records no accuracy, and verify measures the chained FP16 graphs against FP32."""
+    from autoglm_build.stages.calibrate import CalibrateStage
+
+    workdir = tmp_path / "w"
+    shutil.copytree(staged, workdir)
+    config = write_config(tmp_path / "c.yaml", {"modules": MODULES, "vision": {"stages": 2},
+                                                 "calibrate": {"measure_fp16": False}})
+    outcomes = Pipeline(load_config(config), workdir, [CalibrateStage("fp16")], ["vision.stage1", "vision.stage0"],
+                        reporter=Reporter(-1), config_path=str(config)).run()
+    assert [(o.module, o.status) for o in outcomes] == [("vision.stage1", "ran"), ("vision.stage0", "ran")]
+    assert all(o.record.metrics["accuracy"] is None for o in outcomes)
+    result = CliRunner().invoke(app, ["verify", "-w", str(workdir), "-m", "vision", "--precision", "fp16",
+                                      "--backend", "onnxruntime", "--strict", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert rows and all(r["passed"] and r["cosine_min"] > 0.99 for r in rows), rows
+
+
+@pytest.mark.slow
+def test_tensorrt_builds_and_chains_the_staged_tower(staged, tmp_path):
+    """Under the fake TensorRT 8.5.3 (tests/engine/fake_trt): `engine -m vision` builds one engine per stage;
+    verify's engine path, the backend's `run`, `encode` (the embeddings left on the GPU) and `device_call`,
+    and a served chat with a screenshot chain them and equal ONNX Runtime on the same FP16 graphs."""
+    from tests.engine.fake_trt import harness
+
+    workdir = tmp_path / "w"
+    shutil.copytree(staged, workdir)
+    env = harness.environment("8.5.3", "0.49.26", tmp_path / "calls.jsonl")
+    args = ["-w", str(workdir), "--precision", "fp16"]
+    built = harness.run(["-m", "autoglm_build", "engine", *args, "-m", "vision", "-m", "embed", "-m", "decoder"],
+                        env, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    manifest = Manifest.load(workdir)
+    assert [manifest.record("engine-fp16", f"vision.stage{k}").status for k in (0, 1)] == ["done", "done"]
+    assert manifest.record("engine-fp16", "vision") is None
+    verify = harness.run(["-m", "autoglm_build", "verify", *args, "-m", "vision", "--backend", "tensorrt",
+                          "--strict", "--json"], env, timeout=600)
+    assert verify.returncode == 0, verify.stderr[-3000:]
+    rows = [r for r in json.loads(verify.stdout)["rows"] if r["backend"] == "tensorrt"]
+    assert rows and {(r["module"], r["output"]) for r in rows} == {("vision", "image_embeds")}
+    driven = harness.run([str(Path(harness.__file__).with_name("drive_vision_staged.py")), str(workdir), "fp16",
+                          str(SCREEN)], env, timeout=600)
+    assert driven.returncode == 0, driven.stderr[-3000:]
+    result = json.loads(driven.stdout.strip().splitlines()[-1])
+    assert result["files"] == ["decoder", "embed", "vision.stage0", "vision.stage1"]
+    assert result["outputs"] == ["image_embeds"] and result["images"] > 1
+    assert result["run_max_diff"] < 1e-2 and result["encode_max_diff"] == 0.0 and result["device_max_diff"] == 0.0
+    assert result["encoded"] == "DeviceEmbeds" and result["device_outputs"] == ["image_embeds"]
+    chats = result["chat"]
+    assert chats["tensorrt"]["status"] == chats["onnxruntime"]["status"] == 200
+    assert {"vision.stage0", "vision.stage1"} <= set(chats["tensorrt"]["files"])
+    assert chats["tensorrt"]["image_tokens"] == chats["onnxruntime"]["image_tokens"] == 230
+    assert chats["tensorrt"]["content"] == chats["onnxruntime"]["content"] and chats["tensorrt"]["content"]
+    bench = harness.run(["-m", "autoglm_build", "bench", *args, "-m", "vision", "--backends", "tensorrt,onnxruntime",
+                         "--min-time", "0.05", "--batches", "1", "--json"], env, timeout=600)
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    report = json.loads(bench.stdout)
+    assert not report["notes"], report["notes"]
+    assert {r["backend"] for r in report["rows"]} >= {"tensorrt fp16", "onnxruntime fp32"}

@@ -29,7 +29,7 @@
 #   bash scripts/device_full.sh bench                  full width: torch, then TensorRT
 #   bash scripts/device_full.sh overhead               full width: TensorRT called through Polygraphy, bound, CUDA graph
 # The whole 9B model (issue 15), the decoder and embed of configs/autoglm-phone-9b.yaml (40 layers in 8 stages + the head
-# stage) from a 9B checkpoint in the published layout written on the device (NINE_CKPT, bf16), each part's chain in its
+# stage; NINE_MODULES="vision embed decoder" adds the vision tower's 6 stages) from a 9B checkpoint in the published layout written on the device (NINE_CKPT, bf16), each part's chain in its
 # own process (export -> optimize -> its export's weights removed -> FP16 graph without calibrate's own measurement ->
 # engine on the next of $GPUS), torch eager/sdpa on the same checkpoint on the last GPU meanwhile:
 #   bash scripts/device_full.sh nine [seconds]        start every job, wait; NINE_CONTEXT/NINE_OPT_PAST/NINE_WORKSPACE
@@ -63,8 +63,8 @@ if [ "$STAGES" -gt 1 ]; then
   derive "$FULL" "$FULLD" -staged "d.setdefault('decoder', {})['stages'] = $STAGES"
 fi
 NINE=${NINE_CONFIG:-configs/autoglm-phone-9b.yaml}; N9C=configs/autoglm-phone-9b-lease.yaml; N9=$D/9b; N9CKPT=${NINE_CKPT:-$D/ckpt9b}
-NINE_PAST=${NINE_OPT_PAST:-4096}
-derive "$NINE" "$N9C" -lease "d['modules'] = ['embed', 'decoder']; d['checkpoint'] = '$N9CKPT'
+NINE_PAST=${NINE_OPT_PAST:-4096}; NINE_MODULES=${NINE_MODULES:-embed decoder}  # e.g. "vision embed decoder"
+derive "$NINE" "$N9C" -lease "d['modules'] = '$NINE_MODULES'.split(); d['checkpoint'] = '$N9CKPT'
 d['tokenizer'] = 'tokenizers/autoglm-phone-tiny.json'  # random weights: any tokenizer within the vocabulary
 d['calibrate']['measure_fp16'] = False  # verify measures the chained FP16 graphs; the 9 parts convert in parallel
 d['engine'].update(context=${NINE_CONTEXT:-8192}, opt_past=$NINE_PAST, workspace_mib=${NINE_WORKSPACE:-12288})"
@@ -165,7 +165,7 @@ nine)  # the 9B model's decoder and embed, every part in parallel (see the heade
   PARTS=$(env PYTHONPATH=$PWD:/tmp/site312 python3 -c "import sys
 from autoglm_build.config import load_config
 from autoglm_build.modules import registry
-print(' '.join(registry.expand(load_config(sys.argv[1]), ['embed', 'decoder'])))" "$N9C") \
+print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))" "$N9C" "$NINE_MODULES") \
     || { echo "error: cannot read the parts of $N9C"; exit 1; }
   echo "parts: $PARTS"
   stamp='echo "=== $(date +%s) $(date +%T)"'
@@ -187,11 +187,11 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), ['embed', 'decoder'])))
   done
   waits=""; for part in $PARTS; do waits="$waits while [ ! -e $N9/.optimized-$part ]; do sleep 5; done;"; done
   job samples9 "$waits $stamp samples && env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $c \
-    -m embed -m decoder; $stamp samples end"
+    $(printf -- '-m %s ' $NINE_MODULES); $stamp samples end"
   exec bash "$0" wait "${2:-0}"
   ;;
-nine-verify)  # the 9B decoder's chained engines against ONNX Runtime, and its FP16 graphs against FP32 (CPU)
-  $CLI39 verify -c $N9C -w $N9 -m decoder --precision fp16 --strict 2>&1 | grep -v "^\[W\]" | tee "$OUT/verify_9b.txt"
+nine-verify)  # the 9B modules' chained engines against ONNX Runtime, and their FP16 graphs against FP32 (CPU)
+  $CLI39 verify -c $N9C -w $N9 $(printf -- '-m %s ' $NINE_MODULES) --precision fp16 --strict 2>&1 | grep -v "^\[W\]" | tee "$OUT/verify_9b.txt"
   echo "verify exit: ${PIPESTATUS[0]}"
   ;;
 nine-twogpu)  # the 9B decoder's stages on GPUs 0 and 1 generate what they generate on GPU 0 (issue 15)

@@ -29,7 +29,8 @@ def render_outcomes(outcomes: Sequence[Outcome], workdir: Path) -> None:
         table.add_row(
             o.stage, o.module, o.status, f"{rec.duration_s:.1f}s" if rec else "-",
             human_count(rec.params["parameters"]) if rec and "parameters" in rec.params else "-", human_bytes(size),
-            f"{metrics.get('max_abs', 0):.2e}", f"{metrics.get('max_rel', 0):.2e}",
+            f"{metrics['max_abs']:.2e}" if "max_abs" in metrics else "-",
+            f"{metrics['max_rel']:.2e}" if "max_rel" in metrics else "-",
             _ok(metrics["passed"]) if "passed" in metrics else "-",
         )
     stdout.print(table)

@@ -53,6 +53,7 @@ def one_engine_backend(args: argparse.Namespace) -> Any:
     if len(parts) > 1:
         backend.close()
         print(f"error: {args.module} is built as {len(parts)} engines ({', '.join(parts)}); this script times one "
-              f"engine: use a one-graph build (decoder.stages: 1, decoder.head_stage: false)", file=sys.stderr)
+              "engine: use a one-graph build (decoder.stages: 1, decoder.head_stage: false, vision.stages: 1)",
+              file=sys.stderr)
         raise SystemExit(2)
     return backend

@@ -47,9 +47,10 @@ FULL=configs/autoglm-phone-9b-2layer.yaml; TINY=configs/autoglm-phone-tiny.yaml
 STAGES=${FULL_DECODER_STAGES:-1}
 CKPT=$D/ckpt
 derive() {  # derive SRC DST SUFFIX PYTHON: a copy of config SRC with the change PYTHON makes to its dict d
-  python3 -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); d['name'] += sys.argv[3]
+  # (written beside DST, then moved into place: a process reading DST never sees it half written)
+  python3 -c "import os, sys, yaml; d = yaml.safe_load(open(sys.argv[1])); d['name'] += sys.argv[3]
 $4
-yaml.safe_dump(d, open(sys.argv[2], 'w'))" "$1" "$2" "$3"
+yaml.safe_dump(d, open(sys.argv[2] + '.tmp', 'w')); os.replace(sys.argv[2] + '.tmp', sys.argv[2])" "$1" "$2" "$3"
 }
 if [ -n "${CHECKPOINT:-}" ]; then  # the slice's weights from a checkpoint in the published layout
   derive "$FULL" configs/autoglm-phone-9b-2layer-ckpt.yaml -ckpt "d['checkpoint'] = '$CKPT'"
@@ -63,11 +64,18 @@ if [ "$STAGES" -gt 1 ]; then
   derive "$FULL" "$FULLD" -staged "d.setdefault('decoder', {})['stages'] = $STAGES"
 fi
 NINE=${NINE_CONFIG:-configs/autoglm-phone-9b.yaml}; N9C=configs/autoglm-phone-9b-lease.yaml; N9=$D/9b; N9CKPT=${NINE_CKPT:-$D/ckpt9b}
-NINE_PAST=${NINE_OPT_PAST:-4096}; NINE_MODULES=${NINE_MODULES:-embed decoder}  # e.g. "vision embed decoder"
-derive "$NINE" "$N9C" -lease "d['modules'] = '$NINE_MODULES'.split(); d['checkpoint'] = '$N9CKPT'
+# the lease config is derived by the phase `nine` alone, from its NINE_* variables; every later phase reads it back
+# (its modules and opt_past), so a phase run without those variables cannot rewrite what the builds read
+if [ "$PHASE" = nine ]; then
+  NINE_PAST=${NINE_OPT_PAST:-4096}; NINE_MODULES=${NINE_MODULES:-embed decoder}  # e.g. "vision embed decoder"
+  derive "$NINE" "$N9C" -lease "d['modules'] = '$NINE_MODULES'.split(); d['checkpoint'] = '$N9CKPT'
 d['tokenizer'] = 'tokenizers/autoglm-phone-tiny.json'  # random weights: any tokenizer within the vocabulary
 d['calibrate']['measure_fp16'] = False  # verify measures the chained FP16 graphs; the 9 parts convert in parallel
 d['engine'].update(context=${NINE_CONTEXT:-8192}, opt_past=$NINE_PAST, workspace_mib=${NINE_WORKSPACE:-12288})"
+elif [ -e "$N9C" ]; then
+  read -r NINE_PAST NINE_MODULES < <(python3 -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1]))
+print(d['engine']['opt_past'], ' '.join(d['modules']))" "$N9C")
+fi
 # engine builds wait for the staged harness; '&&' so that "X && $HARNESS build" builds only after X succeeded
 HARNESS="while [ ! -e /tmp/stage/.ready ]; do sleep 5; done &&"
 OUT=${OUT:-device-out}
@@ -168,6 +176,7 @@ from autoglm_build.modules import registry
 print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))" "$N9C" "$NINE_MODULES") \
     || { echo "error: cannot read the parts of $N9C"; exit 1; }
   echo "parts: $PARTS"
+  rm -f "$N9CKPT.done" "$N9CKPT.failed" "$N9"/.optimized-* "$N9"/.failed-*  # an earlier attempt's markers
   stamp='echo "=== $(date +%s) $(date +%T)"'
   job ckpt9 "$stamp ckpt; env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py \
     -c $NINE -o $N9CKPT --workers ${NINE_CKPT_WORKERS:-6} && touch $N9CKPT.done || touch $N9CKPT.failed; $stamp ckpt end"
@@ -180,19 +189,22 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
   for part in $PARTS; do
     on_gpu
     data="$N9/onnx/$part.onnx.data"  # the exported FP32 weights: the optimized graph replaces them (disk)
-    job "part-$part" "$CKPT_WAIT && $stamp export && $CLI312 export $c -m $part && $stamp optimize \
-      && $CLI312 optimize $c -m $part && { rm -f $data; touch $N9/.optimized-$part; $stamp fp16; } \
-      && $CLI312 calibrate --fp16 $c -m $part && $stamp harness && $HARNESS $stamp engine \
+    job "part-$part" "$CKPT_WAIT && $stamp export && { $CLI312 export $c -m $part && $stamp optimize \
+      && $CLI312 optimize $c -m $part || { touch $N9/.failed-$part; false; }; } \
+      && { rm -f $data; touch $N9/.optimized-$part; $stamp fp16; } && $CLI312 calibrate --fp16 $c -m $part && $stamp harness && $HARNESS $stamp engine \
       && $ON $CLI39 engine $c -m $part --precision fp16; $stamp end"
   done
-  waits=""; for part in $PARTS; do waits="$waits while [ ! -e $N9/.optimized-$part ]; do sleep 5; done;"; done
+  waits=""  # every part's FP32 graph; a part that failed stops the samples (no wait for ever)
+  for part in $PARTS; do
+    waits="$waits while [ ! -e $N9/.optimized-$part ]; do [ -e $N9/.failed-$part ] && exit 1; sleep 5; done;"
+  done
   job samples9 "$waits $stamp samples && env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $c \
     $(printf -- '-m %s ' $NINE_MODULES); $stamp samples end"
   exec bash "$0" wait "${2:-0}"
   ;;
 nine-verify)  # the 9B modules' chained engines against ONNX Runtime, and their FP16 graphs against FP32 (CPU)
   $CLI39 verify -c $N9C -w $N9 $(printf -- '-m %s ' $NINE_MODULES) --precision fp16 --strict 2>&1 | grep -v "^\[W\]" | tee "$OUT/verify_9b.txt"
-  echo "verify exit: ${PIPESTATUS[0]}"
+  status=${PIPESTATUS[0]}; echo "verify exit: $status"; exit "$status"
   ;;
 nine-twogpu)  # the 9B decoder's stages on GPUs 0 and 1 generate what they generate on GPU 0 (issue 15)
   AUTOGLM_BUILD_TRT_WORKDIR=$N9 PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m pytest -q -p no:cacheprovider -rs \
@@ -205,8 +217,9 @@ nine-check)  # the 9B decoder's engines: bench at 40 layers, the server with the
   $CLI39 bench $c -m decoder --backends tensorrt --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1 \
     --precision fp16 2>&1 | grep -v "^\[W\]" | tee "$OUT/bench_9b_trt.txt"
   for overlap in 1 0; do
-    AUTOGLM_BUILD_OVERLAP=$overlap PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-240} /tmp/stage/trtpy \
-      benchmarks/serve_load.py $c --backend tensorrt --clients 0 --max-tokens 64 2>&1 | grep -v "^\[W\]" \
+    # the 40-layer server takes about 200 s to start (nine engines, 34 GB): 330 s per run
+    AUTOGLM_BUILD_OVERLAP=$overlap PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-330} /tmp/stage/trtpy \
+      benchmarks/serve_load.py $c --backend tensorrt --clients 0 --max-tokens 32 2>&1 | grep -v "^\[W\]" \
       | tee "$OUT/serve_load_9b_overlap$overlap.txt"
   done
   cp "$N9/manifest.json" "$OUT/manifest_9b.json"
@@ -218,8 +231,9 @@ ready)  # the harness's parts are all in /tmp/stage: unpack once (about 20 s), t
   ;;
 wait)
   end=$((SECONDS + ${2:-540}))
-  while pgrep -f "[a]utoglm_build.cli" >/dev/null && [ $SECONDS -lt $end ]; do sleep 10; done
-  pgrep -fa "[a]utoglm_build.cli" | cut -c1-160 || echo "all jobs finished"
+  jobs_re="[a]utoglm_build.cli|[m]ake_layout_checkpoint|[s]amples_stage"  # the jobs' shells name these too
+  while pgrep -f "$jobs_re" >/dev/null && [ $SECONDS -lt $end ]; do sleep 10; done
+  pgrep -fa "$jobs_re" | cut -c1-160 || echo "all jobs finished"
   for f in "$L"/*.log; do
     echo "--- $(basename "$f")"; grep -a -E "^===|: done in|rror|FAILED|DCHECK|Killed|cached|peak RSS|Maximum resident" "$f" | grep -v "^\[" | tail -12
   done

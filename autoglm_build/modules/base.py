@@ -34,6 +34,32 @@ class Case:
     chain: Optional[Mapping[str, str]] = None  # output name -> input name fed to the next step
 
 
+class StagePart:
+    """One stage of a module cut into contiguous ranges (``<module>.stage{index}``), mixed in before the
+    module's spec (``class DecoderStageSpec(StagePart, DecoderSpec)``): its name, its module and the
+    module's parts; ``whole`` is the module's spec class, ``unit`` what the ranges count."""
+
+    whole: type
+    unit = "layers"
+
+    def __init__(self, index: int) -> None:
+        from autoglm_build.parts import part_name
+
+        self.index = index
+        self.name = part_name(self.whole.name, index)
+        self.description = f"{self.whole.name} stage {index}: a contiguous range of its {self.unit}"
+
+    @property
+    def module(self) -> str:
+        return self.whole.name
+
+    def parts(self, cfg: BuildConfig) -> List[str]:
+        return self.whole().parts(cfg)
+
+    def first(self) -> bool:
+        return self.index == 0
+
+
 class ModuleSpec:
     """Base class of a registered modality module.
 

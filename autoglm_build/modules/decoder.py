@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from autoglm_build.config import BuildConfig
-from autoglm_build.modules.base import Case, ModuleSpec, Patch, batched, npz_feeds, random_floats
+from autoglm_build.modules.base import Case, ModuleSpec, Patch, StagePart, batched, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
 from autoglm_build.parts import HIDDEN, HIDDEN_IN, Around, chain, layer_ranges, ort_part, part_name
 
@@ -321,7 +321,7 @@ def decoder_run(cfg: BuildConfig, graphs) -> Callable[[Feed], Feed]:
     return chain([ort_part(graphs[name]) for name in DecoderSpec().parts(cfg)])
 
 
-class DecoderStageSpec(DecoderSpec):
+class DecoderStageSpec(StagePart, DecoderSpec):
     """Stage ``index`` of the decoder cut into ``decoder.stages`` contiguous layer ranges.
 
     Stage 0 takes ``inputs_embeds``, later stages the previous stage's ``hidden_states`` (B, S,
@@ -335,20 +335,7 @@ class DecoderStageSpec(DecoderSpec):
     no mask, positions or cache.
     """
 
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.name = part_name(DecoderSpec.name, index)
-        self.description = f"decoder stage {index}: a contiguous range of its layers"
-
-    @property
-    def module(self) -> str:
-        return DecoderSpec.name
-
-    def parts(self, cfg: BuildConfig) -> List[str]:
-        return DecoderSpec().parts(cfg)
-
-    def first(self) -> bool:
-        return self.index == 0
+    whole = DecoderSpec
 
     def last(self, cfg: BuildConfig) -> bool:
         return self.index == cfg.decoder.parts - 1

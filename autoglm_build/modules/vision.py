@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 
 from autoglm_build.config import BuildConfig
-from autoglm_build.modules.base import Case, ModuleSpec, npz_feeds, random_floats
+from autoglm_build.modules.base import Case, ModuleSpec, StagePart, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
 from autoglm_build.parts import HIDDEN, HIDDEN_IN, Around, chain, layer_ranges, ort_part, part_name
 
@@ -277,7 +277,7 @@ class VisionSpec(ModuleSpec):
 Feed = Dict[str, np.ndarray]
 
 
-class VisionStageSpec(VisionSpec):
+class VisionStageSpec(StagePart, VisionSpec):
     """Stage ``index`` of the vision tower cut into ``vision.stages`` contiguous ranges of its blocks.
 
     Stage 0 takes the tower's inputs and adds the patch embedding, its norm and the interpolated
@@ -289,20 +289,8 @@ class VisionStageSpec(VisionSpec):
     with the stage's inputs.
     """
 
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.name = part_name(VisionSpec.name, index)
-        self.description = f"vision stage {index}: a contiguous range of its blocks"
-
-    @property
-    def module(self) -> str:
-        return VisionSpec.name
-
-    def parts(self, cfg: BuildConfig) -> List[str]:
-        return VisionSpec().parts(cfg)
-
-    def first(self) -> bool:
-        return self.index == 0
+    whole = VisionSpec
+    unit = "blocks"
 
     def last(self, cfg: BuildConfig) -> bool:
         return self.index == cfg.vision.stages - 1

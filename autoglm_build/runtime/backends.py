@@ -389,8 +389,9 @@ class TensorRTBackend(Backend):
         one profile (TensorRT allocates that context's own).
 
         By default TensorRT gives each context its own memory, the size of the engine's largest profile's,
-        so a staged decoder would hold one buffer per profile per stage (8 layer stages at 4.8 GB each at
-        the 9B's 25,480-token context: more than an 80 GB GPU leaves beside the weights). Instead all of
+        so a staged decoder would hold one buffer per stage (8 layer stages at an estimated 4.8 GB each at
+        the 9B's 25,480-token context, the 2-layer slice's need: more than an 80 GB GPU leaves beside the
+        weights). Instead all of
         the decoder's parts placed on one GPU share one buffer (a :class:`ScratchPool` that grows to the
         largest part's need as they load), and every other module's engine shares one among its own
         contexts. Safe because what shares a buffer never runs at once: the decoder's stages and phases

@@ -616,8 +616,8 @@ class Sampler:
         self.close = int(np.searchsorted(self.ids, close))
         self.stops = [int(i) for i in np.searchsorted(self.ids, stops)]
         # for the greedy rows' pass over whole rows (:meth:`_greedy`): the vocabulary ids no row produces, and
-        # the ids of ``ids`` a row may be barred from (``</think>``, the stops: their columns' ``allowed`` is
-        # False, the row decides)
+        # the ids of ``ids`` a row may be barred from (``</think>`` unless it is thinking, the stops when it
+        # ignores EOS)
         self.never = np.flatnonzero(~candidates)
         self.close_id, self.stop_ids = int(close), np.asarray(stops, np.int64)
         # per slot, the counts of the ids it generated, by column of ``ids`` (what the penalties read)
@@ -651,7 +651,7 @@ class Sampler:
         greedy = [k for k in free if rows[k].req.params.temperature <= 0]
         for k in greedy:
             tokens[k] = self._greedy(logits[k], rows[k])
-        hot = [k for k in free if rows[k].req.params.temperature > 0]
+        hot = [k for k in free if k not in greedy]  # temperature > 0 (or NaN: the full pass decides)
         if hot:
             some = logits if len(hot) == len(rows) else logits[hot]
             picked = self.ids[self._pick(np.take(some, self.ids, axis=1).astype(np.float64), [rows[k] for k in hot])]
@@ -684,13 +684,15 @@ class Sampler:
         seen = np.array(sorted(self.seen[row.slot]) if penalized else [], np.int64)
         seen = seen[np.isfinite(x[self.ids[seen]])] if seen.size else seen  # the ones this row may produce
         if not seen.size:
-            return int(np.argmax(x))
+            return int(np.argmax(x))  # NaN: the first, as the full pass's argmax
         ids, counts = self.ids[seen], self.counts[row.slot, seen]
         values = (x[ids].astype(np.float64) - params.frequency_penalty * counts
                   - params.presence_penalty * (counts > 0))
         x[ids] = -np.inf
         plain = int(np.argmax(x))
         best = int(np.argmax(values))
+        if np.isnan(x[plain]) or np.isnan(values[best]):  # argmax's NaN rules across two arrays: the full pass
+            return int(self.ids[self._pick(np.take(logits[None], self.ids, axis=1).astype(np.float64), [row])[0]])
         if float(x[plain]) > values[best] or (float(x[plain]) == values[best] and plain < ids[best]):
             return plain
         return int(ids[best])

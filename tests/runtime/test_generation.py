@@ -339,3 +339,23 @@ def test_greedy_rows_pick_what_the_full_pass_picks(runtime):
         assert sampler._greedy(logits, row) == full, case
         checked += 1
     assert checked == 300
+    # the ids a slot generated follow it when its row moves (Scheduler._retire) and are gone when a row joins
+    sampler.join(0), sampler.join(1), sampler.join(2)
+    for token in sampler.ids[[5, 5, 9]]:
+        sampler.count(0, int(token))
+    sampler.move(0, 2)
+    sampler.join(0)
+    logits = rng.standard_normal(vocab).astype(np.float32)
+    logits[sampler.ids[5]] = logits.max() + 0.1  # the best id, unless the moved counts penalize it
+    params = SamplingParams(temperature=0, frequency_penalty=2.0)
+    for slot in (0, 2):
+        row = SimpleNamespace(slot=slot, req=SimpleNamespace(params=params, thinking=False))
+        full = int(sampler.ids[sampler._pick(np.take(logits[None], sampler.ids, axis=1).astype(np.float64), [row])[0]])
+        assert sampler._greedy(logits, row) == full
+    assert sampler._greedy(logits, SimpleNamespace(slot=2, req=SimpleNamespace(params=params, thinking=False))) \
+        != sampler.ids[5]  # penalized in the slot it moved to
+    nan = logits.copy()
+    nan[sampler.ids[[3, 7]]] = np.nan  # NaN logits: the full pass's argmax rules
+    row = SimpleNamespace(slot=2, req=SimpleNamespace(params=params, thinking=False))
+    assert sampler._greedy(nan, row) == int(
+        sampler.ids[sampler._pick(np.take(nan[None], sampler.ids, axis=1).astype(np.float64), [row])[0]])

@@ -64,7 +64,7 @@ IMAGE_TOKENS = {"image_token_id": "<|image|>", "image_start_token_id": "<|begin_
 
 
 class VisionStandIn:
-    """The server's vision backend as ``chat_prompt`` sees it (``files``, ``vision_patches``, ``encode``):
+    """The server's vision backend as ``chat_prompt`` sees it (``files``, ``parts``, ``vision_patches``, ``encode``):
     keeps the packed patches the server would have fed its vision engine (``images``, in request order)
     and answers with one placeholder row per image token, so the server's own code builds the prompt."""
 
@@ -73,6 +73,7 @@ class VisionStandIn:
     def __init__(self, merge: int) -> None:
         self.merge = merge
         self.files = {"vision": "transformers"}
+        self.parts = {"vision": ["vision"]}  # the modules loaded, as Backend.parts has them
         self.vision_patches: Optional[int] = None  # the config's patch bound, as the engine's profile has it
         self.images: List[Dict[str, np.ndarray]] = []
 

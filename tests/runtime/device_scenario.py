@@ -192,7 +192,7 @@ def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional
                 result["steps"][name] = log.steps
         if "agent" not in cases:
             return result
-        screens = _screens(backend, cfg, workdir) if "vision" in backend.files else []
+        screens = _screens(backend, cfg, workdir) if "vision" in backend.parts else []
         result["screens_on_device"] = [type(s.embeds).__name__ for s in screens]
         prompts = _agent_prompts(tok, screens)
         result["agent_alone"] = [_generate(scheduler(8, False), [p])[0] for p in prompts]

@@ -4,7 +4,6 @@ Runtime, and the fake TensorRT; tiny config, trained weights)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 from pathlib import Path
@@ -138,33 +137,19 @@ def test_verify_strict_passes_on_the_staged_tower(staged):
 
 
 def _image_chat(workdir: Path) -> dict:
-    from fastapi.testclient import TestClient
+    from tests.engine.fake_trt.drive_vision_staged import chat
 
-    from autoglm_build.config import BuildConfig
-    from autoglm_build.serve.app import create_app
-    from autoglm_build.serve.server import build_state
-
-    state = build_state(BuildConfig.model_validate(Manifest.load(workdir).config), workdir, backend="onnxruntime")
-    url = "data:image/png;base64," + base64.b64encode(SCREEN.read_bytes()).decode()
-    try:
-        with TestClient(create_app(state)) as client:
-            resp = client.post("/v1/chat/completions", json={
-                "model": state.model_ids[0], "max_tokens": 16, "temperature": 0,
-                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                          {"type": "text", "text": "What is on the screen?"}]}]})
-        loaded = set(state.backend.files)
-    finally:
-        state.backend.close()
-    assert resp.status_code == 200, resp.text
-    return {**resp.json(), "loaded": loaded}
+    out = chat(workdir, "onnxruntime", None, SCREEN, max_tokens=16)
+    assert out["status"] == 200, out
+    return out
 
 
 def test_a_served_image_chat_on_the_staged_tower_returns_the_unstaged_reply(staged, unstaged):
     want, got = _image_chat(unstaged), _image_chat(staged)
-    assert {"vision.stage0", "vision.stage1"} <= got["loaded"] and "vision" in want["loaded"]
-    assert got["usage"]["prompt_tokens_details"]["image_tokens"] == 230  # 1080x2400 at the tiny max_pixels
+    assert {"vision.stage0", "vision.stage1"} <= set(got["files"]) and "vision" in want["files"]
+    assert got["image_tokens"] == 230  # 1080x2400 at the tiny max_pixels
     assert got["usage"] == want["usage"] and got["usage"]["completion_tokens"] > 1
-    assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
+    assert got["content"] == want["content"]
 
 
 def test_fp16_stages_convert_alone_when_verify_measures_them(staged, tmp_path):

@@ -11,13 +11,16 @@ import base64
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 MODULES = ["vision", "embed", "decoder"]
 
 
-def chat(workdir: Path, backend: str, precision: str, image: Path) -> dict:
+def chat(workdir: Path, backend: str, precision: Optional[str], image: Path, max_tokens: int = 12) -> dict:
+    """A greedy chat with ``image`` and a question, served from ``workdir`` on ``backend`` (also used by
+    tests/test_vision_stages.py on ONNX Runtime): status, reply, usage, the files the backend loaded."""
     from fastapi.testclient import TestClient
 
     from autoglm_build.config import BuildConfig
@@ -31,14 +34,16 @@ def chat(workdir: Path, backend: str, precision: str, image: Path) -> dict:
     try:
         with TestClient(create_app(state)) as client:
             resp = client.post("/v1/chat/completions", json={
-                "model": state.model_ids[0], "max_tokens": 12, "temperature": 0,
+                "model": state.model_ids[0], "max_tokens": max_tokens, "temperature": 0,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                           {"type": "text", "text": "What is on the screen?"}]}]})
         files = sorted(state.backend.files)
     finally:
         state.backend.close()
+    if resp.status_code != 200:
+        return {"status": resp.status_code, "error": resp.text, "files": files}
     body = resp.json()
-    return {"status": resp.status_code, "content": body["choices"][0]["message"]["content"],
+    return {"status": resp.status_code, "content": body["choices"][0]["message"]["content"], "usage": body["usage"],
             "image_tokens": body["usage"]["prompt_tokens_details"]["image_tokens"], "files": files}
 
 

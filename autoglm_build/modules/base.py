@@ -59,6 +59,39 @@ class StagePart:
     def first(self) -> bool:
         return self.index == 0
 
+    def calibration_batches(self, cfg: BuildConfig, data, graphs):
+        """The module's calibration and held-out feeds (its stages chained in FP32), each turned into this
+        stage's feed: the earlier stages' FP32 ``hidden_states`` and this stage's own inputs (a decoder
+        stage's own cache). The module's own held-out feeds are kept for :meth:`accuracy_around`."""
+        from autoglm_build.parts import HIDDEN, HIDDEN_IN, chain, ort_part
+
+        calib, held = super().calibration_batches(cfg, data, graphs)
+        self.module_heldout = held
+        earlier = self.whole().parts(cfg)[:self.index]
+        run = chain([ort_part(graphs[name]) for name in earlier]) if earlier else None
+        inputs = self.input_names(cfg)
+
+        def own(feed):
+            full = dict(feed)
+            if run is not None:
+                full[HIDDEN_IN] = run(feed)[HIDDEN]
+            return {n: full[n] for n in inputs}
+
+        return [own(f) for f in calib], [own(f) for f in held]
+
+    def accuracy_around(self, cfg: BuildConfig, graphs, earlier):
+        """This stage measured as its module (after :meth:`calibration_batches`): the module's main output on
+        its held-out feeds, through ``earlier`` (the precision graphs of the stages before this one, by name)
+        and the FP32 stages after it (``graphs``)."""
+        from autoglm_build.parts import Around, ort_part
+
+        names = self.whole().parts(cfg)
+        return Around(feeds=self.module_heldout,
+                      before_ref=[ort_part(graphs[n]) for n in names[:self.index]],
+                      before_got=[ort_part(earlier[n]) for n in names[:self.index]],
+                      after=[ort_part(graphs[n]) for n in names[self.index + 1:]],
+                      output=self.whole().output_names(cfg)[0])
+
 
 class ModuleSpec:
     """Base class of a registered modality module.

@@ -32,7 +32,7 @@ import numpy as np
 from autoglm_build.config import BuildConfig
 from autoglm_build.modules.base import Case, ModuleSpec, Patch, StagePart, batched, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
-from autoglm_build.parts import HIDDEN, HIDDEN_IN, Around, chain, layer_ranges, ort_part, part_name
+from autoglm_build.parts import HIDDEN, HIDDEN_IN, chain, layer_ranges, ort_part, part_name
 
 
 def _torch_module():
@@ -398,31 +398,3 @@ class DecoderStageSpec(StagePart, DecoderSpec):
             data.update(head_stage=True)
         return data
 
-    def calibration_batches(self, cfg: BuildConfig, data, graphs):
-        """The decoder's calibration and held-out feeds (its stages chained in FP32), each turned into
-        this stage's feed: the earlier stages' FP32 ``hidden_states`` and this stage's own cache. The
-        decoder's own held-out feeds are kept for :meth:`accuracy_around`."""
-        calib, held = super().calibration_batches(cfg, data, graphs)
-        self.module_heldout = held
-        earlier = DecoderSpec().parts(cfg)[:self.index]
-        run = chain([ort_part(graphs[name]) for name in earlier]) if earlier else None
-        inputs = self.input_names(cfg)
-
-        def own(feed: Feed) -> Feed:
-            full = dict(feed)
-            if run is not None:
-                full[HIDDEN_IN] = run(feed)[HIDDEN]
-            return {n: full[n] for n in inputs}
-
-        return [own(f) for f in calib], [own(f) for f in held]
-
-    def accuracy_around(self, cfg: BuildConfig, graphs, earlier) -> Around:
-        """This stage measured as the decoder (after :meth:`calibration_batches`): the logits of the
-        decoder's held-out feeds, through ``earlier`` (the precision graphs of the stages before this
-        one, by name) and the FP32 stages after it (``graphs``)."""
-        names = DecoderSpec().parts(cfg)
-        return Around(feeds=self.module_heldout,
-                      before_ref=[ort_part(graphs[n]) for n in names[:self.index]],
-                      before_got=[ort_part(earlier[n]) for n in names[:self.index]],
-                      after=[ort_part(graphs[n]) for n in names[self.index + 1:]],
-                      output=DecoderSpec().output_names(cfg)[0])

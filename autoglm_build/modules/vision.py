@@ -28,7 +28,7 @@ import numpy as np
 from autoglm_build.config import BuildConfig
 from autoglm_build.modules.base import Case, ModuleSpec, StagePart, npz_feeds, random_floats
 from autoglm_build.modules.registry import register
-from autoglm_build.parts import HIDDEN, HIDDEN_IN, Around, chain, layer_ranges, ort_part, part_name
+from autoglm_build.parts import HIDDEN, HIDDEN_IN, layer_ranges, part_name
 
 #: image sizes (height, width) the validation cases cycle through: square, portrait, landscape
 CASE_SIZES = ((112, 112), (224, 112), (112, 168), (168, 224))
@@ -348,31 +348,3 @@ class VisionStageSpec(StagePart, VisionSpec):
         data.update(module=self.name, stages=cfg.vision.stages, blocks=[blocks.start, blocks.stop])
         return data
 
-    def calibration_batches(self, cfg: BuildConfig, data, graphs):
-        """The tower's calibration and held-out packs, each turned into this stage's feed (the earlier
-        stages' FP32 ``hidden_states``, chained in ONNX Runtime). The tower's own held-out packs are kept
-        for :meth:`accuracy_around`."""
-        calib, held = super().calibration_batches(cfg, data, graphs)
-        self.module_heldout = held
-        earlier = VisionSpec().parts(cfg)[:self.index]
-        run = chain([ort_part(graphs[name]) for name in earlier]) if earlier else None
-        inputs = self.input_names(cfg)
-
-        def own(feed: Feed) -> Feed:
-            full = dict(feed)
-            if run is not None:
-                full[HIDDEN_IN] = run(feed)[HIDDEN]
-            return {n: full[n] for n in inputs}
-
-        return [own(f) for f in calib], [own(f) for f in held]
-
-    def accuracy_around(self, cfg: BuildConfig, graphs, earlier) -> Around:
-        """This stage measured as the tower (after :meth:`calibration_batches`): ``image_embeds`` of the
-        tower's held-out packs, through ``earlier`` (the precision graphs of the stages before this one)
-        and the FP32 stages after it (``graphs``)."""
-        names = VisionSpec().parts(cfg)
-        return Around(feeds=self.module_heldout,
-                      before_ref=[ort_part(graphs[n]) for n in names[:self.index]],
-                      before_got=[ort_part(earlier[n]) for n in names[:self.index]],
-                      after=[ort_part(graphs[n]) for n in names[self.index + 1:]],
-                      output=VisionSpec().output_names(cfg)[0])

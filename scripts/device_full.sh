@@ -214,6 +214,18 @@ nine-twogpu)  # the 9B decoder's stages on GPUs 0 and 1 generate what they gener
 nine-check)  # the 9B decoder's engines: bench at 40 layers, the server with the decode overlap on and off
   c="-c $N9C -w $N9"
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
+  # each engine's activation memory (TensorRT's device_memory_size: what a context needs beside the weights)
+  PYTHONPATH=$PWD /tmp/stage/trtpy - "$N9"/engines/*.engine <<'PY' 2>&1 | grep -v "^\[" | tee "$OUT/engine_memory_9b.txt"
+import sys
+import tensorrt as trt
+runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+for path in sys.argv[1:]:
+    with open(path, "rb") as fh:
+        engine = runtime.deserialize_cuda_engine(fh.read())
+    print(f"{path.rsplit('/', 1)[-1]}: device memory {engine.device_memory_size / 2**20:,.1f} MiB, "
+          f"{engine.num_optimization_profiles} profile(s)")
+    del engine
+PY
   $CLI39 bench $c -m decoder --backends tensorrt --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1 \
     --precision fp16 2>&1 | grep -v "^\[W\]" | tee "$OUT/bench_9b_trt.txt"
   for overlap in 1 0; do

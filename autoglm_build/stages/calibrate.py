@@ -161,14 +161,8 @@ class CalibrateStage(Stage):
             ctx.status("measuring accuracy on held-out samples")
             metrics["accuracy"] = accuracy(spec, cfg, source, model, held, tmp_dir, around)
             check_gate(module, self.precision, cfg, metrics)
-            offenders = fp16_reductions(model)
-            if offenders:  # a bug in the precision policy, not the user's: the engine would overflow
-                raise RuntimeError(f"{module}: FP16 reductions in the {self.precision} graph: {offenders[:5]}")
-            metrics.update(qdq=qdq_count(model), precision_census=census(model, CENSUS),
-                           calibration_batches=len(calib), heldout_batches=len(held))
-            files = save_model(model, tmp_dir / f"{module}.onnx", ctx.cfg.export.large_model_bytes)
-            onnx.checker.check_model(str(files[0]))
-            outputs = move_into_place(files + extra, ctx.workdir / self.precision, module, "onnx-" + self.precision)
+            metrics.update(calibration_batches=len(calib), heldout_batches=len(held))
+            outputs = self.write_graph(ctx, module, model, tmp_dir, extra, metrics)
         params = {"method": settings.method, "batch_size": settings.batch_size, "source": str(source)}
         return StageResult(outputs=outputs, params=params, metrics=metrics, warnings=warnings)
 
@@ -179,19 +173,28 @@ class CalibrateStage(Stage):
         import onnx
 
         model = to_fp16(onnx.load(str(source)), spec.fp16_io(ctx.cfg))
-        offenders = fp16_reductions(model)
-        if offenders:
-            raise RuntimeError(f"{module}: FP16 reductions in the fp16 graph: {offenders[:5]}")
+        metrics: Dict[str, Any] = {"accuracy": None, "calibration_batches": 0, "heldout_batches": 0}
         with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix=f".{self.name}-{module}-") as tmp:
-            files = save_model(model, Path(tmp) / f"{module}.onnx", ctx.cfg.export.large_model_bytes)
-            onnx.checker.check_model(str(files[0]))
-            outputs = move_into_place(files, ctx.workdir / self.precision, module, "onnx-" + self.precision)
-        metrics = {"accuracy": None, "qdq": qdq_count(model), "precision_census": census(model, CENSUS),
-                   "calibration_batches": 0, "heldout_batches": 0}
+            outputs = self.write_graph(ctx, module, model, Path(tmp), [], metrics)
         warning = (f"{module}: fp16 accuracy not measured (calibrate.measure_fp16: false); "
                    f"autoglm-build verify -m {spec.module} --precision fp16 measures it")
         return StageResult(outputs=outputs, params={"source": str(source), "measured": False},
                            metrics=metrics, warnings=[warning])
+
+    def write_graph(self, ctx: StageContext, module: str, model: Any, tmp_dir: Path, extra: List[Path],
+                    metrics: Dict[str, Any]) -> List[Any]:
+        """The precision graph checked (no FP16 reduction: a bug in the precision policy, not the user's, that
+        would overflow the engine; ONNX's checker), its Q/DQ and precision counts added to ``metrics``, and
+        moved into place with ``extra`` (the TensorRT calibration cache)."""
+        import onnx
+
+        offenders = fp16_reductions(model)
+        if offenders:
+            raise RuntimeError(f"{module}: FP16 reductions in the {self.precision} graph: {offenders[:5]}")
+        metrics.update(qdq=qdq_count(model), precision_census=census(model, CENSUS))
+        files = save_model(model, tmp_dir / f"{module}.onnx", ctx.cfg.export.large_model_bytes)
+        onnx.checker.check_model(str(files[0]))
+        return move_into_place(files + extra, ctx.workdir / self.precision, module, "onnx-" + self.precision)
 
     def earlier_graphs(self, ctx: StageContext, module: str) -> Dict[str, Path]:
         """This precision's graphs of the stages before ``module`` (a stage of a staged module), checked.

@@ -28,9 +28,6 @@ from autoglm_build.manifest import Artifact, Manifest, StageRecord, make_artifac
 from autoglm_build.stages.base import Stage, StageContext
 from autoglm_build.workdir import Build, BuildSession, config_record
 
-#: stages that tokenize the calibration prompts (for embed and decoder)
-PROMPT_STAGES = ("samples", "calibrate-int8", "calibrate-fp16")
-
 
 @dataclass
 class Outcome:
@@ -116,8 +113,7 @@ class Pipeline:
 
     def check_prompts(self) -> None:
         """The tokenizer and calibration prompts, where a stage of this pipeline tokenizes them."""
-        if any(stage.name in PROMPT_STAGES and getattr(stage, "measures", lambda cfg: True)(self.cfg)
-               for stage in self.stages):  # an FP16 graph not measured here reads no prompts
+        if any(stage.reads_prompts(self.cfg) for stage in self.stages):
             check_prompts(self.cfg, self.module_names())
 
     def plan(self) -> List[Dict[str, Any]]:

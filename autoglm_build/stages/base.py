@@ -59,6 +59,11 @@ class Stage:
         """Everything that determines this stage's output for ``module``, as JSON-able data."""
         raise NotImplementedError
 
+    def reads_prompts(self, cfg: BuildConfig) -> bool:
+        """Whether the stage tokenizes the calibration prompts (for embed and the decoder): the pipeline then
+        checks the tokenizer and the prompts before any stage starts."""
+        return False
+
     def check_inputs(self, cfg: BuildConfig, modules: List[str]) -> None:
         """Inputs from outside the workdir (calibration data, ...), checked before any stage of a run
         starts, so a missing one stops the run before anything is written. Raises UserError."""

@@ -117,6 +117,9 @@ class CalibrateStage(Stage):
         ``calibrate.measure_fp16: false``)."""
         return self.precision == "int8" or self.settings(cfg).measure_fp16
 
+    def reads_prompts(self, cfg: BuildConfig) -> bool:
+        return self.measures(cfg)  # an FP16 graph not measured here reads no data
+
     def check_inputs(self, cfg: BuildConfig, modules: List[str]) -> None:
         if self.measures(cfg):
             check_calibration_data(Path(self.settings(cfg).data), modules)

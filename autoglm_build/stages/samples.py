@@ -33,6 +33,9 @@ class SamplesStage(Stage):
     tools = ("onnxruntime", "transformers", "tokenizers", "pillow")
     per_part = False  # a staged decoder's samples are the whole decoder's inputs (verify chains its stages)
 
+    def reads_prompts(self, cfg: BuildConfig) -> bool:
+        return True
+
     def check_inputs(self, cfg: BuildConfig, modules: List[str]) -> None:
         check_calibration_data(Path(cfg.calibrate.data), modules)
 

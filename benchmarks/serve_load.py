@@ -66,7 +66,7 @@ def server(args, max_batch: int, env=None):
     with contextlib.ExitStack() as stack:
         logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="serve-load-")))
         try:
-            url, proc, _ = stack.enter_context(serve_process(serve_args, logs, env, ready_timeout=120))
+            url, proc, _ = stack.enter_context(serve_process(serve_args, logs, env, ready_timeout=args.ready_timeout))
         except RuntimeError as exc:  # exited or not ready: the log's tail, no traceback
             raise SystemExit(str(exc)) from None
         start = gpu_memory_mib(proc.pid)
@@ -369,7 +369,8 @@ async def agent_step(http: httpx.AsyncClient, messages: list, max_tokens: int) -
     """One streamed step (:func:`agent_body`); TTFT at the first chunk with text."""
     start, first, content, usage = time.perf_counter(), None, "", {}
     async with http.stream("POST", "/v1/chat/completions", json=agent_body(messages, max_tokens)) as resp:
-        resp.raise_for_status()
+        if resp.status_code != 200:  # the server's one-line reason (a prompt over the context, ...), not only the code
+            raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}")
         async for line in resp.aiter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -448,7 +449,8 @@ def agent_main(args, cfg) -> int:
     baseline = load_baseline(args.baseline, sessions, steps, args.agent_tokens) if args.baseline else None
     screens = agent_screens(sessions, steps)
     results = {}
-    for mode, env in (("on", {}), ("off", {"AUTOGLM_BUILD_PREFIX_CACHE_MIB": "0"})):
+    modes = (("on", {}), ("off", {"AUTOGLM_BUILD_PREFIX_CACHE_MIB": "0"}))
+    for mode, env in [(m, e) for m, e in modes if args.agent_reuse in ("both", m)]:
         with server(args, 8, env) as url:
             asyncio.run(phase(url, 1, 4, args.timeout))  # warm-up (no system prompt: nothing reused from it)
             results[mode] = asyncio.run(agent_phase(url, screens, args.agent_tokens, args.timeout))
@@ -458,9 +460,10 @@ def agent_main(args, cfg) -> int:
 
 
 def agent_table(results: dict, baseline: Optional[dict] = None) -> int:
-    """The served rows (``on``, ``off``: prefix reuse) and transformers' ``generate`` row where given; the
-    exit status (1 when a served run had errors or its replies differ with and without reuse)."""
-    on, off = results["on"], results["off"]
+    """The served rows (``on``, ``off``: prefix reuse; one of them alone with ``--agent-reuse``) and
+    transformers' ``generate`` row where given, and each step's reply; the exit status (1 when a served run
+    had errors or, with both, its replies differ with and without reuse)."""
+    on, off = results.get("on"), results.get("off")
     rows = {**results, **({"generate": baseline} if baseline else {})}
     print(f"{'prefix reuse':>12} {'TTFT p50':>9} {'TTFT p99':>9} {'steps>1 p50':>12} {'steps>1 p99':>12} "
           f"{'prompt tok':>11} {'prefilled':>10} {'reused':>8} {'tok/s':>7} {'errors':>7}")
@@ -472,13 +475,19 @@ def agent_table(results: dict, baseline: Optional[dict] = None) -> int:
             print(f"  first error: {r['first_error']}")
     if baseline:
         print(f"generate: {baseline['label']}")
-    same = on["contents"] == off["contents"]
-    print(f"replies equal with and without reuse: {'yes' if same else 'NO'}")
-    print(f"TTFT p50 without/with reuse: {off['ttft_p50'] / on['ttft_p50']:.2f}x")
-    if baseline:
+    first = on or off
+    for k, session in enumerate(first["contents"][:2]):  # what the agent's client would parse
+        for step, content in enumerate(session or []):
+            print(f"reply, session {k} step {step}: {content[:160]!r}")
+    same = True
+    if on and off:
+        same = on["contents"] == off["contents"]
+        print(f"replies equal with and without reuse: {'yes' if same else 'NO'}")
+        print(f"TTFT p50 without/with reuse: {off['ttft_p50'] / on['ttft_p50']:.2f}x")
+    if baseline and on:
         print(f"TTFT p50 generate/served with reuse: {baseline['ttft_p50'] / on['ttft_p50']:.2f}x; "
               f"tokens/s served with reuse/generate: {on['tokens_per_s'] / baseline['tokens_per_s']:.2f}x")
-    return 1 if on["errors"] or off["errors"] or not same else 0
+    return 1 if any(r["errors"] for r in results.values()) or not same else 0
 
 
 ENGINE_ALONE = {"tensorrt": "embed and decoder engines on the server's KV cache ({cache}), the sampler's logits "
@@ -519,6 +528,11 @@ def main() -> int:
     parser.add_argument("--agent", help="SESSIONSxSTEPS: replay the phone agent with and without prefix reuse "
                         "(instead of the decode phases)")
     parser.add_argument("--agent-tokens", type=int, default=32, help="new tokens per agent step")
+    parser.add_argument("--agent-reuse", choices=["both", "on", "off"], default="both",
+                        help="with --agent: the servers to start, with prefix reuse, without, or both (a large "
+                        "build starts in minutes: one server saves that)")
+    parser.add_argument("--ready-timeout", type=float, default=120.0,
+                        help="seconds a server may take to load its engines and answer /ready")
     parser.add_argument("--baseline", help="with --agent: the JSON row benchmarks/agent_generate.py wrote for the "
                         "same load (transformers' generate), printed as a third line of the table")
     args = parser.parse_args()

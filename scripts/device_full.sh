@@ -63,7 +63,11 @@ if [ "$STAGES" -gt 1 ]; then
   FULLD=${FULL%.yaml}-staged$STAGES.yaml; FD=$D/full-staged$STAGES
   derive "$FULL" "$FULLD" -staged "d.setdefault('decoder', {})['stages'] = $STAGES"
 fi
-NINE=${NINE_CONFIG:-configs/autoglm-phone-9b.yaml}; N9C=configs/autoglm-phone-9b-lease.yaml; N9=$D/9b; N9CKPT=${NINE_CKPT:-$D/ckpt9b}
+NINE=${NINE_CONFIG:-configs/autoglm-phone-9b.yaml}; N9C=configs/autoglm-phone-9b-lease.yaml; N9=$D/9b
+N9AC=configs/autoglm-phone-9b-lease-audio.yaml; N9A=$D/9b-audio  # NINE_AUDIO=1: the speech encoder in a workdir of its own
+# the 20 GiB checkpoint in memory where /dev/shm has room (the lease's disk holds ~100 GB of graphs and engines)
+SHM_FREE=$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1 | tr -d ' '); SHM_FREE=${SHM_FREE:-0}
+N9CKPT=${NINE_CKPT:-$([ "$SHM_FREE" -ge 40 ] 2>/dev/null && echo /dev/shm/ckpt9b || echo $D/ckpt9b)}
 # the lease config is derived by the phase `nine` alone, from its NINE_* variables; every later phase reads it back
 # (its modules and opt_past), so a phase run without those variables cannot rewrite what the builds read
 if [ "$PHASE" = nine ]; then
@@ -86,11 +90,29 @@ CLI39="env PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m autoglm_build.cli"
 CLI312="env PYTHONPATH=$PWD:/tmp/site312 python3 -m autoglm_build.cli"
 
 GPU_LIST=(${GPUS:-}); GPU_I=0
+LAST_GPU=0; [ ${#GPU_LIST[@]} -gt 0 ] && LAST_GPU=${GPU_LIST[${#GPU_LIST[@]}-1]}
 on_gpu() {  # ON: the next of $GPUS (e.g. GPUS="0 1") for one engine build, round robin; empty without GPUS
   ON=""
   if [ ${#GPU_LIST[@]} -gt 0 ]; then ON="env CUDA_VISIBLE_DEVICES=${GPU_LIST[$((GPU_I % ${#GPU_LIST[@]}))]}"; fi
   GPU_I=$((GPU_I + 1))
 }
+
+gpu_slot() {  # gpu_slot GPU COMMAND...: COMMAND once one of GPU's $SLOTS build slots is free (a lock file each):
+  # a 9B lease starts 16 engine builds on two GPUs, more at once than one GPU's memory holds
+  local gpu=$1 s rc; shift
+  while :; do
+    for s in $(seq 1 "${SLOTS:-4}"); do
+      exec 9>"/tmp/dev/slot-gpu$gpu-$s"
+      if flock -n 9; then
+        echo "=== $(date +%s) $(date +%T) slot $s of GPU $gpu"
+        "$@"; rc=$?; flock -u 9; exec 9>&-; return $rc
+      fi
+      exec 9>&-
+    done
+    sleep 5
+  done
+}
+export -f gpu_slot
 
 job() {  # job NAME "commands": a background process session that survives this call
   local name=$1; shift
@@ -169,37 +191,67 @@ nine)  # the 9B model's decoder and embed, every part in parallel (see the heade
       .whl/*.whl || exit 1
     for w in .whl39/*.whl; do python3 -m zipfile -e "$w" /tmp/site39; done
   fi
-  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2; df -h /tmp | tail -1
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2; df -h /tmp /dev/shm | tail -2
+  # engine builds at once per GPU (NINE_BUILDS_PER_GPU): one per 28 GiB of the GPU's memory (H200: 5, H100: 2)
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  export SLOTS=${NINE_BUILDS_PER_GPU:-$(( ${mem:-81920} / 28672 > 0 ? ${mem:-81920} / 28672 : 1 ))}
+  echo "engine builds per GPU at once: $SLOTS"
   PARTS=$(env PYTHONPATH=$PWD:/tmp/site312 python3 -c "import sys
 from autoglm_build.config import load_config
 from autoglm_build.modules import registry
 print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))" "$N9C" "$NINE_MODULES") \
     || { echo "error: cannot read the parts of $N9C"; exit 1; }
   echo "parts: $PARTS"
-  rm -f "$N9CKPT.done" "$N9CKPT.failed" "$N9"/.optimized-* "$N9"/.failed-*  # an earlier attempt's markers
+  rm -f "$N9CKPT.done" "$N9CKPT.failed" "$N9"/.optimized-* "$N9"/.failed-* "$N9"/.engine-* "$N9"/.samples-done \
+    /tmp/dev/slot-gpu*  # an earlier attempt's markers
   stamp='echo "=== $(date +%s) $(date +%T)"'
   job ckpt9 "$stamp ckpt; env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py \
     -c $NINE -o $N9CKPT --workers ${NINE_CKPT_WORKERS:-6} && touch $N9CKPT.done || touch $N9CKPT.failed; $stamp ckpt end"
   CKPT_WAIT="while [ ! -e $N9CKPT.done ]; do [ -e $N9CKPT.failed ] && exit 1; sleep 3; done"
   c="-c $N9C -w $N9"
-  last=0; [ ${#GPU_LIST[@]} -gt 0 ] && last=${GPU_LIST[${#GPU_LIST[@]}-1]}
+  last=$LAST_GPU
   # torch eager and sdpa, the same checkpoint, fp16, on the last GPU before its builds start (the CPU busy exporting)
+  vbench=""  # the vision tower on one screenshot (the engine's opt_patches), transformers' own, same weights
+  case " $NINE_MODULES " in *" vision "*) vbench="; env CUDA_VISIBLE_DEVICES=$last $CLI312 bench $c -m vision \
+    --backends torch --batches 1 --min-time 1";; esac
   job torch9 "$CKPT_WAIT && while [ ! -s $N9/manifest.json ]; do sleep 5; done && $stamp torch && env CUDA_VISIBLE_DEVICES=$last $CLI312 bench $c -m decoder --backends torch \
-    --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1; $stamp torch end"
+    --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1 $vbench; $stamp torch end"
   for part in $PARTS; do
     on_gpu
     data="$N9/onnx/$part.onnx.data"  # the exported FP32 weights: the optimized graph replaces them (disk)
     job "part-$part" "$CKPT_WAIT && $stamp export && { $CLI312 export $c -m $part && $stamp optimize \
       && $CLI312 optimize $c -m $part || { touch $N9/.failed-$part; false; }; } \
       && { rm -f $data; touch $N9/.optimized-$part; $stamp fp16; } && $CLI312 calibrate --fp16 $c -m $part && $stamp harness && $HARNESS $stamp engine \
-      && $ON $CLI39 engine $c -m $part --precision fp16; $stamp end"
+      && gpu_slot '${ON#*=}' $ON $CLI39 engine $c -m $part --precision fp16 && touch $N9/.engine-$part \
+      || touch $N9/.failed-$part; $stamp end"
   done
   waits=""  # every part's FP32 graph; a part that failed stops the samples (no wait for ever)
   for part in $PARTS; do
     waits="$waits while [ ! -e $N9/.optimized-$part ]; do [ -e $N9/.failed-$part ] && exit 1; sleep 5; done;"
   done
   job samples9 "$waits $stamp samples && env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $c \
-    $(printf -- '-m %s ' $NINE_MODULES); $stamp samples end"
+    $(printf -- '-m %s ' $NINE_MODULES) && touch $N9/.samples-done; $stamp samples end"
+  if [ -n "${NINE_AUDIO:-}" ]; then
+    # the Whisper-large-v3 encoder (32 layers, 1280 wide) beside the rest, seeded random weights (the published
+    # GLM-4.1V checkpoint has none), in a workdir of its own so the server's build need not wait for it
+    derive "$N9C" "$N9AC" -audio "d['modules'] = ['audio']; d.pop('checkpoint', None)"
+    ca="-c $N9AC -w $N9A"; rm -f "$N9A"/.engine-audio
+    on_gpu
+    job audio9 "$stamp export; $CLI312 export $ca -m audio && $stamp optimize && $CLI312 optimize $ca -m audio \
+      && $stamp samples && env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $ca -m audio \
+      && $stamp fp16 && $CLI312 calibrate --fp16 $ca -m audio && $HARNESS $stamp engine \
+      && gpu_slot '${ON#*=}' $ON $CLI39 engine $ca -m audio --precision fp16 && touch $N9A/.engine-audio \
+      && $stamp verify && $ON $CLI39 verify $ca -m audio --precision fp16 --strict 2>&1 | grep -v '^\[W\]'; $stamp end"
+  fi
+  case " $NINE_MODULES " in *" vision "*)  # the tower's engines against ONNX Runtime (CPU) as soon as they exist
+    vwait="while [ ! -e $N9/.samples-done ]; do sleep 5; done;"
+    for part in $PARTS; do
+      case $part in vision*) vwait="$vwait while [ ! -e $N9/.engine-$part ]; do [ -e $N9/.failed-$part ] && exit 1; sleep 5; done;";; esac
+    done
+    on_gpu
+    job vverify9 "$vwait $stamp verify && $ON $CLI39 verify $c -m vision --precision fp16 --backend tensorrt --strict \
+      2>&1 | grep -v '^\[W\]'; $stamp verify end";;
+  esac
   exec bash "$0" wait "${2:-0}"
   ;;
 nine-verify)  # the 9B modules' chained engines against ONNX Runtime, and their FP16 graphs against FP32 (CPU)
@@ -211,29 +263,44 @@ nine-twogpu)  # the 9B decoder's stages on GPUs 0 and 1 generate what they gener
     "tests/runtime/test_backends_trt.py::test_the_staged_decoder_split_across_two_gpus_generates_what_it_does_on_one" \
     2>&1 | grep -v "^\[W\]" | tee "$OUT/pytest_two_gpus_9b.txt" | tail -8
   ;;
-nine-check)  # the 9B decoder's engines: bench at 40 layers, the server with the decode overlap on and off
+nine-check)  # the 9B model's engines: device memory, bench at 40 layers, the phone agent served, serve/engine
   c="-c $N9C -w $N9"
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
-  # each engine's activation memory (TensorRT's device_memory_size: what a context needs beside the weights)
-  PYTHONPATH=$PWD /tmp/stage/trtpy - "$N9"/engines/*.engine <<'PY' 2>&1 | grep -v "^\[" | tee "$OUT/engine_memory_9b.txt"
+  # each engine's activation memory (TensorRT's device_memory_size: what a context needs beside the weights),
+  # in the background on the last GPU while the benchmarks run
+  env CUDA_VISIBLE_DEVICES=$LAST_GPU PYTHONPATH=$PWD /tmp/stage/trtpy - "$N9"/engines/*.engine $N9A/engines/*.engine \
+    >"$L/engine_memory.txt" 2>&1 <<'PY' &
 import sys
 import tensorrt as trt
 runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
-for path in sys.argv[1:]:
+for path in [p for p in sys.argv[1:] if not p.endswith("*.engine")]:  # an unmatched glob: no such engines
     with open(path, "rb") as fh:
         engine = runtime.deserialize_cuda_engine(fh.read())
     print(f"{path.rsplit('/', 1)[-1]}: device memory {engine.device_memory_size / 2**20:,.1f} MiB, "
-          f"{engine.num_optimization_profiles} profile(s)")
+          f"{engine.num_optimization_profiles} profile(s)", flush=True)
     del engine
 PY
-  $CLI39 bench $c -m decoder --backends tensorrt --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1 \
-    --precision fp16 2>&1 | grep -v "^\[W\]" | tee "$OUT/bench_9b_trt.txt"
-  for overlap in 1 0; do
+  memory=$!
+  if [ "${NINE_BENCH:-1}" = 1 ]; then
+    $CLI39 bench $c -m decoder --backends tensorrt --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1 \
+      --precision fp16 2>&1 | grep -v "^\[W\]" | tee "$OUT/bench_9b_trt.txt"
+  fi
+  case " $NINE_MODULES " in *" vision "*)
+    $CLI39 bench $c -m vision --backends tensorrt --batches 1 --min-time 1 --precision fp16 2>&1 | grep -v "^\[W\]" \
+      | tee "$OUT/bench_9b_vision_trt.txt"
+    # the phone agent served on the whole model: NINE_AGENT sessions x steps, each step a 1080x2400 screenshot,
+    # its system prompt and history, through one server with prefix reuse (a server start takes minutes)
+    PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-600} /tmp/stage/trtpy benchmarks/serve_load.py $c \
+      --backend tensorrt --agent ${NINE_AGENT:-2x2} --agent-tokens 16 --agent-reuse on --ready-timeout 480 \
+      --timeout 300 2>&1 | grep -v "^\[W\]" | tee "$OUT/serve_agent_9b.txt";;
+  esac
+  for overlap in ${NINE_OVERLAP-1 0}; do  # NINE_OVERLAP= (empty): no text-prompt serve/engine runs
     # the 40-layer server takes about 200 s to start (nine engines, 34 GB): 330 s per run
     AUTOGLM_BUILD_OVERLAP=$overlap PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-330} /tmp/stage/trtpy \
-      benchmarks/serve_load.py $c --backend tensorrt --clients 0 --max-tokens 32 2>&1 | grep -v "^\[W\]" \
-      | tee "$OUT/serve_load_9b_overlap$overlap.txt"
+      benchmarks/serve_load.py $c --backend tensorrt --clients 0 --max-tokens 32 --ready-timeout 300 2>&1 \
+      | grep -v "^\[W\]" | tee "$OUT/serve_load_9b_overlap$overlap.txt"
   done
+  wait $memory; grep -v "^\[" "$L/engine_memory.txt" | tee "$OUT/engine_memory_9b.txt"
   cp "$N9/manifest.json" "$OUT/manifest_9b.json"
   ;;
 ready)  # the harness's parts are all in /tmp/stage: unpack once (about 20 s), then release the builds
@@ -249,7 +316,7 @@ wait)
   for f in "$L"/*.log; do
     echo "--- $(basename "$f")"; grep -a -E "^===|: done in|rror|FAILED|DCHECK|Killed|cached|peak RSS|Maximum resident" "$f" | grep -v "^\[" | tail -12
   done
-  ls -la "$W/engines" "$F/engines" "$FD/engines" "$WS/engines" "$N9/engines" 2>/dev/null | grep -v json | sort -u
+  ls -la "$W/engines" "$F/engines" "$FD/engines" "$WS/engines" "$N9/engines" "$N9A/engines" 2>/dev/null | grep -v json | sort -u
   df -h /tmp | tail -1
   tar -czf "$OUT/logs.tgz" -C "$L" . 2>/dev/null; true
   ;;

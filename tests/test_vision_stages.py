@@ -202,6 +202,17 @@ def test_tensorrt_builds_and_chains_the_staged_tower(staged, tmp_path):
     assert result["outputs"] == ["image_embeds"] and result["images"] > 1
     assert result["run_max_diff"] < 1e-2 and result["encode_max_diff"] == 0.0 and result["device_max_diff"] == 0.0
     assert result["encoded"] == "DeviceEmbeds" and result["device_outputs"] == ["image_embeds"]
+    # encode chains the stages on the GPU: no copy back to the host, uploads no bigger than the feed (the
+    # second stage's inputs besides hidden_states come from the feed too), hidden_states handed over in place
+    traffic = result["encode_traffic"]
+    assert traffic["d2h_calls"] == 0 and traffic["d2d_calls"] == 0, traffic
+    assert 0 < traffic["h2d_bytes"] <= 2 * result["feed_bytes"], (traffic, result["feed_bytes"])
+    # the stages share one activation scratch (one profile each): one pool of the larger need, both pointed at it
+    pools = {pool["parts"][0].split(".")[0]: pool for pool in result["scratch_pools"]}
+    assert pools["vision"]["parts"] == ["vision.stage0", "vision.stage1"], result["scratch_pools"]
+    assert pools["vision"]["bytes"] == max(result["scratch_bytes"][p] for p in ("vision.stage0", "vision.stage1"))
+    address = result["pool_addresses"]["vision@None"]
+    assert result["given_memory"] == {"vision.stage0": [address], "vision.stage1": [address]}
     chats = result["chat"]
     assert chats["tensorrt"]["status"] == chats["onnxruntime"]["status"] == 200
     assert {"vision.stage0", "vision.stage1"} <= set(chats["tensorrt"]["files"])

@@ -22,7 +22,7 @@ from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.errors import UserError
 from autoglm_build.manifest import Artifact, Manifest
 from autoglm_build.modules import registry
-from autoglm_build.parts import HIDDEN, chain, module_parts, part_feed
+from autoglm_build.parts import HIDDEN, HIDDEN_IN, chain, module_parts, part_feed
 from autoglm_build.runtime.kv_cache import CacheSpec, KVCache
 
 Feed = Dict[str, np.ndarray]
@@ -265,8 +265,9 @@ class TensorRTBackend(Backend):
     layers on its GPU (:mod:`~autoglm_build.runtime.device_cache`). ``None`` (the default): no GPU is
     ever selected, the engines run on the current one, as before placement existed.
 
-    Activation scratch: the decoder's parts on one GPU share one buffer, every other multi-profile engine
-    has its own (:meth:`_contexts_sharing_scratch`; ``describe()["scratch_pools"]`` lists them).
+    Activation scratch: the decoder's parts on one GPU share one buffer, so do a staged encoder's stages,
+    every other multi-profile engine has its own (:meth:`_contexts_sharing_scratch`;
+    ``describe()["scratch_pools"]`` lists them).
 
     Raises:
         UserError: a bad placement (more GPUs than decoder stages, a GPU that does not exist), exit 2.
@@ -385,26 +386,30 @@ class TensorRTBackend(Backend):
 
     def _contexts_sharing_scratch(self, trt: Any, engine: Any, module: str, profiles: int) -> List[Any]:
         """One execution context per profile, made without activation memory and pointed at a shared
-        scratch buffer, for an engine with several profiles (the decoder's prefill and decode). Empty for
-        one profile (TensorRT allocates that context's own).
+        scratch buffer, for an engine with several profiles (the decoder's prefill and decode) or that is
+        one stage of a staged module (a vision stage's one profile). Empty for any other one-profile
+        engine (TensorRT allocates that context's own).
 
         By default TensorRT gives each context its own memory, the size of the engine's largest profile's,
         so a staged decoder would hold one buffer per stage (8 layer stages at an estimated 4.8 GB each at
         the 9B's 25,480-token context, the 2-layer slice's need: more than an 80 GB GPU leaves beside the
         weights). Instead all of
         the decoder's parts placed on one GPU share one buffer (a :class:`ScratchPool` that grows to the
-        largest part's need as they load), and every other module's engine shares one among its own
-        contexts. Safe because what shares a buffer never runs at once: the decoder's stages and phases
-        run one after another from one thread, the scheduler's, on the serving path on the GPU's one
-        stream (:mod:`~autoglm_build.runtime.device_cache`); Polygraphy's ``infer`` synchronizes after
-        each part and ``device_call``/``device_chain`` wait for each stage before the next. The encoders
-        may run from another thread, so they never share with the decoder. A context's scratch holds
-        nothing between its runs, which is also what lets the pool re-point contexts when it grows.
+        largest part's need as they load), so do a staged encoder's stages (the 9B's six vision stages at
+        one screenshot: one buffer instead of six), and every other module's engine shares one among its
+        own contexts. Safe because what shares a buffer never runs at once: the decoder's stages and
+        phases run one after another from one thread, the scheduler's, on the serving path on the GPU's
+        one stream (:mod:`~autoglm_build.runtime.device_cache`); an encoder's stages run one after another
+        on one stream in :meth:`encode` (the server calls it under its media lock, one image at a time);
+        Polygraphy's ``infer`` synchronizes after each part and ``device_call``/``device_chain`` wait for
+        each stage before the next. The encoders may run from another thread than the decoder, so they
+        never share with it. A context's scratch holds nothing between its runs, which is also what lets
+        the pool re-point contexts when it grows.
 
         TensorRT >= 10: contexts with user-managed memory and ``set_device_memory``; 8.5:
         ``create_execution_context_without_device_memory`` and ``device_memory``.
         """
-        if profiles < 2:
+        if profiles < 2 and registry.get(module).module == module:
             return []
         size = int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
         pool = self._pool(trt, module)
@@ -424,9 +429,10 @@ class TensorRTBackend(Backend):
         return contexts
 
     def _pool(self, trt: Any, part: str) -> ScratchPool:
-        """The scratch pool of ``part``: the one of the decoder's parts on its GPU, or its own."""
+        """The scratch pool of ``part``: the one its module's parts share on its GPU (a staged module's
+        stages; an unstaged module is its own only part)."""
         index = self.placement.get(part)
-        key = ("decoder", index) if registry.get(part).module == "decoder" else (part, index)
+        key = (registry.get(part).module, index)
         if key not in self._pools:
             user_managed = (getattr(trt, "ExecutionContextAllocationStrategy", None) is not None
                             and hasattr(trt.IExecutionContext, "set_device_memory"))
@@ -642,50 +648,80 @@ class TensorRTBackend(Backend):
         """The encoder's ``output`` left on the GPU, in a buffer of its own (freed with the returned
         :class:`~autoglm_build.runtime.device.DeviceEmbeds`), for the KV cache to splice into the decoder's
         ``inputs_embeds`` device to device. Runs on the serving stream, after what is queued there, and
-        waits for it. A staged module (``vision.stages``) runs its earlier stages through :meth:`run_part`
-        (host arrays, chained) and its last stage, which gives ``output``, here."""
+        waits for it once, at the end.
+
+        A staged module (``vision.stages``) runs its stages in turn on that stream, each stage's
+        ``hidden_states`` bound as the next one's input where it stays, on the GPU (every stage of an
+        encoder is placed on ``devices[0]``); only where the two stages disagree on its dtype does it go
+        through the host. The stages share one activation scratch (:meth:`_contexts_sharing_scratch`),
+        which is safe because they run one after another on one stream."""
         from autoglm_build.runtime.device import DeviceEmbeds
 
         units = self.parts.get(module, [module])
-        *earlier, part = units
+        part = units[-1]
         if output not in self.dtypes[part] or output in self.inputs[part]:
             raise UserError(f"{self.files[part]}: the engine has no output '{output}'; its outputs: "
                             f"{', '.join(n for n in self.dtypes[part] if n not in self.inputs[part])}")
-        if earlier:
-            carried = dict(feed)
-            for unit in earlier:
-                carried.update(self.run_part(unit, part_feed(self.inputs[unit], carried)))
-            feed = part_feed(self.inputs[part], carried)
         device = self.device_for(part)
-        runner = self.runner(part)
-        self._bound.pop(runner.name, None)
-        context, temporary, result = runner.context, [], None
-
-        def bind(name: str, nbytes: int) -> int:
-            ptr = device.malloc(nbytes)
-            temporary.append(ptr)
-            if not context.set_tensor_address(name, ptr):
-                raise UserError(f"{self.files[part]}: TensorRT refused the address of tensor '{name}'")
-            return ptr
-
+        on_gpu: Dict[str, Tuple[int, Tuple[int, ...], np.dtype]] = {}  # an earlier stage's output: where, shape, dtype
+        temporary: List[int] = []
         try:
-            for name, host in self._cast(part, feed).items():
-                if not context.set_input_shape(name, host.shape):
-                    raise UserError(f"{self.files[part]}: input '{name}' shape {host.shape} is outside its profile")
-                device.upload(bind(name, host.nbytes), host)
-            for name in [n for n in self.dtypes[part] if n not in feed]:
-                if hasattr(context, "set_output_allocator"):
-                    context.set_output_allocator(name, None)
-                shape, dtype = tuple(context.get_tensor_shape(name)), np.dtype(self.dtypes[part][name])
-                bind(name, int(np.prod(shape)) * dtype.itemsize)
-                if name == output:
-                    result = DeviceEmbeds(device, temporary.pop(), shape, dtype)
-            self.execute(runner, device.stream.ptr)
+            for unit in units:
+                self._enqueue_stage(unit, feed, on_gpu, temporary, device)
+            ptr, shape, dtype = on_gpu[output]
+            temporary.remove(ptr)
+            result = DeviceEmbeds(device, ptr, shape, dtype)
             device.sync()
         finally:
             for ptr in temporary:
                 device.free(ptr)
         return result
+
+    def _enqueue_stage(self, unit: str, feed: Feed, on_gpu: Dict[str, Tuple[int, Tuple[int, ...], np.dtype]],
+                       temporary: List[int], device: Any) -> None:
+        """One part of an encoder queued on ``device``'s stream (:meth:`encode`): its inputs from ``on_gpu``
+        (an earlier stage's outputs, ``hidden_states`` as ``hidden_states_in``) or uploaded from ``feed``, its
+        outputs in new buffers, added to ``on_gpu``; every buffer it allocates goes into ``temporary``."""
+        runner = self.runner(unit)
+        self._bound.pop(runner.name, None)
+        context, dtypes = runner.context, self.dtypes[unit]
+
+        def bind(name: str, ptr: int, shape: Tuple[int, ...], is_input: bool) -> None:
+            if is_input and not context.set_input_shape(name, shape):
+                raise UserError(f"{self.files[unit]}: input '{name}' shape {shape} is outside its profile")
+            if not context.set_tensor_address(name, ptr):
+                raise UserError(f"{self.files[unit]}: TensorRT refused the address of tensor '{name}'")
+
+        def allocate(nbytes: int) -> int:
+            ptr = device.malloc(nbytes)
+            temporary.append(ptr)
+            return ptr
+
+        for name in self.inputs[unit]:
+            source, want = HIDDEN if name == HIDDEN_IN else name, np.dtype(dtypes[name])
+            if source in on_gpu and on_gpu[source][2] == want:
+                ptr, shape, _ = on_gpu[source]
+                bind(name, ptr, shape, True)
+                continue
+            if source in on_gpu:  # the stages disagree on its dtype: through the host, cast
+                ptr, shape, dtype = on_gpu[source]
+                host = np.empty(shape, dtype)
+                device.download(host, ptr)
+                device.sync()
+            else:
+                host = feed[source]
+            host = np.ascontiguousarray(np.asarray(host).astype(want, copy=False))
+            ptr = allocate(host.nbytes)
+            device.upload(ptr, host)
+            bind(name, ptr, host.shape, True)
+        for name in [n for n in dtypes if n not in self.inputs[unit]]:
+            if hasattr(context, "set_output_allocator"):
+                context.set_output_allocator(name, None)
+            shape, dtype = tuple(int(d) for d in context.get_tensor_shape(name)), np.dtype(dtypes[name])
+            ptr = allocate(int(np.prod(shape)) * dtype.itemsize)
+            bind(name, ptr, shape, False)
+            on_gpu[name] = (ptr, shape, dtype)
+        self.execute(runner, device.stream.ptr)
 
     def close(self) -> None:
         from autoglm_build.runtime.device import select

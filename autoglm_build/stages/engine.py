@@ -141,7 +141,11 @@ class EngineStage(Stage):
 @contextlib.contextmanager
 def for_this_tensorrt(trt: Any, source: Path, workdir: Path):
     """The graph the running TensorRT can parse: ``source`` itself, or a temp copy with the rewrites
-    an older parser needs (LayerNormalization below 8.6). Yields (path, rewrites applied)."""
+    an older parser needs (LayerNormalization below 8.6). Yields (path, rewrites applied).
+
+    The copy is only made where the graph has a LayerNormalization (read without its weights first):
+    the 9B decoder's stages have none (RMSNorm), and a copy of each of its 2 GB FP16 stages, built
+    eight at once, cost the lease disk and time for nothing."""
     if trt_env.version_tuple(trt.__version__) >= (8, 6):
         yield source, {}
         return
@@ -150,6 +154,10 @@ def for_this_tensorrt(trt: Any, source: Path, workdir: Path):
     from autoglm_build.onnx_io import save_model
     from autoglm_build.rewrites import DecomposeLayerNorm
 
+    if not any(node.op_type == "LayerNormalization"
+               for node in onnx.load(str(source), load_external_data=False).graph.node):
+        yield source, {DecomposeLayerNorm.name: 0}
+        return
     model = onnx.load(str(source))
     model, count = DecomposeLayerNorm()(model)
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".trt-parse-") as tmp:

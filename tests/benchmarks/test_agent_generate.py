@@ -110,3 +110,17 @@ def test_serve_load_prints_the_row_as_the_third_line_and_refuses_another_load(ro
     assert any(line.startswith("TTFT p50 generate/served with reuse: 1.00x") for line in lines)
     with pytest.raises(SystemExit, match="replayed 1x2"):
         load.load_baseline(str(path), 8, 5, TOKENS)
+
+
+def test_serve_load_tables_one_server_alone_with_its_replies(capsys):
+    """``--agent-reuse on`` (the 9B build starts in minutes: one server): the one row, each step's reply, no
+    comparison of replies, and a failing status when its run had errors."""
+    load = serve_load()
+    row = {"ttft_p50": 1.0, "ttft_p99": 2.0, "later_p50": 1.0, "later_p99": 2.0, "prompt_tokens": 9000,
+           "prefilled": 9000, "reused": 0, "tokens_per_s": 3.0, "errors": 0,
+           "contents": [["<answer>do(a)</answer>", "x"]]}
+    assert load.agent_table({"on": row}) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:2]] == ["on"]
+    assert "reply, session 0 step 0: '<answer>do(a)</answer>'" in out and "replies equal" not in out
+    assert load.agent_table({"on": {**row, "errors": 1}}) == 1

@@ -122,3 +122,43 @@ def test_preview_features_default_to_faster_dynamic_shapes_on_tensorrt_8_5_only(
     assert preview_features(trt10, names) == [Feature.DISABLE_EXTERNAL_TACTIC_SOURCES_FOR_CORE_0805]
     with pytest.raises(UserError, match=r"engine.preview_features: NOPE not in TensorRT 10.3.0's PreviewFeature"):
         preview_features(trt10, ["NOPE"])
+
+
+@pytest.mark.parametrize("norm", ["LayerNormalization", "RMS"])
+def test_older_tensorrt_parses_a_copy_only_where_a_layernorm_needs_decomposing(tmp_path, norm):
+    """Below TensorRT 8.6 the parser needs LayerNormalization decomposed: a temp copy of the graph with it
+    rewritten; a graph without one (the decoder's RMSNorm) is parsed as it is, no copy made."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from autoglm_build.stages.engine import for_this_tensorrt
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    inits = [helper.make_tensor("g", TensorProto.FLOAT, [8], [1.0] * 8),
+             helper.make_tensor("b", TensorProto.FLOAT, [8], [0.0] * 8)]
+    if norm == "LayerNormalization":
+        nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)]
+    else:  # x * rsqrt(mean(x^2) + eps) * g, as the decoder's RMSNorm exports
+        nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]),
+                 helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1),
+                 helper.make_node("Sqrt", ["ms"], ["rms"]),
+                 helper.make_node("Div", ["x", "rms"], ["n"]),
+                 helper.make_node("Mul", ["n", "g"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    source = tmp_path / "m.onnx"
+    onnx.save(model, str(source))
+
+    class Old:
+        __version__ = "8.5.3.1"
+
+    with for_this_tensorrt(Old(), source, tmp_path) as (parsed, adapted):
+        ops = [n.op_type for n in onnx.load(str(parsed)).graph.node]
+        copies = [p for p in tmp_path.iterdir() if p.name.startswith(".trt-parse-")]
+        if norm == "LayerNormalization":
+            assert parsed != source and copies and adapted == {"decompose-layernorm": 1}
+            assert "LayerNormalization" not in ops and "ReduceMean" in ops
+        else:
+            assert parsed == source and not copies and adapted == {"decompose-layernorm": 0}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".trt-parse-")]

@@ -2,7 +2,8 @@
 
 Usage: ``drive_vision_staged.py WORKDIR PRECISION``. Prints one JSON line: the loaded files, the chained
 ``run``, ``encode`` (the last stage's ``image_embeds`` left on the GPU) and ``device_call`` against ONNX
-Runtime on the same precision graphs, and a greedy chat with a screenshot on each backend.
+Runtime on the same precision graphs, what ``encode`` copied (nothing back to the host between stages),
+the activation scratch the stages share, and a greedy chat with a screenshot on each backend.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from tests.engine.fake_trt.drive_scratch import given_memory
 
 MODULES = ["vision", "embed", "decoder"]
 
@@ -58,7 +61,10 @@ def main() -> None:
     ort = open_backend(workdir, MODULES, "onnxruntime", precision)
     try:
         want, got = ort.run("vision", feed), trt.run("vision", feed)
+        device = trt.device_for("vision.stage0")
+        device.reset()
         embeds = trt.encode("vision", feed, "image_embeds")
+        traffic = dict(device.traffic)  # encode's copies: the feed's uploads only, nothing back to the host
         on_gpu = np.asarray(embeds, dtype=np.float32)
         bound = trt.device_call("vision", feed)
         bound.call()
@@ -72,6 +78,13 @@ def main() -> None:
             "encode_max_diff": float(np.abs(on_gpu - got["image_embeds"]).max()),
             "device_outputs": sorted(device),
             "device_max_diff": max(float(np.abs(device[n] - got[n]).max()) for n in device),
+            "encode_traffic": traffic,
+            "feed_bytes": int(sum(np.asarray(v).nbytes for v in feed.values())),
+            "scratch_pools": trt.describe()["scratch_pools"],
+            "scratch_bytes": trt.describe()["shared_scratch_bytes"],
+            "given_memory": {part: sorted({given_memory(r.context) for r in runners.values()})
+                             for part, runners in trt.runners.items() if part.startswith("vision")},
+            "pool_addresses": {f"{key[0]}@{key[1]}": pool.buffer.ptr for key, pool in trt._pools.items()},
         }
         del embeds  # frees its buffer, before the backend closes its GPU
     finally:

@@ -3,13 +3,16 @@ moving finished files into place atomically."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from autoglm_build.paths import IntegrityError, is_inside
+
+logger = logging.getLogger(__name__)
 
 
 def tensor_bytes(tensor: Any) -> int:
@@ -131,14 +134,45 @@ def _point_to(tensor: Any, location: str, offset: int, length: int) -> None:
 ORT_EXACT_INT8 = ("session.x64quantprecision", "1")
 
 
+_SHARED_ARENA: Optional[bool] = None  # whether this process registered the one CPU arena its sessions share
+
+
+def shared_cpu_arena() -> bool:
+    """Register one CPU memory arena for every ONNX Runtime session of this process (once), and say
+    whether it could (an older ONNX Runtime without ``create_and_register_allocator``: each session
+    keeps its own).
+
+    By default each session has its own arena, which keeps the largest activations it ever held and
+    never gives them back; a staged module runs as several sessions, so their peaks add up. Seen on
+    the 9B lease: `verify -m vision` ran the six FP16 vision stages at a 1080x2400 screenshot (each
+    block's 12 x 12,432 x 12,432 attention scores, ~29 GB of activations a stage) and the kernel killed
+    it at 176 GB resident. Sharing one arena, the process holds one stage's peak, not six.
+    """
+    global _SHARED_ARENA
+    if _SHARED_ARENA is None:
+        import onnxruntime as ort
+
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # the defaults
+            _SHARED_ARENA = True
+        except (AttributeError, RuntimeError) as exc:  # noqa: BLE001 - older ONNX Runtime: per-session arenas
+            logger.debug("onnxruntime: no shared CPU arena (%s)", exc)
+            _SHARED_ARENA = False
+    return _SHARED_ARENA
+
+
 def ort_options(threads: int = 0) -> Any:
     """``onnxruntime.SessionOptions`` for every session that checks or runs a build's graphs:
-    errors only in the log, and exact INT8 products on any x86 CPU (:data:`ORT_EXACT_INT8`)."""
+    errors only in the log, exact INT8 products on any x86 CPU (:data:`ORT_EXACT_INT8`), and the
+    process's one shared CPU arena (:func:`shared_cpu_arena`)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_session_config_entry(*ORT_EXACT_INT8)
+    if shared_cpu_arena():
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     if threads:
         opts.intra_op_num_threads = threads
     return opts

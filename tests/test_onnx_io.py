@@ -75,3 +75,52 @@ def test_save_exported_writes_the_bytes_save_model_wrote(tmp_path, external, lar
         inline = onnx.load(str(new[0]), load_external_data=False)
         assert {t.name for t in inline.graph.initializer if t.data_location == TensorProto.EXTERNAL} == {
             "w", "b248", "w2"}
+
+
+ARENA_SCRIPT = r"""
+import json, resource, sys
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+import onnxruntime as ort
+from autoglm_build import onnx_io
+
+if sys.argv[2] == "separate":
+    onnx_io._SHARED_ARENA = False  # as before: every session its own arena
+n = 4000  # x [n, 16] @ x^T: a [n, n] float activation (61 MiB) and its softmax, then a sum
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])
+y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
+nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "xt"], ["s"]),
+         helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("ReduceSum", ["p", "ax"], ["y"], keepdims=0)]
+axis = helper.make_tensor("ax", TensorProto.INT64, [1], [1])
+model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [axis]),
+                          opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+onnx.save(model, sys.argv[1])
+sessions = [ort.InferenceSession(sys.argv[1], onnx_io.ort_options(), providers=["CPUExecutionProvider"])
+            for _ in range(6)]  # a staged module's six stages, alive at once, run one after another
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for session in sessions:
+    session.run(None, {"x": np.random.default_rng(0).random((n, 16), dtype=np.float32)})
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"shared": onnx_io._SHARED_ARENA, "grew_mib": (peak - before) / 1024}))
+"""
+
+
+def test_sessions_share_one_cpu_arena_so_a_staged_modules_peaks_do_not_add_up(tmp_path):
+    """Six sessions run one after another (a staged vision tower's stages in verify): with the process's one
+    shared arena the memory grows by about one session's activations; with an arena each (ONNX Runtime's
+    default) it grows by six, which at the 9B's screenshot was 176 GB and the OOM killer."""
+    import json
+    import subprocess
+    import sys
+
+    grew = {}
+    for mode in ("shared", "separate"):
+        out = subprocess.run([sys.executable, "-c", ARENA_SCRIPT, str(tmp_path / "m.onnx"), mode],
+                             capture_output=True, text=True, timeout=300, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["shared"] is (mode == "shared")
+        grew[mode] = result["grew_mib"]
+    # one [4000, 4000] float is 61 MiB: six arenas keep more than four of them, the shared one about two
+    assert grew["separate"] > 4 * 61, grew
+    assert grew["shared"] < 0.5 * grew["separate"], grew

@@ -272,9 +272,10 @@ class DecoderSpec(ModuleSpec):
         import onnxruntime as ort
 
         from autoglm_build.calibration import prompt_ids, split
+        from autoglm_build.onnx_io import ort_options
 
         calib, held = split(prompt_ids(cfg, data), cfg.calibrate.holdout)
-        embed = ort.InferenceSession(str(graphs["embed"]), providers=["CPUExecutionProvider"])
+        embed = ort.InferenceSession(str(graphs["embed"]), ort_options(), providers=["CPUExecutionProvider"])
         decoder = decoder_run(cfg, graphs)
 
         def feeds(group, limit):

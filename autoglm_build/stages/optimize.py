@@ -19,7 +19,7 @@ import numpy as np
 
 from autoglm_build.errors import AccuracyError
 from autoglm_build.modules import registry
-from autoglm_build.onnx_io import move_into_place, save_model
+from autoglm_build.onnx_io import move_into_place, ort_options, save_model
 from autoglm_build.rewrites import REWRITES
 from autoglm_build.rewrites.base import opset_of
 from autoglm_build.stages.base import Stage, StageContext, StageResult
@@ -88,8 +88,7 @@ class OptimizeStage(Stage):
     def check(self, ctx: StageContext, spec: Any, source: Path, optimized: Path) -> Dict[str, Any]:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts = ort_options()
         outputs = spec.output_names(ctx.cfg)
         sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in (optimized, source)]
         rows = compare_cases(spec.name, spec.cases(ctx.cfg, np.random.default_rng(99)),

@@ -87,3 +87,33 @@ def test_decompose_layernorm_computes_the_same():
     out, count = DecomposeLayerNorm()(model)
     assert count == 1 and "LayerNormalization" not in _ops(out)
     np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_cleanup_of_a_large_graph_with_layernorms_holds_its_weights_aside(tiny_build, monkeypatch):
+    """The tiny audio encoder (LayerNorms, like Whisper-large-v3's 2.7 GB one) treated as over the 2 GB that
+    onnxslim's fallback shape inference cannot serialize: cleaned with its weights held aside, it computes
+    what the exported graph does, its weights back in place, and folds as much as without holding."""
+    from autoglm_build.rewrites import cleanup
+
+    path = tiny_build / "onnx" / "audio.onnx"
+    weights = {t.name: bytes(t.raw_data) for t in onnx.load(str(path)).graph.initializer if len(t.raw_data) > 1024}
+    assert any(n.op_type == "LayerNormalization" for n in onnx.load(str(path)).graph.node) and weights
+    plain, plain_removed = Cleanup()(onnx.load(str(path)))
+    monkeypatch.setattr(cleanup, "PROTOBUF_SAFE_BYTES", 0)
+    monkeypatch.setattr(cleanup, "HELD_WEIGHT_BYTES", 1024)
+    calls = []
+    real = cleanup.hold_large_initializers
+    monkeypatch.setattr(cleanup, "hold_large_initializers", lambda m, limit: calls.append(limit) or real(m, limit))
+    held, removed = Cleanup()(onnx.load(str(path)))
+    assert calls == [1024] and removed == plain_removed
+    kept = {t.name: t for t in held.graph.initializer}
+    for name, raw in weights.items():  # every weight onnxslim kept is back, bytes and all, none left external
+        if name in kept:
+            assert kept[name].raw_data == raw and not kept[name].external_data, name
+    feed = {i.name: np.random.default_rng(0).standard_normal(  # 2 clips of 400 mel frames
+        [d.dim_value or (2 if k == 0 else 400) for k, d in enumerate(i.type.tensor_type.shape.dim)]).astype(np.float32)
+        for i in held.graph.input}
+    want = ort.InferenceSession(plain.SerializeToString()).run(None, feed)
+    got = ort.InferenceSession(held.SerializeToString()).run(None, feed)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

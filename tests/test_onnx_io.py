@@ -91,7 +91,8 @@ n = 4000  # x [n, 16] @ x^T: a [n, n] float activation (61 MiB) and its softmax,
 x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])
 y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
 nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "xt"], ["s"]),
-         helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("ReduceSum", ["p", "ax"], ["y"], keepdims=0)]
+         helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+         helper.make_node("ReduceSum", ["p", "ax"], ["y"], keepdims=0)]
 axis = helper.make_tensor("ax", TensorProto.INT64, [1], [1])
 model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [axis]),
                           opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -408,6 +408,7 @@ def test_fp16_stages_convert_alone_when_verify_measures_them(staged, tmp_path, m
     import shutil
 
     from autoglm_build.stages import calibrate
+    from autoglm_build.stages.base import StageContext
     from autoglm_build.stages.calibrate import CalibrateStage
 
     workdir = tmp_path / "w"
@@ -436,3 +437,12 @@ def test_fp16_stages_convert_alone_when_verify_measures_them(staged, tmp_path, m
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["rows"]
     assert rows and all(r["passed"] and r["cosine_min"] > 0.99 for r in rows), rows
+    # settings an unmeasured FP16 graph never reads (data, gate, INT8's) leave it as it is; measuring does not
+    other = load_config(write_config(tmp_path / "d.yaml", {
+        "modules": MODULES, "decoder": {"stages": 2},
+        "calibrate": {"measure_fp16": False, "data": str(tmp_path), "batches": 3, "method": "minmax"}}))
+    measured = load_config(write_config(tmp_path / "e.yaml", {"modules": MODULES, "decoder": {"stages": 2}}))
+    manifest = Manifest.load(workdir)
+    prints = {name: CalibrateStage("fp16").fingerprint_data(StageContext(c, workdir, manifest), "decoder.stage1")
+              for name, c in (("unmeasured", cfg), ("other settings", other), ("measured", measured))}
+    assert prints["unmeasured"] == prints["other settings"] != prints["measured"]

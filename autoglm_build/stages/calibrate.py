@@ -126,9 +126,12 @@ class CalibrateStage(Stage):
 
     def fingerprint_data(self, ctx: StageContext, module: str) -> Dict[str, Any]:
         settings = self.settings(ctx.cfg)
-        if not self.measures(ctx.cfg):  # the graph alone: no data, no other module's or stage's graph
+        if not self.measures(ctx.cfg):
+            # what the unmeasured FP16 graph is made of (:meth:`fp16_unmeasured`): its FP32 graph and which of
+            # its inputs and outputs stay FP16; not the data, gate or INT8 settings it never reads, which would
+            # rebuild every stage for nothing
             return {"module": module, "inputs": {module: [a.sha256 for a in fp32_artifacts(ctx.manifest, module)]},
-                    "settings": settings.model_dump(mode="json")}
+                    "measured": False, "fp16_io": registry.get(module).fp16_io(ctx.cfg)}
         graphs = {m: fp32_artifacts(ctx.manifest, m) for m in _upstream(ctx.cfg, module)}
         earlier = {p: [a.sha256 for a in ctx.manifest.artifacts_of(self.name, p)] for p in _earlier(ctx.cfg, module)}
         return {

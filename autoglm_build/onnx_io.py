@@ -138,9 +138,9 @@ _SHARED_ARENA: Optional[bool] = None  # whether this process registered the one 
 
 
 def shared_cpu_arena() -> bool:
-    """Register one CPU memory arena for every ONNX Runtime session of this process (once), and say
-    whether it could (an older ONNX Runtime without ``create_and_register_allocator``: each session
-    keeps its own).
+    """Register one CPU memory arena for the ONNX Runtime sessions of this process that ask for it
+    (``ort_options(shared=True)``; once), and say whether it could (an older ONNX Runtime without
+    ``create_and_register_allocator``: each session keeps its own).
 
     By default each session has its own arena, which keeps the largest activations it ever held and
     never gives them back; a staged module runs as several sessions, so their peaks add up. Seen on
@@ -162,16 +162,21 @@ def shared_cpu_arena() -> bool:
     return _SHARED_ARENA
 
 
-def ort_options(threads: int = 0) -> Any:
+def ort_options(threads: int = 0, shared: bool = False) -> Any:
     """``onnxruntime.SessionOptions`` for every session that checks or runs a build's graphs:
-    errors only in the log, exact INT8 products on any x86 CPU (:data:`ORT_EXACT_INT8`), and the
-    process's one shared CPU arena (:func:`shared_cpu_arena`)."""
+    errors only in the log, and exact INT8 products on any x86 CPU (:data:`ORT_EXACT_INT8`).
+
+    ``shared``: the session allocates from the process's one CPU arena (:func:`shared_cpu_arena`), for
+    sessions that live together and run one after another (a backend's modules and stages, verify's and
+    calibrate's chains). That arena is never given back while the process lives, so a session used alone
+    (an export's or optimize's check, before the next stage's work in the same process) keeps its own,
+    freed with it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_session_config_entry(*ORT_EXACT_INT8)
-    if shared_cpu_arena():
+    if shared and shared_cpu_arena():
         opts.add_session_config_entry("session.use_env_allocators", "1")
     if threads:
         opts.intra_op_num_threads = threads

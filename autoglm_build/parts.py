@@ -110,7 +110,7 @@ def ort_part(path: Any, session: Any = None) -> Part:
     if session is None:
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(path), ort_options(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), ort_options(shared=True), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
 
     def run(feed: Feed) -> Dict[str, np.ndarray]:

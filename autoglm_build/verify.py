@@ -206,7 +206,7 @@ def _ort_part(path: Path) -> Tuple[List[str], Run]:
     """(input names, run) of ONNX Runtime on one graph (a module's, or one stage's)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), ort_options(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), ort_options(shared=True), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
 
     def run(steps: List[Feed]) -> List[Dict[str, np.ndarray]]:

@@ -202,12 +202,17 @@ from autoglm_build.modules import registry
 print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))" "$N9C" "$NINE_MODULES") \
     || { echo "error: cannot read the parts of $N9C"; exit 1; }
   echo "parts: $PARTS"
+  # an earlier attempt's markers (not the build slots' lock files: a lock lives in its holder's open file, and
+  # a build still running from that attempt must keep its slot)
   rm -f "$N9CKPT.done" "$N9CKPT.failed" "$N9"/.optimized-* "$N9"/.failed-* "$N9"/.engine-* "$N9"/.samples-done \
-    /tmp/dev/slot-gpu*  # an earlier attempt's markers
+    "$N9"/.samples-failed
   stamp='echo "=== $(date +%s) $(date +%T)"'
   job ckpt9 "$stamp ckpt; env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py \
     -c $NINE -o $N9CKPT --workers ${NINE_CKPT_WORKERS:-6} && touch $N9CKPT.done || touch $N9CKPT.failed; $stamp ckpt end"
   CKPT_WAIT="while [ ! -e $N9CKPT.done ]; do [ -e $N9CKPT.failed ] && exit 1; sleep 3; done"
+  ckpt_wait() {  # the checkpoint wait of part $1's job: a failed checkpoint marks the part failed (nothing waits for ever)
+    echo "while [ ! -e $N9CKPT.done ]; do [ -e $N9CKPT.failed ] && { touch $N9/.failed-$1; exit 1; }; sleep 3; done"
+  }
   c="-c $N9C -w $N9"
   last=$LAST_GPU
   # torch eager and sdpa, the same checkpoint, fp16, on the last GPU before its builds start (the CPU busy exporting)
@@ -219,7 +224,7 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
   for part in $PARTS; do
     on_gpu
     data="$N9/onnx/$part.onnx.data"  # the exported FP32 weights: the optimized graph replaces them (disk)
-    job "part-$part" "$CKPT_WAIT && $stamp export && { $CLI312 export $c -m $part && $stamp optimize \
+    job "part-$part" "$(ckpt_wait "$part") && $stamp export && { $CLI312 export $c -m $part && $stamp optimize \
       && $CLI312 optimize $c -m $part || { touch $N9/.failed-$part; false; }; } \
       && { rm -f $data; touch $N9/.optimized-$part; $stamp fp16; } && $CLI312 calibrate --fp16 $c -m $part && $stamp harness && $HARNESS $stamp engine \
       && gpu_slot '${ON#*=}' $ON $CLI39 engine $c -m $part --precision fp16 && touch $N9/.engine-$part \
@@ -227,10 +232,10 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
   done
   waits=""  # every part's FP32 graph; a part that failed stops the samples (no wait for ever)
   for part in $PARTS; do
-    waits="$waits while [ ! -e $N9/.optimized-$part ]; do [ -e $N9/.failed-$part ] && exit 1; sleep 5; done;"
+    waits="$waits while [ ! -e $N9/.optimized-$part ]; do [ -e $N9/.failed-$part ] && { touch $N9/.samples-failed; exit 1; }; sleep 5; done;"
   done
   job samples9 "$waits $stamp samples && env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $c \
-    $(printf -- '-m %s ' $NINE_MODULES) && touch $N9/.samples-done; $stamp samples end"
+    $(printf -- '-m %s ' $NINE_MODULES) && touch $N9/.samples-done || touch $N9/.samples-failed; $stamp samples end"
   if [ -n "${NINE_AUDIO:-}" ]; then
     # the Whisper-large-v3 encoder (32 layers, 1280 wide) beside the rest, seeded random weights (the published
     # GLM-4.1V checkpoint has none), in a workdir of its own so the server's build need not wait for it
@@ -244,7 +249,7 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
       && $stamp verify && $ON $CLI39 verify $ca -m audio --precision fp16 --strict 2>&1 | grep -v '^\[W\]'; $stamp end"
   fi
   case " $NINE_MODULES " in *" vision "*)  # the tower's engines against ONNX Runtime (CPU) as soon as they exist
-    vwait="while [ ! -e $N9/.samples-done ]; do sleep 5; done;"
+    vwait="while [ ! -e $N9/.samples-done ]; do [ -e $N9/.samples-failed ] && exit 1; sleep 5; done;"
     for part in $PARTS; do
       case $part in vision*) vwait="$vwait while [ ! -e $N9/.engine-$part ]; do [ -e $N9/.failed-$part ] && exit 1; sleep 5; done;";; esac
     done
@@ -267,7 +272,7 @@ nine-check)  # the 9B model's engines: device memory, bench at 40 layers, the ph
   c="-c $N9C -w $N9"
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
   # each engine's activation memory (TensorRT's device_memory_size: what a context needs beside the weights),
-  # in the background on the last GPU while the benchmarks run
+  # in the background on the last GPU while the benchmarks run on GPU 0; first, alone, where there is one GPU
   env CUDA_VISIBLE_DEVICES=$LAST_GPU PYTHONPATH=$PWD /tmp/stage/trtpy - "$N9"/engines/*.engine $N9A/engines/*.engine \
     >"$L/engine_memory.txt" 2>&1 <<'PY' &
 import sys
@@ -281,6 +286,7 @@ for path in [p for p in sys.argv[1:] if not p.endswith("*.engine")]:  # an unmat
     del engine
 PY
   memory=$!
+  [ "$LAST_GPU" = 0 ] && wait $memory  # one GPU: the benchmarks must not share it with the deserializing
   if [ "${NINE_BENCH:-1}" = 1 ]; then
     $CLI39 bench $c -m decoder --backends tensorrt --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1 \
       --precision fp16 2>&1 | grep -v "^\[W\]" | tee "$OUT/bench_9b_trt.txt"

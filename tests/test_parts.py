@@ -370,6 +370,8 @@ def test_tensorrt_85_builds_and_chains_the_head_stage(headed, tmp_path):
     assert result["outputs"] == ["logits", "present_key.0", "present_value.0", "present_key.1", "present_value.1"]
     assert result["run_max_diff"] < 1e-2 and result["device_max_diff"] == 0.0 and result["kept_max_diff"] == 0.0
     assert result["chat"]["tensorrt"] == result["chat"]["onnxruntime"] and result["chat"]["tensorrt"]
+    # the one-profile head stage shares the layer stage's activation scratch (one pool, both parts)
+    assert [pool["parts"] for pool in result["scratch_pools"]] == [["decoder.stage0", "decoder.stage1"]]
 
 
 def test_serve_loads_engine_alone_rate_chains_a_staged_decoder_on_onnx_runtime(headed):

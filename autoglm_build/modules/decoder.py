@@ -275,7 +275,7 @@ class DecoderSpec(ModuleSpec):
         from autoglm_build.onnx_io import ort_options
 
         calib, held = split(prompt_ids(cfg, data), cfg.calibrate.holdout)
-        embed = ort.InferenceSession(str(graphs["embed"]), ort_options(), providers=["CPUExecutionProvider"])
+        embed = ort.InferenceSession(str(graphs["embed"]), ort_options(shared=True), providers=["CPUExecutionProvider"])
         decoder = decoder_run(cfg, graphs)
 
         def feeds(group, limit):

@@ -62,15 +62,16 @@ LARGE_INITIALIZER_BYTES = 256 << 20
 HELD = "held-by-autoglm-build:"  # the placeholder location of a held initializer
 
 
-def hold_large_initializers(model: Any, limit: Optional[int] = None) -> dict:
-    """Take the bytes of initializers over ``limit`` out of ``model`` (each left as an external-data
-    placeholder of its name, shape and type); :func:`restore_initializers` puts them back."""
+def hold_large_initializers(model: Any, limit: Optional[int] = None, only: Optional[set] = None) -> dict:
+    """Take the bytes of initializers over ``limit`` (and, given ``only``, named in it) out of ``model`` (each
+    left as an external-data placeholder of its name, shape and type); :func:`restore_initializers` puts
+    them back."""
     import onnx
 
     limit = LARGE_INITIALIZER_BYTES if limit is None else limit
     held = {}
     for tensor in model.graph.initializer:
-        if tensor.HasField("raw_data") and len(tensor.raw_data) > limit:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) > limit and (only is None or tensor.name in only):
             held[tensor.name] = tensor.raw_data
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL

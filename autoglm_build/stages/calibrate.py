@@ -408,7 +408,7 @@ def accuracy(spec: ModuleSpec, cfg: BuildConfig, source: Path, model, held: Sequ
 
     path = tmp_dir / "candidate.onnx"
     save_model(model, path, cfg.export.large_model_bytes)
-    opts = ort_options()
+    opts = ort_options(shared=True)
     ref = ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
     got = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     if around is not None:

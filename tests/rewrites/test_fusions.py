@@ -103,9 +103,14 @@ def test_cleanup_of_a_large_graph_with_layernorms_holds_its_weights_aside(tiny_b
     monkeypatch.setattr(cleanup, "HELD_WEIGHT_BYTES", 1024)
     calls = []
     real = cleanup.hold_large_initializers
-    monkeypatch.setattr(cleanup, "hold_large_initializers", lambda m, limit: calls.append(limit) or real(m, limit))
+
+    def hold(model, limit, only):
+        calls.append((limit, len(only)))
+        return real(model, limit, only)
+
+    monkeypatch.setattr(cleanup, "hold_large_initializers", hold)
     held, removed = Cleanup()(onnx.load(str(path)))
-    assert calls == [1024] and removed == plain_removed
+    assert calls and calls[0][0] == 1024 and calls[0][1] > 0 and removed == plain_removed
     kept = {t.name: t for t in held.graph.initializer}
     for name, raw in weights.items():  # every weight onnxslim kept is back, bytes and all, none left external
         if name in kept:
@@ -117,3 +122,24 @@ def test_cleanup_of_a_large_graph_with_layernorms_holds_its_weights_aside(tiny_b
     got = ort.InferenceSession(held.SerializeToString()).run(None, feed)
     for a, b in zip(want, got):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cleanup_holds_only_weights_that_matmul_gather_or_conv_read(monkeypatch):
+    """A large initializer that an Add reads stays in the graph while onnxslim runs (its dead-node elimination
+    reads such operands' values: a held one failed there); the MatMul's weight is held and comes back."""
+    from autoglm_build.rewrites import cleanup
+
+    rng = np.random.default_rng(0)
+    w, bias = rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "bias"], ["a"]),
+             helper.make_node("LayerNormalization", ["a", "g", "b"], ["y"], axis=-1)]
+    model = _model(nodes, {"w": w, "bias": bias, "g": np.ones(8), "b": np.zeros(8)}, 17)
+    assert cleanup.weight_only_initializers(model) == {"w"}
+    monkeypatch.setattr(cleanup, "PROTOBUF_SAFE_BYTES", 0)
+    monkeypatch.setattr(cleanup, "HELD_WEIGHT_BYTES", 64)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    want = _run(model, x)
+    slim, _ = Cleanup()(model)
+    kept = {t.name: numpy_helper.to_array(t) for t in slim.graph.initializer}
+    np.testing.assert_array_equal(kept["w"], w)
+    np.testing.assert_allclose(_run(slim, x), want, rtol=1e-6, atol=1e-6)

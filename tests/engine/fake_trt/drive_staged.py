@@ -78,6 +78,7 @@ def main() -> None:
             "device_outputs": sorted(on_device),
             "device_max_diff": max(float(np.abs(on_device[n] - got[n]).max()) for n in on_device),
             "kept_max_diff": kept(trt, workdir),
+            "scratch_pools": trt.describe()["scratch_pools"],
         }
     finally:
         trt.close()

@@ -224,3 +224,20 @@ def test_tensorrt_builds_and_chains_the_staged_tower(staged, tmp_path):
     report = json.loads(bench.stdout)
     assert not report["notes"], report["notes"]
     assert {r["backend"] for r in report["rows"]} >= {"tensorrt fp16", "onnxruntime fp32"}
+
+
+def test_a_stage_calibrates_on_its_modules_preprocessed_npz_batches(tmp_path):
+    """``<data>/vision/*.npz`` (the tower's inputs, preprocessed) reach every stage of a staged tower: each
+    stage's calibration starts from its module's batches; it used to look under ``<data>/vision.stage1/``."""
+    from autoglm_build.calibration import CalibrationData
+    from autoglm_build.modules.base import npz_feeds
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", {"vision": {"stages": 2}}))
+    data = tmp_path / "data"
+    (data / "vision").mkdir(parents=True)
+    feed = _pack([(112, 112)])
+    np.savez(data / "vision" / "extra.npz", **feed)
+    found = CalibrationData.discover(data)
+    for part in ("vision", "vision.stage0", "vision.stage1"):
+        [got] = npz_feeds(registry.get(part), cfg, found)
+        assert sorted(got) == sorted(feed) and all(np.array_equal(got[k], feed[k]) for k in feed), part

@@ -234,10 +234,13 @@ def batched(items: List[Any], size: int) -> List[List[Any]]:
 
 
 def npz_feeds(spec: ModuleSpec, cfg: BuildConfig, data: Any) -> List[Dict[str, np.ndarray]]:
-    """Preprocessed extra batches from ``<data>/<module>/*.npz``."""
+    """Preprocessed extra batches from ``<data>/<module>/*.npz``, with the module's inputs. A stage of a staged
+    module reads its module's (``<data>/vision/``, with ``pixel_values``...): the stage calibrates on the
+    module's batches carried through the stages before it (:meth:`StagePart.calibration_batches`)."""
     from autoglm_build.calibration import load_npz
 
-    return [load_npz(p, spec.input_names(cfg)) for p in data.npz.get(spec.name, [])]
+    whole = spec.whole() if isinstance(spec, StagePart) else spec
+    return [load_npz(p, whole.input_names(cfg)) for p in data.npz.get(whole.name, [])]
 
 
 def random_floats(rng: np.random.Generator, shape: Sequence[int], scale: float = 1.0) -> np.ndarray:

@@ -309,6 +309,9 @@ class ServeConfig(_Section):
         True, description="launch each decode step before the previous step's text work (detokenizing, stop "
         "strings, streaming), so the GPU runs while the host works (TensorRT; ONNX Runtime computes a step before "
         "it returns: no overlap); same tokens and text either way; false: one step after the other")
+    cuda_graphs: bool = Field(
+        False, description="run each decode step's engines as one CUDA graph per binding (TensorRT, one GPU): one "
+        "launch instead of one enqueue per engine; same tokens either way; off until seen on a GPU")
     devices: Optional[List[int]] = Field(
         None, min_length=1, description="GPUs the decoder's stages are placed on (TensorRT, pipeline parallel): stage "
         "i of N on devices[i * len(devices) // N], vision/audio/embed on the first; each GPU listed once, at most "

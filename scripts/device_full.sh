@@ -387,8 +387,11 @@ verify)  # full width: every engine against ONNX Runtime on its own precision gr
 devtests)  # tiny: the TensorRT backend's GPU tests (bound calls, the device-resident KV cache), bench-serve
   AUTOGLM_BUILD_TRT_WORKDIR=$W PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m pytest -q -p no:cacheprovider -rs \
     tests/runtime/test_backends_trt.py 2>&1 | grep -v "^\[W\]" | tee "$OUT/pytest_trt_tiny.txt" | tail -15
-  PYTHONPATH=$PWD:/tmp/site39 timeout 300 /tmp/stage/trtpy benchmarks/serve_load.py -c $TINY -w $W --backend tensorrt \
-    --clients 64 --max-tokens 128 2>&1 | grep -v "^\[W\]" | tee "$OUT/serve_load_tiny.txt"
+  for graphs in ${GRAPHS_AB-0 1}; do  # decode steps engine by engine, then as CUDA graphs (serve.cuda_graphs)
+    AUTOGLM_BUILD_CUDA_GRAPHS=$graphs PYTHONPATH=$PWD:/tmp/site39 timeout 300 /tmp/stage/trtpy benchmarks/serve_load.py \
+      -c $TINY -w $W --backend tensorrt --clients 64 --max-tokens 128 2>&1 | grep -v "^\[W\]" \
+      | tee "$OUT/serve_load_tiny_graphs$graphs.txt"
+  done
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
   ;;
 serveload)  # full width: bench-serve (1 and 8 streams), then the agent load with and without reuse beside generate

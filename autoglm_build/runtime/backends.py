@@ -290,6 +290,7 @@ class TensorRTBackend(Backend):
         self._device_buffers: Dict[str, List[Any]] = {}  # runner name -> the buffers bound to its context
         self._bound: Dict[str, Any] = {}  # runner name -> the key of the binding its context holds (bind)
         self.rebinds = 0  # contexts (re)bound by bind: once per shape bucket, not per step
+        self.generations: Dict[str, int] = {}  # runner name -> how often bind (re)set its context
         self._pools: Dict[Tuple[str, Optional[int]], ScratchPool] = {}  # (decoder or engine, GPU) -> its scratch
         self.scratch_bytes: Dict[str, int] = {}  # multi-profile engine -> the scratch it needs
         self._caches: List[Any] = []
@@ -607,6 +608,8 @@ class TensorRTBackend(Backend):
             return runner
         self._bound.pop(runner.name, None)
         self.rebinds += 1
+        # a CUDA graph captured over this context is stale from here on (TensorRT may reallocate on a new shape)
+        self.generations[runner.name] = self.generations.get(runner.name, 0) + 1
         shapes, addresses = make()
         context = runner.context
         for name, shape in shapes.items():

@@ -109,6 +109,109 @@ class Shard:
         self.store_ptr, self.mask_ptr, self.blocks = 0, 0, []
 
 
+class StepGraphs:
+    """A decode step's engine runs (embed, then each decoder part, on the one GPU's stream) replayed as one CUDA
+    graph per binding, instead of one ``execute_async_v3`` per engine from Python.
+
+    Everything else of the step stays outside the graph, on the same stream in the same order: the uploads
+    before it (ids, positions: pageable copies cannot be captured) and the commits after it (each row's new
+    column goes to a column that moves every step, so those copies would not replay). A graph is keyed by its
+    runs' bindings (each engine's shapes and tensor addresses, :meth:`TensorRTBackend.bind`'s key) and by how
+    often each context has been bound (``backend.generations``): any re-binding, even back to the same shapes,
+    makes a new key, as TensorRT may reallocate what an earlier capture recorded. TensorRT 8.5's rule (its
+    ``enqueueV2`` header; trtexec does the same): the first enqueue after a shape change cannot be captured, so
+    a binding runs normally once and is captured the next step it comes back unchanged. A capture that CUDA
+    or TensorRT refuses is logged once, its binding runs normally from then on. The runs are recorded on the
+    GPU's own capture stream and the graph launched on the serving stream, which an encoder may use from its
+    request's thread during a capture. Single GPU only (the peer copies between shards and their event waits
+    are not captured). Off by default (``serve.cuda_graphs``): the GPU has not run it yet.
+    """
+
+    def __init__(self, backend: Any, device: Device, keep: int = 4) -> None:
+        self.backend, self.device, self.keep = backend, device, keep
+        self.graphs: Dict[Tuple, int] = {}  # key -> executable graph, oldest first
+        self.refused: set = set()
+        self._warm: Optional[Tuple] = None  # the key the last step ran without a graph
+        self.captures = self.launches = self.failures = 0
+
+    def key(self, queue: Sequence[Tuple[Any, int, Any]]) -> Tuple:
+        return tuple((runner.name, stream, bound, self.backend.generations.get(runner.name, 0))
+                     for runner, stream, bound in queue)
+
+    def run(self, queue: Sequence[Tuple[Any, int, Any]]) -> None:
+        """Enqueue ``queue``'s engine runs (``(runner, stream, binding key)``, bound already): its graph's launch,
+        or a capture then a launch, or the runs one by one."""
+        key = self.key(queue)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            self.device.launch(graph)
+            self.launches += 1
+            return
+        if self._warm == key and key not in self.refused:
+            graph = self._capture(key, queue)
+            if graph is not None:
+                self.device.launch(graph)
+                self.launches += 1
+                return
+        for runner, stream, _ in queue:
+            self.backend.execute(runner, stream)
+        self._warm = key
+
+    def _capture(self, key: Tuple, queue: Sequence[Tuple[Any, int, Any]]) -> Optional[int]:
+        """The runs recorded on the GPU's own capture stream (an encoder may enqueue on the serving stream from
+        its request's thread meanwhile: that must neither land in the graph nor break the capture)."""
+        try:
+            stream = self.device.begin_capture()
+        except RuntimeError as exc:
+            return self._refuse(key, exc)
+        try:
+            for runner, _, _ in queue:
+                self.backend.execute(runner, stream)
+        except BaseException as exc:
+            try:
+                self.device.end_capture()  # out of capture mode; what it recorded is dropped
+            except RuntimeError:
+                pass
+            if not isinstance(exc, (RuntimeError, OSError)):
+                raise
+            return self._refuse(key, exc)
+        try:
+            graph = self.device.end_capture()
+        except RuntimeError as exc:
+            return self._refuse(key, exc)
+        self._forget_stale(key)
+        self.graphs[key] = graph
+        self.captures += 1
+        return graph
+
+    def _refuse(self, key: Tuple, exc: BaseException) -> None:
+        if not self.refused:
+            import logging
+
+            logging.getLogger(__name__).warning("decode step not captured as a CUDA graph (%s); it runs engine by "
+                                                "engine", exc)
+        self.refused.add(key)
+        self.failures += 1
+        return None
+
+    def _forget_stale(self, key: Tuple) -> None:
+        """Destroy graphs over a context bound since (a stale generation) and the oldest beyond ``keep``."""
+        current = {name: gen for name, _, _, gen in key}
+        for old in list(self.graphs):
+            stale = any(current.get(name, gen) != gen for name, _, _, gen in old)
+            if stale or len(self.graphs) >= self.keep:
+                self.device.destroy_graph(self.graphs.pop(old))
+
+    def describe(self) -> Dict[str, int]:
+        return {"graphs": len(self.graphs), "captures": self.captures, "launches": self.launches,
+                "refused": self.failures}
+
+    def close(self) -> None:
+        for graph in self.graphs.values():
+            self.device.destroy_graph(graph)
+        self.graphs = {}
+
+
 def shards_of(backend: Any, spec: CacheSpec) -> List[Shard]:
     """The decoder's units grouped by the :class:`~.device.Device` each runs on (consecutive stages share a
     GPU; one GPU: one shard holding every plane), each with its stages' cache names."""
@@ -154,6 +257,7 @@ class DeviceKVCache(KVCache):
         self._pool: Dict[int, List[Tuple[int, ...]]] = {}  # tokens -> free prefix blocks (one pointer per shard)
         self._mask_rows: set = set()
         self._mask_all = True
+        self.graphs: Optional[StepGraphs] = None  # decode steps as CUDA graphs (use_graphs)
         self._one = np.ones(1, self.mask_dtype)
         try:
             # the largest layout: every capacity's plane (lines padded for alignment) fits in it
@@ -221,9 +325,17 @@ class DeviceKVCache(KVCache):
 
     def close(self) -> None:
         """Free the device memory (the backend closes its caches)."""
+        if getattr(self, "graphs", None) is not None:
+            self.graphs.close()
         for shard in getattr(self, "shards", []):
             shard.close()
         self._pool = {}
+
+    def use_graphs(self, on: bool = True) -> None:
+        """Run committed decode steps of one GPU as CUDA graphs (:class:`StepGraphs`), or stop."""
+        if self.graphs is not None:
+            self.graphs.close()
+        self.graphs = StepGraphs(self.backend, self.device) if on else None
 
     # ---- rows -------------------------------------------------------------------------------
 
@@ -336,18 +448,20 @@ class DeviceKVCache(KVCache):
             pasts.append(past)
         return pasts, mask
 
-    def _embed(self, ids: np.ndarray, phase: str, splices: Sequence[Any] = ()) -> int:
+    def _embed(self, ids: np.ndarray, phase: str, splices: Sequence[Any] = (), queue: Optional[List] = None) -> int:
         """``ids`` (n, seq) through the embed engine into a device buffer (the first GPU's), the media spliced
-        in: the encoder's device buffer copied device to device, a host array uploaded."""
+        in: the encoder's device buffer copied device to device, a host array uploaded. ``queue``: the engine
+        run is added to it (:class:`StepGraphs`) instead of enqueued here (the ids are uploaded either way)."""
         n, seq = ids.shape
         itemsize, first = self.embeds_dtype.itemsize, self.shards[0]
         out = first.buffer("embeds", n * seq * self.hidden * itemsize)
         host = np.ascontiguousarray(ids, self.ids_dtype)
         ptr = first.buffer("ids", host.nbytes)
         self.device.upload(ptr, host)
-        runner = self.backend.bind("embed", phase, ("embed", n, seq, ptr, out), lambda: (
+        key = ("embed", n, seq, ptr, out)
+        runner = self.backend.bind("embed", phase, key, lambda: (
             {"input_ids": (n, seq)}, {"input_ids": ptr, "inputs_embeds": out}))
-        self.backend.execute(runner, self.device.stream.ptr)
+        self._execute(runner, self.device.stream.ptr, key, queue)
         for s in splices:
             at = out + (s.row * seq + s.column) * self.hidden * itemsize
             media = s.media
@@ -360,10 +474,17 @@ class DeviceKVCache(KVCache):
 
     # ---- the decoder --------------------------------------------------------------------------
 
+    def _execute(self, runner: Any, stream: int, key: Any, queue: Optional[List]) -> None:
+        if queue is None:
+            self.backend.execute(runner, stream)
+        else:
+            queue.append((runner, stream, key))
+
     def _run(self, phase: str, n: int, seq: int, embeds: int, mask: Any, positions: np.ndarray,
-             past: Sequence[Layout], present: Sequence[Layout], logits: int) -> None:
+             past: Sequence[Layout], present: Sequence[Layout], logits: int, queue: Optional[List] = None) -> None:
         """The decoder's units in turn, each on its GPU's stream: the first ``n`` rows of each shard's
-        ``past``; ``mask`` a host array to upload (prefill) or each shard's device mask address (decode)."""
+        ``past``; ``mask`` a host array to upload (prefill) or each shard's device mask address (decode).
+        ``queue``: as :meth:`_embed`'s (one GPU only: no peer copies between the runs)."""
         host_positions = np.ascontiguousarray(positions, self.position_dtype)
         inputs = []  # per shard: (mask, positions) addresses
         for i, shard in enumerate(self.shards):
@@ -389,7 +510,7 @@ class DeviceKVCache(KVCache):
                    mask_ptr, pos_ptr)
             runner = self.backend.bind(unit, phase, key, self._binding(unit, shard, n, seq, source, target, mask_ptr,
                                                                         pos_ptr, past[i], present[i]))
-            self.backend.execute(runner, shard.device.stream.ptr)
+            self._execute(runner, shard.device.stream.ptr, key, queue)
             source, before = target, shard
 
     @staticmethod
@@ -460,7 +581,12 @@ class DeviceKVCache(KVCache):
                 shard.device.upload(masks[-1], host)
         present = [self.scratch(shard, "a", n, cap + 1) for shard in self.shards]
         logits = self.shards[-1].buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
-        self._run("decode", n, 1, self._embed(ids, "decode"), masks, positions, past, present, logits)
+        # a committed step of all rows on one GPU may run as a CUDA graph (StepGraphs); the uploads stay outside
+        queue = [] if (self.graphs is not None and slot is None and commit and len(self.shards) == 1) else None
+        self._run("decode", n, 1, self._embed(ids, "decode", queue=queue), masks, positions, past, present, logits,
+                  queue=queue)
+        if queue is not None:
+            self.graphs.run(queue)
         used = [int(s) for s in np.flatnonzero(self.used[row:row + n])]  # rows from ``row``
         committed: List[Tuple[int, int]] = []
         if commit:  # each used row's new column into its slot, its mask element up

@@ -150,12 +150,15 @@ class Scheduler:
         prefix_block: tokens per prefix-cache block.
         overlap: launch each decode step before the previous step's text work where the cache's steps run
             asynchronously (default ``serve.overlap``; module docstring, item 4).
+        cuda_graphs: decode steps as CUDA graphs where the cache can (the device cache on one GPU; default
+            ``serve.cuda_graphs``).
     """
 
     def __init__(self, backend: Backend, cfg: BuildConfig, tokenizer: ChatTokenizer, max_batch: int,
                  queue_size: int, context: int, prefill_chunk: Optional[int] = None,
                  prefix_cache_bytes: Optional[int] = None, prefix_block: int = BLOCK_TOKENS,
-                 prefill_batch: Optional[int] = None, overlap: Optional[bool] = None) -> None:
+                 prefill_batch: Optional[int] = None, overlap: Optional[bool] = None,
+                 cuda_graphs: Optional[bool] = None) -> None:
         self.backend, self.cfg, self.tokenizer = backend, cfg, tokenizer
         self.max_batch = min(max_batch, backend.max_batch or max_batch)
         self.context = min(context, backend.context or context)
@@ -170,6 +173,8 @@ class Scheduler:
         make = getattr(backend, "kv_cache", None)  # a bare test double gets host arrays
         self.cache: KVCache = make(spec, self.max_batch, self.context) if make else \
             KVCache(backend, spec, self.max_batch, self.context)
+        if (cfg.serve.cuda_graphs if cuda_graphs is None else cuda_graphs) and hasattr(self.cache, "use_graphs"):
+            self.cache.use_graphs(True)
         budget = cfg.serve.prefix_cache_mib << 20 if prefix_cache_bytes is None else prefix_cache_bytes
         self.prefix = PrefixCache(self.cache, budget, prefix_block)
         self.sampler = Sampler(tokenizer, self.max_batch)
@@ -206,7 +211,13 @@ class Scheduler:
                     "prefill_batch": self.prefill_batch, "overlap": self.overlapping,
                     "decode_steps": self.steps, "overlapped_steps": self.overlapped, "tokens": self.tokens,
                     "prefill_tokens": self.prefill_tokens,
-                    "prefill_positions": self.prefill_positions, "prefix_cache": self.prefix.stats()}
+                    "prefill_positions": self.prefill_positions, "prefix_cache": self.prefix.stats(),
+                    "cuda_graphs": self.cache.graphs.describe() if self.graphing else None}
+
+    @property
+    def graphing(self) -> bool:
+        """Whether decode steps run as CUDA graphs (``serve.cuda_graphs`` on a cache that can)."""
+        return getattr(self.cache, "graphs", None) is not None
 
     @property
     def overlapping(self) -> bool:

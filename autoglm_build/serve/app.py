@@ -188,7 +188,8 @@ async def ready(state: ServerState = Depends(get_state)):
 
 #: stats that only grow (Prometheus counters, ``_total``); the others are gauges
 COUNTERS = frozenset({"decode_steps", "overlapped_steps", "tokens", "prefill_tokens", "prefill_positions", "hits",
-                      "misses", "tokens_queried", "tokens_reused", "blocks_stored", "evictions"})
+                      "misses", "tokens_queried", "tokens_reused", "blocks_stored", "evictions", "captures",
+                      "launches", "refused"})
 
 
 def prometheus(stats: Dict[str, Any], prefix: str = "autoglm_") -> str:

@@ -27,6 +27,8 @@ API_KEY_ENV = "AUTOGLM_BUILD_API_KEY"
 PREFIX_CACHE_ENV = "AUTOGLM_BUILD_PREFIX_CACHE_MIB"
 #: overrides ``serve.overlap`` (1 on, 0 off) likewise: the load benchmark A/Bs one build both ways
 OVERLAP_ENV = "AUTOGLM_BUILD_OVERLAP"
+#: overrides ``serve.cuda_graphs`` (1 on, 0 off) likewise
+CUDA_GRAPHS_ENV = "AUTOGLM_BUILD_CUDA_GRAPHS"
 
 
 def prefix_cache_bytes(cfg: BuildConfig) -> int:
@@ -40,16 +42,28 @@ def prefix_cache_bytes(cfg: BuildConfig) -> int:
     return int(raw) << 20
 
 
+def _switch(cfg: BuildConfig, env: str, field: str) -> bool:
+    """``$<env>`` (1 or 0), else ``serve.<field>``."""
+    default = getattr(cfg.serve, field)
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return default
+    if raw not in ("0", "1"):
+        raise UserError(f"${env}: '{raw}' is not 1 (on) or 0 (off)",
+                        hint=f"unset it to use serve.{field} ({str(default).lower()})")
+    return raw == "1"
+
+
 def decode_overlap(cfg: BuildConfig) -> bool:
     """Whether the scheduler launches each decode step before the previous step's text work:
     ``$AUTOGLM_BUILD_OVERLAP`` (1 or 0), else ``serve.overlap``."""
-    raw = os.environ.get(OVERLAP_ENV, "").strip()
-    if not raw:
-        return cfg.serve.overlap
-    if raw not in ("0", "1"):
-        raise UserError(f"${OVERLAP_ENV}: '{raw}' is not 1 (on) or 0 (off)",
-                        hint=f"unset it to use serve.overlap ({str(cfg.serve.overlap).lower()})")
-    return raw == "1"
+    return _switch(cfg, OVERLAP_ENV, "overlap")
+
+
+def cuda_graphs(cfg: BuildConfig) -> bool:
+    """Whether decode steps run as CUDA graphs (TensorRT, one GPU): ``$AUTOGLM_BUILD_CUDA_GRAPHS`` (1 or 0),
+    else ``serve.cuda_graphs``."""
+    return _switch(cfg, CUDA_GRAPHS_ENV, "cuda_graphs")
 
 
 def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precision: Optional[str] = None,
@@ -74,7 +88,8 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
         tokenizer = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
         scheduler = Scheduler(runtime, cfg, tokenizer, max_batch or cfg.serve.max_batch,
                               cfg.serve.queue_size if queue_size is None else queue_size, cfg.engine.context,
-                              prefix_cache_bytes=prefix_cache_bytes(cfg), overlap=decode_overlap(cfg))
+                              prefix_cache_bytes=prefix_cache_bytes(cfg), overlap=decode_overlap(cfg),
+                              cuda_graphs=cuda_graphs(cfg))
     except BaseException:
         runtime.close()
         raise
@@ -106,7 +121,8 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
     announce(f"serving {', '.join(state.model_ids)} on http://{host}:{port} ({d['backend']} {d['precision']}{placed}, "
              f"max batch {state.scheduler.max_batch}, context {state.scheduler.context}, "
              f"prefix cache {f'{reuse} MiB' if state.scheduler.prefix.enabled else 'off'}, "
-             f"decode overlap {'on' if state.scheduler.overlapping else 'off'}"
+             f"decode overlap {'on' if state.scheduler.overlapping else 'off'}, "
+             f"CUDA graphs {'on' if state.scheduler.graphing else 'off'}"
              f"{', API key required' if state.api_key else ''})")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
                             access_log=log_level == "debug")

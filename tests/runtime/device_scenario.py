@@ -165,8 +165,10 @@ CASES = ("solo", "batched", "joining", "agent")
 
 
 def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional[List[int]] = None,
-             cases: Sequence[str] = CASES) -> Dict[str, Any]:
-    """The cases above on one backend; tokens, prefix counters and per-step logs (``describe``: the backend's)."""
+             cases: Sequence[str] = CASES, graphs: bool = False) -> Dict[str, Any]:
+    """The cases above on one backend; tokens, prefix counters and per-step logs (``describe``: the backend's).
+    ``graphs``: the schedulers run decode steps as CUDA graphs (``serve.cuda_graphs``); ``result["graphs"]``
+    sums their caches' counts."""
     from autoglm_build.calibration import tokenizer_for
 
     cfg = BuildConfig.model_validate(Manifest.load(workdir).config)
@@ -174,11 +176,13 @@ def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional
     backend = open_backend(workdir, ["vision", "embed", "decoder"], backend_name, precision, optional=("vision",),
                            devices=devices)
     result: Dict[str, Any] = {"cache": None, "steps": {}, "describe": backend.describe()}
+    made_all: List[Scheduler] = []
     try:
         def scheduler(max_batch: int, reuse: bool) -> Scheduler:
             made = Scheduler(backend, cfg, tok, max_batch=max_batch, queue_size=64, context=cfg.engine.context,
-                             prefix_cache_bytes=None if reuse else 0)
+                             prefix_cache_bytes=None if reuse else 0, cuda_graphs=graphs)
             result["cache"] = type(made.cache).__name__
+            made_all.append(made)
             return made
 
         texts = [tok.chat_prompt([("user", [Segment(text=t)])], False) for t in TEXTS]
@@ -203,5 +207,7 @@ def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional
         result["prefix"] = sched.prefix.stats()
         result["prompt_tokens"] = [len(p.ids) for p in prompts]
     finally:
+        counts = [m.cache.graphs.describe() for m in made_all if getattr(m.cache, "graphs", None) is not None]
+        result["graphs"] = {k: sum(c[k] for c in counts) for k in counts[0]} if counts else None
         backend.close()
     return result

@@ -81,6 +81,22 @@ def test_the_device_cache_serves_what_the_host_cache_serves_and_keeps_the_cache_
                 assert step["rebinds"] == 0, step
 
 
+def test_decode_steps_as_cuda_graphs_generate_what_the_engine_by_engine_steps_do():
+    """``serve.cuda_graphs`` on a real GPU: the scenario's served greedy tokens with each decode step's engines
+    captured once per binding and launched as one CUDA graph equal those of the steps run engine by engine,
+    and TensorRT let every capture through (none refused), so the graphs really ran."""
+    from tests.runtime.device_scenario import scenario
+    from tests.runtime.test_device_cache import traffic_problems
+
+    workdir = Path(os.environ["AUTOGLM_BUILD_TRT_WORKDIR"])
+    on, off = scenario(workdir, "tensorrt", "fp16", graphs=True), scenario(workdir, "tensorrt", "fp16")
+    for case in ("solo", "batched", "joining", "agent_alone", "agent"):
+        assert on[case] == off[case], case
+    counts = on["graphs"]
+    assert counts["refused"] == 0 and counts["captures"] >= 10 and counts["launches"] >= 3 * counts["captures"]
+    assert traffic_problems([s for case in on["steps"].values() for s in case], counted="device") == []
+
+
 def _gpus() -> int:
     from autoglm_build.runtime.device import device_count
 

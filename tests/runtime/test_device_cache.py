@@ -128,6 +128,28 @@ def test_the_decode_overlap_on_the_device_cache_generates_what_the_serial_schedu
     assert failing["failed"] == 2 and failing["launch_failed"] == 1 and failing["wrong_lengths"] == 0
 
 
+@pytest.mark.parametrize("trt, polygraphy", PAIRS)
+def test_decode_steps_as_cuda_graphs_generate_what_the_engine_by_engine_steps_do(graphs, tmp_path, trt, polygraphy):
+    """``serve.cuda_graphs``: each binding's decode steps run once engine by engine, are captured the next step
+    (TensorRT 8.5: the first enqueue after a shape change is not capturable; the fake fails such a capture,
+    a copy or a wait inside one) and launched from then on, replaying the captured shapes and addresses.
+    Every case generates the tokens it does without graphs, the per-step traffic stays the cache's budget,
+    and a re-binding (rows joining, a prefill on the shared embed context) makes a new graph, never a stale
+    one replayed."""
+    workdir, env = _engines(graphs, tmp_path, trt, polygraphy)
+    result = _drive(workdir, env, "graphs")
+    on, off = result["graphs"], result["plain"]
+    assert result["fake"]["violations"] == []
+    for case in ("solo", "batched", "joining", "agent_alone", "agent"):
+        assert on[case] == off[case], case
+    counts = on["graphs"]
+    assert off["graphs"] is None and counts["refused"] == 0
+    assert counts["captures"] >= 10 and counts["launches"] >= 3 * counts["captures"], counts
+    assert result["fake"]["launches"] == counts["launches"]
+    steps = [s for case in on["steps"].values() for s in case]
+    assert traffic_problems(steps) == []
+
+
 def test_the_checks_fail_on_the_host_cache(graphs, tmp_path):
     """The path before the device cache (host arrays through Polygraphy's ``infer``) generates the same
     tokens and moves the whole cache both ways every step: each step fails the traffic check."""

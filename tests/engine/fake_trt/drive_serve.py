@@ -1,10 +1,12 @@
 """Served greedy generations on the TensorRT backend (fake TensorRT, one process) and on ONNX Runtime.
 
-Usage: ``drive_serve.py WORKDIR PRECISION [host|overlap]``. Prints one JSON line: ``tests.runtime.device_scenario``'s
-result per backend (``tensorrt``, ``onnxruntime``). With ``host``, the TensorRT backend keeps the KV cache
-on the host and runs each step through Polygraphy's ``infer`` (the path before the device cache), so a
-test can show that its checks tell the two apart. With ``overlap``, ``tests.runtime.overlap_scenario``'s
-cases on the TensorRT backend alone (the scheduler's decode overlap on and off).
+Usage: ``drive_serve.py WORKDIR PRECISION [host|overlap|graphs]``. Prints one JSON line:
+``tests.runtime.device_scenario``'s result per backend (``tensorrt``, ``onnxruntime``). With ``host``, the
+TensorRT backend keeps the KV cache on the host and runs each step through Polygraphy's ``infer`` (the path
+before the device cache), so a test can show that its checks tell the two apart. With ``overlap``,
+``tests.runtime.overlap_scenario``'s cases on the TensorRT backend alone (the scheduler's decode overlap on
+and off). With ``graphs``, the scenario on TensorRT with decode steps as CUDA graphs and without, and the
+fake runtime's graph launches.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ def main() -> None:
         from tests.runtime.overlap_scenario import on_workdir
 
         print(json.dumps({"tensorrt": on_workdir(workdir, "tensorrt", precision)}))
+        return
+    if sys.argv[3:] == ["graphs"]:  # decode steps as CUDA graphs against the same steps engine by engine
+        from tests.runtime.device_scenario import _fake_cudart
+
+        out = {"graphs": scenario(workdir, "tensorrt", precision, graphs=True)}
+        fake = _fake_cudart()
+        out["fake"] = {"launches": fake.launches, "violations": list(fake.violations)}
+        out["plain"] = scenario(workdir, "tensorrt", precision)
+        print(json.dumps(out))
         return
     if sys.argv[3:] == ["host"]:
         backends.TensorRTBackend.kv_cache = backends.Backend.kv_cache

@@ -41,11 +41,12 @@ import ctypes
 import os
 import sys
 import threading
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 KINDS = {0: "h2h", 1: "h2d", 2: "d2h", 3: "d2d", 4: "default"}
 ALIGN = 256
 INVALID_VALUE, INVALID_DEVICE, INVALID_HANDLE, PEER_ALREADY = 1, 101, 400, 704  # cudaError_t
+CAPTURE_UNSUPPORTED, CAPTURE_INVALIDATED = 900, 901  # cudaErrorStreamCaptureUnsupported, ...Invalidated
 _INSTALLED: Optional[FakeCudart] = None
 
 
@@ -85,6 +86,11 @@ class FakeCudart:
         self.seen: Dict[int, Dict[int, int]] = {}
         self.done: Dict[int, int] = {}
         self._thread = threading.local()
+        # CUDA graphs: stream -> the engine runs captured so far; graph / executable -> its runs; launches made
+        self.capturing: Dict[int, List[Any]] = {}
+        self.graphs: Dict[int, List[Any]] = {}
+        self.execs: Dict[int, List[Any]] = {}
+        self.launches = 0
 
     # ---- devices ----------------------------------------------------------------------------------
 
@@ -243,6 +249,8 @@ class FakeCudart:
     def cudaMemcpy(self, dst, src, nbytes, kind) -> int:
         """Synchronous: after all the device's work, and done when it returns."""
         dst, src, nbytes = _int(dst), _int(src), _int(nbytes)
+        if self._captured("cudaMemcpy", None):
+            return CAPTURE_UNSUPPORTED
         if not self._copy_checks("cudaMemcpy", dst, src, _int(kind), None):
             return INVALID_VALUE
         self._barrier()
@@ -250,8 +258,18 @@ class FakeCudart:
         ctypes.memmove(dst, src, nbytes)
         return 0
 
+    def _captured(self, what: str, stream: Optional[int]) -> bool:
+        """A copy or wait on a capturing stream (or a synchronous one during any capture): what the code that
+        captures must keep out of it (a pageable copy or a wait cannot be captured; CUDA fails the capture)."""
+        if (stream is None and self.capturing) or (stream is not None and stream in self.capturing):
+            self.violation(f"{what} while stream {next(iter(self.capturing)):#x} is capturing a CUDA graph")
+            return True
+        return False
+
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream) -> int:
         dst, src, nbytes, stream = _int(dst), _int(src), _int(nbytes), _int(stream)
+        if self._captured("cudaMemcpyAsync", stream):
+            return CAPTURE_UNSUPPORTED
         if not self._copy_checks("cudaMemcpyAsync", dst, src, _int(kind), stream):
             return INVALID_VALUE
         self._access("cudaMemcpyAsync", stream, [src], [dst])
@@ -341,6 +359,8 @@ class FakeCudart:
 
     def cudaStreamSynchronize(self, ptr) -> int:
         stream = _int(ptr)
+        if self._captured("cudaStreamSynchronize", stream):
+            return CAPTURE_UNSUPPORTED
         self.done[stream] = max(self.done.get(stream, 0), self.clock.get(stream, 0))
         for other, n in self.seen.get(stream, {}).items():
             self.done[other] = max(self.done.get(other, 0), n)
@@ -386,6 +406,58 @@ class FakeCudart:
 
     def cudaGetLastError(self) -> int:
         return 0
+
+    # ---- CUDA graphs: a capture records the engines run on the stream, a launch runs them again ----------------
+
+    def cudaStreamBeginCapture(self, stream, mode) -> int:
+        stream = _int(stream)
+        if stream in self.capturing:
+            self.violation(f"capture begun twice on stream {stream:#x}")
+            return INVALID_VALUE
+        self.capturing[stream] = []
+        return 0
+
+    def capture(self, stream: int, run: Any) -> bool:
+        """Called by the fake TensorRT's ``execute_async_v3``: ``run(stream)`` recorded if ``stream`` is capturing
+        (then the engine does not run now), else False."""
+        ops = self.capturing.get(int(stream or 0))
+        if ops is None:
+            return False
+        ops.append(run)
+        return True
+
+    def cudaStreamEndCapture(self, stream, ref) -> int:
+        ops = self.capturing.pop(_int(stream), None)
+        if ops is None:
+            return INVALID_VALUE
+        handle = 0x200000 + len(self.graphs) + 1
+        self.graphs[handle] = ops
+        return self._set(ref, handle)
+
+    def cudaGraphInstantiateWithFlags(self, ref, graph, flags) -> int:
+        ops = self.graphs.get(_int(graph))
+        if ops is None:
+            return INVALID_VALUE
+        handle = 0x300000 + len(self.execs) + 1
+        self.execs[handle] = list(ops)
+        return self._set(ref, handle)
+
+    def cudaGraphLaunch(self, graph_exec, stream) -> int:
+        stream = _int(stream)
+        ops = self.execs.get(_int(graph_exec))
+        if ops is None or self._captured("cudaGraphLaunch", stream):
+            return INVALID_VALUE
+        self.launches += 1
+        for run in ops:
+            if not run(stream):
+                return INVALID_VALUE
+        return 0
+
+    def cudaGraphExecDestroy(self, graph_exec) -> int:
+        return 0 if self.execs.pop(_int(graph_exec), None) is not None else INVALID_VALUE
+
+    def cudaGraphDestroy(self, graph) -> int:
+        return 0 if self.graphs.pop(_int(graph), None) is not None else INVALID_VALUE
 
     def summary(self) -> Dict:
         """What a test asks after a run: violations, bytes allocated per device, engines run per device."""

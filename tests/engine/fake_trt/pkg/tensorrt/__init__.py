@@ -888,6 +888,8 @@ class _IExecutionContext:
         shape = tuple(int(d) for d in shape)
         if len(shape) != len(lo) or any(not a <= d <= b for a, d, b in zip(lo, shape, hi)):
             return False
+        if self._shapes.get(name) != shape:
+            self.__dict__["_reshaped"] = True  # TensorRT 8.5: the next enqueue allocates, and cannot be captured
         self._shapes[name] = shape
         return True
 
@@ -935,6 +937,36 @@ class _IExecutionContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         record("IExecutionContext", "execute_async_v3")
+        cudart = _cudart()
+        if cudart is not None and int(stream_handle or 0) in cudart.capturing:
+            return self._capture(cudart, int(stream_handle or 0))
+        self.__dict__["_reshaped"] = False
+        return self._execute(stream_handle)
+
+    def _capture(self, cudart: Any, stream: int) -> bool:
+        """Into the stream's CUDA graph: this run with the shapes and addresses the context has now (a launch
+        replays them, whatever the context is bound to by then, as a real graph's kernels keep their arguments).
+        TensorRT 8.5's rule: the first enqueue after an input shape changed cannot be captured (it allocates);
+        nor can one that calls back into an output allocator."""
+        if self.__dict__.get("_reshaped", True):
+            cudart.violation(f"engine {self._engine.name}: captured the first enqueue after a shape change")
+            return False
+        if any(a is not None for a in self._allocators.values()):
+            cudart.violation(f"engine {self._engine.name}: captured with an output allocator")
+            return False
+        shapes, addresses = dict(self._shapes), dict(self._addresses)
+
+        def run(on: int) -> bool:
+            saved = self._shapes, self._addresses
+            self._shapes, self._addresses = dict(shapes), dict(addresses)
+            try:
+                return self._execute(on)
+            finally:
+                self._shapes, self._addresses = saved
+
+        return cudart.capture(stream, run)
+
+    def _execute(self, stream_handle: int) -> bool:
         given = self.__dict__.get("_props", {}).get("device_memory")  # the `device_memory =` property (8.5)
         if getattr(self, "_memory", None) == 0 and not given:  # made without device memory, none given: fails
             record("IExecutionContext", "execute_async_v3 without device memory")

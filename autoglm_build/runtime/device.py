@@ -37,6 +37,7 @@ PEER = -1  # not a cudaMemcpyKind: the traffic key of cudaMemcpyPeerAsync (GPU t
 KINDS = {H2D: "h2d", D2H: "d2h", D2D: "d2d", PEER: "peer"}
 EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming: an event only to order streams
 CAPTURE_LOCAL = 1  # cudaStreamCaptureModeThreadLocal: only this thread's unsafe calls break the capture
+STREAM_NON_BLOCKING = 1  # cudaStreamNonBlocking
 PEER_ACCESS_ALREADY_ENABLED = 704  # cudaErrorPeerAccessAlreadyEnabled
 CC_MAJOR, CC_MINOR = 75, 76  # cudaDevAttrComputeCapabilityMajor/Minor
 
@@ -266,7 +267,7 @@ class Device:
         self.lib = self.cuda.handle
         self.activate()
         self.stream = cuda.Stream()
-        self.capture_stream: Any = None  # made at the first CUDA graph capture (begin_capture)
+        self.capture_stream: Optional[int] = None  # made at the first CUDA graph capture (begin_capture)
         self._event = ctypes.c_void_p(0)  # created at the first wait_for that needs it, on this GPU
         self.traffic: Dict[str, int] = {}
         self.reset()
@@ -389,21 +390,22 @@ class Device:
     def begin_capture(self) -> int:
         """Begin capturing on this GPU's capture stream (made at the first capture: not the serving stream, which
         an encoder may use from another thread meanwhile); returns it, for the work to record."""
-        from polygraphy import cuda
-
         self.activate()
-        if self.capture_stream is None:
-            self.capture_stream = cuda.Stream()
-        self._check(self.lib.cudaStreamBeginCapture(ctypes.c_void_p(self.capture_stream.ptr),
+        if self.capture_stream is None:  # non-blocking: the legacy stream's use elsewhere cannot break a capture
+            stream = ctypes.c_void_p(0)
+            self._check(self.lib.cudaStreamCreateWithFlags(ctypes.byref(stream), ctypes.c_uint(STREAM_NON_BLOCKING)),
+                        "cudaStreamCreateWithFlags")
+            self.capture_stream = int(stream.value)
+        self._check(self.lib.cudaStreamBeginCapture(ctypes.c_void_p(self.capture_stream),
                                                     ctypes.c_int(CAPTURE_LOCAL)), "cudaStreamBeginCapture")
-        return int(self.capture_stream.ptr)
+        return self.capture_stream
 
     def end_capture(self) -> int:
         """End the capture :meth:`begin_capture` began: the executable graph of what it recorded (raises if CUDA
         refused something in it; the stream is out of capture mode either way). Launch it with :meth:`launch`."""
         self.activate()
         graph, exe = ctypes.c_void_p(0), ctypes.c_void_p(0)
-        self._check(self.lib.cudaStreamEndCapture(ctypes.c_void_p(self.capture_stream.ptr), ctypes.byref(graph)),
+        self._check(self.lib.cudaStreamEndCapture(ctypes.c_void_p(self.capture_stream), ctypes.byref(graph)),
                     "cudaStreamEndCapture")
         try:
             self._check(self.lib.cudaGraphInstantiateWithFlags(ctypes.byref(exe), graph, ctypes.c_ulonglong(0)),
@@ -427,7 +429,7 @@ class Device:
             self.lib.cudaEventDestroy(self._event)
             self._event = ctypes.c_void_p(0)
         if self.capture_stream is not None:
-            self.capture_stream.free()
+            self.lib.cudaStreamDestroy(ctypes.c_void_p(self.capture_stream))
             self.capture_stream = None
         self.stream.free()
 

@@ -111,27 +111,34 @@ class Shard:
 
 class StepGraphs:
     """A decode step's engine runs (embed, then each decoder part, on the one GPU's stream) replayed as one CUDA
-    graph per binding, instead of one ``execute_async_v3`` per engine from Python.
+    graph, instead of one ``execute_async_v3`` per engine from Python.
 
     Everything else of the step stays outside the graph, on the same stream in the same order: the uploads
     before it (ids, positions: pageable copies cannot be captured) and the commits after it (each row's new
     column goes to a column that moves every step, so those copies would not replay). A graph is keyed by its
     runs' bindings (each engine's shapes and tensor addresses, :meth:`TensorRTBackend.bind`'s key) and by how
     often each context has been bound (``backend.generations``): any re-binding, even back to the same shapes,
-    makes a new key, as TensorRT may reallocate what an earlier capture recorded. TensorRT 8.5's rule (its
+    makes a new key, as TensorRT may reallocate what an earlier capture recorded. So in practice one graph is
+    live at a time: a change of rows or capacity, or a prefill (which binds the embed context the decode step
+    shares), makes the graphs before it stale, and the next binding is captured anew. TensorRT 8.5's rule (its
     ``enqueueV2`` header; trtexec does the same): the first enqueue after a shape change cannot be captured, so
-    a binding runs normally once and is captured the next step it comes back unchanged. A capture that CUDA
-    or TensorRT refuses is logged once, its binding runs normally from then on. The runs are recorded on the
-    GPU's own capture stream and the graph launched on the serving stream, which an encoder may use from its
-    request's thread during a capture. Single GPU only (the peer copies between shards and their event waits
-    are not captured). Off by default (``serve.cuda_graphs``): the GPU has not run it yet.
+    a binding runs engine by engine once and is captured the next step it comes back unchanged. The runs are
+    recorded on the GPU's own non-blocking capture stream and the graph launched on the serving stream, which
+    an encoder may use from its request's thread during a capture. A capture or launch that CUDA or TensorRT
+    refuses runs that step engine by engine and refuses its binding; after :data:`MAX_FAILURES` refusals in a
+    row, or a CUDA runtime without the graph API, graphs are off for the cache (logged once). Single GPU only
+    (:meth:`DeviceKVCache.use_graphs`). Off by default (``serve.cuda_graphs``): the GPU has not run it yet.
     """
+
+    MAX_FAILURES = 3
 
     def __init__(self, backend: Any, device: Device, keep: int = 4) -> None:
         self.backend, self.device, self.keep = backend, device, keep
         self.graphs: Dict[Tuple, int] = {}  # key -> executable graph, oldest first
         self.refused: set = set()
+        self.disabled: Optional[str] = None  # why graphs are off for good
         self._warm: Optional[Tuple] = None  # the key the last step ran without a graph
+        self._failed_in_row = 0
         self.captures = self.launches = self.failures = 0
 
     def key(self, queue: Sequence[Tuple[Any, int, Any]]) -> Tuple:
@@ -141,57 +148,73 @@ class StepGraphs:
     def run(self, queue: Sequence[Tuple[Any, int, Any]]) -> None:
         """Enqueue ``queue``'s engine runs (``(runner, stream, binding key)``, bound already): its graph's launch,
         or a capture then a launch, or the runs one by one."""
-        key = self.key(queue)
-        graph = self.graphs.get(key)
-        if graph is not None:
-            self.device.launch(graph)
-            self.launches += 1
-            return
-        if self._warm == key and key not in self.refused:
-            graph = self._capture(key, queue)
-            if graph is not None:
-                self.device.launch(graph)
-                self.launches += 1
+        if self.disabled is None:
+            key = self.key(queue)
+            graph = self.graphs.get(key)
+            if graph is None and self._warm == key and key not in self.refused:
+                graph = self._capture(key, queue)
+            if graph is not None and self._launch(key, graph):
                 return
+            self._warm = key
         for runner, stream, _ in queue:
             self.backend.execute(runner, stream)
-        self._warm = key
+
+    def _launch(self, key: Tuple, graph: int) -> bool:
+        try:
+            self.device.launch(graph)
+        except (RuntimeError, OSError) as exc:  # nothing of it was enqueued: the step runs engine by engine
+            self.device.destroy_graph(self.graphs.pop(key))
+            self._refuse(key, exc)
+            return False
+        self.launches += 1
+        self._failed_in_row = 0
+        return True
 
     def _capture(self, key: Tuple, queue: Sequence[Tuple[Any, int, Any]]) -> Optional[int]:
         """The runs recorded on the GPU's own capture stream (an encoder may enqueue on the serving stream from
         its request's thread meanwhile: that must neither land in the graph nor break the capture)."""
         try:
             stream = self.device.begin_capture()
-        except RuntimeError as exc:
+        except AttributeError as exc:  # a CUDA runtime without the graph API (before 11.4): off for good
+            return self._refuse(key, exc, for_good=True)
+        except (RuntimeError, OSError) as exc:
             return self._refuse(key, exc)
         try:
             for runner, _, _ in queue:
                 self.backend.execute(runner, stream)
         except BaseException as exc:
             try:
-                self.device.end_capture()  # out of capture mode; what it recorded is dropped
-            except RuntimeError:
+                self.device.destroy_graph(self.device.end_capture())  # out of capture mode; nothing kept
+            except (RuntimeError, OSError, AttributeError):
                 pass
             if not isinstance(exc, (RuntimeError, OSError)):
                 raise
             return self._refuse(key, exc)
         try:
             graph = self.device.end_capture()
-        except RuntimeError as exc:
+        except AttributeError as exc:
+            return self._refuse(key, exc, for_good=True)
+        except (RuntimeError, OSError) as exc:
             return self._refuse(key, exc)
         self._forget_stale(key)
         self.graphs[key] = graph
         self.captures += 1
         return graph
 
-    def _refuse(self, key: Tuple, exc: BaseException) -> None:
-        if not self.refused:
-            import logging
+    def _refuse(self, key: Tuple, exc: BaseException, for_good: bool = False) -> None:
+        import logging
 
-            logging.getLogger(__name__).warning("decode step not captured as a CUDA graph (%s); it runs engine by "
-                                                "engine", exc)
+        log = logging.getLogger(__name__)
+        if not self.refused:
+            log.warning("decode step not run as a CUDA graph (%s); it runs engine by engine", exc)
         self.refused.add(key)
         self.failures += 1
+        self._failed_in_row += 1
+        if for_good or self._failed_in_row >= self.MAX_FAILURES:
+            self.disabled = f"{type(exc).__name__}: {exc}"
+            log.warning("CUDA graphs off for this server after %d refusals (last: %s)", self._failed_in_row, exc)
+            self.close()
+            self.refused = set()
         return None
 
     def _forget_stale(self, key: Tuple) -> None:
@@ -202,9 +225,9 @@ class StepGraphs:
             if stale or len(self.graphs) >= self.keep:
                 self.device.destroy_graph(self.graphs.pop(old))
 
-    def describe(self) -> Dict[str, int]:
+    def describe(self) -> Dict[str, Any]:
         return {"graphs": len(self.graphs), "captures": self.captures, "launches": self.launches,
-                "refused": self.failures}
+                "refused": self.failures, "off": self.disabled is not None}
 
     def close(self) -> None:
         for graph in self.graphs.values():
@@ -332,10 +355,18 @@ class DeviceKVCache(KVCache):
         self._pool = {}
 
     def use_graphs(self, on: bool = True) -> None:
-        """Run committed decode steps of one GPU as CUDA graphs (:class:`StepGraphs`), or stop."""
+        """Run committed decode steps as CUDA graphs (:class:`StepGraphs`), or stop. One GPU only: with the
+        decoder's stages on several (their peer copies and event waits are not captured) it stays off, and says so."""
         if self.graphs is not None:
             self.graphs.close()
-        self.graphs = StepGraphs(self.backend, self.device) if on else None
+        self.graphs = None
+        if on and len(self.shards) > 1:
+            import logging
+
+            logging.getLogger(__name__).warning("CUDA graphs: off with the decoder on %d GPUs (one GPU only)",
+                                                len(self.shards))
+        elif on:
+            self.graphs = StepGraphs(self.backend, self.device)
 
     # ---- rows -------------------------------------------------------------------------------
 

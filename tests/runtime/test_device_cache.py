@@ -148,6 +148,13 @@ def test_decode_steps_as_cuda_graphs_generate_what_the_engine_by_engine_steps_do
     assert result["fake"]["launches"] == counts["launches"]
     steps = [s for case in on["steps"].values() for s in case]
     assert traffic_problems(steps) == []
+    # a runtime that refuses every capture: the same tokens engine by engine, each cache's graphs off after
+    # StepGraphs.MAX_FAILURES refusals in a row, nothing launched
+    refused = result["refused"]
+    assert refused["solo"] == off["solo"] and refused["joining"] == off["joining"]
+    assert refused["graphs"]["captures"] == refused["graphs"]["launches"] == 0
+    assert refused["graphs"]["refused"] >= 3 and refused["graphs"]["off"] >= 1, refused["graphs"]
+    assert result["fake"]["violations_after_refusals"] == []
 
 
 def test_the_checks_fail_on_the_host_cache(graphs, tmp_path):

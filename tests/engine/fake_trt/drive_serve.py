@@ -33,6 +33,9 @@ def main() -> None:
         fake = _fake_cudart()
         out["fake"] = {"launches": fake.launches, "violations": list(fake.violations)}
         out["plain"] = scenario(workdir, "tensorrt", precision)
+        fake.refuse_capture = True  # a runtime that lets no step be captured: engine by engine, graphs off
+        out["refused"] = scenario(workdir, "tensorrt", precision, graphs=True, cases=("solo", "joining"))
+        out["fake"]["violations_after_refusals"] = list(fake.violations)
         print(json.dumps(out))
         return
     if sys.argv[3:] == ["host"]:

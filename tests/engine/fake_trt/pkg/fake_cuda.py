@@ -91,6 +91,8 @@ class FakeCudart:
         self.graphs: Dict[int, List[Any]] = {}
         self.execs: Dict[int, List[Any]] = {}
         self.launches = 0
+        self.refuse_capture = False
+        self.handles = 0
 
     # ---- devices ----------------------------------------------------------------------------------
 
@@ -357,6 +359,9 @@ class FakeCudart:
         self.stream_device[stream] = self.device
         return self._set(ref, stream)
 
+    def cudaStreamCreateWithFlags(self, ref, flags) -> int:
+        return self.cudaStreamCreate(ref)
+
     def cudaStreamSynchronize(self, ptr) -> int:
         stream = _int(ptr)
         if self._captured("cudaStreamSynchronize", stream):
@@ -411,6 +416,8 @@ class FakeCudart:
 
     def cudaStreamBeginCapture(self, stream, mode) -> int:
         stream = _int(stream)
+        if self.refuse_capture:  # a test's stand-in for a driver or TensorRT that does not let the step be captured
+            return CAPTURE_UNSUPPORTED
         if stream in self.capturing:
             self.violation(f"capture begun twice on stream {stream:#x}")
             return INVALID_VALUE
@@ -430,7 +437,8 @@ class FakeCudart:
         ops = self.capturing.pop(_int(stream), None)
         if ops is None:
             return INVALID_VALUE
-        handle = 0x200000 + len(self.graphs) + 1
+        self.handles += 1  # never reused: a destroyed handle stays invalid
+        handle = 0x200000 + self.handles
         self.graphs[handle] = ops
         return self._set(ref, handle)
 
@@ -438,7 +446,8 @@ class FakeCudart:
         ops = self.graphs.get(_int(graph))
         if ops is None:
             return INVALID_VALUE
-        handle = 0x300000 + len(self.execs) + 1
+        self.handles += 1
+        handle = 0x300000 + self.handles
         self.execs[handle] = list(ops)
         return self._set(ref, handle)
 

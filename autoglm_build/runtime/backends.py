@@ -289,7 +289,6 @@ class TensorRTBackend(Backend):
         self.shapes: Dict[str, Dict[str, Tuple[int, ...]]] = {}  # engine -> tensor -> its shape (-1: dynamic)
         self._device_buffers: Dict[str, List[Any]] = {}  # runner name -> the buffers bound to its context
         self._bound: Dict[str, Any] = {}  # runner name -> the key of the binding its context holds (bind)
-        self.rebinds = 0  # contexts (re)bound by bind: once per shape bucket, not per step
         self.generations: Dict[str, int] = {}  # runner name -> how often bind (re)set its context
         self._pools: Dict[Tuple[str, Optional[int]], ScratchPool] = {}  # (decoder or engine, GPU) -> its scratch
         self.scratch_bytes: Dict[str, int] = {}  # multi-profile engine -> the scratch it needs
@@ -326,6 +325,11 @@ class TensorRTBackend(Backend):
 
         head = bool(((self.config or {}).get("decoder") or {}).get("head_stage")) and len(parts) > 1
         return stage_devices(self.devices, len(parts) - head, head)
+
+    @property
+    def rebinds(self) -> int:
+        """Contexts (re)bound by :meth:`bind`, all runners together: once per shape bucket, not per step."""
+        return sum(self.generations.values())
 
     def _connect(self) -> None:
         """Peer access between GPUs whose stages hand activations to each other (both ways), where the
@@ -607,7 +611,6 @@ class TensorRTBackend(Backend):
         if self._bound.get(runner.name) == key:
             return runner
         self._bound.pop(runner.name, None)
-        self.rebinds += 1
         # a CUDA graph captured over this context is stale from here on (TensorRT may reallocate on a new shape)
         self.generations[runner.name] = self.generations.get(runner.name, 0) + 1
         shapes, addresses = make()

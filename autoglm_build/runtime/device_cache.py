@@ -612,8 +612,9 @@ class DeviceKVCache(KVCache):
                 shard.device.upload(masks[-1], host)
         present = [self.scratch(shard, "a", n, cap + 1) for shard in self.shards]
         logits = self.shards[-1].buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
-        # a committed step of all rows on one GPU may run as a CUDA graph (StepGraphs); the uploads stay outside
-        queue = [] if (self.graphs is not None and slot is None and commit and len(self.shards) == 1) else None
+        # a committed step of all rows may run as a CUDA graph (StepGraphs: one GPU only, use_graphs); the
+        # uploads stay outside
+        queue = [] if (self.graphs is not None and slot is None and commit) else None
         self._run("decode", n, 1, self._embed(ids, "decode", queue=queue), masks, positions, past, present, logits,
                   queue=queue)
         if queue is not None:

@@ -1,6 +1,7 @@
-"""A staged vision tower (``vision.stages: 2``, issue 15): two graphs whose chained ``image_embeds`` are the
-one graph's, each stage calibrated inside the tower, verified, benchmarked and served as one module (ONNX
-Runtime, and the fake TensorRT; tiny config, trained weights)."""
+"""A staged vision tower (``vision.stages: 2`` and ``vision.head_stage``, issue 15): three graphs (a block each,
+then the final norm, downsample and merger) whose chained ``image_embeds`` are the one graph's, each stage
+calibrated inside the tower, verified, benchmarked and served as one module (ONNX Runtime, and the fake
+TensorRT; tiny config, trained weights); two stages without the head stage chain to the same too."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from autoglm_build.pipeline import Pipeline
 from tests.conftest import ROOT, write_config
 
 MODULES = ["vision", "embed", "decoder"]
+#: the staged tower of these tests: two block stages and the head stage (vision.stage0 .. vision.stage2)
+STAGED = {"stages": 2, "head_stage": True}
+PARTS = ["vision.stage0", "vision.stage1", "vision.stage2"]
 SCREEN = ROOT / "calibration_data" / "images" / "screen_chat.png"
 
 
@@ -47,12 +51,12 @@ def _build(config: Path, workdir: Path, vision_stages=()) -> Path:
 
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory) -> Path:
-    """The tiny config with ``vision.stages: 2``: vision's samples, INT8 and FP16 graphs per stage."""
+    """The tiny config with two block stages and the head stage: vision's samples, INT8 and FP16 graphs per stage."""
     from autoglm_build.stages.calibrate import CalibrateStage
     from autoglm_build.stages.samples import SamplesStage
 
     root = tmp_path_factory.mktemp("vstaged")
-    config = write_config(root / "staged.yaml", {"modules": MODULES, "vision": {"stages": 2}})
+    config = write_config(root / "staged.yaml", {"modules": MODULES, "vision": STAGED})
     return _build(config, root / "w", [SamplesStage(), CalibrateStage("int8"), CalibrateStage("fp16")])
 
 
@@ -81,6 +85,13 @@ def test_the_tower_expands_into_its_stages_and_refuses_more_stages_than_layers(t
     one = load_config(write_config(tmp_path / "one.yaml", {}))
     assert registry.get("vision").fingerprint_data(cfg) == registry.get("vision").fingerprint_data(one)
     assert registry.get("vision.stage0").fingerprint_data(cfg) != registry.get("vision.stage1").fingerprint_data(cfg)
+    # the head stage: one more part; the last block stage then hands on hidden states (its own fingerprint)
+    head = load_config(write_config(tmp_path / "head.yaml", {"vision": STAGED}))
+    assert registry.expand(head, ["vision"]) == PARTS
+    assert registry.get("vision").fingerprint_data(head) == registry.get("vision").fingerprint_data(one)
+    assert registry.get("vision.stage0").fingerprint_data(head) == registry.get("vision.stage0").fingerprint_data(cfg)
+    assert registry.get("vision.stage1").fingerprint_data(head) != registry.get("vision.stage1").fingerprint_data(cfg)
+    assert registry.get("vision.stage2").blocks(head) == range(2, 2)
     result = CliRunner().invoke(app, ["run", "--dry-run", "-c", str(write_config(tmp_path / "b.yaml", {
         "vision": {"stages": 3}})), "-w", str(tmp_path / "w")])
     assert result.exit_code == 2 and "vision.stages: 3 exceeds vision.depth 2" in result.output
@@ -90,25 +101,26 @@ def test_each_stage_is_its_own_graph_measured_inside_the_tower(staged):
     manifest = Manifest.load(staged)
     for stage in ("export", "optimize", "calibrate-int8", "calibrate-fp16"):
         assert manifest.record(stage, "vision") is None
-        assert [manifest.record(stage, f"vision.stage{k}").status for k in (0, 1)] == ["done", "done"]
+        assert [manifest.record(stage, part).status for part in PARTS] == ["done"] * 3
     assert manifest.record("samples", "vision").status == "done"  # the tower's samples, taken as one
     shown = CliRunner().invoke(app, ["inspect", "-w", str(staged), "--json"])
     assert shown.exit_code == 0, shown.output
-    assert {"vision.stage0", "vision.stage1"} <= {a["module"] for a in json.loads(shown.stdout)["artifacts"].values()}
-    first, last = (ort_part(staged / "optimized" / f"vision.stage{k}.onnx") for k in (0, 1))
+    assert set(PARTS) <= {a["module"] for a in json.loads(shown.stdout)["artifacts"].values()}
+    first, middle, head = (ort_part(staged / "optimized" / f"{part}.onnx") for part in PARTS)
     assert first[0] == ["pixel_values", "patch_pos", "patch_grid"]
-    assert last[0] == ["hidden_states_in", "patch_pos", "patch_grid"]
-    # no checkpoint tensor reported unused: each stage's export ignores the other stage's blocks
-    for k in (0, 1):
-        assert not any("unused" in w for w in manifest.record("export", f"vision.stage{k}").warnings)
-        accuracy = manifest.record("calibrate-int8", f"vision.stage{k}").metrics["accuracy"]
+    assert middle[0] == ["hidden_states_in", "patch_pos", "patch_grid"]
+    assert head[0] == ["hidden_states_in"]  # the merge windows are consecutive patches: no bookkeeping
+    # no checkpoint tensor reported unused: each stage's export ignores the other stages' weights
+    for part in PARTS:
+        assert not any("unused" in w for w in manifest.record("export", part).warnings)
+        accuracy = manifest.record("calibrate-int8", part).metrics["accuracy"]
         assert accuracy["output"] == "image_embeds" and accuracy["cosine_min"] > 0.99, accuracy
 
 
 @pytest.mark.parametrize("folder", ["onnx", "optimized"])
 def test_chained_stages_equal_the_one_graph_on_a_pack_of_images(staged, unstaged, folder):
     one = ort_part(unstaged / folder / "vision.onnx")[1]
-    two = chain([ort_part(staged / folder / f"vision.stage{k}.onnx") for k in (0, 1)])
+    two = chain([ort_part(staged / folder / f"{part}.onnx") for part in PARTS])
     for sizes in ([(112, 112)], [(644, 280), (168, 224), (224, 112)]):  # one image; three shapes in one pack
         feed = _pack(sizes, seed=len(sizes))
         want, got = one(feed), two(feed)
@@ -116,11 +128,25 @@ def test_chained_stages_equal_the_one_graph_on_a_pack_of_images(staged, unstaged
         np.testing.assert_allclose(got["image_embeds"], want["image_embeds"], rtol=1e-4, atol=1e-5)
 
 
+def test_two_block_stages_without_the_head_stage_chain_to_the_one_graph(unstaged, tmp_path):
+    """``vision.stages: 2`` alone: the second block stage ends in the merger (exported graphs)."""
+    from autoglm_build.stages.export import ExportStage
+
+    config = write_config(tmp_path / "two.yaml", {"modules": MODULES, "vision": {"stages": 2}})
+    cfg = load_config(config)
+    Pipeline(cfg, tmp_path / "w", [ExportStage(cfg.checkpoint)], ["vision"], reporter=Reporter(-1),
+             config_path=str(config)).run()
+    one = ort_part(unstaged / "onnx" / "vision.onnx")[1]
+    two = chain([ort_part(tmp_path / "w" / "onnx" / f"vision.stage{k}.onnx") for k in (0, 1)])
+    feed = _pack([(644, 280), (168, 224)], seed=3)
+    np.testing.assert_allclose(two(feed)["image_embeds"], one(feed)["image_embeds"], rtol=1e-4, atol=1e-5)
+
+
 def test_the_backend_encodes_with_the_stages_chained(staged, unstaged):
     from autoglm_build.runtime.backends import open_backend
 
     staged_backend, one_backend = (open_backend(w, ["vision"], "onnxruntime") for w in (staged, unstaged))
-    assert set(staged_backend.files) == {"vision.stage0", "vision.stage1"}
+    assert set(staged_backend.files) == set(PARTS)
     feed = _pack([(280, 644), (112, 168)], seed=7)
     got, want = (b.encode("vision", feed, "image_embeds") for b in (staged_backend, one_backend))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -146,7 +172,7 @@ def _image_chat(workdir: Path) -> dict:
 
 def test_a_served_image_chat_on_the_staged_tower_returns_the_unstaged_reply(staged, unstaged):
     want, got = _image_chat(unstaged), _image_chat(staged)
-    assert {"vision.stage0", "vision.stage1"} <= set(got["files"]) and "vision" in want["files"]
+    assert set(PARTS) <= set(got["files"]) and "vision" in want["files"]
     assert got["image_tokens"] == 230  # 1080x2400 at the tiny max_pixels
     assert got["usage"] == want["usage"] and got["usage"]["completion_tokens"] > 1
     assert got["content"] == want["content"]
@@ -159,11 +185,11 @@ def test_fp16_stages_convert_alone_when_verify_measures_them(staged, tmp_path):
 
     workdir = tmp_path / "w"
     shutil.copytree(staged, workdir)
-    config = write_config(tmp_path / "c.yaml", {"modules": MODULES, "vision": {"stages": 2},
+    config = write_config(tmp_path / "c.yaml", {"modules": MODULES, "vision": STAGED,
                                                  "calibrate": {"measure_fp16": False}})
-    outcomes = Pipeline(load_config(config), workdir, [CalibrateStage("fp16")], ["vision.stage1", "vision.stage0"],
+    outcomes = Pipeline(load_config(config), workdir, [CalibrateStage("fp16")], PARTS[::-1],
                         reporter=Reporter(-1), config_path=str(config)).run()
-    assert [(o.module, o.status) for o in outcomes] == [("vision.stage1", "ran"), ("vision.stage0", "ran")]
+    assert [(o.module, o.status) for o in outcomes] == [(part, "ran") for part in PARTS[::-1]]
     assert all(o.record.metrics["accuracy"] is None for o in outcomes)
     result = CliRunner().invoke(app, ["verify", "-w", str(workdir), "-m", "vision", "--precision", "fp16",
                                       "--backend", "onnxruntime", "--strict", "--json"])
@@ -187,7 +213,7 @@ def test_tensorrt_builds_and_chains_the_staged_tower(staged, tmp_path):
                         env, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     manifest = Manifest.load(workdir)
-    assert [manifest.record("engine-fp16", f"vision.stage{k}").status for k in (0, 1)] == ["done", "done"]
+    assert [manifest.record("engine-fp16", part).status for part in PARTS] == ["done"] * 3
     assert manifest.record("engine-fp16", "vision") is None
     verify = harness.run(["-m", "autoglm_build", "verify", *args, "-m", "vision", "--backend", "tensorrt",
                           "--strict", "--json"], env, timeout=600)
@@ -198,7 +224,7 @@ def test_tensorrt_builds_and_chains_the_staged_tower(staged, tmp_path):
                           str(SCREEN)], env, timeout=600)
     assert driven.returncode == 0, driven.stderr[-3000:]
     result = json.loads(driven.stdout.strip().splitlines()[-1])
-    assert result["files"] == ["decoder", "embed", "vision.stage0", "vision.stage1"]
+    assert result["files"] == ["decoder", "embed", *PARTS]
     assert result["outputs"] == ["image_embeds"] and result["images"] > 1
     assert result["run_max_diff"] < 1e-2 and result["encode_max_diff"] == 0.0 and result["device_max_diff"] == 0.0
     assert result["encoded"] == "DeviceEmbeds" and result["device_outputs"] == ["image_embeds"]
@@ -209,13 +235,13 @@ def test_tensorrt_builds_and_chains_the_staged_tower(staged, tmp_path):
     assert 0 < traffic["h2d_bytes"] <= 2 * result["feed_bytes"], (traffic, result["feed_bytes"])
     # the stages share one activation scratch (one profile each): one pool of the larger need, both pointed at it
     pools = {pool["parts"][0].split(".")[0]: pool for pool in result["scratch_pools"]}
-    assert pools["vision"]["parts"] == ["vision.stage0", "vision.stage1"], result["scratch_pools"]
-    assert pools["vision"]["bytes"] == max(result["scratch_bytes"][p] for p in ("vision.stage0", "vision.stage1"))
+    assert pools["vision"]["parts"] == PARTS, result["scratch_pools"]
+    assert pools["vision"]["bytes"] == max(result["scratch_bytes"][p] for p in PARTS)
     address = result["pool_addresses"]["vision@None"]
-    assert result["given_memory"] == {"vision.stage0": [address], "vision.stage1": [address]}
+    assert result["given_memory"] == {part: [address] for part in PARTS}
     chats = result["chat"]
     assert chats["tensorrt"]["status"] == chats["onnxruntime"]["status"] == 200
-    assert {"vision.stage0", "vision.stage1"} <= set(chats["tensorrt"]["files"])
+    assert set(PARTS) <= set(chats["tensorrt"]["files"])
     assert chats["tensorrt"]["image_tokens"] == chats["onnxruntime"]["image_tokens"] == 230
     assert chats["tensorrt"]["content"] == chats["onnxruntime"]["content"] and chats["tensorrt"]["content"]
     bench = harness.run(["-m", "autoglm_build", "bench", *args, "-m", "vision", "--backends", "tensorrt,onnxruntime",

@@ -135,14 +135,17 @@ def _torch_module():
             return h + interpolate_positions(visual.embeddings.position_embedding.weight, self.table_side, patch_pos,
                                              patch_grid)
 
-        def forward(self, pixel_values: torch.Tensor, patch_pos: torch.Tensor, patch_grid: torch.Tensor):
-            """``pixel_values``: the patches (the first stage, or the whole tower), else ``hidden_states_in``."""
+        def forward(self, pixel_values: torch.Tensor, patch_pos: Optional[torch.Tensor] = None,
+                    patch_grid: Optional[torch.Tensor] = None):
+            """``pixel_values``: the patches (the first stage, or the whole tower), else ``hidden_states_in``;
+            the head stage (no block: the final norm, downsample and merger) takes nothing else."""
             visual = self.visual
             h = self.embed(pixel_values, patch_pos, patch_grid) if self.first else pixel_values
-            # every stage derives the rotary angles and the image mask from the patch bookkeeping itself:
-            # a few small ops, where handing them between stages would add two large tensors per call
-            rotary = visual.rotary_pos_emb(h, patch_pos)
-            mask = self.image_mask(patch_grid, h.dtype)
+            if self.stage_blocks:
+                # every stage derives the rotary angles and the image mask from the patch bookkeeping itself:
+                # a few small ops, where handing them between stages would add two large tensors per call
+                rotary = visual.rotary_pos_emb(h, patch_pos)
+                mask = self.image_mask(patch_grid, h.dtype)
             for i in self.stage_blocks:
                 blk = visual.blocks[i]
                 h = h + self.attention(blk.attn, blk.norm1(h), rotary, mask)
@@ -180,8 +183,9 @@ class VisionSpec(ModuleSpec):
         return module.eval()
 
     def parts(self, cfg: BuildConfig) -> List[str]:
-        """``vision``, or ``vision.stage0`` .. with ``vision.stages`` > 1 (:mod:`autoglm_build.parts`)."""
-        count = cfg.vision.stages
+        """``vision``, or ``vision.stage0`` .. with ``vision.stages`` > 1 or ``vision.head_stage``
+        (:mod:`autoglm_build.parts`)."""
+        count = cfg.vision.parts
         return [self.name] if count == 1 else [part_name(self.name, k) for k in range(count)]
 
     def part(self, index: int) -> VisionStageSpec:
@@ -192,7 +196,8 @@ class VisionSpec(ModuleSpec):
         # `vision.stages` says how the tower is built, not what it computes: an unstaged tower keeps its
         # fingerprint (a stage adds its own range, VisionStageSpec.fingerprint_data)
         data = super().fingerprint_data(cfg)
-        data["sections"]["vision"].pop("stages", None)
+        for key in ("stages", "head_stage"):
+            data["sections"]["vision"].pop(key, None)
         return data
 
     def input_names(self, cfg: BuildConfig) -> List[str]:
@@ -287,17 +292,28 @@ class VisionStageSpec(StagePart, VisionSpec):
     downsample and merger and returns ``image_embeds``, the others return ``hidden_states``. Its weights
     are the whole tower's (same seed, or the same checkpoint tensors), its validation cases the tower's
     with the stage's inputs.
+
+    With ``vision.head_stage`` the block stages all return ``hidden_states`` and one more stage (index
+    ``vision.stages``) holds no block: ``hidden_states_in`` -> final norm -> 2x2 downsample -> merger ->
+    ``image_embeds``, with no positions or mask (the merge windows are consecutive patches).
     """
 
     whole = VisionSpec
     unit = "blocks"
 
     def last(self, cfg: BuildConfig) -> bool:
-        return self.index == cfg.vision.stages - 1
+        return self.index == cfg.vision.parts - 1
+
+    def head(self, cfg: BuildConfig) -> bool:
+        """The head stage (``vision.head_stage``): the final norm, downsample and merger, no block."""
+        return cfg.vision.head_stage and self.index == cfg.vision.stages
 
     def blocks(self, cfg: BuildConfig) -> range:
-        if self.index >= cfg.vision.stages:
-            raise ValueError(f"{self.name}: the config's vision tower has {cfg.vision.stages} stages")
+        if self.index >= cfg.vision.parts:
+            raise ValueError(f"{self.name}: the config's vision tower has {cfg.vision.parts} parts "
+                             f"(vision.stages {cfg.vision.stages}, head_stage {cfg.vision.head_stage})")
+        if self.head(cfg):
+            return range(cfg.vision.depth, cfg.vision.depth)
         return layer_ranges(cfg.vision.depth, cfg.vision.stages)[self.index]
 
     def build(self, cfg: BuildConfig):
@@ -313,6 +329,8 @@ class VisionStageSpec(StagePart, VisionSpec):
 
     def input_names(self, cfg: BuildConfig) -> List[str]:
         names = super().input_names(cfg)
+        if self.head(cfg):
+            return [HIDDEN_IN]
         return names if self.first() else [HIDDEN_IN] + names[1:]
 
     def output_names(self, cfg: BuildConfig) -> List[str]:
@@ -322,6 +340,8 @@ class VisionStageSpec(StagePart, VisionSpec):
         axes = super().dynamic_axes(cfg)
         if not self.first():
             axes[HIDDEN_IN] = axes.pop("pixel_values")
+        if self.head(cfg):
+            axes = {name: axes[name] for name in (HIDDEN_IN, "image_embeds")}
         if not self.last(cfg):
             axes[HIDDEN] = {0: "patches"}
             del axes["image_embeds"]
@@ -332,7 +352,7 @@ class VisionStageSpec(StagePart, VisionSpec):
         of the pixels, as a decoder stage takes random ``hidden_states_in``."""
         if self.first():
             return feed
-        out = {k: v for k, v in feed.items() if k != "pixel_values"}
+        out = {k: v for k, v in feed.items() if k != "pixel_values" and not self.head(cfg)}
         return {HIDDEN_IN: random_floats(rng, (len(feed["pixel_values"]), cfg.vision.hidden_size)), **out}
 
     def export_inputs(self, cfg: BuildConfig) -> Dict[str, np.ndarray]:
@@ -346,5 +366,7 @@ class VisionStageSpec(StagePart, VisionSpec):
         data = super().fingerprint_data(cfg)
         blocks = self.blocks(cfg)
         data.update(module=self.name, stages=cfg.vision.stages, blocks=[blocks.start, blocks.stop])
+        if cfg.vision.head_stage and self.index >= cfg.vision.stages - 1:  # the stages it changes
+            data.update(head_stage=True)
         return data
 

@@ -82,7 +82,7 @@ print(d['engine']['opt_past'], ' '.join(d['modules']))" "$N9C")
 fi
 # engine builds wait for the staged harness; '&&' so that "X && $HARNESS build" builds only after X succeeded
 HARNESS="while [ ! -e /tmp/stage/.ready ]; do sleep 5; done &&"
-OUT=${OUT:-device-out}
+OUT=${OUT:-device-out}  # the run tool's $OUT on the device; off it, this folder (ignored)
 mkdir -p "$OUT" "$D" "$L"
 export PYTHONUNBUFFERED=1 NO_COLOR=1 COLUMNS=160 AUTOGLM_BUILD_TRT_TACTICS=${AUTOGLM_BUILD_TRT_TACTICS:-cublas}
 export AUTOGLM_BUILD_CACHE_DIR=$D/cache
@@ -114,6 +114,8 @@ gpu_slot() {  # gpu_slot GPU COMMAND...: COMMAND once one of GPU's $SLOTS build 
 }
 export -f gpu_slot
 
+pin() { command -v taskset >/dev/null && echo "taskset -c $1"; }  # pin CPUS: the words that run a command on those CPUs
+
 job() {  # job NAME "commands": a background process session that survives this call
   local name=$1; shift
   setsid nohup bash -c "$*" >"$L/$name.log" 2>&1 </dev/null &
@@ -121,10 +123,10 @@ job() {  # job NAME "commands": a background process session that survives this 
 }
 
 case $PHASE in
-start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TINY_MODULES names modules
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site312 .whl/*.whl \
-    || exit 1
-  if ls .whl39/*.whl >/dev/null 2>&1; then  # Pillow, pytest, openai for the engine path and tests on Python 3.9
+start)  # the full-width chains (FULL_MODULES), and the tiny INT8 rebuild if TINY_MODULES names modules; NO_WHEELS=1: off the device
+  [ -n "${NO_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site312 .whl/*.whl || exit 1
+  if [ -z "${NO_WHEELS:-}" ] && ls .whl39/*.whl >/dev/null 2>&1; then  # Pillow, pytest, openai for the engine path and tests on Python 3.9
     for w in .whl39/*.whl; do python3 -m zipfile -e "$w" /tmp/site39; done
   fi
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
@@ -139,9 +141,21 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD
     rm -rf "$W" && cp -r "${2:-build/autoglm-phone-tiny}" "$W"
     for precision in ${TINY_PRECISIONS:-int8}; do
       for module in $TINY_MODULES; do
-        on_gpu; job "tiny-$module-$precision" "$HARNESS $ON $CLI39 engine -c $TINY -w $W --precision $precision -m $module"
+        on_gpu; job "tiny-$module-$precision" "$HARNESS $ON $CLI39 engine -c $TINY -w $W --precision $precision -m $module \
+          && touch $W/.engine-$module-$precision || touch $W/.failed-$module-$precision"
       done
     done
+    if [ -n "${DEVTESTS:-}" ]; then  # phase devtests as a job once those engines are built (on the last of GPUS),
+      # its files in $D/devout (a later call copies them into its own \$OUT)
+      twait=""
+      for precision in ${TINY_PRECISIONS:-int8}; do
+        for module in $TINY_MODULES; do
+          twait="$twait while [ ! -e $W/.engine-$module-$precision ]; do [ -e $W/.failed-$module-$precision ] && exit 1; sleep 5; done;"
+        done
+      done
+      mkdir -p $D/devout
+      job devtests "$twait env OUT=$D/devout CUDA_VISIBLE_DEVICES=$LAST_GPU bash $0 devtests"
+    fi
   fi
   if [ -n "${TINY_STAGED:-}" ]; then  # the two-GPU test's build: tiny, decoder in two stages, fp16
     c="-c $TINYS -w $WS"
@@ -202,10 +216,12 @@ from autoglm_build.modules import registry
 print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))" "$N9C" "$NINE_MODULES") \
     || { echo "error: cannot read the parts of $N9C"; exit 1; }
   echo "parts: $PARTS"
+  # The jobs' marker files in the workdir must not begin with the tool's temp prefixes (workdir.TEMP_PREFIXES: a
+  # run removes those as stale; ".samples-done" was, so the verify jobs waited for ever).
   # an earlier attempt's markers (not the build slots' lock files: a lock lives in its holder's open file, and
   # a build still running from that attempt must keep its slot)
-  rm -f "$N9CKPT.done" "$N9CKPT.failed" "$N9"/.optimized-* "$N9"/.failed-* "$N9"/.engine-* "$N9"/.samples-done \
-    "$N9"/.samples-failed
+  rm -f "$N9CKPT.done" "$N9CKPT.failed" "$N9"/.optimized-* "$N9"/.failed-* "$N9"/.engine-* "$N9"/.sampled \
+    "$N9"/.failed-samples
   stamp='echo "=== $(date +%s) $(date +%T)"'
   job ckpt9 "$stamp ckpt; env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py \
     -c $NINE -o $N9CKPT --workers ${NINE_CKPT_WORKERS:-6} && touch $N9CKPT.done || touch $N9CKPT.failed; $stamp ckpt end"
@@ -214,13 +230,8 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
     echo "while [ ! -e $N9CKPT.done ]; do [ -e $N9CKPT.failed ] && { touch $N9/.failed-$1; exit 1; }; sleep 3; done"
   }
   c="-c $N9C -w $N9"
-  last=$LAST_GPU
-  # torch eager and sdpa, the same checkpoint, fp16, on the last GPU before its builds start (the CPU busy exporting)
-  vbench=""  # the vision tower on one screenshot (the engine's opt_patches), transformers' own, same weights
-  case " $NINE_MODULES " in *" vision "*) vbench="; env CUDA_VISIBLE_DEVICES=$last $CLI312 bench $c -m vision \
-    --backends torch --batches 1 --min-time 1";; esac
-  job torch9 "$CKPT_WAIT && while [ ! -s $N9/manifest.json ]; do sleep 5; done && $stamp torch && env CUDA_VISIBLE_DEVICES=$last $CLI312 bench $c -m decoder --backends torch \
-    --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1 $vbench; $stamp torch end"
+  # torch's side of the decoder bench (transformers, the same checkpoint) runs in nine-check, beside TensorRT's:
+  # eager torch is launch-bound, and here, beside 17 exports, it measured 2.2x its quiet time (fifth session)
   for part in $PARTS; do
     on_gpu
     data="$N9/onnx/$part.onnx.data"  # the exported FP32 weights: the optimized graph replaces them (disk)
@@ -232,10 +243,10 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
   done
   waits=""  # every part's FP32 graph; a part that failed stops the samples (no wait for ever)
   for part in $PARTS; do
-    waits="$waits while [ ! -e $N9/.optimized-$part ]; do [ -e $N9/.failed-$part ] && { touch $N9/.samples-failed; exit 1; }; sleep 5; done;"
+    waits="$waits while [ ! -e $N9/.optimized-$part ]; do [ -e $N9/.failed-$part ] && { touch $N9/.failed-samples; exit 1; }; sleep 5; done;"
   done
   job samples9 "$waits $stamp samples && env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $c \
-    $(printf -- '-m %s ' $NINE_MODULES) && touch $N9/.samples-done || touch $N9/.samples-failed; $stamp samples end"
+    $(printf -- '-m %s ' $NINE_MODULES) && touch $N9/.sampled || touch $N9/.failed-samples; $stamp samples end"
   if [ -n "${NINE_AUDIO:-}" ]; then
     # the Whisper-large-v3 encoder (32 layers, 1280 wide) beside the rest, seeded random weights (the published
     # GLM-4.1V checkpoint has none), in a workdir of its own so the server's build need not wait for it
@@ -248,16 +259,43 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
       && gpu_slot '${ON#*=}' $ON $CLI39 engine $ca -m audio --precision fp16 && touch $N9A/.engine-audio \
       && $stamp verify && $ON $CLI39 verify $ca -m audio --precision fp16 --strict 2>&1 | grep -v '^\[W\]'; $stamp end"
   fi
+  # the decoder's and embed's engines against ONNX Runtime (and their FP16 graphs against FP32), as soon as they
+  # exist, while the vision tower still builds
+  dwait="while [ ! -e $N9/.sampled ]; do [ -e $N9/.failed-samples ] && exit 1; sleep 5; done;"
+  dmods=""
+  for part in $PARTS; do
+    case $part in decoder*|embed) dwait="$dwait while [ ! -e $N9/.engine-$part ]; do [ -e $N9/.failed-$part ] && exit 1; sleep 5; done;";; esac
+  done
+  for module in $NINE_MODULES; do case $module in decoder|embed) dmods="$dmods -m $module";; esac; done
+  if [ -n "$dmods" ]; then
+    on_gpu
+    job dverify9 "$dwait $stamp verify && $ON $CLI39 verify $c $dmods --precision fp16 --strict 2>&1 | grep -v '^\[W\]'; \
+      echo \"verify exit: \${PIPESTATUS[0]}\"; $stamp verify end"
+  fi
   case " $NINE_MODULES " in *" vision "*)  # the tower's engines against ONNX Runtime (CPU) as soon as they exist
-    vwait="while [ ! -e $N9/.samples-done ]; do [ -e $N9/.samples-failed ] && exit 1; sleep 5; done;"
+    vwait="while [ ! -e $N9/.sampled ]; do [ -e $N9/.failed-samples ] && exit 1; sleep 5; done;"
     for part in $PARTS; do
       case $part in vision*) vwait="$vwait while [ ! -e $N9/.engine-$part ]; do [ -e $N9/.failed-$part ] && exit 1; sleep 5; done;";; esac
     done
     on_gpu
     job vverify9 "$vwait $stamp verify && $ON $CLI39 verify $c -m vision --precision fp16 --backend tensorrt --strict \
-      2>&1 | grep -v '^\[W\]'; $stamp verify end";;
+      2>&1 | grep -v '^\[W\]'; echo \"verify exit: \${PIPESTATUS[0]}\"; $stamp verify end";;
   esac
   exec bash "$0" wait "${2:-0}"
+  ;;
+nine-lease)  # issue 15's lease in one call: phase nine on every GPU but the last where there are 4 or more with
+  # >= 100 GB each and TINY_DIR names the tiny build (issue 14's phase devtests then runs on the last GPU, as a job,
+  # on CPUs 0-7, the 9B's jobs on the others); otherwise nine on every GPU. NINE_* pass through.
+  n=$(nvidia-smi -L | wc -l); mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+  cores=$(nproc); builds=$(seq -s " " 0 $((n - 1))); cpus=0-$((cores - 1))
+  if [ "$n" -ge 4 ] && [ "${mem:-0}" -ge 100000 ] && [ -n "${TINY_DIR:-}" ] && [ "$cores" -ge 32 ]; then
+    builds=$(seq -s " " 0 $((n - 2))); cpus=8-$((cores - 1))
+    GPUS=$((n - 1)) TINY_MODULES="vision embed decoder" TINY_PRECISIONS=fp16 FULL_MODULES= START_WAIT=0 DEVTESTS=1 \
+      $(pin 0-7) bash "$0" start "$TINY_DIR" >"$L/start-tiny.log" 2>&1
+    echo "tiny devtests on GPU $((n - 1)) (CPUs 0-7): $(grep -c started "$L/start-tiny.log") jobs"
+  fi
+  echo "9B builds on GPUs $builds, CPUs $cpus"
+  GPUS="$builds" exec $(pin "$cpus") bash "$0" nine "${2:-0}"
   ;;
 nine-verify)  # the 9B modules' chained engines against ONNX Runtime, and their FP16 graphs against FP32 (CPU)
   $CLI39 verify -c $N9C -w $N9 $(printf -- '-m %s ' $NINE_MODULES) --precision fp16 --strict 2>&1 | grep -v "^\[W\]" | tee "$OUT/verify_9b.txt"
@@ -268,11 +306,18 @@ nine-twogpu)  # the 9B decoder's stages on GPUs 0 and 1 generate what they gener
     "tests/runtime/test_backends_trt.py::test_the_staged_decoder_split_across_two_gpus_generates_what_it_does_on_one" \
     2>&1 | grep -v "^\[W\]" | tee "$OUT/pytest_two_gpus_9b.txt" | tail -8
   ;;
-nine-check)  # the 9B model's engines: device memory, bench at 40 layers, the phone agent served, serve/engine
+nine-check)  # the 9B model's engines: device memory, bench at 40 layers beside torch, the phone agent served
+  # One GPU each, at once, where there are enough: the agent's server (AGENT_GPU, the first of GPUS), TensorRT's
+  # decoder and vision bench (BENCH_GPU, the second), torch's decoder bench on the same checkpoint (TORCH_GPU, the
+  # third; TORCH_CPUS pins it: eager torch is launch-bound); the engines' device memory on the last. Fewer GPUs:
+  # the benches one after the other on the last GPU.
   c="-c $N9C -w $N9"
+  n=${#GPU_LIST[@]}
+  AGENT_GPU=${AGENT_GPU:-${GPU_LIST[0]:-0}}
+  BENCH_GPU=${BENCH_GPU:-$([ "$n" -ge 2 ] && echo "${GPU_LIST[1]}" || echo "$LAST_GPU")}
+  TORCH_GPU=${TORCH_GPU:-$([ "$n" -ge 3 ] && echo "${GPU_LIST[2]}" || echo "$BENCH_GPU")}
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader
-  # each engine's activation memory (TensorRT's device_memory_size: what a context needs beside the weights),
-  # in the background on the last GPU while the benchmarks run on GPU 0; first, alone, where there is one GPU
+  # each engine's activation memory (TensorRT's device_memory_size: what a context needs beside the weights)
   env CUDA_VISIBLE_DEVICES=$LAST_GPU PYTHONPATH=$PWD /tmp/stage/trtpy - "$N9"/engines/*.engine $N9A/engines/*.engine \
     >"$L/engine_memory.txt" 2>&1 <<'PY' &
 import sys
@@ -286,27 +331,40 @@ for path in [p for p in sys.argv[1:] if not p.endswith("*.engine")]:  # an unmat
     del engine
 PY
   memory=$!
-  [ "$LAST_GPU" = 0 ] && wait $memory  # one GPU: the benchmarks must not share it with the deserializing
-  if [ "${NINE_BENCH:-1}" = 1 ]; then
-    $CLI39 bench $c -m decoder --backends tensorrt --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1 \
-      --precision fp16 2>&1 | grep -v "^\[W\]" | tee "$OUT/bench_9b_trt.txt"
-  fi
+  [ "$n" -le 1 ] && wait $memory  # one GPU: the benchmarks must not share it with the deserializing
+  pids=""
   case " $NINE_MODULES " in *" vision "*)
-    $CLI39 bench $c -m vision --backends tensorrt --batches 1 --min-time 1 --precision fp16 2>&1 | grep -v "^\[W\]" \
-      | tee "$OUT/bench_9b_vision_trt.txt"
     # the phone agent served on the whole model: NINE_AGENT sessions x steps, each step a 1080x2400 screenshot,
     # its system prompt and history, through one server with prefix reuse (a server start takes minutes)
-    PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-600} /tmp/stage/trtpy benchmarks/serve_load.py $c \
-      --backend tensorrt --agent ${NINE_AGENT:-2x2} --agent-tokens 16 --agent-reuse on --ready-timeout 480 \
-      --timeout 300 2>&1 | grep -v "^\[W\]" | tee "$OUT/serve_agent_9b.txt";;
+    ( env CUDA_VISIBLE_DEVICES=$AGENT_GPU PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-600} /tmp/stage/trtpy \
+        benchmarks/serve_load.py $c --backend tensorrt --agent ${NINE_AGENT:-2x2} --agent-tokens 16 --agent-reuse on \
+        --ready-timeout 480 --timeout 300 2>&1 | grep -v "^\[W\]" >"$OUT/serve_agent_9b.txt" ) &
+    pids="$pids $!";;
   esac
-  for overlap in ${NINE_OVERLAP-1 0}; do  # NINE_OVERLAP= (empty): no text-prompt serve/engine runs
+  trt_bench="env CUDA_VISIBLE_DEVICES=$BENCH_GPU $CLI39 bench $c -m decoder --backends tensorrt --batches 1,8 \
+    --prompt 512 --past $NINE_PAST --min-time 1 --precision fp16"
+  case " $NINE_MODULES " in *" vision "*) vision_bench="env CUDA_VISIBLE_DEVICES=$BENCH_GPU $CLI39 bench $c -m vision \
+    --backends tensorrt --batches 1 --min-time 1 --precision fp16";; *) vision_bench=true;; esac
+  torch_bench="env CUDA_VISIBLE_DEVICES=$TORCH_GPU ${TORCH_CPUS:+taskset -c $TORCH_CPUS} $CLI312 bench $c -m decoder \
+    --backends torch --batches 1,8 --prompt 512 --past $NINE_PAST --min-time 1"
+  if [ "${NINE_BENCH:-1}" = 1 ]; then
+    if [ "$TORCH_GPU" != "$BENCH_GPU" ]; then
+      ( $torch_bench 2>&1 | grep -v "^\[W\]" >"$OUT/bench_9b_torch.txt" ) & pids="$pids $!"
+      ( { $trt_bench; $vision_bench; } 2>&1 | grep -v "^\[W\]" >"$OUT/bench_9b_trt.txt" ) & pids="$pids $!"
+    else
+      ( { $trt_bench; $vision_bench; $torch_bench; } 2>&1 | grep -v "^\[W\]" >"$OUT/bench_9b_trt.txt" ) & pids="$pids $!"
+    fi
+  fi
+  for pid in $pids; do wait "$pid"; done
+  for f in "$OUT"/bench_9b_*.txt "$OUT"/serve_agent_9b.txt; do [ -e "$f" ] && { echo "--- $(basename "$f")"; tail -40 "$f"; }; done
+  for overlap in ${NINE_OVERLAP-}; do  # NINE_OVERLAP="1 0": text-prompt serve/engine runs with the decode overlap on/off
     # the 40-layer server takes about 200 s to start (nine engines, 34 GB): 330 s per run
-    AUTOGLM_BUILD_OVERLAP=$overlap PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-330} /tmp/stage/trtpy \
-      benchmarks/serve_load.py $c --backend tensorrt --clients 0 --max-tokens 32 --ready-timeout 300 2>&1 \
+    AUTOGLM_BUILD_OVERLAP=$overlap CUDA_VISIBLE_DEVICES=$AGENT_GPU PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-330} \
+      /tmp/stage/trtpy benchmarks/serve_load.py $c --backend tensorrt --clients 0 --max-tokens 32 --ready-timeout 300 2>&1 \
       | grep -v "^\[W\]" | tee "$OUT/serve_load_9b_overlap$overlap.txt"
   done
   wait $memory; grep -v "^\[" "$L/engine_memory.txt" | tee "$OUT/engine_memory_9b.txt"
+  for f in "$L"/dverify9.log "$L"/vverify9.log "$L"/audio9.log; do [ -e "$f" ] && cp "$f" "$OUT/"; done
   cp "$N9/manifest.json" "$OUT/manifest_9b.json"
   ;;
 ready)  # the harness's parts are all in /tmp/stage: unpack once (about 20 s), then release the builds

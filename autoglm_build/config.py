@@ -319,8 +319,9 @@ class ServeConfig(_Section):
         "strings, streaming), so the GPU runs while the host works (TensorRT; ONNX Runtime computes a step before "
         "it returns: no overlap); same tokens and text either way; false: one step after the other")
     cuda_graphs: bool = Field(
-        False, description="run each decode step's engines as one CUDA graph per binding (TensorRT, one GPU): one "
-        "launch instead of one enqueue per engine; same tokens either way; off until seen on a GPU")
+        True, description="run each decode step's engines as one CUDA graph per binding (TensorRT, one GPU): one "
+        "launch instead of one enqueue per engine; same tokens either way (the GPU test). On an H200: the tiny "
+        "server's decode 1.6x at 8 streams, the 40-layer server's 1.2x; false: engine by engine")
     devices: Optional[List[int]] = Field(
         None, min_length=1, description="GPUs the decoder's stages are placed on (TensorRT, pipeline parallel): stage "
         "i of N on devices[i * len(devices) // N], vision/audio/embed on the first; each GPU listed once, at most "

@@ -443,6 +443,8 @@ verify)  # full width: every engine against ONNX Runtime on its own precision gr
   done
   ;;
 devtests)  # tiny: the TensorRT backend's GPU tests (bound calls, the device-resident KV cache), bench-serve
+  # the device-cache tests read the tiny vision samples, which a carried tiny build may leave out for size (37 MB)
+  [ -e "$W/samples/vision.npz" ] || env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py -c $TINY -w $W -m vision
   AUTOGLM_BUILD_TRT_WORKDIR=$W PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m pytest -q -p no:cacheprovider -rs \
     tests/runtime/test_backends_trt.py 2>&1 | grep -v "^\[W\]" | tee "$OUT/pytest_trt_tiny.txt" | tail -15
   for graphs in ${GRAPHS_AB-0 1}; do  # decode steps engine by engine, then as CUDA graphs (serve.cuda_graphs)

@@ -127,7 +127,8 @@ class StepGraphs:
     an encoder may use from its request's thread during a capture. A capture or launch that CUDA or TensorRT
     refuses runs that step engine by engine and refuses its binding; after :data:`MAX_FAILURES` refusals in a
     row, or a CUDA runtime without the graph API, graphs are off for the cache (logged once). Single GPU only
-    (:meth:`DeviceKVCache.use_graphs`). Off by default (``serve.cuda_graphs``): the GPU has not run it yet.
+    (:meth:`DeviceKVCache.use_graphs`). On by default (``serve.cuda_graphs``) since the GPU ran it (same tokens,
+    no capture refused; docs/benchmarks.md, sixth session).
     """
 
     MAX_FAILURES = 3
@@ -363,8 +364,8 @@ class DeviceKVCache(KVCache):
         if on and len(self.shards) > 1:
             import logging
 
-            logging.getLogger(__name__).warning("CUDA graphs: off with the decoder on %d GPUs (one GPU only)",
-                                                len(self.shards))
+            logging.getLogger(__name__).info("CUDA graphs: off with the decoder on %d GPUs (one GPU only)",
+                                             len(self.shards))
         elif on:
             self.graphs = StepGraphs(self.backend, self.device)
 

@@ -423,14 +423,28 @@ def submit(state: ServerState, prompt: Prompt, params: SamplingParams) -> Tuple[
     except SchedulerStopped:
         raise APIError(503, "server is shutting down", "server_error", code="shutting_down") from None
 
-    async def events():
-        while True:
-            event = await queue.get()
-            yield event
-            if event["type"] != "delta":
-                return
+    return queued_events(queue), request
 
-    return events(), request
+
+async def queued_events(queue: asyncio.Queue) -> AsyncIterator[Dict]:
+    """A request's events off its queue, up to and including the first that is not a delta. Deltas that are
+    already waiting when one is taken go out with it as one (their texts joined, reasoning before content as
+    the scheduler emits them): a stream whose loop fell behind the decode steps sends one chunk for what
+    waits, not one per token, and catches up (vLLM V1's output collector merges a slow consumer's deltas the
+    same way). A stream that keeps up still gets one chunk per token."""
+    held: Optional[Dict] = None
+    while True:
+        event, held = (held, None) if held is not None else (await queue.get(), None)
+        while event["type"] == "delta" and not queue.empty():
+            later = queue.get_nowait()
+            if later["type"] != "delta" or (event["content"] and later["reasoning"]):
+                held = later  # not a delta, or reasoning after content: its own event, in order
+                break
+            event = {**event, "reasoning": event["reasoning"] + later["reasoning"],
+                     "content": event["content"] + later["content"]}
+        yield event
+        if event["type"] != "delta":
+            return
 
 
 @dataclass

@@ -110,3 +110,42 @@ def test_event_bridge_delivers_every_event_in_order_and_refuses_a_closed_loop():
     assert got == [list(range(k, 300, 3)) for k in range(3)]
     with pytest.raises(RuntimeError):
         emit(None, {"type": "delta"})
+
+
+def test_deltas_waiting_together_go_out_as_one_and_the_text_is_unchanged():
+    """A stream that fell behind (several deltas queued) gets them joined into one event, in order: the
+    reasoning before the content, never reasoning that came after content folded ahead of it; the done event
+    after. A stream that keeps up gets each delta alone. Either way the text read is the same."""
+    import asyncio
+
+    from autoglm_build.serve.app import queued_events
+
+    def delta(reasoning="", content=""):
+        return {"type": "delta", "reasoning": reasoning, "content": content}
+
+    done = {"type": "done", "finish_reason": "stop"}
+    backlog = [delta("th", ""), delta("ink", ""), delta("", "Hel"), delta("", "lo"), delta("late", ""),
+               delta("", "!"), done]
+
+    async def drain(events, keep_up: bool):
+        queue: asyncio.Queue = asyncio.Queue()
+        got = []
+        if not keep_up:
+            for event in events:
+                queue.put_nowait(event)
+            return [e async for e in queued_events(queue)]
+        stream = queued_events(queue)
+        for event in events:
+            queue.put_nowait(event)
+            got.append(await stream.__anext__())
+        return got
+
+    behind = asyncio.run(drain(backlog, keep_up=False))
+    assert behind == [delta("think", "Hello"), delta("late", "!"), done]
+    alone = asyncio.run(drain(backlog, keep_up=True))
+    assert alone == backlog
+
+    def text(events):
+        return "".join(e["reasoning"] + "|" + e["content"] for e in events if e["type"] == "delta").replace("|", "")
+
+    assert text(behind) == text(alone) == "thinkHellolate!"

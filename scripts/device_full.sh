@@ -29,12 +29,16 @@
 #   bash scripts/device_full.sh bench                  full width: torch, then TensorRT
 #   bash scripts/device_full.sh overhead               full width: TensorRT called through Polygraphy, bound, CUDA graph
 # The whole 9B model (issue 15), the decoder and embed of configs/autoglm-phone-9b.yaml (40 layers in 8 stages + the head
-# stage; NINE_MODULES="vision embed decoder" adds the vision tower's 6 stages) from a 9B checkpoint in the published layout written on the device (NINE_CKPT, bf16), each part's chain in its
-# own process (export -> optimize -> its export's weights removed -> FP16 graph without calibrate's own measurement ->
-# engine on the next of $GPUS), torch eager/sdpa on the same checkpoint on the last GPU meanwhile:
+# stage; NINE_MODULES="vision embed decoder" adds the vision tower's 7 parts: 6 block stages + the merger's) from a 9B
+# checkpoint in the published layout written on the device (NINE_CKPT, bf16), each part's chain in its own process
+# (export -> optimize -> its export's weights removed -> FP16 graph without calibrate's own measurement -> engine on
+# the next of $GPUS), verify of each module as soon as its engines exist; NINE_AUDIO=1 adds the audio encoder:
+#   bash scripts/device_full.sh nine-lease [seconds]  nine laid out over the machine's GPUs (and issue 14's tiny devtests
+#                                                      on the last of 4 H200s with TINY_DIR set)
 #   bash scripts/device_full.sh nine [seconds]        start every job, wait; NINE_CONTEXT/NINE_OPT_PAST/NINE_WORKSPACE
 #                                                      override engine.context/opt_past/workspace_mib for the lease
-#   bash scripts/device_full.sh nine-check            bench TensorRT at 40 layers, serve_load with the decode overlap on/off
+#   bash scripts/device_full.sh nine-check            the agent served, TensorRT and torch decoder benches at 40 layers,
+#                                                      engine memory; NINE_OVERLAP="1 0": text serve/engine runs too
 #   bash scripts/device_full.sh nine-verify           verify (chained engines vs ONNX Runtime; FP16 vs FP32)
 #   bash scripts/device_full.sh nine-twogpu           the 9B decoder's stages over GPUs 0 and 1: the tokens of one GPU
 # Wheels: .whl/ for the Python 3.12 side (pydantic, onnxslim, the tested transformers, ...) and .whl39/
@@ -76,7 +80,7 @@ if [ "$PHASE" = nine ]; then
 d['tokenizer'] = 'tokenizers/autoglm-phone-tiny.json'  # random weights: any tokenizer within the vocabulary
 d['calibrate']['measure_fp16'] = False  # verify measures the chained FP16 graphs; the 9 parts convert in parallel
 d['engine'].update(context=${NINE_CONTEXT:-8192}, opt_past=$NINE_PAST, workspace_mib=${NINE_WORKSPACE:-12288})"
-elif [ -e "$N9C" ]; then
+elif [ "$PHASE" != nine-lease ] && [ -e "$N9C" ]; then  # nine-lease passes the caller's NINE_* on to nine
   read -r NINE_PAST NINE_MODULES < <(python3 -c "import sys, yaml; d = yaml.safe_load(open(sys.argv[1]))
 print(d['engine']['opt_past'], ' '.join(d['modules']))" "$N9C")
 fi
@@ -331,15 +335,19 @@ for path in [p for p in sys.argv[1:] if not p.endswith("*.engine")]:  # an unmat
     del engine
 PY
   memory=$!
-  [ "$n" -le 1 ] && wait $memory  # one GPU: the benchmarks must not share it with the deserializing
+  case " $AGENT_GPU $BENCH_GPU $TORCH_GPU " in  # a GPU that runs something must not share it with the deserializing
+    *" $LAST_GPU "*) wait $memory;;
+  esac
   pids=""
   case " $NINE_MODULES " in *" vision "*)
     # the phone agent served on the whole model: NINE_AGENT sessions x steps, each step a 1080x2400 screenshot,
-    # its system prompt and history, through one server with prefix reuse (a server start takes minutes)
+    # its system prompt and history, through one server with prefix reuse (a server start takes minutes); beside
+    # the benches only on a GPU of its own (its 65 GB and theirs would not fit an H100, and would skew both)
     ( env CUDA_VISIBLE_DEVICES=$AGENT_GPU PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-600} /tmp/stage/trtpy \
         benchmarks/serve_load.py $c --backend tensorrt --agent ${NINE_AGENT:-2x2} --agent-tokens 16 --agent-reuse on \
         --ready-timeout 480 --timeout 300 2>&1 | grep -v "^\[W\]" >"$OUT/serve_agent_9b.txt" ) &
-    pids="$pids $!";;
+    agent=$!
+    if [ "$AGENT_GPU" = "$BENCH_GPU" ] || [ "$AGENT_GPU" = "$TORCH_GPU" ]; then wait $agent; else pids="$pids $agent"; fi;;
   esac
   trt_bench="env CUDA_VISIBLE_DEVICES=$BENCH_GPU $CLI39 bench $c -m decoder --backends tensorrt --batches 1,8 \
     --prompt 512 --past $NINE_PAST --min-time 1 --precision fp16"

@@ -28,7 +28,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class VisionConfig(_Section):
+class _Staged:
+    """A module section with ``stages`` and ``head_stage`` fields (the decoder's, the vision tower's)."""
+
+    @property
+    def parts(self) -> int:
+        """How many graphs the module is: its stages, and the head stage if it has one."""
+        return self.stages + int(self.head_stage)  # type: ignore[attr-defined]
+
+
+class VisionConfig(_Staged, _Section):
     """GLM-4.1V vision tower (``Glm4vVisionConfig``) over images at native resolution.
 
     ``image_size`` is the side the learned position table was trained at (24x24 patches at 336);
@@ -60,11 +69,6 @@ class VisionConfig(_Section):
         "the final norm, 2x2 downsample and merger as a stage of their own after the block stages "
         "(vision.stage{stages}): hidden_states_in -> image_embeds, no attention. On TensorRT 8.5 the 9B's last "
         "stage with the merger built in 709 s against 501-520 s for the stages without it, the lease's critical path"))
-
-    @property
-    def parts(self) -> int:
-        """How many graphs the tower is: its block stages, and the head stage if it has one."""
-        return self.stages + int(self.head_stage)
 
     @property
     def grid(self) -> int:
@@ -105,7 +109,7 @@ class TextConfig(_Section):
         return self.hidden_size // self.num_attention_heads
 
 
-class DecoderConfig(_Section):
+class DecoderConfig(_Staged, _Section):
     """How the ``decoder`` module is built (not what it computes: that is ``text``)."""
 
     stages: int = Field(1, ge=1, description=(
@@ -116,10 +120,6 @@ class DecoderConfig(_Section):
         "a small engine with no attention. On TensorRT 8.5 a layer stage holding the 151,552-row LM head did not "
         "build within a 30-minute lease at the agent's 25,480-token context, while the layer alone built in 157 s"))
 
-    @property
-    def parts(self) -> int:
-        """How many graphs the decoder is: its layer stages, and the head stage if it has one."""
-        return self.stages + int(self.head_stage)
 
 
 class AudioConfig(_Section):

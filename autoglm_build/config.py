@@ -121,7 +121,6 @@ class DecoderConfig(_Staged, _Section):
         "build within a 30-minute lease at the agent's 25,480-token context, while the layer alone built in 157 s"))
 
 
-
 class AudioConfig(_Section):
     """Whisper-large-v3 encoder (``WhisperConfig`` encoder half) plus a projector into the decoder.
 

@@ -8,15 +8,17 @@ thinking span, the stops under ``ignore_eos``), then the ``k`` largest (``TopK``
 in every version). A greedy row (temperature <= 0) takes the largest. Any other row is sampled from those ``k`` at
 its temperature, cut to its top-p nucleus, by Gumbel-max: ``argmax(log p + g)``, where ``g`` is Gumbel noise the host
 draws from the request's own generator (TensorRT ignores ``RandomUniform``'s seed, and has no bitwise ops for a
-counter-based generator in the graph). The same seed gives the same noise and so the same tokens, on either backend.
-The host sampler draws differently (one uniform number against a cumulative sum over every candidate), so a seeded
-request's tokens differ from today's, and the distribution is cut to the ``k`` most probable ids, as TensorRT-LLM's
-top-k sampling cuts it.
+counter-based generator in the graph). The same seed gives the same noise and so, almost always, the same tokens on
+either backend (numerically near-equal scores may still fall either way). The host sampler draws differently (one
+uniform number against a cumulative sum over every candidate), so a seeded request's tokens differ from today's,
+and the distribution is cut to the ``k`` most probable ids, as TensorRT-LLM's top-k sampling cuts it.
 
-The nucleus is the ``k`` sorted probabilities' running sum: a matrix product with an upper-triangular ones
-matrix, not ``CumSum``. TensorRT 8.5/8.6's parser builds ``CumSum`` as a loop of one iteration per element, and
-``ICumulativeLayer`` only arrived in 10.8. An id is kept while the mass before it is below ``top_p``, so the most
-probable id is always kept.
+The nucleus is measured as the host's is, against the whole vocabulary's softmax at the row's temperature (its
+log-sum-exp over every id), not against the ``k`` alone: an id is kept while the mass of the more probable ids
+before it is below ``top_p`` (so the most probable id is always kept), then the nucleus is cut to the ``k``. The
+mass before each of the ``k`` sorted ids is a matrix product with a strictly upper-triangular ones matrix, not
+``CumSum``: TensorRT 8.5/8.6's parser builds ``CumSum`` as a loop of one iteration per element. As ``log p`` and the
+scaled logits differ by the row's log-sum-exp only, the draw is ``argmax(scaled + g)`` over the kept ids.
 
 Ties: ONNX's ``TopK`` puts the lower id first among equal values, so a greedy row picks what the host sampler's
 ``argmax`` picks; TensorRT's ``TopK`` makes no such promise, so an engine may pick another of equal logits.
@@ -35,9 +37,10 @@ MAX_K = 3840
 #: the graph's inputs, in order, with their shapes (rows = the decode step's batch, vocab = the logits' width)
 INPUTS = (("logits", ["rows", "vocab"]), ("bias", ["rows", "vocab"]), ("counts", ["rows", "vocab"]),
           ("penalties", ["rows", 2]), ("temperature", ["rows", 1]), ("top_p", ["rows", 1]), ("noise", ["rows", "k"]))
-#: the ops the graph may use: each parsed by TensorRT 8.5 as one layer (no loop, no random numbers)
-OPS = {"Add", "ArgMax", "Cast", "Concat", "Constant", "Div", "Gather", "GatherElements", "Greater", "LessOrEqual",
-       "Log", "Max", "MatMul", "Mul", "Slice", "Softmax", "Sub", "TopK", "Where", "Less"}
+#: the ops the graph may use: ones TensorRT 8.5's ONNX parser imports (some as a few layers), none a loop and none
+#: random (an engine's ``ids`` come out as int32: TensorRT has no int64 tensors)
+OPS = {"Add", "ArgMax", "Cast", "Constant", "Div", "Exp", "GatherElements", "Greater", "Less", "Log", "Max", "MatMul",
+       "Mul", "ReduceMax", "ReduceSum", "Slice", "Sub", "TopK", "Where"}
 
 
 def select_graph(k: int = 64, opset: int = 17) -> Any:
@@ -72,18 +75,23 @@ def select_graph(k: int = 64, opset: int = 17) -> Any:
     values, indices = "top_values", "top_indices"
     nodes.append(helper.make_node("TopK", [x, const("k", np.array([k], np.int64))], [values, indices], name="topk",
                                   axis=-1, largest=1, sorted=1))
-    # a sampled row: softmax at its temperature over the k, the nucleus by a running sum, Gumbel-max
-    scaled = node("Div", [values, node("Max", ["temperature", tiny], "safe_temperature")], "scaled")
-    probs = node("Softmax", [scaled], "probs", axis=-1)
-    upper = const("upper", np.triu(np.ones((k, k), np.float32)))  # running[j] = sum of probs[i] for i <= j
-    before = node("Sub", [node("MatMul", [probs, upper], "running"), probs], "mass_before")
+    # a sampled row: the k's probabilities at its temperature against the whole vocabulary's softmax (its
+    # log-sum-exp), the nucleus by the mass before each, Gumbel-max over the kept
+    temperature = node("Max", ["temperature", tiny], "safe_temperature")
+    everything = node("Div", [x, temperature], "scaled_all")
+    peak = node("ReduceMax", [everything], "peak", axes=[-1], keepdims=1)
+    total = node("ReduceSum", [node("Exp", [node("Sub", [everything, peak], "shifted")], "exp_all"),
+                               const("last", np.array([-1], np.int64))], "total", keepdims=1)
+    lse = node("Add", [node("Log", [total], "log_total"), peak], "lse")
+    scaled = node("Div", [values, temperature], "scaled")
+    probs = node("Exp", [node("Sub", [scaled, lse], "log_probs")], "probs")
+    before = node("MatMul", [probs, const("upper", np.triu(np.ones((k, k), np.float32), 1))], "mass_before")
     keep = node("Less", [before, "top_p"], "keep")
-    scores = node("Where", [keep, node("Add", [node("Log", [probs], "log_probs"), "noise"], "perturbed"), ninf],
-                  "scores")
+    scores = node("Where", [keep, node("Add", [scaled, "noise"], "perturbed"), ninf], "scores")
     drawn = node("ArgMax", [scores], "drawn", axis=-1, keepdims=1)
-    greedy = node("LessOrEqual", ["temperature", zero], "greedy")
+    hot = node("Greater", ["temperature", zero], "hot")
     first = node("Slice", [indices, "s0", "s1", "ax1"], "first")
-    node("Where", [greedy, first, node("GatherElements", [indices, drawn], "sampled", axis=1)], "ids")
+    node("Where", [hot, node("GatherElements", [indices, drawn], "sampled", axis=1), first], "ids")
     inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape if name != "noise" else ["rows", k])
               for name, shape in INPUTS]
     graph = helper.make_graph(nodes, "select", inputs, [helper.make_tensor_value_info("ids", TensorProto.INT64,

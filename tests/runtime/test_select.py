@@ -1,6 +1,6 @@
 """The select graph (runtime/select.py), run by ONNX Runtime: greedy rows pick what the host sampler picks, sampled
-rows draw from their top-k nucleus at its probabilities, rows are independent, and the graph keeps to what
-TensorRT 8.5 builds as single layers."""
+rows draw from their top-p nucleus (measured over the whole vocabulary, cut to the top k) at its probabilities,
+rows are independent, and the graph has no loop and no random op (what TensorRT 8.5's parser cannot build or seed)."""
 
 from __future__ import annotations
 
@@ -28,31 +28,55 @@ def _feed(logits, bias=None, counts=None, frequency=0.0, presence=0.0, temperatu
 
 
 def test_greedy_rows_take_the_largest_penalized_allowed_logit():
+    """Every row's unpenalized winner has counts, so the penalties decide: frequency-only rows, presence-only rows
+    and rows with both; some winners must change. Barred ids (bias -inf) never win. Temperature 0 takes the top
+    id whatever the noise says (noise here favours the second)."""
     rng = np.random.default_rng(0)
-    rows, vocab = 16, 300
+    rows, vocab, k = 24, 300, 8
     logits = rng.standard_normal((rows, vocab)).astype(np.float32)
     bias = np.where(rng.random((rows, vocab)) < 0.2, -np.inf, 0.0)  # ids some rows may not produce
-    counts = rng.integers(0, 3, (rows, vocab)).astype(np.float32) * (rng.random((rows, vocab)) < 0.1)
-    frequency, presence = rng.random(rows) * 0.5, rng.random(rows) * 0.5
-    got = _session(8).run(None, _feed(logits, bias, counts, frequency, presence, temperature=0.0))[0][:, 0]
+    plain = np.argmax(logits + bias, axis=1)
+    counts = np.zeros((rows, vocab), np.float32)
+    counts[np.arange(rows), plain] = rng.integers(1, 4, rows)  # each row generated its winner before
+    frequency = np.where(np.arange(rows) % 3 == 1, 0.0, rng.random(rows) * 1.5)  # every third: presence only
+    presence = np.where(np.arange(rows) % 3 == 0, 0.0, rng.random(rows) * 1.5)  # every third: frequency only
+    noise = np.zeros((rows, k), np.float32)
+    noise[:, 1] = 100.0  # a sampled row would take the second
+    got = _session(k).run(None, _feed(logits, bias, counts, frequency, presence, temperature=0.0, noise=noise,
+                                      k=k))[0][:, 0]
     want = np.argmax(logits + bias - counts * frequency[:, None] - (counts > 0) * presence[:, None], axis=1)
     np.testing.assert_array_equal(got, want)
+    assert (want != plain).sum() >= rows // 4  # the penalties moved winners, in each kind of row
+    for kind in (0, 1, 2):
+        assert (want != plain)[np.arange(rows) % 3 == kind].any(), kind
+    assert np.isfinite(bias[np.arange(rows), got]).all()
+    # a near-tie (one float32 step apart): at temperature 0 the top, though the noise favours the second (a graph
+    # that sampled its greedy rows at a tiny temperature would take the second here)
+    tie = np.array([[0.5, np.nextafter(np.float32(0.5), np.float32(1)), -1.0, -2.0]], np.float32)
+    noise = np.array([[0.0, 0.0, 0.0, 0.0]], np.float32)
+    noise[0, 1] = 100.0
+    assert _session(4).run(None, _feed(tie, temperature=0.0, noise=noise, k=4))[0][0, 0] == 1
+    assert _session(4).run(None, _feed(tie, temperature=1.0, noise=noise, k=4))[0][0, 0] == 0  # sampled: the noise
 
 
 def test_sampled_rows_draw_from_the_top_p_nucleus_at_its_probabilities():
-    """20,000 rows of the same logits, each with its own noise: the ids drawn are the nucleus's, at the nucleus's
-    renormalized softmax probabilities at the row's temperature (within 1.5 points each)."""
-    k, rows, temperature, top_p = 16, 20_000, 0.7, 0.8
-    logits = np.tile(np.linspace(2.0, -2.0, 40, dtype=np.float32), (rows, 1))
+    """20,000 rows of the same logits, each with its own noise: the ids drawn are the nucleus's, at its
+    renormalized probabilities (within 1.5 points each). The nucleus is measured as the host sampler's is, against
+    the whole vocabulary's softmax at the row's temperature: here the 16 most probable of 200 ids hold less than
+    half the mass, so a nucleus measured within them would keep far fewer ids."""
+    k, rows, vocab, temperature, top_p = 16, 20_000, 200, 0.5, 0.3
+    logits = np.tile(np.linspace(2.0, -2.0, vocab, dtype=np.float32), (rows, 1))
     noise = gumbel(np.random.default_rng(1), rows, k)
     got = _session(k).run(None, _feed(logits, temperature=temperature, top_p=top_p, noise=noise, k=k))[0][:, 0]
-    top = np.exp(logits[0, :k] / temperature)
-    probs = top / top.sum()
-    keep = (np.cumsum(probs) - probs) < top_p
-    want = np.where(keep, probs, 0.0) / probs[keep].sum()
-    seen = np.bincount(got, minlength=40)[:k] / rows
+    weights = np.exp(logits[0].astype(np.float64) / temperature)
+    probs = weights / weights.sum()  # sorted already: the logits fall
+    assert probs[:k].sum() < 0.5
+    keep = ((np.cumsum(probs) - probs) < top_p)[:k]
+    assert 4 < keep.sum() < k  # the nucleus fits the k, and is more than the top few
+    want = np.where(keep, probs[:k], 0.0) / probs[:k][keep].sum()
+    seen = np.bincount(got, minlength=vocab) / rows
     assert set(np.flatnonzero(seen)) <= set(np.flatnonzero(keep))
-    np.testing.assert_allclose(seen, want, atol=0.015)
+    np.testing.assert_allclose(seen[:k], want, atol=0.015)
 
 
 def test_rows_are_independent_and_seeded_noise_repeats_its_tokens():
@@ -70,7 +94,7 @@ def test_rows_are_independent_and_seeded_noise_repeats_its_tokens():
     np.testing.assert_array_equal(noise, again)
 
 
-def test_the_graph_keeps_to_single_layer_ops_and_tensorrts_topk_limit():
+def test_the_graph_has_no_loop_nor_random_op_and_keeps_tensorrts_topk_limit():
     model = select_graph(MAX_K)
     assert {n.op_type for n in model.graph.node} <= OPS
     assert not {"CumSum", "RandomUniform", "RandomUniformLike", "Loop"} & {n.op_type for n in model.graph.node}

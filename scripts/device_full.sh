@@ -120,6 +120,11 @@ export -f gpu_slot
 
 pin() { command -v taskset >/dev/null && echo "taskset -c $1"; }  # pin CPUS: the words that run a command on those CPUs
 
+mark_wait() {  # mark_wait DONE FAILED [ON_FAIL]: the loop a job waits in until the marker DONE exists; FAILED's
+  # appearing ends the job (after ON_FAIL), so that nothing waits for ever on a chain that failed
+  echo "while [ ! -e $1 ]; do [ -e $2 ] && { ${3:+$3; }exit 1; }; sleep 3; done"
+}
+
 job() {  # job NAME "commands": a background process session that survives this call
   local name=$1; shift
   setsid nohup bash -c "$*" >"$L/$name.log" 2>&1 </dev/null &
@@ -154,7 +159,7 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD
       twait=""
       for precision in ${TINY_PRECISIONS:-int8}; do
         for module in $TINY_MODULES; do
-          twait="$twait while [ ! -e $W/.engine-$module-$precision ]; do [ -e $W/.failed-$module-$precision ] && exit 1; sleep 5; done;"
+          twait="$twait $(mark_wait $W/.engine-$module-$precision $W/.failed-$module-$precision);"
         done
       done
       mkdir -p $D/devout
@@ -174,7 +179,7 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD
   if [ -n "${CHECKPOINT:-}" ]; then  # every full-width chain waits for the checkpoint
     job ckpt "env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py -c $FULL -o $CKPT \
       && touch $CKPT.done || touch $CKPT.failed"
-    WEIGHTS="while [ ! -e $CKPT.done ]; do [ -e $CKPT.failed ] && exit 1; sleep 3; done &&"
+    WEIGHTS="$(mark_wait $CKPT.done $CKPT.failed) &&"
   fi
   for module in ${FULL_MODULES-vision decoder}; do  # FULL_MODULES= (empty): none
     f="-c $FULL -w $F -m $module"
@@ -229,9 +234,15 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
   stamp='echo "=== $(date +%s) $(date +%T)"'
   job ckpt9 "$stamp ckpt; env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py \
     -c $NINE -o $N9CKPT --workers ${NINE_CKPT_WORKERS:-6} && touch $N9CKPT.done || touch $N9CKPT.failed; $stamp ckpt end"
-  CKPT_WAIT="while [ ! -e $N9CKPT.done ]; do [ -e $N9CKPT.failed ] && exit 1; sleep 3; done"
-  ckpt_wait() {  # the checkpoint wait of part $1's job: a failed checkpoint marks the part failed (nothing waits for ever)
-    echo "while [ ! -e $N9CKPT.done ]; do [ -e $N9CKPT.failed ] && { touch $N9/.failed-$1; exit 1; }; sleep 3; done"
+  verify_wait() {  # verify_wait PATTERN...: the samples, then the engine of each part matching a PATTERN
+    local waiting part pattern
+    waiting="$(mark_wait $N9/.sampled $N9/.failed-samples);"
+    for part in $PARTS; do
+      for pattern in "$@"; do
+        case $part in $pattern) waiting="$waiting $(mark_wait $N9/.engine-$part $N9/.failed-$part);";; esac
+      done
+    done
+    echo "$waiting"
   }
   c="-c $N9C -w $N9"
   # torch's side of the decoder bench (transformers, the same checkpoint) runs in nine-check, beside TensorRT's:
@@ -239,7 +250,8 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
   for part in $PARTS; do
     on_gpu
     data="$N9/onnx/$part.onnx.data"  # the exported FP32 weights: the optimized graph replaces them (disk)
-    job "part-$part" "$(ckpt_wait "$part") && $stamp export && { $CLI312 export $c -m $part && $stamp optimize \
+    # a failed checkpoint marks the part failed
+    job "part-$part" "$(mark_wait $N9CKPT.done $N9CKPT.failed "touch $N9/.failed-$part") && $stamp export && { $CLI312 export $c -m $part && $stamp optimize \
       && $CLI312 optimize $c -m $part || { touch $N9/.failed-$part; false; }; } \
       && { rm -f $data; touch $N9/.optimized-$part; $stamp fp16; } && $CLI312 calibrate --fp16 $c -m $part && $stamp harness && $HARNESS $stamp engine \
       && gpu_slot '${ON#*=}' $ON $CLI39 engine $c -m $part --precision fp16 && touch $N9/.engine-$part \
@@ -247,7 +259,7 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
   done
   waits=""  # every part's FP32 graph; a part that failed stops the samples (no wait for ever)
   for part in $PARTS; do
-    waits="$waits while [ ! -e $N9/.optimized-$part ]; do [ -e $N9/.failed-$part ] && { touch $N9/.failed-samples; exit 1; }; sleep 5; done;"
+    waits="$waits $(mark_wait $N9/.optimized-$part $N9/.failed-$part "touch $N9/.failed-samples");"
   done
   job samples9 "$waits $stamp samples && env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py $c \
     $(printf -- '-m %s ' $NINE_MODULES) && touch $N9/.sampled || touch $N9/.failed-samples; $stamp samples end"
@@ -265,11 +277,8 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
   fi
   # the decoder's and embed's engines against ONNX Runtime (and their FP16 graphs against FP32), as soon as they
   # exist, while the vision tower still builds
-  dwait="while [ ! -e $N9/.sampled ]; do [ -e $N9/.failed-samples ] && exit 1; sleep 5; done;"
+  dwait=$(verify_wait "decoder*" embed)
   dmods=""
-  for part in $PARTS; do
-    case $part in decoder*|embed) dwait="$dwait while [ ! -e $N9/.engine-$part ]; do [ -e $N9/.failed-$part ] && exit 1; sleep 5; done;";; esac
-  done
   for module in $NINE_MODULES; do case $module in decoder|embed) dmods="$dmods -m $module";; esac; done
   if [ -n "$dmods" ]; then
     on_gpu
@@ -277,10 +286,7 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), sys.argv[2].split())))"
       echo \"verify exit: \${PIPESTATUS[0]}\"; $stamp verify end"
   fi
   case " $NINE_MODULES " in *" vision "*)  # the tower's engines against ONNX Runtime (CPU) as soon as they exist
-    vwait="while [ ! -e $N9/.sampled ]; do [ -e $N9/.failed-samples ] && exit 1; sleep 5; done;"
-    for part in $PARTS; do
-      case $part in vision*) vwait="$vwait while [ ! -e $N9/.engine-$part ]; do [ -e $N9/.failed-$part ] && exit 1; sleep 5; done;";; esac
-    done
+    vwait=$(verify_wait "vision*")
     on_gpu
     job vverify9 "$vwait $stamp verify && $ON $CLI39 verify $c -m vision --precision fp16 --backend tensorrt --strict \
       2>&1 | grep -v '^\[W\]'; echo \"verify exit: \${PIPESTATUS[0]}\"; $stamp verify end";;

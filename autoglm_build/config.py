@@ -321,6 +321,15 @@ class ServeConfig(_Section):
         True, description="run each decode step's engines as one CUDA graph per binding (TensorRT, one GPU): one "
         "launch instead of one enqueue per engine; same tokens either way (the GPU test). On an H200: the tiny "
         "server's decode 1.6x at 8 streams, the 40-layer server's 1.2x; false: engine by engine")
+    device_select: bool = Field(
+        True, description="choose each decode step's tokens on the GPU (TensorRT, one GPU: a select engine the server "
+        "builds once per machine, runtime/device_select.py) and launch the next step on them before the host has "
+        "them; greedy rows pick what the host sampler picks, sampled rows draw by Gumbel-max among the select_k most "
+        "probable (seeded requests stay reproducible, with other tokens than the host sampler's); false: the host "
+        "samples every step")
+    select_k: int = Field(
+        64, ge=1, le=3840, description="candidates a sampled row draws from on the GPU (its top-p nucleus cut to the k "
+        "most probable; 3,840: TensorRT's TopK limit)")
     devices: Optional[List[int]] = Field(
         None, min_length=1, description="GPUs the decoder's stages are placed on (TensorRT, pipeline parallel): stage "
         "i of N on devices[i * len(devices) // N], vision/audio/embed on the first; each GPU listed once, at most "

@@ -389,6 +389,36 @@ class TensorRTBackend(Backend):
             rows = sidecar.profiles[0][self.inputs[module][0]][2][0]
             self.prefill_batch = rows if self.prefill_batch is None else min(self.prefill_batch, rows)
 
+    def compute_capability_of(self, part: str) -> str:
+        """The compute capability of the GPU ``part`` runs on (a decoder module: its first part's)."""
+        from autoglm_build.runtime.device import compute_capability
+
+        part = self.parts.get(part, [part])[0]
+        index = self.placement.get(part)
+        return trt_env.gpu()["compute_capability"] if index is None else compute_capability(index)
+
+    def load_engine(self, name: str, path: Path, like: str) -> None:
+        """An engine the server built itself (not the build's: no manifest entry, no sidecar; the select engine,
+        :mod:`~autoglm_build.runtime.device_select`), loaded on the GPU of ``like``'s last part, one context of its
+        own memory, its runner's phase ``name``; closed with the backend."""
+        from polygraphy.backend.trt import TrtRunner
+
+        from autoglm_build.engine.sidecar import deserialize
+
+        trt = trt_env.load()
+        self.placement[name] = self.placement.get(self.parts.get(like, [like])[-1])
+        self.files[name] = str(path)
+        self._select(name)
+        engine = deserialize(trt, path)
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.dtypes[name] = {n: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
+        self.shapes[name] = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in names}
+        self.inputs[name] = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        runner = TrtRunner(engine, name=name)
+        runner.activate()
+        self.runners[name] = {name: runner}
+        self._runner_device[runner.name] = self.placement[name]
+
     def _contexts_sharing_scratch(self, trt: Any, engine: Any, module: str, profiles: int) -> List[Any]:
         """One execution context per profile, made without activation memory and pointed at a shared
         scratch buffer, for an engine with several profiles (the decoder's prefill and decode) or that is

@@ -384,6 +384,46 @@ class Device:
     def sync(self) -> None:
         self.stream.synchronize()
 
+    # ---- page-locked host memory and events: a download that does not wait (device_select) ----------
+
+    def host_alloc(self, nbytes: int) -> int:
+        """Page-locked host memory (``cudaHostAlloc``): a copy into it is asynchronous, unlike one into pageable
+        memory, which waits for everything queued before it."""
+        ptr = ctypes.c_void_p(0)
+        self._check(self.lib.cudaHostAlloc(ctypes.byref(ptr), ctypes.c_size_t(max(int(nbytes), 1)), ctypes.c_uint(0)),
+                    "cudaHostAlloc")
+        return int(ptr.value)
+
+    def host_free(self, ptr: int) -> None:
+        if ptr:
+            self.lib.cudaFreeHost(ctypes.c_void_p(ptr))
+
+    def download_to(self, host_ptr: int, ptr: int, nbytes: int) -> None:
+        """``nbytes`` from ``ptr`` to page-locked ``host_ptr`` (enqueued; valid once an event recorded after it
+        is reached)."""
+        self._linear(host_ptr, ptr, nbytes, D2H)
+
+    def event(self) -> Any:
+        """A new event on this GPU (no timing)."""
+        self.activate()
+        event = ctypes.c_void_p(0)
+        self._check(self.lib.cudaEventCreateWithFlags(ctypes.byref(event), ctypes.c_uint(EVENT_DISABLE_TIMING)),
+                    "cudaEventCreate")
+        return event
+
+    def record(self, event: Any) -> None:
+        """``event`` reached once everything enqueued on the stream so far is done."""
+        self.activate()
+        self._check(self.lib.cudaEventRecord(event, ctypes.c_void_p(self.stream.ptr)), "cudaEventRecord")
+
+    def wait_event(self, event: Any) -> None:
+        """Block the host until ``event`` is reached (what was enqueued after its record may still run)."""
+        self._check(self.lib.cudaEventSynchronize(event), "cudaEventSynchronize")
+
+    def destroy_event(self, event: Any) -> None:
+        if event is not None and event.value:
+            self.lib.cudaEventDestroy(event)
+
     # ---- CUDA graphs (:class:`~.device_cache.StepGraphs`): what is enqueued on the stream between the two
     # capture calls is recorded, not run; the returned executable runs it again on each launch ----------
 

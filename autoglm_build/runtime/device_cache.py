@@ -282,6 +282,7 @@ class DeviceKVCache(KVCache):
         self._mask_rows: set = set()
         self._mask_all = True
         self.graphs: Optional[StepGraphs] = None  # decode steps as CUDA graphs (use_graphs)
+        self.selector: Optional[Any] = None  # the select engine after each decode step (use_select)
         self._one = np.ones(1, self.mask_dtype)
         try:
             # the largest layout: every capacity's plane (lines padded for alignment) fits in it
@@ -351,6 +352,9 @@ class DeviceKVCache(KVCache):
         """Free the device memory (the backend closes its caches)."""
         if getattr(self, "graphs", None) is not None:
             self.graphs.close()
+        if getattr(self, "selector", None) is not None:
+            self.selector.close()
+            self.selector = None
         for shard in getattr(self, "shards", []):
             shard.close()
         self._pool = {}
@@ -368,6 +372,25 @@ class DeviceKVCache(KVCache):
                                              len(self.shards))
         elif on:
             self.graphs = StepGraphs(self.backend, self.device)
+
+    def use_select(self, close: int, k: int) -> bool:
+        """Choose each committed decode step's tokens on the GPU (:mod:`~.device_select`): the step's result is
+        then its ids, and :meth:`decode_ahead` may launch the next step before the host has them. Where the
+        engines cannot (several GPUs) or its engine does not build, the host keeps sampling, and the log says why.
+        Returns whether it is on."""
+        import logging
+
+        from autoglm_build.runtime.device_select import DeviceSelect, select_problem
+
+        problem = select_problem(self.backend, self)
+        if problem is None:
+            try:
+                self.selector = DeviceSelect(self.backend, self, close, k)
+                return True
+            except Exception as exc:  # noqa: BLE001 - the host sampler serves the same requests
+                problem = f"{type(exc).__name__}: {exc}"
+        logging.getLogger(__name__).warning("device select: off, the host samples (%s)", problem)
+        return False
 
     # ---- rows -------------------------------------------------------------------------------
 
@@ -480,16 +503,24 @@ class DeviceKVCache(KVCache):
             pasts.append(past)
         return pasts, mask
 
-    def _embed(self, ids: np.ndarray, phase: str, splices: Sequence[Any] = (), queue: Optional[List] = None) -> int:
+    def _embed(self, ids: Optional[np.ndarray], phase: str, splices: Sequence[Any] = (), queue: Optional[List] = None,
+               n: int = 0, selected: bool = False) -> int:
         """``ids`` (n, seq) through the embed engine into a device buffer (the first GPU's), the media spliced
         in: the encoder's device buffer copied device to device, a host array uploaded. ``queue``: the engine
-        run is added to it (:class:`StepGraphs`) instead of enqueued here (the ids are uploaded either way)."""
-        n, seq = ids.shape
+        run is added to it (:class:`StepGraphs`) instead of enqueued here (the ids are uploaded either way).
+        ``selected``: a committed decode step with the select engine on: the ids are the select engine's buffer
+        (``ids`` uploaded into it; None: the previous step's select wrote them, ``n`` rows)."""
+        n, seq = ids.shape if ids is not None else (n, 1)
         itemsize, first = self.embeds_dtype.itemsize, self.shards[0]
         out = first.buffer("embeds", n * seq * self.hidden * itemsize)
-        host = np.ascontiguousarray(ids, self.ids_dtype)
-        ptr = first.buffer("ids", host.nbytes)
-        self.device.upload(ptr, host)
+        if selected:
+            ptr = self.selector.ptrs["ids"]
+            if ids is not None:
+                self.selector.put_ids(ids)
+        else:
+            host = np.ascontiguousarray(ids, self.ids_dtype)
+            ptr = first.buffer("ids", host.nbytes)
+            self.device.upload(ptr, host)
         key = ("embed", n, seq, ptr, out)
         runner = self.backend.bind("embed", phase, key, lambda: (
             {"input_ids": (n, seq)}, {"input_ids": ptr, "inputs_embeds": out}))
@@ -580,23 +611,52 @@ class DeviceKVCache(KVCache):
     def decode(self, ids: np.ndarray, positions: np.ndarray, slot: Optional[int] = None,
                commit: bool = True) -> np.ndarray:
         """:meth:`KVCache.decode` on the device. The logits array is reused by the next call; only the
-        used rows (and of them the ``logit_columns``) are filled."""
+        used rows (and of them the ``logit_columns``) are filled. With the select engine on (:meth:`use_select`),
+        a committed step of every row returns its ids instead: (top,) int64, one per slot."""
         if slot is None and commit:
             return self.decode_async(ids, positions).result()
-        return self._logits(*self._launch(ids, positions, slot, False))
+        return self._logits(*self._launch(ids, positions, slot, False)[:4])
 
     @mutates
     def decode_async(self, ids: np.ndarray, positions: np.ndarray) -> Step:
         """:meth:`KVCache.decode_async` on the device: returns once the engines, the new columns' copies into
         the slots and the mask's elements are queued on the stream(s); ``result()`` downloads the logits
-        (into pageable memory, which waits for the device: so not here) and waits for every stream."""
-        launched = self._launch(ids, positions, None, True)
-        return Step(self, lambda: self._logits(*launched))
+        (into pageable memory, which waits for the device: so not here) and waits for every stream. With the
+        select engine on, ``result()`` waits for this step's event only and returns its ids."""
+        return self._step(self._launch(ids, positions, None, True))
 
-    def _launch(self, ids: np.ndarray, positions: np.ndarray, slot: Optional[int],
-                commit: bool) -> Tuple[int, int, List[int], List[Tuple[int, int]]]:
+    def decode_ahead(self, positions: np.ndarray) -> Step:
+        """The next committed decode step of every row, launched while the one before it is in flight (the only
+        one): its ids are those the select engine chose at that step, on the GPU; ``positions`` as
+        :meth:`decode_async`'s. Everything is queued behind the step in flight on the one stream, so nothing
+        here waits for it; its result is taken first."""
+        if self.selector is None or self.in_flight != 1:
+            raise RuntimeError("KV cache: decode_ahead needs the select engine and exactly one step in flight")
+        self.in_flight -= 1  # what the launch calls may not wait for the step in flight: the stream orders them
+        try:
+            launched = self._launch(None, positions, None, True)
+        finally:
+            self.in_flight += 1
+        return self._step(launched)
+
+    def _step(self, launched: Tuple) -> Step:
+        n, logits, used, committed, turn = launched
+        if turn is None:
+            return Step(self, lambda: self._logits(n, logits, used, committed))
+
+        def tokens() -> np.ndarray:
+            try:
+                return self.selector.ids(turn, n)
+            except BaseException:
+                self._take_back(committed)
+                raise
+        return Step(self, tokens, undo=lambda: self._take_back(committed))
+
+    def _launch(self, ids: Optional[np.ndarray], positions: np.ndarray, slot: Optional[int],
+                commit: bool) -> Tuple[int, int, List[int], List[Tuple[int, int]], Optional[int]]:
         """Queue one decode step; returns (rows run, the device logits, the used rows from the first row run,
-        the (slot, column) of each new column committed)."""
+        the (slot, column) of each new column committed, the select engine's turn or None). ``ids`` None: the
+        select engine's own (:meth:`decode_ahead`)."""
         self.fit(int(self.lengths[self.used].max(initial=0)) + 1)
         self._flush_mask()
         cap, item = self.capacity, self.mask_dtype.itemsize
@@ -611,17 +671,21 @@ class DeviceKVCache(KVCache):
                 shard.device.columns(past[-1], 0, 0, store, slot, 0, cap)
                 masks.append(shard.buffer("mask-row", host.nbytes))
                 shard.device.upload(masks[-1], host)
+        selected = self.selector is not None and slot is None and commit
         present = [self.scratch(shard, "a", n, cap + 1) for shard in self.shards]
         logits = self.shards[-1].buffer("logits", n * self.vocab * self.logits_dtype.itemsize)
         # a committed step of all rows may run as a CUDA graph (StepGraphs: one GPU only, use_graphs); the
         # uploads stay outside
         queue = [] if (self.graphs is not None and slot is None and commit) else None
-        self._run("decode", n, 1, self._embed(ids, "decode", queue=queue), masks, positions, past, present, logits,
-                  queue=queue)
+        self._run("decode", n, 1, self._embed(ids, "decode", queue=queue, n=n, selected=selected), masks, positions,
+                  past, present, logits, queue=queue)
+        if selected:
+            self.selector.enqueue(n, logits, queue)
         if queue is not None:
             self.graphs.run(queue)
         used = [int(s) for s in np.flatnonzero(self.used[row:row + n])]  # rows from ``row``
         committed: List[Tuple[int, int]] = []
+        turn = None
         if commit:  # each used row's new column into its slot, its mask element up
             try:
                 for k in used:
@@ -633,15 +697,17 @@ class DeviceKVCache(KVCache):
                     self.lengths[s] += 1
                     for shard in self.shards:  # device to device from a 1 kept there: never waits on the host
                         shard.device.copy(shard.mask_ptr + (s * (cap + 1) + at) * item, shard.one_ptr, item)
+                if selected:
+                    turn = self.selector.after(n)
             except BaseException:  # a launch that raised halfway: the rows it committed are taken back
                 self._take_back(committed)
                 raise
-        return n, logits, used, committed
+        return n, logits, used, committed, turn
 
     def _take_back(self, committed: Sequence[Tuple[int, int]]) -> None:
         """Lengths and mask as before the step's commits (the device's mask rows re-sent at the next flush)."""
-        for s, at in committed:
-            self.lengths[s], self.mask[s, at] = at, 0
+        for s, at in committed:  # in any order: two steps' columns taken back leave the first's length
+            self.lengths[s], self.mask[s, at] = min(int(self.lengths[s]), at), 0
             self._mask_rows.add(s)
 
     def _logits(self, n: int, ptr: int, used: List[int], committed: List[Tuple[int, int]]) -> np.ndarray:

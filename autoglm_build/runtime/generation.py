@@ -23,6 +23,17 @@ are not thread-safe, and one thread keeps the GPU's work in order). It does cont
    dropped and the row leaves afterwards (one step of compute lost, its cache column a real token's).
    Every cache call that changes the cache waits until the step's result is taken (the cache refuses
    it before); so do admission, retiring and errors. The tokens and text are those of the serial order.
+5. With ``device_select`` (``serve.device_select``; the device cache on one GPU) each decode step's tokens are
+   chosen on the GPU by the select engine (:mod:`~.device_select`) right after the decoder, into the ids the next
+   step's embed engine reads; only those ids come back (4 bytes a row). With ``overlap`` the next step is then
+   launched as soon as this one is (at most two in flight), on those ids, under the same rule as item 4; its
+   result is taken after this one's, whose bookkeeping and text run while the GPU works. The GPU also moves each
+   row's penalty counts and thinking state with its tokens (what the host's bookkeeping does), so a step launched
+   before the host saw the previous token selects under the right rules; the host sends a row's tables only when
+   its slot changes hands. A prefill's first token is still the host sampler's. Greedy rows pick what the host
+   picks (FP32 penalties instead of FP64, and TensorRT's order among exactly equal logits, aside); a sampled row
+   draws by Gumbel-max with noise from its own generator among its ``select_k`` most probable ids, so a seeded
+   request repeats its tokens whatever shares its batch, but they are not the host sampler's.
 
 Positions are per row (GLM's 3-part rotary positions, so images keep their 2-D layout), which is
 why padding changes nothing a row computes: padded keys are masked and positions skip them.
@@ -152,13 +163,15 @@ class Scheduler:
             asynchronously (default ``serve.overlap``; module docstring, item 4).
         cuda_graphs: decode steps as CUDA graphs where the cache can (the device cache on one GPU; default
             ``serve.cuda_graphs``).
+        device_select: decode steps' tokens chosen on the GPU where the cache can (the device cache on one GPU;
+            default ``serve.device_select``): module docstring, item 5.
     """
 
     def __init__(self, backend: Backend, cfg: BuildConfig, tokenizer: ChatTokenizer, max_batch: int,
                  queue_size: int, context: int, prefill_chunk: Optional[int] = None,
                  prefix_cache_bytes: Optional[int] = None, prefix_block: int = BLOCK_TOKENS,
                  prefill_batch: Optional[int] = None, overlap: Optional[bool] = None,
-                 cuda_graphs: Optional[bool] = None) -> None:
+                 cuda_graphs: Optional[bool] = None, device_select: Optional[bool] = None) -> None:
         self.backend, self.cfg, self.tokenizer = backend, cfg, tokenizer
         self.max_batch = min(max_batch, backend.max_batch or max_batch)
         self.context = min(context, backend.context or context)
@@ -179,6 +192,11 @@ class Scheduler:
         self.prefix = PrefixCache(self.cache, budget, prefix_block)
         self.sampler = Sampler(tokenizer, self.max_batch)
         self.cache.logit_columns = (int(self.sampler.ids[0]), int(self.sampler.ids[-1]) + 1)
+        self.selecting = False  # tokens chosen on the GPU (device_select): the steps' results are ids
+        if (cfg.serve.device_select if device_select is None else device_select) and hasattr(self.cache, "use_select"):
+            self.selecting = self.cache.use_select(tokenizer.ids["</think>"], cfg.serve.select_k)
+        self.dirty: set = set()  # slots whose rows' select tables the GPU does not hold yet (joined, moved)
+        self._drawn: Dict[int, Any] = {}  # the step launched ahead's rows' generator states before its noise
         self.waiting: Deque[Request] = collections.deque()
         self.rows: List[_Row] = []
         self.lock = threading.Condition()
@@ -212,6 +230,7 @@ class Scheduler:
                     "decode_steps": self.steps, "overlapped_steps": self.overlapped, "tokens": self.tokens,
                     "prefill_tokens": self.prefill_tokens,
                     "prefill_positions": self.prefill_positions, "prefix_cache": self.prefix.stats(),
+                    "device_select": self.selecting,
                     "cuda_graphs": self.cache.graphs.describe() if self.graphing else None}
 
     @property
@@ -369,6 +388,7 @@ class Scheduler:
         for row in rows:
             row.req.first_token = now
             self.sampler.join(row.slot)
+            self.dirty.add(row.slot)
         self.rows += rows
         for row in rows:
             try:
@@ -408,6 +428,9 @@ class Scheduler:
     def _decode(self) -> None:
         """One decode step of every row: the one in flight, else one run now; its tokens; the next step
         launched (with ``overlap``, when it may be) before this one's text."""
+        if self.selecting:
+            self._decode_selected()
+            return
         logits = self._land()
         if logits is None:  # nothing in flight (or it raised: the serial path runs it again)
             self._retire()  # rows that finished, or whose client left, since the last step
@@ -424,6 +447,101 @@ class Scheduler:
             self._sample(logits[[r.slot for r in rows]], rows, launch=self.overlapping)
         if self.flight is None:
             self._retire()
+
+    def _decode_selected(self) -> None:
+        """:meth:`_decode` with the tokens chosen on the GPU (module docstring, item 5): the step in flight, else
+        one launched now; with ``overlap`` the next step launched at once, on the ids this one leaves on the GPU;
+        then this step's ids, and each row's bookkeeping and text while the next one runs. A step whose launch or
+        result raises is taken back with the one launched on it, the rows' generators are put back to before its
+        noise, and the serial path runs it again: the same tokens."""
+        flight, self.flight = self.flight, None
+        drawn, self._drawn = self._drawn, {}
+        tokens = None
+        if flight is None:
+            self._retire()
+            if not self.rows:
+                return
+            try:
+                drawn = self._prepare(self.rows)
+                flight = self.cache.decode_async(*self._inputs(self.rows, self.cache.top))
+            except Exception as exc:  # noqa: BLE001 - the serial path runs it again and says whose fault it is
+                self._fell_back("launch", exc)
+                tokens = self._again(drawn)
+                if tokens is None:
+                    return
+        if tokens is None:
+            if self.overlapping:
+                self._launch_ahead()
+            try:
+                tokens = flight.result()
+            except Exception as exc:  # noqa: BLE001 - taken back by the cache; the serial path runs it again
+                self._fell_back("result", exc)
+                ahead, self.flight, self._drawn = self.flight, None, {}
+                if ahead is not None:
+                    ahead.discard()  # launched on this step's ids: its columns are taken back too
+                tokens = self._again(drawn)
+                if tokens is None:
+                    return
+        for row in self.rows:
+            row.next_position += 1
+        self.steps += 1
+        accepted = []
+        for row in [r for r in self.rows if r.finish is None and not r.req.cancelled]:
+            try:
+                accepted.append((row, int(tokens[row.slot]), self._advance(row, int(tokens[row.slot]))))
+            except Exception as exc:
+                self._end(row, exc)
+        for row, token, kind in accepted:
+            try:
+                self._deliver(row, token, kind)
+            except Exception as exc:  # e.g. its client's event loop is gone
+                self._end(row, exc)
+        if self.flight is None:
+            self._retire()
+
+    def _again(self, drawn: Dict[int, Any]) -> Optional[np.ndarray]:
+        """After a step that failed: the rows' generators as before its noise, every row's tables sent again
+        (the GPU's may hold the step's moves), the step run serially."""
+        for row in self.rows:
+            if id(row) in drawn:
+                row.req.rng.bit_generator.state = drawn[id(row)]
+        return self._decode_serial()
+
+    def _prepare(self, rows: List[_Row]) -> Dict[int, Any]:
+        """Before a decode step with the select engine: the tables of rows whose slots changed hands go up, and
+        the step's noise (each sampled row's own generator). Returns each drawing row's generator state from
+        before the draw (a failed step is run again on the same noise)."""
+        selector = self.cache.selector
+        for row in rows:
+            if row.slot in self.dirty:
+                selector.put(row.slot, *self.sampler.device_row(row, self.cache.vocab), row.pending)
+        self.dirty.clear()
+        drawing = [r for r in rows if r.req.params.temperature > 0 and r.finish is None]
+        drawn = {id(r): r.req.rng.bit_generator.state for r in drawing}
+        selector.noise(self.cache.top, [(r.slot, r.req.rng) for r in drawing])
+        return drawn
+
+    def _launch_ahead(self) -> None:
+        """Launch the next decode step on the ids the step in flight chooses, before the host has them, if it is
+        the step the serial order runs next (:meth:`_launch`'s rule). A launch that raises is taken back (the
+        rows' generators too) and left to the serial path."""
+        if any(r.finish is not None or r.req.cancelled for r in self.rows) or self.cache.top > len(self.rows):
+            return
+        if self.waiting and len(self.rows) < self.max_batch:
+            return
+        drawn: Dict[int, Any] = {}
+        try:
+            drawn = self._prepare(self.rows)
+            self.flight = self.cache.decode_ahead(self._inputs(self.rows, self.cache.top, ahead=1)[1])
+            self._drawn = drawn
+        except Exception as exc:  # noqa: BLE001 - see above
+            self._fell_back("launch", exc)
+            for row in self.rows:
+                if id(row) in drawn:
+                    row.req.rng.bit_generator.state = drawn[id(row)]
+            self.dirty.update(r.slot for r in self.rows)  # its engine may have moved the GPU's tables
+            return
+        self.overlapped += 1
 
     def _decode_serial(self) -> Optional[np.ndarray]:
         """One decode step of every row, waited for; when it raises, each row alone, and the rows left once
@@ -474,15 +592,20 @@ class Scheduler:
             log.warning("decode overlap: a step's %s raised (%s); it ran again serially", what, _failure(exc))
         self.fallbacks += 1
 
-    def _inputs(self, rows: List[_Row], top: int) -> Tuple[np.ndarray, np.ndarray]:
+    def _inputs(self, rows: List[_Row], top: int, ahead: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+        """The step's ids and positions per slot; ``ahead``: steps launched before this one whose tokens the host
+        has not taken yet (their positions come first)."""
         ids = np.zeros((top, 1), np.int64)
         positions = np.zeros((top, 3, 1), np.int64)
         for row in rows:
             ids[row.slot, 0] = row.pending
-            positions[row.slot, :, 0] = row.next_position
+            positions[row.slot, :, 0] = row.next_position + ahead
         return ids, positions
 
     def _decode_step(self) -> np.ndarray:
+        if self.selecting:  # a serial step after a failure: the GPU's tables may hold a step taken back
+            self.dirty.update(r.slot for r in self.rows)
+            self._prepare(self.rows)
         ids, positions = self._inputs(self.rows, self.cache.top)
         return self.cache.decode(ids, positions)
 
@@ -511,6 +634,7 @@ class Scheduler:
             target = free.pop(0)
             self.cache.move(row.slot, target)
             self.sampler.move(row.slot, target)
+            self.dirty.add(target)
             row.slot = target
 
     # ---- sampling ---------------------------------------------------------------------------
@@ -635,6 +759,7 @@ class Sampler:
         self.counts = np.zeros((slots, len(self.ids)), np.int64)
         # per slot, the columns it has counts in (a scan of a 151,552-wide counts row costs ~0.4 ms a row)
         self.seen: List[set] = [set() for _ in range(slots)]
+        self._bias: Dict[Tuple[int, bool], np.ndarray] = {}  # (vocab, ignore_eos) -> device_row's bias
 
     def join(self, slot: int) -> None:
         self.counts[slot] = 0
@@ -648,6 +773,31 @@ class Sampler:
         column = self.column[token]
         self.counts[slot, column] += 1
         self.seen[slot].add(int(column))
+
+    def device_row(self, row: _Row, vocab: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The select graph's tables of ``row`` as its tokens so far leave it (``runtime/select.py``; the device
+        selects from there on, moving the counts and the state itself): ``bias`` (vocab,) 0 or -inf, ``counts``
+        (vocab,), ``params`` (temperature, top_p, frequency, presence), ``state`` (thinking, reasoning tokens left
+        before ``</think>`` is forced); float32, ``vocab`` the logits' width. The same rules as :meth:`pick`'s."""
+        key = (vocab, bool(row.req.params.ignore_eos))
+        if key not in self._bias:
+            allowed = np.zeros(vocab, bool)
+            inside = self.ids < vocab
+            allowed[self.ids[inside]] = self.allowed[inside]
+            allowed[self.close_id] = True  # the graph bars it outside a thinking span
+            if key[1]:
+                allowed[self.stop_ids] = False
+            self._bias[key] = np.where(allowed, 0.0, -np.inf).astype(np.float32)
+        counts = np.zeros(vocab, np.float32)
+        seen = np.array(sorted(self.seen[row.slot]), np.int64)
+        if seen.size:
+            counts[self.ids[seen]] = self.counts[row.slot, seen]
+        req, params = row.req, row.req.params
+        budget = params.thinking_budget if params.thinking_budget is not None else params.max_tokens // 2
+        return (self._bias[key], counts,
+                np.array([params.temperature, params.top_p, params.frequency_penalty, params.presence_penalty],
+                         np.float32),
+                np.array([1.0 if req.thinking else 0.0, budget - req.reasoning_tokens], np.float32))
 
     def pick(self, logits: np.ndarray, rows: List[_Row]) -> List[int]:
         """One token per row of ``logits`` (rows, vocab)."""

@@ -111,18 +111,21 @@ class Step:
     cache refuses every call that would change it.
 
     Args:
-        cache: the cache it runs on (its ``in_flight`` flag is set until the result is taken).
-        finish: waits for the step and returns its logits (the second half of :meth:`KVCache.decode`).
+        cache: the cache it runs on (its ``in_flight`` count is raised until the result is taken).
+        finish: waits for the step and returns its result (the second half of :meth:`KVCache.decode`: the logits,
+            or the ids a device select chose).
+        undo: takes back what a step that did run left in the cache (its committed columns), for :meth:`discard`.
     """
 
-    def __init__(self, cache: KVCache, finish: Callable[[], np.ndarray]) -> None:
-        self.cache, self._finish = cache, finish
+    def __init__(self, cache: KVCache, finish: Callable[[], np.ndarray],
+                 undo: Optional[Callable[[], None]] = None) -> None:
+        self.cache, self._finish, self._undo = cache, finish, undo
         self._logits: Optional[np.ndarray] = None
         self._error: Optional[BaseException] = None
-        cache.in_flight = True
+        cache.in_flight += 1
 
     def result(self) -> np.ndarray:
-        """The step's logits, as :meth:`KVCache.decode` returns them (waits for the device once)."""
+        """The step's result, as :meth:`KVCache.decode` returns it (waits for the device once)."""
         if self._finish is not None:
             finish, self._finish = self._finish, None
             try:
@@ -130,10 +133,19 @@ class Step:
             except BaseException as exc:
                 self._error = exc
             finally:
-                self.cache.in_flight = False
+                self.cache.in_flight -= 1
         if self._error is not None:
             raise self._error
         return self._logits  # type: ignore[return-value]
+
+    def discard(self) -> None:
+        """Wait for the step and leave the cache as it was before it (a step launched behind one that failed)."""
+        try:
+            self.result()
+        except Exception:  # noqa: BLE001 - a result that raises was taken back already
+            return
+        if self._undo is not None:
+            self._undo()
 
 
 def capacity_for(need: int, limit: Optional[int] = None) -> int:
@@ -155,7 +167,7 @@ class KVCache:
         dtype: the dtype the decoder declares for ``past_*``.
     """
 
-    in_flight = False  # a decode_async step whose result is not taken yet (:func:`mutates`)
+    in_flight = 0  # decode_async steps whose results are not taken yet (:func:`mutates`)
     # decode_async returns before the step is computed (a device cache): only then does the scheduler launch
     # steps ahead; here the step is computed first, so launching it ahead would only hold back the text
     asynchronous = False

@@ -1,17 +1,19 @@
-"""The next token of each row chosen by a graph, so that a GPU can choose it (issue 14's plan: docs/decisions.md,
-"Next for issue 14"): the first brick, the graph itself, run here by ONNX Runtime. Not yet built into an
-engine or called by the scheduler.
+"""The next token of each row chosen by a graph, so that the GPU chooses it and the next decode step can be
+launched before the host has this one's tokens (issue 14: docs/decisions.md, "Token selection on the GPU, one
+step ahead"). The TensorRT server builds it into an engine of its own (:mod:`~autoglm_build.runtime.device_select`)
+run right after the decoder's last part; ONNX Runtime runs the same graph in the tests.
 
 Per row, over the vocabulary: OpenAI's penalties (``logits - frequency * counts - presence * (counts > 0)``) and an
-additive ``bias`` (0, or -inf for ids the row may not produce: the never-sampled ids, ``</think>`` outside a
-thinking span, the stops under ``ignore_eos``), then the ``k`` largest (``TopK``; ``k`` <= 3,840, TensorRT's limit
-in every version). A greedy row (temperature <= 0) takes the largest. Any other row is sampled from those ``k`` at
-its temperature, cut to its top-p nucleus, by Gumbel-max: ``argmax(log p + g)``, where ``g`` is Gumbel noise the host
-draws from the request's own generator (TensorRT ignores ``RandomUniform``'s seed, and has no bitwise ops for a
-counter-based generator in the graph). The same seed gives the same noise and so, almost always, the same tokens on
-either backend (numerically near-equal scores may still fall either way). The host sampler draws differently (one
-uniform number against a cumulative sum over every candidate), so a seeded request's tokens differ from today's,
-and the distribution is cut to the ``k`` most probable ids, as TensorRT-LLM's top-k sampling cuts it.
+additive ``bias`` (0, or -inf for ids the row may not produce: the never-sampled ids, the stops under
+``ignore_eos``); ``</think>`` barred outside a thinking span (the row's ``state``); then the ``k`` largest (``TopK``;
+``k`` <= 3,840, TensorRT's limit in every version). A greedy row (temperature <= 0) takes the largest. Any other row
+is sampled from those ``k`` at its temperature, cut to its top-p nucleus, by Gumbel-max: ``argmax(log p + g)``, where
+``g`` is Gumbel noise the host draws from the request's own generator (TensorRT ignores ``RandomUniform``'s seed, and
+has no bitwise ops for a counter-based generator in the graph). The same seed gives the same noise and so, almost
+always, the same tokens on either backend (numerically near-equal scores may still fall either way). The host
+sampler draws differently (one uniform number against a cumulative sum over every candidate), so a seeded request's
+tokens differ between the two, and the distribution is cut to the ``k`` most probable ids, as TensorRT-LLM's top-k
+sampling cuts it.
 
 The nucleus is measured as the host's is, against the whole vocabulary's softmax at the row's temperature (its
 log-sum-exp over every id), not against the ``k`` alone: an id is kept while the mass of the more probable ids
@@ -19,6 +21,14 @@ before it is below ``top_p`` (so the most probable id is always kept), then the 
 mass before each of the ``k`` sorted ids is a matrix product with a strictly upper-triangular ones matrix, not
 ``CumSum``: TensorRT 8.5/8.6's parser builds ``CumSum`` as a loop of one iteration per element. As ``log p`` and the
 scaled logits differ by the row's log-sum-exp only, the draw is ``argmax(scaled + g)`` over the kept ids.
+
+**The row's state moves with its tokens, in the graph**, so that a step launched before the host saw the previous
+one's token still selects under the right rules (the host's ``Scheduler._advance``, step for step):
+
+- ``counts_out = counts + onehot(id)``: the penalties' counts;
+- ``state = (thinking, left)``: in a thinking span ``</think>`` may be produced, outside it not; ``left`` reasoning
+  tokens before ``</think>`` is forced (the thinking budget). A thinking row with ``left <= 0`` takes ``</think>``;
+  ``thinking_out = thinking and id != </think>``, ``left_out = left - thinking_out``.
 
 Ties: ONNX's ``TopK`` puts the lower id first among equal values, so a greedy row picks what the host sampler's
 ``argmax`` picks; TensorRT's ``TopK`` makes no such promise, so an engine may pick another of equal logits.
@@ -34,23 +44,31 @@ import numpy as np
 
 #: TensorRT's largest TopK ``k`` (``ITopKLayer::setK`` and the ONNX parser, every version from 8.5 to 10.x)
 MAX_K = 3840
-#: the graph's inputs, in order, with their shapes (rows = the decode step's batch, vocab = the logits' width)
+#: the graph's inputs, in order, with their shapes (rows = the decode step's batch, vocab = the logits' width).
+#: ``params``: temperature, top_p, frequency penalty, presence penalty; ``state``: thinking (1 or 0), reasoning
+#: tokens left before ``</think>`` is forced
 INPUTS = (("logits", ["rows", "vocab"]), ("bias", ["rows", "vocab"]), ("counts", ["rows", "vocab"]),
-          ("penalties", ["rows", 2]), ("temperature", ["rows", 1]), ("top_p", ["rows", 1]), ("noise", ["rows", "k"]))
+          ("params", ["rows", 4]), ("state", ["rows", 2]), ("noise", ["rows", "k"]))
+#: the graph's outputs: the ids (int64 in the graph; int32 in a TensorRT 8.5 engine, as its ``input_ids``), the
+#: counts and the state after them
+OUTPUTS = ("ids", "counts_out", "state_out")
 #: the ops the graph may use: ones TensorRT 8.5's ONNX parser imports (some as a few layers), none a loop and none
-#: random (an engine's ``ids`` come out as int32: TensorRT has no int64 tensors)
-OPS = {"Add", "ArgMax", "Cast", "Constant", "Div", "Exp", "GatherElements", "Greater", "Less", "Log", "Max", "MatMul",
-       "Mul", "ReduceMax", "ReduceSum", "Slice", "Sub", "TopK", "Where"}
+#: random
+OPS = {"Add", "And", "ArgMax", "Cast", "Concat", "Constant", "Div", "Equal", "Exp", "GatherElements", "Greater",
+       "Less", "Log", "Max", "MatMul", "Mul", "Not", "ReduceMax", "ReduceSum", "Slice", "Sub", "TopK", "Where"}
 
 
-def select_graph(k: int = 64, opset: int = 17) -> Any:
-    """The select graph (an ``onnx.ModelProto``): inputs :data:`INPUTS` (float32; ``noise`` is (rows, ``k``)),
-    output ``ids`` (rows, 1) int64."""
+def select_graph(k: int = 64, vocab: int = 0, close: int = 0, logits_dtype: Any = np.float32, opset: int = 17) -> Any:
+    """The select graph (an ``onnx.ModelProto``): inputs :data:`INPUTS` (float32 but ``logits``, of
+    ``logits_dtype``: the decoder's own), outputs :data:`OUTPUTS`. ``vocab``: the logits' width (the one-hot of
+    the counts and the ``</think>`` column are constants that wide); ``close``: ``</think>``'s id."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     if not 1 <= k <= MAX_K:
         raise ValueError(f"select: k {k} is outside 1..{MAX_K} (TensorRT's TopK limit)")
+    if not 0 <= close < vocab or k > vocab:
+        raise ValueError(f"select: vocab {vocab} must hold </think> ({close}) and the k ({k})")
     nodes = []
 
     def node(op: str, inputs, output: str, **attrs) -> str:
@@ -61,23 +79,38 @@ def select_graph(k: int = 64, opset: int = 17) -> Any:
         nodes.append(helper.make_node("Constant", [], [name], name=name, value=numpy_helper.from_array(value, name)))
         return name
 
-    zero, tiny = const("zero", np.zeros((), np.float32)), const("tiny", np.full((), 1e-6, np.float32))
-    ninf = const("ninf", np.full((), -np.inf, np.float32))
-    # the penalties and the bias, over the whole vocabulary
-    frequency = node("Slice", ["penalties", const("s0", np.array([0])), const("s1", np.array([1])),
-                               const("ax1", np.array([1]))], "frequency")
-    presence = node("Slice", ["penalties", "s1", const("s2", np.array([2])), "ax1"], "presence")
+    def column(source: str, i: int, name: str) -> str:
+        return node("Slice", [source, const(f"{name}_from", np.array([i])), const(f"{name}_to", np.array([i + 1])),
+                              "ax1"], name)
+
+    const("ax1", np.array([1]))
+    zero, one = const("zero", np.zeros((), np.float32)), const("one", np.ones((), np.float32))
+    tiny, ninf = const("tiny", np.full((), 1e-6, np.float32)), const("ninf", np.full((), -np.inf, np.float32))
+    close_id = const("close_id", np.array(close, np.int64))
+    logits = "logits" if np.dtype(logits_dtype) == np.float32 else node("Cast", ["logits"], "logits32",
+                                                                        to=TensorProto.FLOAT)
+    temperature, top_p = column("params", 0, "temperature"), column("params", 1, "top_p")
+    frequency, presence = column("params", 2, "frequency"), column("params", 3, "presence")
+    thinking, left = column("state", 0, "thinking"), column("state", 1, "left")
+    # the penalties and the bias, over the whole vocabulary; </think> barred outside a thinking span
     seen = node("Cast", [node("Greater", ["counts", zero], "seen_bool")], "seen", to=TensorProto.FLOAT)
-    x = node("Sub", [node("Add", ["logits", "bias"], "biased"),
+    x = node("Sub", [node("Add", [logits, "bias"], "biased"),
                      node("Add", [node("Mul", ["counts", frequency], "by_count"),
                                   node("Mul", [seen, presence], "by_presence")], "penalty")], "penalized")
+    close_column = np.zeros((1, vocab), np.float32)
+    close_column[0, close] = 1.0
+    not_thinking = node("Sub", [one, thinking], "not_thinking")
+    closed = node("Mul", [const("close_column", close_column), not_thinking], "close_barred")
+    barred = node("Greater", [closed, zero], "barred")
+    x = node("Where", [barred, ninf, x], "allowed")
     # the k largest, sorted: a greedy row takes the first
     values, indices = "top_values", "top_indices"
     nodes.append(helper.make_node("TopK", [x, const("k", np.array([k], np.int64))], [values, indices], name="topk",
                                   axis=-1, largest=1, sorted=1))
     # a sampled row: the k's probabilities at its temperature against the whole vocabulary's softmax (its
     # log-sum-exp), the nucleus by the mass before each, Gumbel-max over the kept
-    temperature = node("Max", ["temperature", tiny], "safe_temperature")
+    hot = node("Greater", [temperature, zero], "hot")
+    temperature = node("Max", [temperature, tiny], "safe_temperature")
     everything = node("Div", [x, temperature], "scaled_all")
     peak = node("ReduceMax", [everything], "peak", axes=[-1], keepdims=1)
     total = node("ReduceSum", [node("Exp", [node("Sub", [everything, peak], "shifted")], "exp_all"),
@@ -86,16 +119,33 @@ def select_graph(k: int = 64, opset: int = 17) -> Any:
     scaled = node("Div", [values, temperature], "scaled")
     probs = node("Exp", [node("Sub", [scaled, lse], "log_probs")], "probs")
     before = node("MatMul", [probs, const("upper", np.triu(np.ones((k, k), np.float32), 1))], "mass_before")
-    keep = node("Less", [before, "top_p"], "keep")
+    keep = node("Less", [before, top_p], "keep")
     scores = node("Where", [keep, node("Add", [scaled, "noise"], "perturbed"), ninf], "scores")
     drawn = node("ArgMax", [scores], "drawn", axis=-1, keepdims=1)
-    hot = node("Greater", ["temperature", zero], "hot")
-    first = node("Slice", [indices, "s0", "s1", "ax1"], "first")
-    node("Where", [hot, node("GatherElements", [indices, drawn], "sampled", axis=1), first], "ids")
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape if name != "noise" else ["rows", k])
+    first = node("Slice", [indices, const("first_from", np.array([0])), const("first_to", np.array([1])), "ax1"],
+                 "first")
+    chosen = node("Where", [hot, node("GatherElements", [indices, drawn], "sampled", axis=1), first], "chosen")
+    # a thinking row out of budget closes its span
+    thinking_now = node("Greater", [thinking, zero], "thinking_now")
+    forced = node("And", [thinking_now, node("Not", [node("Greater", [left, zero], "budget_left")], "spent")],
+                  "forced")
+    ids = node("Where", [forced, close_id, chosen], "ids")
+    # the state after the id
+    still = node("Cast", [node("And", [thinking_now, node("Not", [node("Equal", [ids, close_id], "closes")],
+                                                           "open")], "still_bool")], "still", to=TensorProto.FLOAT)
+    node("Concat", [still, node("Sub", [left, still], "left_out")], "state_out", axis=1)
+    onehot = node("Cast", [node("Equal", [const("vocab_ids", np.arange(vocab, dtype=np.int64)[None]), ids], "is_id")],
+                  "onehot", to=TensorProto.FLOAT)
+    node("Add", ["counts", onehot], "counts_out")
+    elem = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
+    widths = {"vocab": vocab, "k": k}
+    inputs = [helper.make_tensor_value_info(name, elem[np.dtype(logits_dtype)] if name == "logits"
+                                            else TensorProto.FLOAT, [shape[0], widths.get(shape[1], shape[1])])
               for name, shape in INPUTS]
-    graph = helper.make_graph(nodes, "select", inputs, [helper.make_tensor_value_info("ids", TensorProto.INT64,
-                                                                                    ["rows", 1])])
+    outputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows", 1]),
+               helper.make_tensor_value_info("counts_out", TensorProto.FLOAT, ["rows", vocab]),
+               helper.make_tensor_value_info("state_out", TensorProto.FLOAT, ["rows", 2])]
+    graph = helper.make_graph(nodes, "select", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="autoglm-build")
     model.ir_version = min(model.ir_version, 8)  # what ONNX Runtime and TensorRT 8.5's parser read
     onnx.checker.check_model(model)

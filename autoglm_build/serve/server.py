@@ -29,6 +29,8 @@ PREFIX_CACHE_ENV = "AUTOGLM_BUILD_PREFIX_CACHE_MIB"
 OVERLAP_ENV = "AUTOGLM_BUILD_OVERLAP"
 #: overrides ``serve.cuda_graphs`` (1 on, 0 off) likewise
 CUDA_GRAPHS_ENV = "AUTOGLM_BUILD_CUDA_GRAPHS"
+#: overrides ``serve.device_select`` (1 on, 0 off) likewise
+DEVICE_SELECT_ENV = "AUTOGLM_BUILD_DEVICE_SELECT"
 
 
 def prefix_cache_bytes(cfg: BuildConfig) -> int:
@@ -66,6 +68,12 @@ def cuda_graphs(cfg: BuildConfig) -> bool:
     return _switch(cfg, CUDA_GRAPHS_ENV, "cuda_graphs")
 
 
+def device_select(cfg: BuildConfig) -> bool:
+    """Whether decode steps' tokens are chosen on the GPU (TensorRT, one GPU): ``$AUTOGLM_BUILD_DEVICE_SELECT`` (1 or
+    0), else ``serve.device_select``."""
+    return _switch(cfg, DEVICE_SELECT_ENV, "device_select")
+
+
 def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precision: Optional[str] = None,
                 api_key: Optional[str] = None, max_batch: Optional[int] = None,
                 queue_size: Optional[int] = None, devices: Optional[List[int]] = None) -> ServerState:
@@ -89,7 +97,7 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
         scheduler = Scheduler(runtime, cfg, tokenizer, max_batch or cfg.serve.max_batch,
                               cfg.serve.queue_size if queue_size is None else queue_size, cfg.engine.context,
                               prefix_cache_bytes=prefix_cache_bytes(cfg), overlap=decode_overlap(cfg),
-                              cuda_graphs=cuda_graphs(cfg))
+                              cuda_graphs=cuda_graphs(cfg), device_select=device_select(cfg))
     except BaseException:
         runtime.close()
         raise
@@ -122,7 +130,8 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
              f"max batch {state.scheduler.max_batch}, context {state.scheduler.context}, "
              f"prefix cache {f'{reuse} MiB' if state.scheduler.prefix.enabled else 'off'}, "
              f"decode overlap {'on' if state.scheduler.overlapping else 'off'}, "
-             f"CUDA graphs {'on' if state.scheduler.graphing else 'off'}"
+             f"CUDA graphs {'on' if state.scheduler.graphing else 'off'}, "
+             f"tokens chosen on the {'GPU' if state.scheduler.selecting else 'host'}"
              f"{', API key required' if state.api_key else ''})")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
                             access_log=log_level == "debug")

@@ -51,8 +51,10 @@ def _fake_cudart() -> Optional[Any]:
 
 
 class StepLog:
-    """Wraps a scheduler's ``cache.decode`` and ``cache.decode_async`` (the steps launched ahead, whose result
-    comes after the previous step's text): per committed decode step, what moved and what was rebound."""
+    """Wraps a scheduler's ``cache.decode``, ``cache.decode_async`` (the steps launched ahead, whose result
+    comes after the previous step's text) and ``cache.decode_ahead`` (with the select engine: launched on the ids
+    the step in flight chooses): per committed decode step, what moved from its launch to its result (with a step
+    launched ahead these windows overlap: the next step's launch falls in the one before) and what was rebound."""
 
     def __init__(self, scheduler: Scheduler, backend: Backend) -> None:
         self.cache, self.backend, self.steps = scheduler.cache, backend, []
@@ -77,9 +79,18 @@ class StepLog:
                 return launch(ids, positions)
             done = self._begin(inner, ids, positions, None, True)
             step = self._within(lambda: launch(ids, positions))
-            return SimpleNamespace(result=lambda: done(step.result()))
+            return SimpleNamespace(result=lambda: done(step.result()), discard=step.discard)
 
         self.cache.decode, self.cache.decode_async, self.cache.prefill = decode, decode_async, prefilling
+        ahead = getattr(self.cache, "decode_ahead", None)
+
+        def decode_ahead(positions):
+            done = self._begin(inner, None, positions, None, True)
+            step = self._within(lambda: ahead(positions))
+            return SimpleNamespace(result=lambda: done(step.result()), discard=step.discard)
+
+        if ahead is not None:
+            self.cache.decode_ahead = decode_ahead
 
     def _within(self, call):
         self.inside = True
@@ -93,7 +104,7 @@ class StepLog:
         # the scheduler's isolation path (one row alone, nothing stored) on the highest used slot, first
         alone, used = None, [int(s) for s in np.flatnonzero(self.cache.used[:self.cache.top])]
         self.calls += 1
-        if slot is None and commit and used and used[-1] > 0 and self.calls % 4 == 0:  # rebinds: 1 in 4
+        if ids is not None and slot is None and commit and used and used[-1] > 0 and self.calls % 4 == 0:  # 1 in 4
             k = used[-1]
             alone = (k, np.array(inner(ids[k:k + 1], positions[k:k + 1], k, False), copy=True))
         fake_at = len(self.fake.copies) if self.fake is not None else 0
@@ -126,9 +137,16 @@ class StepLog:
         return done
 
 
-def _generate(scheduler: Scheduler, prompts: List[Prompt]) -> List[List[int]]:
-    reqs = [Request(p, SamplingParams(temperature=0, top_p=0.85, frequency_penalty=0.2, max_tokens=MAX_TOKENS,
-                                      ignore_eos=True), emit=lambda e: None) for p in prompts]
+def _generate(scheduler: Scheduler, prompts: List[Prompt], sampled: bool = False, first: int = 0) -> List[List[int]]:
+    """Greedy with the phone agent's penalties; ``sampled``: seeded nucleus sampling, prompt ``i`` with seed
+    ``100 + first + i``."""
+    def params(i: int) -> SamplingParams:
+        if sampled:
+            return SamplingParams(temperature=0.8, top_p=0.9, presence_penalty=0.3, seed=100 + first + i,
+                                  max_tokens=MAX_TOKENS, ignore_eos=True)
+        return SamplingParams(temperature=0, top_p=0.85, frequency_penalty=0.2, max_tokens=MAX_TOKENS,
+                              ignore_eos=True)
+    reqs = [Request(p, params(i), emit=lambda e: None) for i, p in enumerate(prompts)]
     for req in reqs:
         scheduler.submit(req)
     scheduler.run_until_idle()
@@ -161,14 +179,15 @@ def _agent_prompts(tok: ChatTokenizer, screens: List[Segment]) -> List[Prompt]:
     return [tok.chat_prompt(turns, False) for turns in (first, second, third)]
 
 
-CASES = ("solo", "batched", "joining", "agent")
+CASES = ("solo", "batched", "joining", "agent")  # and "sampled" (seeded sampling alone and eight together)
 
 
 def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional[List[int]] = None,
-             cases: Sequence[str] = CASES, graphs: bool = False) -> Dict[str, Any]:
+             cases: Sequence[str] = CASES, graphs: bool = False, select: bool = False) -> Dict[str, Any]:
     """The cases above on one backend; tokens, prefix counters and per-step logs (``describe``: the backend's).
     ``graphs``: the schedulers run decode steps as CUDA graphs (``serve.cuda_graphs``); ``result["graphs"]``
-    sums their caches' counts."""
+    sums their caches' counts. ``select``: the tokens chosen on the GPU (``serve.device_select``; each scheduler's
+    ``selecting`` in ``result["selecting"]``, its steps launched ahead in ``result["ahead"]``)."""
     from autoglm_build.calibration import tokenizer_for
 
     cfg = BuildConfig.model_validate(Manifest.load(workdir).config)
@@ -180,8 +199,9 @@ def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional
     try:
         def scheduler(max_batch: int, reuse: bool) -> Scheduler:
             made = Scheduler(backend, cfg, tok, max_batch=max_batch, queue_size=64, context=cfg.engine.context,
-                             prefix_cache_bytes=None if reuse else 0, cuda_graphs=graphs)
+                             prefix_cache_bytes=None if reuse else 0, cuda_graphs=graphs, device_select=select)
             result["cache"] = type(made.cache).__name__
+            result.setdefault("selecting", []).append(made.selecting)
             made_all.append(made)
             return made
 
@@ -194,6 +214,10 @@ def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional
                 log = StepLog(sched, backend)
                 result[name] = _generate(sched, texts)
                 result["steps"][name] = log.steps
+        if "sampled" in cases:
+            result["sampled_solo"] = [_generate(scheduler(8, False), [p], sampled=True, first=i)[0]
+                                      for i, p in enumerate(texts)]
+            result["sampled"] = _generate(scheduler(8, False), texts, sampled=True)
         if "agent" not in cases:
             return result
         screens = _screens(backend, cfg, workdir) if "vision" in backend.parts else []
@@ -207,6 +231,7 @@ def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional
         result["prefix"] = sched.prefix.stats()
         result["prompt_tokens"] = [len(p.ids) for p in prompts]
     finally:
+        result["ahead"] = sum(m.overlapped for m in made_all)
         counts = [m.cache.graphs.describe() for m in made_all if getattr(m.cache, "graphs", None) is not None]
         result["graphs"] = {k: sum(c[k] for c in counts) for k in counts[0]} if counts else None
         backend.close()

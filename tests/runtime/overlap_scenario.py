@@ -113,7 +113,7 @@ def _run(make, overlap: bool, batches: List[List[Tuple[Prompt, Dict[str, Any], O
         tokens += [r.token_ids for r in reqs]
     stats = sched.stats()
     assert sched.flight is None and stats["active"] == 0 and sched.cache.top == 0
-    return {"cache": type(sched.cache).__name__, "events": events, "tokens": tokens,
+    return {"cache": type(sched.cache).__name__, "events": events, "tokens": tokens, "selecting": sched.selecting,
             "stopped_in_flight": watch.stopped_in_flight, "refused": watch.refused or [],
             "overlapped_steps": stats["overlapped_steps"], "decode_steps": stats["decode_steps"],
             "prefix": stats["prefix_cache"]}
@@ -132,9 +132,10 @@ def _with_stops(make, batches, stopping: List[List[bool]]):
     return out
 
 
-def compare(cfg: Any, backend: Any, tok: ChatTokenizer) -> Dict[str, Dict[str, Any]]:
+def compare(cfg: Any, backend: Any, tok: ChatTokenizer, select: bool = False) -> Dict[str, Dict[str, Any]]:
     """Per case, ``{"off": ..., "on": ...}``: each run's events and tokens per request, the rows stopped with
-    a step in flight, the refused cache calls, the scheduler's step counts and its cache's class."""
+    a step in flight, the refused cache calls, the scheduler's step counts and its cache's class. ``select``: the
+    tokens chosen on the GPU (the device cache's select engine; with overlap, steps launched on its ids)."""
     texts = [tok.chat_prompt([("user", [Segment(text=TEXTS[i])])], thinking) for i, thinking, *_ in REQUESTS]
     plain = [[(p, params, cancel) for p, (_, _, params, _, cancel) in zip(texts, REQUESTS)]]
     stopping = [[stop for *_, stop, _ in REQUESTS]]
@@ -149,20 +150,24 @@ def compare(cfg: Any, backend: Any, tok: ChatTokenizer) -> Dict[str, Dict[str, A
             ("agent", 4, True, agent_batches, [[False], [True, True]])):
         def make(overlap: bool, max_batch: int = max_batch, reuse: bool = reuse) -> Scheduler:
             return Scheduler(backend, cfg, tok, max_batch=max_batch, queue_size=16, context=cfg.engine.context,
-                             prefix_cache_bytes=None if reuse else 0, prefix_block=128, overlap=overlap)
+                             prefix_cache_bytes=None if reuse else 0, prefix_block=128, overlap=overlap,
+                             device_select=select)
         batches = _with_stops(make, batches, stops)
         cases[name] = {"off": _run(make, False, batches), "on": _run(make, True, batches)}
     return cases
 
 
 def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2, 4),
-                         failing_commits=(5,)) -> Dict[str, Any]:
+                         failing_commits=(5,), select: bool = False) -> Dict[str, Any]:
     """The device cache's steps launched ahead whose result raises (the logits' download, in the results
     ``failing``, with overlap on): the cache takes each such step back and the serial path runs it again.
     Events with overlap off and on, how many results failed, and how often a row's cache length was not its
     prompt's plus the tokens fed to it once a result was taken. Also a launch that raises halfway through its
     rows' commits (the mask element copies ``failing_commits``, counted over launches ahead): the rows it
-    committed are taken back and the serial path runs the step again (``launch_failed``)."""
+    committed are taken back and the serial path runs the step again (``launch_failed``). ``select``: the same with
+    the tokens chosen on the GPU, where a failing result is the download of a step's ids with the next step launched
+    on them already: both are taken back, the rows' generators put back, and the serial path runs the step again on
+    the same noise."""
     texts = [tok.chat_prompt([("user", [Segment(text=TEXTS[i])])], thinking) for i, thinking, *_ in REQUESTS]
     batches = [[(p, params, cancel) for p, (_, _, params, _, cancel) in zip(texts, REQUESTS)]]
     results: List[bool] = []  # per result taken of a step launched ahead: did it fail?
@@ -172,7 +177,10 @@ def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2,
 
     def make(overlap: bool) -> Scheduler:
         sched = Scheduler(backend, cfg, tok, max_batch=3, queue_size=16, context=cfg.engine.context,
-                          prefix_cache_bytes=0, overlap=overlap)
+                          prefix_cache_bytes=0, overlap=overlap, device_select=select)
+        if select:
+            _failing_selected(sched, overlap, failing, failing_commits, results, wrong, commits, launch_failed)
+            return sched
         download, land, landing = sched.cache._download_rows, sched._land, []
 
         def failing_download(*args):
@@ -202,24 +210,64 @@ def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2,
             finally:
                 launching.pop()
         sched.cache._download_rows, sched._land, sched._launch = failing_download, watched_land, watched_launch
-        for shard in sched.cache.shards:  # a committed column's mask element: the copy from the shard's 1
-            copy = shard.device.copy
-
-            def failing_copy(dst, src, nbytes, copy=copy, one=shard.one_ptr):
-                if launching and src == one:
-                    commits.append(1)
-                    if len(commits) in failing_commits and sched.cache.top > 1:
-                        launch_failed.append(1)
-                        raise RuntimeError("cudaMemcpyAsync failed")
-                return copy(dst, src, nbytes)
-            shard.device.copy = failing_copy
+        _failing_commits(sched, launching, failing_commits, commits, launch_failed)
         return sched
     return {"off": _run(make, False, batches), "on": _run(make, True, batches), "failed": sum(results),
             "wrong_lengths": len(wrong), "launch_failed": len(launch_failed)}
 
 
-def on_workdir(workdir: Path, backend_name: str, precision: str) -> Dict[str, Any]:
-    """:func:`compare` on a workdir's embed and decoder (and, on the device cache, ``failing_results``)."""
+def _failing_commits(sched: Scheduler, launching: List[int], failing_commits, commits: List[int],
+                     launch_failed: List[int]) -> None:
+    """A committed column's mask element copy (from the shard's 1) raises at the ``failing_commits``-th launch ahead."""
+    for shard in sched.cache.shards:
+        copy = shard.device.copy
+
+        def failing_copy(dst, src, nbytes, copy=copy, one=shard.one_ptr):
+            if launching and src == one:
+                commits.append(1)
+                if len(commits) in failing_commits and sched.cache.top > 1:
+                    launch_failed.append(1)
+                    raise RuntimeError("cudaMemcpyAsync failed")
+            return copy(dst, src, nbytes)
+        shard.device.copy = failing_copy
+
+
+def _failing_selected(sched: Scheduler, overlap: bool, failing, failing_commits, results: List[bool],
+                      wrong: List[int], commits: List[int], launch_failed: List[int]) -> None:
+    """:func:`with_failing_results`' failures with the select engine: the ``failing``-th ids taken with a step launched
+    ahead (overlap on) raise; a launch ahead's commit copy as there; after each step every running row's cache
+    length is its prompt's plus the tokens fed (the last one taken is fed by the step launched ahead, if any)."""
+    selector, decode, launching = sched.cache.selector, sched._decode_selected, []
+    ids, ahead = selector.ids, sched._launch_ahead
+
+    def failing_ids(turn, n):
+        if overlap and sched.flight is not None:
+            results.append(len(results) + 1 in failing)
+            if results[-1]:
+                raise RuntimeError("cudaEventSynchronize failed")
+        return ids(turn, n)
+
+    def watched_decode():
+        decode()
+        for row in sched.rows:
+            if row.finish is None and not row.req.cancelled:
+                fed = len(row.req.token_ids) - 1 + (1 if sched.flight is not None else 0)
+                if sched.cache.lengths[row.slot] != len(row.req.prompt.ids) + fed:
+                    wrong.append(row.req.id)
+
+    def watched_ahead():
+        launching.append(1)
+        try:
+            return ahead()
+        finally:
+            launching.pop()
+    selector.ids, sched._decode_selected, sched._launch_ahead = failing_ids, watched_decode, watched_ahead
+    _failing_commits(sched, launching, failing_commits, commits, launch_failed)
+
+
+def on_workdir(workdir: Path, backend_name: str, precision: str, select: bool = False) -> Dict[str, Any]:
+    """:func:`compare` on a workdir's embed and decoder (and, on the device cache, ``failing_results``); ``select``:
+    with the tokens chosen on the GPU."""
     from autoglm_build.calibration import tokenizer_for
     from autoglm_build.config import BuildConfig
     from autoglm_build.manifest import Manifest
@@ -229,9 +277,9 @@ def on_workdir(workdir: Path, backend_name: str, precision: str) -> Dict[str, An
     tok = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
     backend = open_backend(workdir, ["embed", "decoder"], backend_name, precision)
     try:
-        out = compare(cfg, backend, tok)
+        out = compare(cfg, backend, tok, select)
         if out["joining"]["on"]["cache"] == "DeviceKVCache":
-            out["failing_results"] = with_failing_results(cfg, backend, tok)
+            out["failing_results"] = with_failing_results(cfg, backend, tok, select=select)
         return out
     finally:
         backend.close()

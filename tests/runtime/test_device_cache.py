@@ -157,6 +157,59 @@ def test_decode_steps_as_cuda_graphs_generate_what_the_engine_by_engine_steps_do
     assert result["fake"]["violations_after_refusals"] == []
 
 
+@pytest.mark.parametrize("trt, polygraphy", PAIRS)
+def test_tokens_chosen_on_the_gpu_are_the_host_samplers_and_only_their_ids_come_back(graphs, tmp_path, trt,
+                                                                                      polygraphy):
+    """``serve.device_select``: the select engine (built by the server from ``runtime/select.py``'s graph, run right
+    after the decoder) chooses every decode step's tokens on the GPU, into the ids the next step's embed engine
+    reads; the scheduler launches that step before it takes this one's ids. Greedy rows with the phone agent's
+    frequency penalty (solo, eight together, joining and leaving, agent steps with prefix reuse and screenshots)
+    get the host sampler's tokens, with CUDA graphs and without; seeded sampled rows get the same tokens alone and
+    eight together, other than the host sampler's draws (so the GPU drew them). Per decode step, from its launch to
+    its result, no more than the ids of its rows and of the step launched within it come back (4 bytes a row),
+    never a row of logits, and the fake runtime saw no unordered use of memory across streams."""
+    workdir, env = _engines(graphs, tmp_path, trt, polygraphy)
+    result = _drive(workdir, env, "select")
+    on, graphed, host = result["select"], result["select_graphs"], result["host"]
+    assert all(on["selecting"]) and all(graphed["selecting"]) and not any(host["selecting"])
+    for case in ("solo", "batched", "joining", "agent_alone", "agent"):
+        assert on[case] == host[case] == graphed[case], case
+    assert on["sampled"] == on["sampled_solo"] == graphed["sampled"] == graphed["sampled_solo"]
+    assert on["sampled"] != host["sampled"] and host["sampled"] == host["sampled_solo"]
+    assert on["prefix"]["hits"] == 2
+    assert on["ahead"] >= 40 and graphed["graphs"]["launches"] >= 40 and graphed["graphs"]["refused"] == 0
+    steps = [s for run in (on, graphed) for case in run["steps"].values() for s in case]
+    assert len(steps) >= 100
+    for step in steps:
+        ids = step["top"] * 4  # int32 (8.5) or int64 (10): at most 8 bytes a row, both steps' ids in a window
+        assert step["fake_largest"]["d2h"] <= 2 * ids and step["fake"]["d2h"] <= 4 * ids, step
+        assert step["fake"]["h2d"] < step["cache_bytes"] + 4 * step["top"] * 4096 * 4, step  # a joining row's tables
+    assert result["fake"]["violations"] == []
+
+
+def test_steps_launched_on_the_gpus_own_ids_give_the_serial_events(graphs, tmp_path):
+    """With the select engine the overlap launches each step on the ids the step in flight leaves on the GPU:
+    ``tests.runtime.overlap_scenario``'s cases (rows joining and leaving, greedy and seeded sampling with penalties,
+    a thinking span closed by its budget, stop strings ending rows with a step in flight, a cancel, prefix reuse)
+    give every event the serial scheduler gives with the select engine. A step whose ids' download raises is taken
+    back with the step launched on it, the rows' generators put back, and run again serially: the same events,
+    sampled rows too; a launch that raises halfway through its commits likewise; every row's cache length stays its
+    prompt's plus the tokens fed."""
+    workdir, env = _engines(graphs, tmp_path, *PAIRS[0])
+    cases = _drive(workdir, env, "overlap", "select")["tensorrt"]
+    failing = cases.pop("failing_results")
+    for name, case in cases.items():
+        on, off = case["on"], case["off"]
+        assert on["selecting"] and off["selecting"], name
+        assert on["events"] == off["events"] and on["tokens"] == off["tokens"], name
+        assert off["overlapped_steps"] == 0 and on["overlapped_steps"] >= on["decode_steps"] // 2, name
+        assert on["stopped_in_flight"] >= 1, name
+        assert on["refused"] == ["decode", "decode_async", "release", "move", "fit", "save_block", "prefill"]
+    assert cases["agent"]["on"]["prefix"]["hits"] == 2
+    assert failing["on"]["events"] == failing["off"]["events"]
+    assert failing["failed"] == 2 and failing["launch_failed"] == 1 and failing["wrong_lengths"] == 0
+
+
 def test_the_checks_fail_on_the_host_cache(graphs, tmp_path):
     """The path before the device cache (host arrays through Polygraphy's ``infer``) generates the same
     tokens and moves the whole cache both ways every step: each step fails the traffic check."""

@@ -10,20 +10,27 @@ import pytest
 from autoglm_build.runtime.select import MAX_K, OPS, gumbel, select_graph
 
 
-def _session(k: int):
+def _session(k: int, vocab: int, close: int = 0):
     import onnxruntime as ort
 
-    return ort.InferenceSession(select_graph(k).SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(select_graph(k, vocab, close).SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _feed(logits, bias=None, counts=None, frequency=0.0, presence=0.0, temperature=0.0, top_p=1.0, noise=None, k=8):
+def _run(logits, k, close=0, **kw):
+    """The graph's three outputs for ``_feed(logits, **kw)``."""
+    return _session(k, logits.shape[1], close).run(None, _feed(logits, k=k, **kw))
+
+
+def _feed(logits, bias=None, counts=None, frequency=0.0, presence=0.0, temperature=0.0, top_p=1.0, noise=None, k=8,
+          thinking=1.0, left=1e9):
+    """Defaults: no bias, no counts, greedy, and a thinking row with budget to spare (so nothing bars </think>)."""
     rows, vocab = logits.shape
     column = lambda v: np.full((rows, 1), v, np.float32) if np.isscalar(v) else np.asarray(v, np.float32)[:, None]  # noqa: E731
     return {"logits": logits.astype(np.float32),
             "bias": np.zeros((rows, vocab), np.float32) if bias is None else bias.astype(np.float32),
             "counts": np.zeros((rows, vocab), np.float32) if counts is None else counts.astype(np.float32),
-            "penalties": np.concatenate([column(frequency), column(presence)], axis=1),
-            "temperature": column(temperature), "top_p": column(top_p),
+            "params": np.concatenate([column(temperature), column(top_p), column(frequency), column(presence)], axis=1),
+            "state": np.concatenate([column(thinking), column(left)], axis=1),
             "noise": np.zeros((rows, k), np.float32) if noise is None else noise}
 
 
@@ -42,8 +49,8 @@ def test_greedy_rows_take_the_largest_penalized_allowed_logit():
     presence = np.where(np.arange(rows) % 3 == 0, 0.0, rng.random(rows) * 1.5)  # every third: frequency only
     noise = np.zeros((rows, k), np.float32)
     noise[:, 1] = 100.0  # a sampled row would take the second
-    got = _session(k).run(None, _feed(logits, bias, counts, frequency, presence, temperature=0.0, noise=noise,
-                                      k=k))[0][:, 0]
+    got = _run(logits, k, bias=bias, counts=counts, frequency=frequency, presence=presence, temperature=0.0,
+               noise=noise)[0][:, 0]
     want = np.argmax(logits + bias - counts * frequency[:, None] - (counts > 0) * presence[:, None], axis=1)
     np.testing.assert_array_equal(got, want)
     assert (want != plain).sum() >= rows // 4  # the penalties moved winners, in each kind of row
@@ -55,8 +62,8 @@ def test_greedy_rows_take_the_largest_penalized_allowed_logit():
     tie = np.array([[0.5, np.nextafter(np.float32(0.5), np.float32(1)), -1.0, -2.0]], np.float32)
     noise = np.array([[0.0, 0.0, 0.0, 0.0]], np.float32)
     noise[0, 1] = 100.0
-    assert _session(4).run(None, _feed(tie, temperature=0.0, noise=noise, k=4))[0][0, 0] == 1
-    assert _session(4).run(None, _feed(tie, temperature=1.0, noise=noise, k=4))[0][0, 0] == 0  # sampled: the noise
+    assert _run(tie, 4, temperature=0.0, noise=noise)[0][0, 0] == 1
+    assert _run(tie, 4, temperature=1.0, noise=noise)[0][0, 0] == 0  # sampled: the noise
 
 
 def test_sampled_rows_draw_from_the_top_p_nucleus_at_its_probabilities():
@@ -67,7 +74,7 @@ def test_sampled_rows_draw_from_the_top_p_nucleus_at_its_probabilities():
     k, rows, vocab, temperature, top_p = 16, 20_000, 200, 0.5, 0.3
     logits = np.tile(np.linspace(2.0, -2.0, vocab, dtype=np.float32), (rows, 1))
     noise = gumbel(np.random.default_rng(1), rows, k)
-    got = _session(k).run(None, _feed(logits, temperature=temperature, top_p=top_p, noise=noise, k=k))[0][:, 0]
+    got = _run(logits, k, temperature=temperature, top_p=top_p, noise=noise)[0][:, 0]
     weights = np.exp(logits[0].astype(np.float64) / temperature)
     probs = weights / weights.sum()  # sorted already: the logits fall
     assert probs[:k].sum() < 0.5
@@ -85,7 +92,7 @@ def test_rows_are_independent_and_seeded_noise_repeats_its_tokens():
     logits = rng.standard_normal((rows, 50)).astype(np.float32)
     temperature = np.array([0.0, 0.7, 1.0, 0.0, 1.3, 0.5], np.float32)
     noise = np.concatenate([gumbel(np.random.default_rng(seed), 1, k) for seed in range(rows)])
-    session = _session(k)
+    session = _session(k, logits.shape[1])
     batch = session.run(None, _feed(logits, temperature=temperature, noise=noise, k=k))[0][:, 0]
     alone = [session.run(None, _feed(logits[r:r + 1], temperature=temperature[r:r + 1], noise=noise[r:r + 1], k=k))
              [0][0, 0] for r in range(rows)]
@@ -95,8 +102,32 @@ def test_rows_are_independent_and_seeded_noise_repeats_its_tokens():
 
 
 def test_the_graph_has_no_loop_nor_random_op_and_keeps_tensorrts_topk_limit():
-    model = select_graph(MAX_K)
+    model = select_graph(MAX_K, vocab=5000, close=7)
     assert {n.op_type for n in model.graph.node} <= OPS
     assert not {"CumSum", "RandomUniform", "RandomUniformLike", "Loop"} & {n.op_type for n in model.graph.node}
     with pytest.raises(ValueError, match="k 3841 is outside 1..3840"):
-        select_graph(MAX_K + 1)
+        select_graph(MAX_K + 1, vocab=5000, close=7)
+
+
+def test_the_rows_state_moves_with_its_ids_as_the_host_advances_it():
+    """</think> (id 2, the top logit of every row) is barred outside a thinking span; a thinking row that has spent
+    its budget takes it whatever the logits say; the counts gain the id chosen; the state after: still thinking
+    unless it closed, one reasoning token fewer left while thinking."""
+    logits = np.tile(np.array([[0.0, 1.0, 5.0, 3.0, -1.0, 0.5]], np.float32), (4, 1))
+    logits[3] = [0.0, 9.0, -5.0, 3.0, -1.0, 0.5]  # </think> least likely: the spent budget forces it anyway
+    counts = np.zeros_like(logits)
+    counts[:, 4] = [0, 1, 2, 3]
+    thinking = np.array([0.0, 1.0, 1.0, 1.0])
+    left = np.array([0.0, 4.0, 1.0, 0.0])
+    ids, counts_out, state_out = _run(logits, 3, close=2, counts=counts, thinking=thinking, left=left)
+    # row 0 is not thinking: not </think>, the next best; rows 1 and 2 may close; row 3 must
+    np.testing.assert_array_equal(ids[:, 0], [3, 2, 2, 2])
+    want = counts.copy()
+    want[np.arange(4), ids[:, 0]] += 1
+    np.testing.assert_array_equal(counts_out, want)
+    np.testing.assert_array_equal(state_out, [[0, 0], [0, 4], [0, 1], [0, 0]])
+    # a thinking row that does not close stays in its span and spends a token of its budget
+    logits[1] = [0.0, 9.0, -5.0, 3.0, -1.0, 0.5]
+    ids, _, state_out = _run(logits[1:2], 3, close=2, thinking=1.0, left=4.0)
+    assert ids[0, 0] == 1
+    np.testing.assert_array_equal(state_out, [[1, 3]])

@@ -69,6 +69,7 @@ class FakeCudart:
         self.capability = tuple(int(p) for p in os.environ.get("FAKE_CUDA_CC", "9.0").split("."))
         self.p2p = os.environ.get("FAKE_CUDA_P2P", "1") != "0"
         self.buffers: Dict[int, ctypes.Array] = {}
+        self.host_buffers: Dict[int, ctypes.Array] = {}  # cudaHostAlloc's
         self.allocations: Dict[int, Allocation] = {}
         self._starts: List[int] = []  # sorted allocation addresses
         self.streams = 0
@@ -164,6 +165,19 @@ class FakeCudart:
         self.allocated[self.device] = self.allocated.get(self.device, 0) + size
         self.history.append(("malloc", address, size, self.device))
         return self._set(ref, address)
+
+    def cudaHostAlloc(self, ref, nbytes, flags) -> int:
+        """Page-locked host memory: host memory here too (not an allocation of any device), kept until freed."""
+        size = max(int(getattr(nbytes, "value", nbytes)), 1)
+        buffer = ctypes.create_string_buffer(size)
+        self.host_buffers[ctypes.addressof(buffer)] = buffer
+        return self._set(ref, ctypes.addressof(buffer))
+
+    def cudaFreeHost(self, ptr) -> int:
+        if self.host_buffers.pop(_int(ptr), None) is None:
+            self.violation(f"cudaFreeHost({_int(ptr):#x}): not page-locked memory of cudaHostAlloc")
+            return INVALID_VALUE
+        return 0
 
     def cudaPointerGetAttributes(self, ref, ptr) -> int:
         """CUDA >= 10's ``cudaPointerAttributes``: ``type`` 2 (device memory) and ``device`` of an allocation."""

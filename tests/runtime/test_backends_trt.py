@@ -97,6 +97,28 @@ def test_decode_steps_as_cuda_graphs_generate_what_the_engine_by_engine_steps_do
     assert traffic_problems([s for case in on["steps"].values() for s in case], counted="device") == []
 
 
+def test_tokens_chosen_on_the_gpu_are_the_host_samplers_and_only_their_ids_come_back():
+    """``serve.device_select`` on a real GPU: TensorRT builds the select engine, and the scenario's greedy tokens
+    chosen on the GPU, with each step launched on the ids the step before left there (CUDA graphs on and off),
+    equal the host sampler's; seeded sampled rows get the same tokens alone and eight together, not the host
+    sampler's draws; per decode step (launch to result) only ids come back, never a row of logits."""
+    from tests.runtime.device_scenario import scenario
+
+    workdir = Path(os.environ["AUTOGLM_BUILD_TRT_WORKDIR"])
+    cases = ("solo", "batched", "joining", "agent", "sampled")
+    host = scenario(workdir, "tensorrt", "fp16", cases=cases)
+    runs = [scenario(workdir, "tensorrt", "fp16", cases=cases, select=True, graphs=graphs) for graphs in (False, True)]
+    for run in runs:
+        assert all(run["selecting"]), "the select engine did not load: the server's log says why"
+        for case in ("solo", "batched", "joining", "agent_alone", "agent"):
+            assert run[case] == host[case], case
+        assert run["sampled"] == run["sampled_solo"] == runs[0]["sampled"] != host["sampled"]
+        assert run["ahead"] >= 40
+        for step in [s for case in run["steps"].values() for s in case]:
+            assert step["device"]["d2h_bytes"] <= 4 * step["top"] * 4, step
+    assert runs[1]["graphs"]["refused"] == 0 and runs[1]["graphs"]["launches"] >= 40
+
+
 def _gpus() -> int:
     from autoglm_build.runtime.device import device_count
 

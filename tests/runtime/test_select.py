@@ -131,3 +131,64 @@ def test_the_rows_state_moves_with_its_ids_as_the_host_advances_it():
     ids, _, state_out = _run(logits[1:2], 3, close=2, thinking=1.0, left=4.0)
     assert ids[0, 0] == 1
     np.testing.assert_array_equal(state_out, [[1, 3]])
+
+
+def test_the_device_tables_and_the_graph_pick_what_the_host_sampler_and_scheduler_do():
+    """``Sampler.device_row`` (a row's tables as the host sees them) and the graph's own moves of the counts and the
+    state, step after step, against ``Sampler.pick`` and ``Scheduler._advance`` on the same logits (greedy rows:
+    the draw aside, the rules are the same): rows in and out of a thinking span, with a budget that forces
+    ``</think>``, the default budget (half of ``max_tokens``), ``ignore_eos``, frequency and presence penalties. The
+    logits favour ``</think>`` and the stop ids now and then, so the rules decide. After every step the graph's
+    counts and state equal the host's account of the row (``device_row`` again)."""
+    from types import SimpleNamespace
+
+    from autoglm_build.calibration import tokenizer_for
+    from autoglm_build.config import load_config
+    from autoglm_build.runtime.generation import Request, Sampler, SamplingParams, Scheduler, _Row
+    from autoglm_build.runtime.text import ChatTokenizer, Segment
+    from tests.conftest import TINY
+
+    cfg = load_config(TINY)
+    tok = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
+    vocab, close, stops = cfg.text.vocab_size, tok.ids["</think>"], sorted(tok.stop_ids)
+    specs = [(False, dict(max_tokens=40)), (True, dict(frequency_penalty=0.5, thinking_budget=3, max_tokens=40)),
+             (True, dict(presence_penalty=1.0, ignore_eos=True, max_tokens=12)),
+             (False, dict(frequency_penalty=0.7, presence_penalty=0.4, ignore_eos=True, max_tokens=40)),
+             (True, dict(thinking_budget=0, max_tokens=40)), (True, dict(frequency_penalty=2.0, max_tokens=60))]
+    sampler = Sampler(tok, len(specs))
+    rows = []
+    for slot, (thinking, params) in enumerate(specs):
+        req = Request(tok.chat_prompt([("user", [Segment(text="打开设置")])], thinking),
+                      SamplingParams(temperature=0.0, **params), emit=lambda e: None)
+        req.thinking = thinking
+        rows.append(_Row(req, tok, slot))
+        sampler.join(slot)
+    scheduler = SimpleNamespace(tokenizer=tok, sampler=sampler, tokens=0)
+    tables = [np.stack(t) for t in zip(*(sampler.device_row(r, vocab) for r in rows))]
+    bias, counts, params, state = tables
+    session = _session(4, vocab, close)
+    rng = np.random.default_rng(5)
+    live, closed, stopped = list(range(len(rows))), 0, 0
+    for step in range(30):
+        logits = rng.standard_normal((len(rows), vocab)).astype(np.float32)
+        logits[:, rng.integers(0, vocab, 50)] += 3.0  # favourites, generated again and again: the penalties bite
+        if step % 4 == 1:
+            logits[:, close] += 8.0
+        if step % 7 == 3:
+            logits[:, stops] += 8.0
+        ids, counts, state = session.run(None, {"logits": logits, "bias": bias, "counts": counts, "params": params,
+                                                "state": state, "noise": np.zeros((len(rows), 4), np.float32)})
+        want = sampler.pick(logits[live], [rows[k] for k in live])
+        assert [int(ids[k, 0]) for k in live] == want, step
+        for k, token in zip(list(live), want):
+            Scheduler._advance(scheduler, rows[k], token)
+            closed += token == close
+            if rows[k].finish is not None:
+                stopped += rows[k].finish == "stop"
+                live.remove(k)
+                continue
+            mirror = sampler.device_row(rows[k], vocab)
+            np.testing.assert_array_equal(counts[k], mirror[1])
+            np.testing.assert_array_equal(state[k], mirror[3])
+    assert closed >= 4 and stopped >= 1 and live  # the rules were exercised, and some rows ran to the end
+    assert rows[4].req.token_ids[0] == close  # a spent budget closes the span at once

@@ -163,7 +163,7 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD
         done
       done
       mkdir -p $D/devout
-      job devtests "$twait env OUT=$D/devout CUDA_VISIBLE_DEVICES=$LAST_GPU bash $0 devtests"
+      job devtests "$twait env OUT=$D/devout CUDA_VISIBLE_DEVICES=${DEVTESTS_GPU:-$LAST_GPU} bash $0 devtests"
     fi
   fi
   if [ -n "${TINY_STAGED:-}" ]; then  # the two-GPU test's build: tiny, decoder in two stages, fp16
@@ -180,6 +180,12 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD
     job ckpt "env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/make_layout_checkpoint.py -c $FULL -o $CKPT \
       && touch $CKPT.done || touch $CKPT.failed"
     WEIGHTS="$(mark_wait $CKPT.done $CKPT.failed) &&"
+    if [ -n "${BASELINE_GPU:-}" ]; then  # transformers' generate on the agent's requests, alone on a GPU of its own,
+      # while the engines build elsewhere (serveload then reads its row instead of running it)
+      job baseline "$WEIGHTS env CUDA_VISIBLE_DEVICES=$BASELINE_GPU PYTHONPATH=$PWD:/tmp/site312 timeout 900 python3 \
+        benchmarks/agent_generate.py -c $FULLD --checkpoint $CKPT --agent ${AGENT:-8x5} --agent-tokens 32 \
+        --json $D/agent_generate.json"
+    fi
   fi
   for module in ${FULL_MODULES-vision decoder}; do  # FULL_MODULES= (empty): none
     f="-c $FULL -w $F -m $module"
@@ -461,25 +467,33 @@ devtests)  # tiny: the TensorRT backend's GPU tests (bound calls, the device-res
   [ -e "$W/samples/vision.npz" ] || env PYTHONPATH=$PWD:/tmp/site312 python3 scripts/samples_stage.py -c $TINY -w $W -m vision
   AUTOGLM_BUILD_TRT_WORKDIR=$W PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy -m pytest -q -p no:cacheprovider -rs \
     tests/runtime/test_backends_trt.py 2>&1 | grep -v "^\[W\]" | tee "$OUT/pytest_trt_tiny.txt" | tail -15
-  for graphs in ${GRAPHS_AB-0 1}; do  # decode steps engine by engine, then as CUDA graphs (serve.cuda_graphs)
-    AUTOGLM_BUILD_CUDA_GRAPHS=$graphs PYTHONPATH=$PWD:/tmp/site39 timeout 300 /tmp/stage/trtpy benchmarks/serve_load.py \
-      -c $TINY -w $W --backend tensorrt --clients 64 --max-tokens 128 2>&1 | grep -v "^\[W\]" \
-      | tee "$OUT/serve_load_tiny_graphs$graphs.txt"
+  for ab in ${SERVE_AB-1:0 1:1}; do  # GRAPHS:SELECT (serve.cuda_graphs, serve.device_select): the host's tokens, the GPU's
+    graphs=${ab%:*}; select=${ab#*:}
+    AUTOGLM_BUILD_CUDA_GRAPHS=$graphs AUTOGLM_BUILD_DEVICE_SELECT=$select PYTHONPATH=$PWD:/tmp/site39 timeout 400 \
+      /tmp/stage/trtpy benchmarks/serve_load.py -c $TINY -w $W --backend tensorrt --clients 64 --max-tokens 128 \
+      --ready-timeout 300 2>&1 | grep -v "^\[W\]" | tee "$OUT/serve_load_tiny_graphs${graphs}_select$select.txt"
   done
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
   ;;
 serveload)  # full width: bench-serve (1 and 8 streams), then the agent load with and without reuse beside generate
   mem=$(mktemp); nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 >"$mem" &
-  PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-200} /tmp/stage/trtpy benchmarks/serve_load.py -c $FULLD -w $FD \
-    --backend tensorrt --clients ${CLIENTS:-32} --max-tokens 128 2>&1 | grep -v "^\[W\]" | tee "$OUT/serve_load_full.txt"
-  if [ -n "${CHECKPOINT:-}" ] && [ -z "${NO_BASELINE:-}" ]; then  # transformers' generate, same weights (not beside the server)
+  for select in ${SELECT_AB-0 1}; do  # serve.device_select off (the host samples), then on (the GPU chooses)
+    AUTOGLM_BUILD_DEVICE_SELECT=$select PYTHONPATH=$PWD:/tmp/site39 timeout ${SERVE_TIMEOUT:-400} /tmp/stage/trtpy \
+      benchmarks/serve_load.py -c $FULLD -w $FD --backend tensorrt --clients ${CLIENTS:-32} --max-tokens 128 \
+      --ready-timeout 300 2>&1 | grep -v "^\[W\]" | tee "$OUT/serve_load_full_select$select.txt"
+  done
+  while pgrep -f "[a]gent_generate.py" >/dev/null; do sleep 5; done  # start's baseline job, if it is still running
+  [ -e "$L/baseline.log" ] && tail -20 "$L/baseline.log" >"$OUT/agent_generate.txt"
+  if [ -n "${CHECKPOINT:-}" ] && [ -z "${NO_BASELINE:-}" ] && [ ! -s "$D/agent_generate.json" ]; then  # transformers'
+    # generate, same weights, on this GPU (start's BASELINE_GPU job ran it on a GPU of its own already, if set)
     PYTHONPATH=$PWD:/tmp/site312 timeout ${BASELINE_TIMEOUT:-200} python3 benchmarks/agent_generate.py -c $FULLD \
       --checkpoint $CKPT --agent ${AGENT:-8x5} --agent-tokens 32 --json "$D/agent_generate.json" 2>&1 | tail -20 \
       | tee "$OUT/agent_generate.txt"
   fi
   baseline=""; [ -s "$D/agent_generate.json" ] && baseline="--baseline $D/agent_generate.json"
   PYTHONPATH=$PWD:/tmp/site39 timeout ${AGENT_TIMEOUT:-300} /tmp/stage/trtpy benchmarks/serve_load.py -c $FULLD -w $FD \
-    --backend tensorrt --agent ${AGENT:-8x5} --agent-tokens 32 $baseline 2>&1 | grep -v "^\[W\]" | tee "$OUT/agent_full.txt"
+    --backend tensorrt --agent ${AGENT:-8x5} --agent-tokens 32 --ready-timeout 300 $baseline 2>&1 | grep -v "^\[W\]" \
+    | tee "$OUT/agent_full.txt"
   kill %1; python3 - "$mem" <<'PY' | tee "$OUT/gpu_memory_full.txt"
 import collections, sys
 seen = collections.defaultdict(list)

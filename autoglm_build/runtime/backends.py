@@ -389,22 +389,28 @@ class TensorRTBackend(Backend):
             rows = sidecar.profiles[0][self.inputs[module][0]][2][0]
             self.prefill_batch = rows if self.prefill_batch is None else min(self.prefill_batch, rows)
 
+    def placement_of(self, part: str) -> Optional[int]:
+        """The GPU ``part`` runs on (a module: its first part's; None: the current one)."""
+        return self.placement.get(self.parts.get(part, [part])[0])
+
     def compute_capability_of(self, part: str) -> str:
         """The compute capability of the GPU ``part`` runs on (a decoder module: its first part's)."""
         from autoglm_build.runtime.device import compute_capability
 
-        part = self.parts.get(part, [part])[0]
-        index = self.placement.get(part)
+        index = self.placement_of(part)
         return trt_env.gpu()["compute_capability"] if index is None else compute_capability(index)
 
     def load_engine(self, name: str, path: Path, like: str) -> None:
         """An engine the server built itself (not the build's: no manifest entry, no sidecar; the select engine,
         :mod:`~autoglm_build.runtime.device_select`), loaded on the GPU of ``like``'s last part, one context of its
-        own memory, its runner's phase ``name``; closed with the backend."""
+        own memory, its runner's phase ``name``; closed with the backend. Loaded once: a second call (another
+        scheduler's cache on this backend) finds it."""
         from polygraphy.backend.trt import TrtRunner
 
         from autoglm_build.engine.sidecar import deserialize
 
+        if name in self.runners:  # loaded for an earlier cache of this backend: one runner, bound per cache's key
+            return
         trt = trt_env.load()
         self.placement[name] = self.placement.get(self.parts.get(like, [like])[-1])
         self.files[name] = str(path)

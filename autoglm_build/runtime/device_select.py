@@ -37,7 +37,7 @@ from autoglm_build.runtime.device import Device
 from autoglm_build.runtime.select import INPUTS, select_graph
 
 log = logging.getLogger(__name__)
-NAME = "select"  # the engine's name among the backend's runners
+NAME = "select"  # the engine's name among the backend's runners: select.<rows>.<k>
 
 
 def select_problem(backend: Any, cache: Any) -> Optional[str]:
@@ -69,7 +69,8 @@ def engine_path(backend: Any, k: int, vocab: int, close: int, logits_dtype: Any,
               for name, shape in INPUTS}
     log.info("select engine: building it for %d rows x %d ids, k %d (TensorRT %s; once per machine)", rows, vocab, k,
              trt.__version__)
-    built = build_isolated(graph, "fp32", [shapes], 1024, folder / f"select-{key}.timing", folder)
+    built = build_isolated(graph, "fp32", [shapes], 1024, folder / f"select-{key}.timing", folder,
+                           device=backend.placement_of("decoder"))
     _write(engine, built)
     return engine
 
@@ -99,9 +100,12 @@ class DeviceSelect:
         self.backend, self.cache, self.k = backend, cache, k
         self.device: Device = cache.device
         self.slots, self.vocab = cache.slots, cache.vocab
-        path = engine_path(backend, k, self.vocab, close, cache.logits_dtype, self.slots)
-        backend.load_engine(NAME, path, like="decoder")
-        self.ids_dtype = np.dtype(backend.dtypes[NAME]["ids"])
+        # the engine takes as many rows as the backend's decoder does: every cache of the backend shares it
+        rows = max(self.slots, backend.max_batch or 0)
+        self.name = f"{NAME}.{rows}.{k}"
+        path = engine_path(backend, k, self.vocab, close, cache.logits_dtype, rows)
+        backend.load_engine(self.name, path, like="decoder")
+        self.ids_dtype = np.dtype(backend.dtypes[self.name]["ids"])
         if self.ids_dtype != cache.ids_dtype:
             raise RuntimeError(f"select engine writes {self.ids_dtype} ids, the embed engine reads {cache.ids_dtype}")
         self.widths = {"bias": self.vocab, "counts": self.vocab, "counts_out": self.vocab, "params": 4, "state": 2,
@@ -155,8 +159,8 @@ class DeviceSelect:
         """The engine over slots ``0..n`` after the decoder wrote ``logits`` (added to ``queue``: a CUDA graph's runs,
         or run now with ``queue`` None)."""
         p = self.ptrs
-        key = (NAME, n, logits)
-        runner = self.backend.bind(NAME, NAME, key, lambda: (
+        key = (self.name, n, logits, p["bias"])  # the tables' addresses: each cache of the backend has its own
+        runner = self.backend.bind(self.name, self.name, key, lambda: (
             {"logits": (n, self.vocab), "bias": (n, self.vocab), "counts": (n, self.vocab), "params": (n, 4),
              "state": (n, 2), "noise": (n, self.k)},
             {"logits": logits, "bias": p["bias"], "counts": p["counts"], "params": p["params"], "state": p["state"],

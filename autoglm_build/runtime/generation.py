@@ -286,6 +286,7 @@ class Scheduler:
                 self._decode()
         except Exception as exc:  # a bug outside the per-row paths: end what it touched, keep serving
             self._land()
+            self._drawn = {}
             in_rows = {id(r.req) for r in self.rows}
             for req in admitted:
                 if id(req) not in in_rows:
@@ -502,10 +503,14 @@ class Scheduler:
     def _again(self, drawn: Dict[int, Any]) -> Optional[np.ndarray]:
         """After a step that failed: the rows' generators as before its noise, every row's tables sent again
         (the GPU's may hold the step's moves), the step run serially."""
+        self._restore(drawn)
+        return self._decode_serial()
+
+    def _restore(self, drawn: Dict[int, Any]) -> None:
+        """The running rows' generators as :meth:`_prepare` found them (``drawn``: its return)."""
         for row in self.rows:
             if id(row) in drawn:
                 row.req.rng.bit_generator.state = drawn[id(row)]
-        return self._decode_serial()
 
     def _prepare(self, rows: List[_Row]) -> Dict[int, Any]:
         """Before a decode step with the select engine: the tables of rows whose slots changed hands go up, and
@@ -523,11 +528,15 @@ class Scheduler:
 
     def _launch_ahead(self) -> None:
         """Launch the next decode step on the ids the step in flight chooses, before the host has them, if it is
-        the step the serial order runs next (:meth:`_launch`'s rule). A launch that raises is taken back (the
-        rows' generators too) and left to the serial path."""
+        the step the serial order runs next (:meth:`_launch`'s rule) and the cache has a column for it (a row at
+        the context's end). A launch that raises is taken back (the rows' generators too) and left to the serial
+        path."""
         if any(r.finish is not None or r.req.cancelled for r in self.rows) or self.cache.top > len(self.rows):
             return
         if self.waiting and len(self.rows) < self.max_batch:
+            return
+        # a row at the context's last column ends with the step in flight: the cache has no column for a next one
+        if int(self.cache.lengths[self.cache.used].max(initial=0)) + 1 > self.cache.context - 1:
             return
         drawn: Dict[int, Any] = {}
         try:
@@ -536,9 +545,7 @@ class Scheduler:
             self._drawn = drawn
         except Exception as exc:  # noqa: BLE001 - see above
             self._fell_back("launch", exc)
-            for row in self.rows:
-                if id(row) in drawn:
-                    row.req.rng.bit_generator.state = drawn[id(row)]
+            self._restore(drawn)
             self.dirty.update(r.slot for r in self.rows)  # its engine may have moved the GPU's tables
             return
         self.overlapped += 1
@@ -603,10 +610,15 @@ class Scheduler:
         return ids, positions
 
     def _decode_step(self) -> np.ndarray:
+        ids, positions = self._inputs(self.rows, self.cache.top)
         if self.selecting:  # a serial step after a failure: the GPU's tables may hold a step taken back
             self.dirty.update(r.slot for r in self.rows)
-            self._prepare(self.rows)
-        ids, positions = self._inputs(self.rows, self.cache.top)
+            drawn = self._prepare(self.rows)
+            try:
+                return self.cache.decode(ids, positions)
+            except Exception:  # run again (after isolating the rows that fail alone) on the same noise
+                self._restore(drawn)
+                raise
         return self.cache.decode(ids, positions)
 
     def _isolate(self) -> None:

@@ -168,13 +168,14 @@ def for_this_tensorrt(trt: Any, source: Path, workdir: Path):
 
 def build_isolated(source: Path, precision: str, shapes: List[Dict], workspace_mib: int, cache: Path,
                    workdir: Path, preview: Optional[List[str]] = None,
-                   status: Callable[[str], None] = lambda message: None) -> bytes:
+                   status: Callable[[str], None] = lambda message: None, device: Optional[int] = None) -> bytes:
     """:func:`build` in a child process: a TensorRT abort (TensorRT 8.5's Myelin ``DCHECK`` on some
     Q/DQ graphs, seen on the device) becomes a one-line error instead of killing the tool.
 
     The child reports back through a queue: ``status`` receives TensorRT >= 10's progress monitor
     phases as they happen; a user-fixable error comes back as one (exit code kept), any other
-    exception as a :class:`BuildChildError` carrying the child's traceback.
+    exception as a :class:`BuildChildError` carrying the child's traceback. ``device``: the GPU the child builds on
+    (made current there; None: the current one, GPU 0 in a new process).
     """
     import multiprocessing
     import queue as queue_mod
@@ -184,7 +185,7 @@ def build_isolated(source: Path, precision: str, shapes: List[Dict], workspace_m
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".engine-build-") as tmp:
         out = Path(tmp) / "engine.bin"
         child = spawn.Process(target=_build_child, args=(str(source), precision, shapes, workspace_mib, str(cache),
-                                                         str(out), messages, preview))
+                                                         str(out), messages, preview, device))
         child.start()
         failure = None
         while True:
@@ -236,11 +237,15 @@ def _exit_description(code: Optional[int]) -> str:
 
 
 def _build_child(source: str, precision: str, shapes: List[Dict], workspace_mib: int, cache: str, out: str,
-                 messages: Any, preview: Optional[List[str]] = None) -> None:
+                 messages: Any, preview: Optional[List[str]] = None, device: Optional[int] = None) -> None:
     """The child's whole body is inside the ``try``: whatever fails is reported, never 'aborted'."""
     import traceback
 
     try:
+        if device is not None:
+            from autoglm_build.runtime.device import select
+
+            select(device)
         trt = trt_env.load()
         data = build(trt, Path(source), precision, shapes, workspace_mib, Path(cache),
                      lambda message: messages.put(("status", message)), preview)

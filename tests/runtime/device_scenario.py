@@ -179,7 +179,9 @@ def _agent_prompts(tok: ChatTokenizer, screens: List[Segment]) -> List[Prompt]:
     return [tok.chat_prompt(turns, False) for turns in (first, second, third)]
 
 
-CASES = ("solo", "batched", "joining", "agent")  # and "sampled" (seeded sampling alone and eight together)
+CASES = ("solo", "batched", "joining", "agent")
+# also "sampled" (seeded sampling alone and eight together), "shared" (two schedulers on the backend in turn: the
+# first's tokens, again after the second was made, the second's), "limit" (rows run to a 40-token context's end)
 
 
 def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional[List[int]] = None,
@@ -197,8 +199,8 @@ def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional
     result: Dict[str, Any] = {"cache": None, "steps": {}, "describe": backend.describe()}
     made_all: List[Scheduler] = []
     try:
-        def scheduler(max_batch: int, reuse: bool) -> Scheduler:
-            made = Scheduler(backend, cfg, tok, max_batch=max_batch, queue_size=64, context=cfg.engine.context,
+        def scheduler(max_batch: int, reuse: bool, context: int = cfg.engine.context) -> Scheduler:
+            made = Scheduler(backend, cfg, tok, max_batch=max_batch, queue_size=64, context=context,
                              prefix_cache_bytes=None if reuse else 0, cuda_graphs=graphs, device_select=select)
             result["cache"] = type(made.cache).__name__
             result.setdefault("selecting", []).append(made.selecting)
@@ -214,6 +216,21 @@ def scenario(workdir: Path, backend_name: str, precision: str, devices: Optional
                 log = StepLog(sched, backend)
                 result[name] = _generate(sched, texts)
                 result["steps"][name] = log.steps
+        if "shared" in cases:  # schedulers sharing the backend in turn: each one's engines bound to its own cache
+            first, second = scheduler(8, False), None
+            result["shared"] = [_generate(first, texts[:3])]
+            second = scheduler(8, False)
+            result["shared"] += [_generate(first, texts[:3]), _generate(second, texts[:3])]
+        if "limit" in cases:  # rows that run to the cache's last column (a 40-token context), with steps launched ahead
+            short = scheduler(8, False, context=40)
+            reqs = [Request(p, SamplingParams(temperature=0, max_tokens=40 - len(p.ids), ignore_eos=True),
+                            emit=lambda e: None) for p in texts[:3]]
+            for req in reqs:
+                short.submit(req)
+            short.run_until_idle()
+            result["limit"] = {"generated": [len(r.token_ids) for r in reqs], "wanted": [40 - len(p.ids) for p in
+                                                                                       texts[:3]],
+                               "fallbacks": short.fallbacks, "ahead": short.overlapped}
         if "sampled" in cases:
             result["sampled_solo"] = [_generate(scheduler(8, False), [p], sampled=True, first=i)[0]
                                       for i, p in enumerate(texts)]

@@ -120,11 +120,13 @@ def test_the_decode_overlap_on_the_device_cache_generates_what_the_serial_schedu
         on, off = case["on"], case["off"]
         assert on["cache"] == off["cache"] == "DeviceKVCache"
         assert on["events"] == off["events"] and on["tokens"] == off["tokens"], name
+        assert not [e for events in on["events"] for e in events if e["type"] == "error"], name
         assert off["overlapped_steps"] == 0 and on["overlapped_steps"] >= on["decode_steps"] // 2, name
         assert on["stopped_in_flight"] >= 1, name
         assert on["refused"] == ["decode", "decode_async", "release", "move", "fit", "save_block", "prefill"]
     assert cases["agent"]["on"]["prefix"]["hits"] == 2
     assert failing["on"]["events"] == failing["off"]["events"]
+    assert not [e for events in failing["on"]["events"] for e in events if e["type"] == "error"]
     assert failing["failed"] == 2 and failing["launch_failed"] == 1 and failing["wrong_lengths"] == 0
 
 
@@ -165,7 +167,9 @@ def test_tokens_chosen_on_the_gpu_are_the_host_samplers_and_only_their_ids_come_
     reads; the scheduler launches that step before it takes this one's ids. Greedy rows with the phone agent's
     frequency penalty (solo, eight together, joining and leaving, agent steps with prefix reuse and screenshots)
     get the host sampler's tokens, with CUDA graphs and without; seeded sampled rows get the same tokens alone and
-    eight together, other than the host sampler's draws (so the GPU drew them). Per decode step, from its launch to
+    eight together, other than the host sampler's draws (so the GPU drew them); two schedulers sharing the backend's
+    select engine in turn each get their own tokens; rows that run to the context's last column get every token with
+    no launch ahead failing past it. Per decode step, from its launch to
     its result, no more than the ids of its rows and of the step launched within it come back (4 bytes a row),
     never a row of logits, and the fake runtime saw no unordered use of memory across streams."""
     workdir, env = _engines(graphs, tmp_path, trt, polygraphy)
@@ -178,6 +182,11 @@ def test_tokens_chosen_on_the_gpu_are_the_host_samplers_and_only_their_ids_come_
     assert on["sampled"] != host["sampled"] and host["sampled"] == host["sampled_solo"]
     assert on["prefix"]["hits"] == 2
     assert on["ahead"] >= 40 and graphed["graphs"]["launches"] >= 40 and graphed["graphs"]["refused"] == 0
+    # two schedulers on one backend in turn (each cache's tables bound to the shared select engine anew)
+    assert on["shared"][0] == on["shared"][1] == on["shared"][2] == on["batched"][:3]
+    # rows that end at the cache's last column: no step is launched ahead past it (none failed), yet some were
+    limit = on["limit"]
+    assert limit["generated"] == limit["wanted"] and limit["fallbacks"] == 0 and limit["ahead"] >= 10, limit
     steps = [s for run in (on, graphed) for case in run["steps"].values() for s in case]
     assert len(steps) >= 100
     for step in steps:
@@ -202,11 +211,13 @@ def test_steps_launched_on_the_gpus_own_ids_give_the_serial_events(graphs, tmp_p
         on, off = case["on"], case["off"]
         assert on["selecting"] and off["selecting"], name
         assert on["events"] == off["events"] and on["tokens"] == off["tokens"], name
+        assert not [e for events in on["events"] for e in events if e["type"] == "error"], name
         assert off["overlapped_steps"] == 0 and on["overlapped_steps"] >= on["decode_steps"] // 2, name
         assert on["stopped_in_flight"] >= 1, name
         assert on["refused"] == ["decode", "decode_async", "release", "move", "fit", "save_block", "prefill"]
     assert cases["agent"]["on"]["prefix"]["hits"] == 2
     assert failing["on"]["events"] == failing["off"]["events"]
+    assert not [e for events in failing["on"]["events"] for e in events if e["type"] == "error"]
     assert failing["failed"] == 2 and failing["launch_failed"] == 1 and failing["wrong_lengths"] == 0
 
 

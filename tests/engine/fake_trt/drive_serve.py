@@ -43,7 +43,7 @@ def main() -> None:
         from tests.runtime.device_scenario import _fake_cudart
 
         cases = ("solo", "batched", "joining", "agent", "sampled")
-        out = {"select": scenario(workdir, "tensorrt", precision, cases=cases, select=True),
+        out = {"select": scenario(workdir, "tensorrt", precision, cases=cases + ("shared", "limit"), select=True),
                "select_graphs": scenario(workdir, "tensorrt", precision, cases=cases, select=True, graphs=True),
                "host": scenario(workdir, "tensorrt", precision, cases=cases)}
         out["fake"] = {"violations": list(_fake_cudart().violations)}

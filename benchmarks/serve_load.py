@@ -300,7 +300,8 @@ async def phase(url: str, clients: int, max_tokens: int, timeout: float, light: 
             "tokens": sum(r["tokens"] for r in ok), "wall_s": wall,
             "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "decode_per_s": sum(max(r["tokens"] - 1, 0) for r in ok) / decode_window if decode_window else np.nan,
-            "decode_steps": stats["decode_steps"]}
+            "decode_steps": stats["decode_steps"], "overlapped_steps": stats.get("overlapped_steps", 0),
+            "device_select": stats.get("device_select"), "cuda_graphs": stats.get("cuda_graphs")}
 
 
 # ---- the phone agent's sessions ----------------------------------------------------------------
@@ -572,6 +573,10 @@ def main() -> int:
               f"TTFT p50 {load['ttft_p50']:.3f}s p99 {load['ttft_p99']:.3f}s, {load['tokens_per_s']:.1f} tokens/s")
         if load["first_error"]:
             print(f"  first error: {load['first_error']}")
+    last = served[8]  # the server's counters after both phases
+    print(f"server: tokens chosen on the {'GPU' if last['device_select'] else 'host'}, CUDA graphs "
+          f"{'on' if last['cuda_graphs'] else 'off'}, {last['overlapped_steps']} of {last['decode_steps']} decode steps "
+          f"launched ahead")
     print(f"serve/engine decode rate: {served[8]['decode_per_s'] / rates[8]:.2f}")
     return 1 if any(r["errors"] for r in served.values()) or (load and load["errors"]) else 0
 

@@ -110,6 +110,9 @@ def with_overrides(cfg: BuildConfig, overrides: Optional[Dict[str, Any]]) -> Bui
 #: machine (the GPU harness) is used with the same config file at another path. What those files
 #: hold is in the fingerprints (checkpoint header, tokenizer and calibration data hashes).
 LOCATION_FIELDS = frozenset({"tokenizer", "checkpoint", "calibrate.data", "engine.timing_cache"})
+#: the server's settings (``serve.*``): no artifact depends on them, so a config that differs only there (a new
+#: serving option's default, a port) takes the workdir as built
+SERVING_PREFIX = "serve."
 
 
 def config_diff(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
@@ -143,7 +146,7 @@ def resolve_target(config: Optional[Path], workdir: Optional[Path], default: Pat
     Without ``config``, a workdir whose manifest records a config uses it (``default`` only names
     the default workdir, ``build/<its name>``, and serves a workdir with no build yet). With
     ``config``, a workdir built from another file whose config differs (beyond
-    :data:`LOCATION_FIELDS`) is refused unless ``force``;
+    :data:`LOCATION_FIELDS` and the ``serve`` section) is refused unless ``force``;
     the file it was built from, edited, is taken (stages rerun by their fingerprints). ``overrides``
     (command-line settings) apply on top of either.
 
@@ -169,7 +172,7 @@ def resolve_target(config: Optional[Path], workdir: Optional[Path], default: Pat
     if stored is None:
         return Target(cfg, workdir, path, [])
     changed = config_diff(config_record(with_overrides(stored, overrides))[0], config_record(cfg)[0])
-    conflicting = [f for f in changed if f not in LOCATION_FIELDS]
+    conflicting = [f for f in changed if f not in LOCATION_FIELDS and not f.startswith(SERVING_PREFIX)]
     same_file = bool(manifest.config_path) and Path(manifest.config_path).resolve() == Path(path)
     if conflicting and not same_file and not force:
         shown = ", ".join(conflicting[:3]) + (f" (+{len(conflicting) - 3} more)" if len(conflicting) > 3 else "")

@@ -212,6 +212,12 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD
     done
     job "full-$module" "$WEIGHTS $graphs && { $engines wait; }"
   done
+  if [ -n "${SERVELOAD:-}" ]; then  # phase serveload as a job once every build above is done (its GPU: the first of
+    # GPUS), its files in $D/serveout
+    mkdir -p $D/serveout
+    job serveload "sleep 30; while pgrep -f '[a]utoglm_build.cli (export|optimize|calibrate|engine)' >/dev/null; do sleep 5; \
+      done; env OUT=$D/serveout CUDA_VISIBLE_DEVICES=${GPU_LIST[0]:-0} bash $0 serveload"
+  fi
   exec bash "$0" wait "${START_WAIT:-480}"
   ;;
 nine)  # the 9B model's decoder and embed, every part in parallel (see the header); NO_WHEELS=1: a dry run off the device

@@ -575,8 +575,8 @@ def main() -> int:
             print(f"  first error: {load['first_error']}")
     last = served[8]  # the server's counters after both phases
     print(f"server: tokens chosen on the {'GPU' if last['device_select'] else 'host'}, CUDA graphs "
-          f"{'on' if last['cuda_graphs'] else 'off'}, {last['overlapped_steps']} of {last['decode_steps']} decode steps "
-          f"launched ahead")
+          f"{'on' if last['cuda_graphs'] else 'off'}, {last['overlapped_steps']} of {last['decode_steps']} decode "
+          f"steps launched ahead")
     print(f"serve/engine decode rate: {served[8]['decode_per_s'] / rates[8]:.2f}")
     return 1 if any(r["errors"] for r in served.values()) or (load and load["errors"]) else 0
 

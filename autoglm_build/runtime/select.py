@@ -103,12 +103,12 @@ def select_graph(k: int = 64, vocab: int = 0, close: int = 0, logits_dtype: Any 
     closed = node("Mul", [const("close_column", close_column), not_thinking], "close_barred")
     barred = node("Greater", [closed, zero], "barred")
     x = node("Where", [barred, ninf, x], "allowed")
-    # the k largest, sorted: a greedy row takes the first
-    values, indices = "top_values", "top_indices"
-    nodes.append(helper.make_node("TopK", [x, const("k", np.array([k], np.int64))], [values, indices], name="topk",
-                                  axis=-1, largest=1, sorted=1))
-    # a sampled row: the k's probabilities at its temperature against the whole vocabulary's softmax (its
-    # log-sum-exp), the nucleus by the mass before each, Gumbel-max over the kept
+    # a greedy row takes the largest; a sampled row draws among the k largest at its temperature (TopK over the
+    # scaled logits: their order is the logits' for any temperature > 0), against the whole vocabulary's softmax
+    # (its log-sum-exp), the nucleus by the mass before each, Gumbel-max over the kept. TensorRT 8.5 without NVRTC
+    # (the harness) aborts on a fused Div-Sub-Exp over the TopK's values: so the k's probabilities are Exp(Sub)
+    # of values already scaled
+    first = node("ArgMax", [x], "first", axis=-1, keepdims=1)
     hot = node("Greater", [temperature, zero], "hot")
     temperature = node("Max", [temperature, tiny], "safe_temperature")
     everything = node("Div", [x, temperature], "scaled_all")
@@ -116,14 +116,14 @@ def select_graph(k: int = 64, vocab: int = 0, close: int = 0, logits_dtype: Any 
     total = node("ReduceSum", [node("Exp", [node("Sub", [everything, peak], "shifted")], "exp_all"),
                                const("last", np.array([-1], np.int64))], "total", keepdims=1)
     lse = node("Add", [node("Log", [total], "log_total"), peak], "lse")
-    scaled = node("Div", [values, temperature], "scaled")
-    probs = node("Exp", [node("Sub", [scaled, lse], "log_probs")], "probs")
+    values, indices = "top_values", "top_indices"
+    nodes.append(helper.make_node("TopK", [everything, const("k", np.array([k], np.int64))], [values, indices],
+                                  name="topk", axis=-1, largest=1, sorted=1))
+    probs = node("Exp", [node("Sub", [values, lse], "log_probs")], "probs")
     before = node("MatMul", [probs, const("upper", np.triu(np.ones((k, k), np.float32), 1))], "mass_before")
     keep = node("Less", [before, top_p], "keep")
-    scores = node("Where", [keep, node("Add", [scaled, "noise"], "perturbed"), ninf], "scores")
+    scores = node("Where", [keep, node("Add", [values, "noise"], "perturbed"), ninf], "scores")
     drawn = node("ArgMax", [scores], "drawn", axis=-1, keepdims=1)
-    first = node("Slice", [indices, const("first_from", np.array([0])), const("first_to", np.array([1])), "ax1"],
-                 "first")
     chosen = node("Where", [hot, node("GatherElements", [indices, drawn], "sampled", axis=1), first], "chosen")
     # a thinking row out of budget closes its span
     thinking_now = node("Greater", [thinking, zero], "thinking_now")

@@ -201,24 +201,27 @@ def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2,
                 if sched.cache.lengths[row.slot] != len(row.req.prompt.ids) + fed:
                     wrong.append(row.req.id)
             return logits
-        launch, launching = sched._launch, []
-
-        def watched_launch():
-            launching.append(1)
-            try:
-                return launch()
-            finally:
-                launching.pop()
-        sched.cache._download_rows, sched._land, sched._launch = failing_download, watched_land, watched_launch
-        _failing_commits(sched, launching, failing_commits, commits, launch_failed)
+        sched.cache._download_rows, sched._land = failing_download, watched_land
+        _failing_commits(sched, "_launch", failing_commits, commits, launch_failed)
         return sched
     return {"off": _run(make, False, batches), "on": _run(make, True, batches), "failed": sum(results),
             "wrong_lengths": len(wrong), "launch_failed": len(launch_failed)}
 
 
-def _failing_commits(sched: Scheduler, launching: List[int], failing_commits, commits: List[int],
+def _failing_commits(sched: Scheduler, launcher: str, failing_commits, commits: List[int],
                      launch_failed: List[int]) -> None:
-    """A committed column's mask element copy (from the shard's 1) raises at the ``failing_commits``-th launch ahead."""
+    """A committed column's mask element copy (from the shard's 1) raises at the ``failing_commits``-th launch ahead
+    (made by the scheduler's method ``launcher``)."""
+    launching: List[int] = []
+    launch = getattr(sched, launcher)
+
+    def watched():
+        launching.append(1)
+        try:
+            return launch()
+        finally:
+            launching.pop()
+    setattr(sched, launcher, watched)
     for shard in sched.cache.shards:
         copy = shard.device.copy
 
@@ -237,8 +240,7 @@ def _failing_selected(sched: Scheduler, overlap: bool, failing, failing_commits,
     """:func:`with_failing_results`' failures with the select engine: the ``failing``-th ids taken with a step launched
     ahead (overlap on) raise; a launch ahead's commit copy as there; after each step every running row's cache
     length is its prompt's plus the tokens fed (the last one taken is fed by the step launched ahead, if any)."""
-    selector, decode, launching = sched.cache.selector, sched._decode_selected, []
-    ids, ahead = selector.ids, sched._launch_ahead
+    selector, decode, ids = sched.cache.selector, sched._decode_selected, sched.cache.selector.ids
 
     def failing_ids(turn, n):
         if overlap and sched.flight is not None:
@@ -254,15 +256,8 @@ def _failing_selected(sched: Scheduler, overlap: bool, failing, failing_commits,
                 fed = len(row.req.token_ids) - 1 + (1 if sched.flight is not None else 0)
                 if sched.cache.lengths[row.slot] != len(row.req.prompt.ids) + fed:
                     wrong.append(row.req.id)
-
-    def watched_ahead():
-        launching.append(1)
-        try:
-            return ahead()
-        finally:
-            launching.pop()
-    selector.ids, sched._decode_selected, sched._launch_ahead = failing_ids, watched_decode, watched_ahead
-    _failing_commits(sched, launching, failing_commits, commits, launch_failed)
+    selector.ids, sched._decode_selected = failing_ids, watched_decode
+    _failing_commits(sched, "_launch_ahead", failing_commits, commits, launch_failed)
 
 
 def on_workdir(workdir: Path, backend_name: str, precision: str, select: bool = False) -> Dict[str, Any]:

@@ -105,20 +105,25 @@ def test_served_greedy_on_the_device_cache_equals_onnx_runtime_and_the_cache_sta
                 assert step["rebinds"] == 0, step
 
 
-def test_the_decode_overlap_on_the_device_cache_generates_what_the_serial_scheduler_does(graphs, tmp_path):
+@pytest.mark.parametrize("select", [False, True], ids=["host-sampler", "device-select"])
+def test_the_decode_overlap_on_the_device_cache_generates_what_the_serial_scheduler_does(graphs, tmp_path, select):
     """Issue 14: with ``serve.overlap`` the scheduler launches each decode step (``decode_async``: the engines,
     the new columns' copies and the mask queued; the logits downloaded when the result is taken) before the
-    previous step's text work. ``tests.runtime.overlap_scenario``'s cases (rows joining and leaving, sampling
-    with penalties, stop strings ending rows while a step is in flight, a cancel, prefix reuse) give every
-    event the serial scheduler gives; the cache refuses every call that changes it while a step is in flight;
-    a result whose download raises, or a launch that raises halfway through its rows' commits, is taken back
-    (lengths, mask) and run again serially."""
+    previous step's text work; with the select engine (``device-select``) it launches each step on the ids the
+    step in flight leaves on the GPU (``decode_ahead``), before it takes them. ``tests.runtime.overlap_scenario``'s
+    cases (rows joining and leaving, greedy and seeded sampling with penalties, a thinking span closed by its budget,
+    stop strings ending rows while a step is in flight, a cancel, prefix reuse) give every event the serial
+    scheduler gives, none an error; the cache refuses every call that changes it while a step is in flight; a
+    result whose download raises (the logits, or the ids with the next step launched on them: both taken back, the
+    rows' generators put back, so sampled rows keep their tokens), or a launch that raises halfway through its rows'
+    commits, is taken back (lengths, mask) and run again serially."""
     workdir, env = _engines(graphs, tmp_path, *PAIRS[0])
-    cases = _drive(workdir, env, "overlap")["tensorrt"]
+    cases = _drive(workdir, env, "overlap", *(["select"] if select else []))["tensorrt"]
     failing = cases.pop("failing_results")
     for name, case in cases.items():
         on, off = case["on"], case["off"]
         assert on["cache"] == off["cache"] == "DeviceKVCache"
+        assert on["selecting"] == off["selecting"] == select, name
         assert on["events"] == off["events"] and on["tokens"] == off["tokens"], name
         assert not [e for events in on["events"] for e in events if e["type"] == "error"], name
         assert off["overlapped_steps"] == 0 and on["overlapped_steps"] >= on["decode_steps"] // 2, name
@@ -194,31 +199,6 @@ def test_tokens_chosen_on_the_gpu_are_the_host_samplers_and_only_their_ids_come_
         assert step["fake_largest"]["d2h"] <= 2 * ids and step["fake"]["d2h"] <= 4 * ids, step
         assert step["fake"]["h2d"] < step["cache_bytes"] + 4 * step["top"] * 4096 * 4, step  # a joining row's tables
     assert result["fake"]["violations"] == []
-
-
-def test_steps_launched_on_the_gpus_own_ids_give_the_serial_events(graphs, tmp_path):
-    """With the select engine the overlap launches each step on the ids the step in flight leaves on the GPU:
-    ``tests.runtime.overlap_scenario``'s cases (rows joining and leaving, greedy and seeded sampling with penalties,
-    a thinking span closed by its budget, stop strings ending rows with a step in flight, a cancel, prefix reuse)
-    give every event the serial scheduler gives with the select engine. A step whose ids' download raises is taken
-    back with the step launched on it, the rows' generators put back, and run again serially: the same events,
-    sampled rows too; a launch that raises halfway through its commits likewise; every row's cache length stays its
-    prompt's plus the tokens fed."""
-    workdir, env = _engines(graphs, tmp_path, *PAIRS[0])
-    cases = _drive(workdir, env, "overlap", "select")["tensorrt"]
-    failing = cases.pop("failing_results")
-    for name, case in cases.items():
-        on, off = case["on"], case["off"]
-        assert on["selecting"] and off["selecting"], name
-        assert on["events"] == off["events"] and on["tokens"] == off["tokens"], name
-        assert not [e for events in on["events"] for e in events if e["type"] == "error"], name
-        assert off["overlapped_steps"] == 0 and on["overlapped_steps"] >= on["decode_steps"] // 2, name
-        assert on["stopped_in_flight"] >= 1, name
-        assert on["refused"] == ["decode", "decode_async", "release", "move", "fit", "save_block", "prefill"]
-    assert cases["agent"]["on"]["prefix"]["hits"] == 2
-    assert failing["on"]["events"] == failing["off"]["events"]
-    assert not [e for events in failing["on"]["events"] for e in events if e["type"] == "error"]
-    assert failing["failed"] == 2 and failing["launch_failed"] == 1 and failing["wrong_lengths"] == 0
 
 
 def test_the_checks_fail_on_the_host_cache(graphs, tmp_path):

@@ -147,3 +147,18 @@ def test_the_same_config_at_another_path_with_its_files_elsewhere_is_no_conflict
     result = invoke("export", "-c", moved / "second.yaml", "-w", workdir, "--json")
     assert result.exit_code == 0, result.output
     assert [o["status"] for o in json.loads(result.stdout)["outcomes"]] == ["cached"]
+
+
+def test_a_c_that_differs_only_in_the_servers_settings_takes_the_workdir_as_built(tmp_path):
+    """No artifact depends on ``serve.*``: a config from another file that differs from the workdir's there only (a
+    new serving option's default, another port) is taken, and nothing reruns; one more difference outside ``serve``
+    is still refused."""
+    config, workdir = _second_build(tmp_path)
+    same = yaml.safe_load(Path(config).read_text())
+    other = write_config(tmp_path / "other.yaml", {**same, "serve": {"port": 8123, "device_select": False}})
+    result = invoke("export", "-c", other, "-w", workdir, "-m", "embed", "--json")
+    assert result.exit_code == 0, result.output
+    assert [o["status"] for o in json.loads(result.stdout)["outcomes"]] == ["cached"]
+    refused = write_config(tmp_path / "refused.yaml", {**same, "seed": 5, "serve": {"port": 8123}})
+    result = invoke("export", "-c", refused, "-w", workdir, "-m", "embed")
+    assert result.exit_code == 2 and "seed" in result.stderr and "serve" not in result.stderr.splitlines()[0]

@@ -573,10 +573,11 @@ def main() -> int:
               f"TTFT p50 {load['ttft_p50']:.3f}s p99 {load['ttft_p99']:.3f}s, {load['tokens_per_s']:.1f} tokens/s")
         if load["first_error"]:
             print(f"  first error: {load['first_error']}")
-    last = served[8]  # the server's counters after both phases
+    last, graphs = served[8], served[8]["cuda_graphs"]  # the server's counters since it started, to the 8 streams' end
+    ran = bool(graphs) and not graphs.get("off") and graphs.get("launches", 0) > 0
     print(f"server: tokens chosen on the {'GPU' if last['device_select'] else 'host'}, CUDA graphs "
-          f"{'on' if last['cuda_graphs'] else 'off'}, {last['overlapped_steps']} of {last['decode_steps']} decode "
-          f"steps launched ahead")
+          f"{'launched ' + str(graphs['launches']) + ' times' if ran else 'off'}, {last['overlapped_steps']} of "
+          f"{last['decode_steps']} decode steps launched ahead")
     print(f"serve/engine decode rate: {served[8]['decode_per_s'] / rates[8]:.2f}")
     return 1 if any(r["errors"] for r in served.values()) or (load and load["errors"]) else 0
 

@@ -215,8 +215,9 @@ print(' '.join(registry.expand(load_config(sys.argv[1]), ['decoder'])))" "$FULLD
   if [ -n "${SERVELOAD:-}" ]; then  # phase serveload as a job once every build above is done (its GPU: the first of
     # GPUS), its files in $D/serveout
     mkdir -p $D/serveout
-    job serveload "sleep 30; while pgrep -f '[a]utoglm_build.cli (export|optimize|calibrate|engine)' >/dev/null; do sleep 5; \
-      done; env OUT=$D/serveout CUDA_VISIBLE_DEVICES=${GPU_LIST[0]:-0} bash $0 serveload"
+    # (and for the devtests and the generate baseline: its timed runs measure the host's work, on CPUs they would share)
+    job serveload "sleep 30; while pgrep -f '[a]utoglm_build.cli (export|optimize|calibrate|engine)|[d]evice_full.sh devtests|[a]gent_generate.py' \
+      >/dev/null; do sleep 5; done; env OUT=$D/serveout CUDA_VISIBLE_DEVICES=${GPU_LIST[0]:-0} bash $0 serveload"
   fi
   exec bash "$0" wait "${START_WAIT:-480}"
   ;;

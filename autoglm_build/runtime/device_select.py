@@ -161,7 +161,7 @@ class DeviceSelect:
         """The engine over slots ``0..n`` after the decoder wrote ``logits`` (added to ``queue``: a CUDA graph's runs,
         or run now with ``queue`` None)."""
         p = self.ptrs
-        key = (self.name, n, logits, p["bias"])  # the tables' addresses: each cache of the backend has its own
+        key = (self.name, n, logits, *sorted(p.items()))  # the tables' addresses: each cache of the backend has its own
         runner = self.backend.bind(self.name, self.name, key, lambda: (
             {"logits": (n, self.vocab), "bias": (n, self.vocab), "counts": (n, self.vocab), "params": (n, 4),
              "state": (n, 2), "noise": (n, self.k)},

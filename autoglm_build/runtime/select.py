@@ -30,8 +30,9 @@ one's token still selects under the right rules (the host's ``Scheduler._advance
   tokens before ``</think>`` is forced (the thinking budget). A thinking row with ``left <= 0`` takes ``</think>``;
   ``thinking_out = thinking and id != </think>``, ``left_out = left - thinking_out``.
 
-Ties: ONNX's ``TopK`` puts the lower id first among equal values, so a greedy row picks what the host sampler's
-``argmax`` picks; TensorRT's ``TopK`` makes no such promise, so an engine may pick another of equal logits.
+Ties: a greedy row takes ``ArgMax`` of its penalized logits, the lowest id among equal values on ONNX Runtime, as the
+host sampler's ``argmax``; TensorRT's ``ArgMax`` (a ``TopK`` of one) makes no such promise, so an engine may pick
+another of exactly equal logits.
 
 Imports on the GPU harness's Python 3.9 (onnx and numpy only).
 """

@@ -242,10 +242,16 @@ def _build_child(source: str, precision: str, shapes: List[Dict], workspace_mib:
     import traceback
 
     try:
-        if device is not None:
-            from autoglm_build.runtime.device import select
+        if device is not None:  # the GPU current before TensorRT starts (its first CUDA call makes the context)
+            import ctypes
 
-            select(device)
+            from polygraphy import cuda
+
+            lib = cuda.wrapper().handle
+            for call, status in (("cudaSetDevice", lib.cudaSetDevice(ctypes.c_int(device))),
+                                 ("cudaFree(NULL)", lib.cudaFree(ctypes.c_void_p(0)))):
+                if status:
+                    raise RuntimeError(f"{call} for GPU {device}: CUDA error {status}")
         trt = trt_env.load()
         data = build(trt, Path(source), precision, shapes, workspace_mib, Path(cache),
                      lambda message: messages.put(("status", message)), preview)
@@ -328,7 +334,7 @@ def build(trt: Any, source: Path, precision: str, shapes: List[Dict], workspace_
         # scales; TensorRT 8.5 refuses the INT8 flag without them ("no scaling factors detected").
         kwargs.update(fp16=precision in ("fp16", "int8"), int8=precision == "int8" and _has_qdq(graph))
     features = preview_features(trt, preview)
-    if features:
+    if features or preview is not None:  # an explicit [] turns off what the version has on by default (8.6-9.x)
         kwargs["preview_features"] = features
     monitor = _progress_monitor(trt, status)
     if monitor is not None:

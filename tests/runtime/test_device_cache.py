@@ -174,9 +174,9 @@ def test_tokens_chosen_on_the_gpu_are_the_host_samplers_and_only_their_ids_come_
     get the host sampler's tokens, with CUDA graphs and without; seeded sampled rows get the same tokens alone and
     eight together, other than the host sampler's draws (so the GPU drew them); two schedulers sharing the backend's
     select engine in turn each get their own tokens; rows that run to the context's last column get every token with
-    no launch ahead failing past it. Per decode step, from its launch to
-    its result, no more than the ids of its rows and of the step launched within it come back (4 bytes a row),
-    never a row of logits, and the fake runtime saw no unordered use of memory across streams."""
+    no launch ahead failing past it; where the engine does not build, the host samples. Per decode step, from its
+    launch to its result, no more than the ids of its rows and of the step launched within it come back (4 bytes a
+    row), never a row of logits, and the fake runtime saw no unordered use of memory across streams."""
     workdir, env = _engines(graphs, tmp_path, trt, polygraphy)
     result = _drive(workdir, env, "select")
     on, graphed, host = result["select"], result["select_graphs"], result["host"]
@@ -192,6 +192,8 @@ def test_tokens_chosen_on_the_gpu_are_the_host_samplers_and_only_their_ids_come_
     # rows that end at the cache's last column: no step is launched ahead past it (none failed), yet some were
     limit = on["limit"]
     assert limit["generated"] == limit["wanted"] and limit["fallbacks"] == 0 and limit["ahead"] >= 10, limit
+    # where the engine does not build, the scheduler samples on the host: the host's tokens
+    assert not any(result["unbuilt"]["selecting"]) and result["unbuilt"]["solo"] == host["solo"]
     steps = [s for run in (on, graphed) for case in run["steps"].values() for s in case]
     assert len(steps) >= 100
     for step in steps:

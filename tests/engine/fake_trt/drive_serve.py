@@ -46,6 +46,12 @@ def main() -> None:
         out = {"select": scenario(workdir, "tensorrt", precision, cases=cases + ("shared", "limit"), select=True),
                "select_graphs": scenario(workdir, "tensorrt", precision, cases=cases, select=True, graphs=True),
                "host": scenario(workdir, "tensorrt", precision, cases=cases)}
+        from autoglm_build.runtime import device_select
+
+        def refused(*args, **kwargs):
+            raise RuntimeError("TensorRT aborted while building the select engine")
+        device_select.engine_path = refused  # a GPU whose TensorRT cannot build it: the host samples, and says why
+        out["unbuilt"] = scenario(workdir, "tensorrt", precision, cases=("solo",), select=True)
         out["fake"] = {"violations": list(_fake_cudart().violations)}
         print(json.dumps(out))
         return

@@ -486,17 +486,7 @@ class Scheduler:
         for row in self.rows:
             row.next_position += 1
         self.steps += 1
-        accepted = []
-        for row in [r for r in self.rows if r.finish is None and not r.req.cancelled]:
-            try:
-                accepted.append((row, int(tokens[row.slot]), self._advance(row, int(tokens[row.slot]))))
-            except Exception as exc:
-                self._end(row, exc)
-        for row, token, kind in accepted:
-            try:
-                self._deliver(row, token, kind)
-            except Exception as exc:  # e.g. its client's event loop is gone
-                self._end(row, exc)
+        self._take([(r, int(tokens[r.slot])) for r in self.rows if r.finish is None and not r.req.cancelled])
         if self.flight is None:
             self._retire()
 
@@ -531,9 +521,7 @@ class Scheduler:
         the step the serial order runs next (:meth:`_launch`'s rule) and the cache has a column for it (a row at
         the context's end). A launch that raises is taken back (the rows' generators too) and left to the serial
         path."""
-        if any(r.finish is not None or r.req.cancelled for r in self.rows) or self.cache.top > len(self.rows):
-            return
-        if self.waiting and len(self.rows) < self.max_batch:
+        if not self._serial_order_next():
             return
         # a row at the context's last column ends with the step in flight: the cache has no column for a next one
         if int(self.cache.lengths[self.cache.used].max(initial=0)) + 1 > self.cache.context - 1:
@@ -566,13 +554,18 @@ class Scheduler:
                     self._end(row, exc)
                 return None
 
+    def _serial_order_next(self) -> bool:
+        """Whether the step the serial order runs next is every row's decode step as the rows lie: none finished,
+        left or failed, nobody waits for a free row, and no row would move down into a free slot."""
+        if any(r.finish is not None or r.req.cancelled for r in self.rows) or self.cache.top > len(self.rows):
+            return False
+        return not (self.waiting and len(self.rows) < self.max_batch)
+
     def _launch(self) -> None:
         """Launch the next decode step ahead of this step's text, if it is the step the serial order runs next:
         every row goes on (none finished, left or failed), nobody waits for a free row, and no row would
         move down into a free slot. A launch that raises is left to the serial path, which runs it again."""
-        if any(r.finish is not None or r.req.cancelled for r in self.rows) or self.cache.top > len(self.rows):
-            return
-        if self.waiting and len(self.rows) < self.max_batch:
+        if not self._serial_order_next():
             return
         try:
             self.flight = self.cache.decode_async(*self._inputs(self.rows, self.cache.top))
@@ -667,15 +660,20 @@ class Scheduler:
                 except Exception as exc:
                     tokens.append(None)
                     self._end(row, exc)
+        self._take([(row, token) for row, token in zip(live, tokens) if token is not None],
+                   launch=launch, every=len(rows))
+
+    def _take(self, picked: List[Tuple[_Row, int]], launch: bool = False, every: int = 0) -> None:
+        """Each picked token's bookkeeping (:meth:`_advance`), then its text (:meth:`_deliver`); a row whose own
+        bookkeeping or delivery raises ends alone. With ``launch``, the next decode step is launched between the
+        two (:meth:`_launch`) when all ``every`` rows took their tokens."""
         accepted = []
-        for row, token in zip(live, tokens):
-            if token is None:
-                continue
+        for row, token in picked:
             try:
                 accepted.append((row, token, self._advance(row, token)))
             except Exception as exc:
                 self._end(row, exc)
-        if launch and len(accepted) == len(rows):
+        if launch and len(accepted) == every:
             self._launch()
         for row, token, kind in accepted:
             try:

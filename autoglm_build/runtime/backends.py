@@ -360,9 +360,7 @@ class TensorRTBackend(Backend):
         capability = trt_env.gpu()["compute_capability"] if index is None else compute_capability(index)
         sidecar = check_loadable(path, sha256, trt.__version__, capability)
         engine = deserialize(trt, path)
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.dtypes[module] = {n: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
-        self.shapes[module] = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in names}
+        self._record_io(trt, engine, module)
         self.inputs[module] = list(sidecar.profiles[0])
         # the batch bound: the last profile's (a decoder's decode profile; its prefill profile may take fewer rows)
         first_dims = next(iter(sidecar.profiles[-1].values()))[2][0]
@@ -388,6 +386,13 @@ class TensorRTBackend(Backend):
             self.prefill_chunk = chunk if self.prefill_chunk is None else min(self.prefill_chunk, chunk)
             rows = sidecar.profiles[0][self.inputs[module][0]][2][0]
             self.prefill_batch = rows if self.prefill_batch is None else min(self.prefill_batch, rows)
+
+    def _record_io(self, trt: Any, engine: Any, name: str) -> List[str]:
+        """The engine's I/O tensors' dtypes and shapes (-1: dynamic) under ``name``; returns their names."""
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.dtypes[name] = {n: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
+        self.shapes[name] = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in names}
+        return names
 
     def placement_of(self, part: str) -> Optional[int]:
         """The GPU ``part`` runs on (a module: its first part's; None: the current one)."""
@@ -416,9 +421,7 @@ class TensorRTBackend(Backend):
         self.files[name] = str(path)
         self._select(name)
         engine = deserialize(trt, path)
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        self.dtypes[name] = {n: trt_env.numpy_dtype(trt, engine.get_tensor_dtype(n)) for n in names}
-        self.shapes[name] = {n: tuple(int(d) for d in engine.get_tensor_shape(n)) for n in names}
+        names = self._record_io(trt, engine, name)
         self.inputs[name] = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         runner = TrtRunner(engine, name=name)
         runner.activate()

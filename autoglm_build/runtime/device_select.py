@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from autoglm_build.manifest import atomic_write_bytes
 from autoglm_build.runtime.device import Device
 from autoglm_build.runtime.select import INPUTS, select_graph
 
@@ -64,7 +63,7 @@ def engine_path(backend: Any, k: int, vocab: int, close: int, logits_dtype: Any,
     engine, graph = folder / f"select-{key}.engine", folder / f"select-{key}.onnx"
     if engine.is_file():
         return engine
-    _write(graph, data)
+    atomic_write_bytes(graph, data)
     shapes = {name: ((1, *_dims(shape, vocab, k)), (rows, *_dims(shape, vocab, k)), (rows, *_dims(shape, vocab, k)))
               for name, shape in INPUTS}
     log.info("select engine: building it for %d rows x %d ids, k %d (TensorRT %s; once per machine)", rows, vocab, k,
@@ -73,19 +72,12 @@ def engine_path(backend: Any, k: int, vocab: int, close: int, logits_dtype: Any,
     # at the 9B's 151,552-id vocabulary (a Myelin DCHECK, seen on an H200); without it the engine builds in 12 s
     built = build_isolated(graph, "fp32", [shapes], 1024, folder / f"select-{key}.timing", folder, preview=[],
                            device=backend.placement_of("decoder"))
-    _write(engine, built)
+    atomic_write_bytes(engine, built)
     return engine
 
 
 def _dims(shape: Sequence[Any], vocab: int, k: int) -> Tuple[int, ...]:
     return tuple(vocab if d == "vocab" else k if d == "k" else int(d) for d in shape[1:])
-
-
-def _write(path: Path, data: bytes) -> None:
-    """``data`` at ``path``, whole or not at all (written beside, then renamed over it)."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as fh:
-        fh.write(data)
-    os.replace(fh.name, path)
 
 
 class DeviceSelect:

@@ -108,11 +108,11 @@ def prompt_ids(args) -> Tuple[list, object]:
     return tok.chat_prompt([("user", [Segment(text=MESSAGE.format(0))])], False).ids, tok
 
 
-def engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int) -> dict:
+def engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int, select: bool = False) -> dict:
     """The decoder alone at ``batch``: :func:`ort_engine_rate` or :func:`trt_engine_rate` by backend."""
     if backend.name == "tensorrt" or len(backend.parts.get("decoder", ["decoder"])) > 1:
         # a staged decoder on ONNX Runtime: its stages chained through the server's own cache (OrtKVCache)
-        return trt_engine_rate(backend, cfg, tokenizer, batch, ids, steps)
+        return trt_engine_rate(backend, cfg, tokenizer, batch, ids, steps, select=select)
     return {"tokens_per_s": ort_engine_rate(backend, cfg, batch, len(ids), steps), "steps": steps, "cache": "bound"}
 
 
@@ -173,7 +173,7 @@ def prompt_chunks(ids: list, rows: int, chunk: int) -> list:
                   np.ascontiguousarray(positions[:, :, s:s + chunk])) for s in range(0, len(ids), chunk)]
 
 
-def trt_engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int) -> dict:
+def trt_engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int, select: bool = False) -> dict:
     """Decode tokens/s of the TensorRT engines alone, through the server's own device cache
     (:class:`~autoglm_build.runtime.device_cache.DeviceKVCache`, the one ``backend.kv_cache`` gives the
     scheduler, at the scheduler's context): ``batch`` rows of the prompt ``ids`` prefilled (the prefill
@@ -190,6 +190,12 @@ def trt_engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int) 
     so the contexts are bound and the scratch buffers allocated at their largest shapes, as in a warm
     server. Where the engines cannot keep the cache on the device (``device_cache_problem``) the backend
     gives the host cache, as it gives the server; ``cache`` in the result says which.
+
+    ``select``: the step as the server's GPU runs it instead (``--engine-select``): the engines as one CUDA graph
+    where ``serve.cuda_graphs`` is on, then the select engine (``serve.select_k``; every row greedy) choosing
+    the tokens, only their ids down. What a server step costs the GPU, with no host work between steps but the
+    launch: the server's rate beside it says how much of the gap to the engine's is the host's. None where the
+    cache cannot select (the host samples in the server too).
 
     Returns:
         ``tokens_per_s`` (``batch x steps`` over the timed loop), ``steps``, ``seconds``, ``cache`` (the
@@ -210,6 +216,13 @@ def trt_engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int) 
     cache = backend.kv_cache(CacheSpec(t.num_hidden_layers, t.num_key_value_heads, t.head_dim), batch, context)
     candidates = Sampler(tokenizer, batch).ids
     cache.logit_columns = (int(candidates[0]), int(candidates[-1]) + 1)
+    if select:
+        if hasattr(cache, "use_select"):
+            cache.use_graphs(cfg.serve.cuda_graphs)
+        if not (hasattr(cache, "use_select") and cache.use_select(tokenizer.ids["</think>"], cfg.serve.select_k)):
+            if hasattr(cache, "close"):
+                cache.close()
+            return None
     step_ids = np.full((batch, 1), ids[-1], np.int64)
     step_positions = [np.full((batch, 3, 1), len(ids) + k, np.int64) for k in range(steps)]
     try:
@@ -258,21 +271,41 @@ async def one_client(client: AsyncOpenAI, i: int, max_tokens: int, timeout: floa
     return {"start": start, "first": first if first is not None else end, "end": end, "tokens": tokens}
 
 
-async def light_client(http: httpx.AsyncClient, i: int, max_tokens: int, timeout: float) -> dict:
-    """The same request as :func:`one_client`, its SSE lines only scanned: on a 2-core machine the openai
-    SDK's per-chunk parsing takes CPU from the server being measured."""
-    body = {"model": "autoglm-phone-9b", "messages": [{"role": "user", "content": MESSAGE.format(i)}],
-            "max_tokens": max_tokens, "temperature": 0.7, "seed": i, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
+async def light_client(url: str, i: int, max_tokens: int, timeout: float) -> dict:
+    """The same request as :func:`one_client` over a bare asyncio connection, its SSE lines only scanned: on a
+    2-core machine the load generator's own CPU is taken from the server being measured (the openai SDK's
+    per-chunk parsing, or httpx's streaming: as much CPU as the server's per token), so the decode phases'
+    client does the least per chunk that still sees each one as it arrives. HTTP/1.1 with a chunked body,
+    as uvicorn streams."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    body = json.dumps({"model": "autoglm-phone-9b", "messages": [{"role": "user", "content": MESSAGE.format(i)}],
+                       "max_tokens": max_tokens, "temperature": 0.7, "seed": i, "stream": True,
+                       "stream_options": {"include_usage": True}, "ignore_eos": True}).encode()
     start = time.perf_counter()
     first, tokens = None, 0
-    async with http.stream("POST", "/v1/chat/completions", json=body, timeout=timeout) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if first is None and '"content": "' in line and '"content": ""' not in line:
-                first = time.perf_counter()
-            if '"completion_tokens"' in line:
-                tokens = json.loads(line[len("data: "):])["usage"]["completion_tokens"]
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (host.encode(), len(body), body))
+        status = await reader.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(f"stream {i}: {status.decode().strip()}")
+        while (await reader.readline()).strip():  # the headers
+            pass
+        pending = b""
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)  # a chunk of the chunked body
+            if not size:
+                break
+            pending += await reader.readexactly(size + 2)
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if first is None and b'"content": "' in line and b'"content": ""' not in line:
+                    first = time.perf_counter()
+                if b'"completion_tokens"' in line:
+                    tokens = json.loads(line[len(b"data: "):])["usage"]["completion_tokens"]
+    finally:
+        writer.close()
     end = time.perf_counter()
     return {"start": start, "first": first if first is not None else end, "end": end, "tokens": tokens}
 
@@ -284,7 +317,7 @@ async def phase(url: str, clients: int, max_tokens: int, timeout: float, light: 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=timeout)
     http = httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=max(clients, 8)))
     start = time.perf_counter()
-    calls = (light_client(http, i, max_tokens, timeout) if light else one_client(client, i, max_tokens, timeout)
+    calls = (light_client(url, i, max_tokens, timeout) if light else one_client(client, i, max_tokens, timeout)
              for i in range(clients))
     results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=timeout)
     wall = time.perf_counter() - start
@@ -506,13 +539,15 @@ def engine_alone(args, cfg) -> dict:
     backend = open_backend(Path(args.workdir), ["embed", "decoder"], args.backend)
     try:
         rates = {streams: engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1) for streams in (1, 8)}
+        selected = {streams: engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1, select=True)
+                    for streams in (1, 8)} if args.engine_select and backend.name == "tensorrt" else {}
         d = backend.describe()
     finally:
         backend.close()
     staged = d["backend"] == "onnxruntime" and rates[8].get("cache") != "bound"
     what = (ENGINE_ALONE["staged"] if staged else ENGINE_ALONE[d["backend"]]).format(cache=rates[8]["cache"])
     return {"backend": d["backend"], "precision": d["precision"], "prompt": len(ids), "what": what,
-            "rates": rates}
+            "rates": rates, "select_rates": {k: v for k, v in selected.items() if v is not None}}
 
 
 def main() -> int:
@@ -526,6 +561,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase before giving up")
     parser.add_argument("--engine-only", action="store_true",
                         help="time the engine alone at 1 and 8 rows, print it as JSON and start no server")
+    parser.add_argument("--engine-select", action="store_true",
+                        help="TensorRT: also time the engine as the server's GPU runs a step (CUDA graph, then the "
+                        "select engine, ids down) and print it beside the server's rate")
     parser.add_argument("--agent", help="SESSIONSxSTEPS: replay the phone agent with and without prefix reuse "
                         "(instead of the decode phases)")
     parser.add_argument("--agent-tokens", type=int, default=32, help="new tokens per agent step")
@@ -568,6 +606,13 @@ def main() -> int:
               f"{r['decode_per_s'] / rates[streams]:>13.2f} {r['errors']:>7} {r['ttft_p50']:>8.3f}s")
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
+    chosen = engine.get("select_rates") or {}
+    if chosen:
+        print("engine + select (the server's GPU step: " + ("CUDA graph, " if cfg.serve.cuda_graphs else "")
+              + "tokens chosen on the GPU, ids down; no host work between steps): "
+              + ", ".join(f"{r['tokens_per_s']:.1f} tok/s at {k} "
+                          f"(server/that {served[k]['decode_per_s'] / r['tokens_per_s']:.2f})"
+                          for k, r in sorted(chosen.items())))
     if load:
         print(f"load: {load['clients']} concurrent streams x {args.load_tokens} tokens: {load['errors']} errors, "
               f"TTFT p50 {load['ttft_p50']:.3f}s p99 {load['ttft_p99']:.3f}s, {load['tokens_per_s']:.1f} tokens/s")

@@ -21,6 +21,7 @@
 #   bash scripts/device_full.sh twogpu                 tiny staged: the same tokens with the stages on GPUs 0 and 1
 #   bash scripts/device_full.sh devtests               tiny: the TensorRT backend's GPU tests, bench-serve on TensorRT
 #   bash scripts/device_full.sh serveload              full width: bench-serve, the agent load, transformers' generate
+#   bash scripts/device_full.sh serveab                tiny and full width: serve/engine, this tree against $OLD's
 #   bash scripts/device_full.sh wait [seconds]         wait for the jobs, then poll
 #   bash scripts/device_full.sh tiny                   tiny: verify int8, bench
 #   bash scripts/device_full.sh serve                  tiny: tests/serve on the TensorRT backend (fp16 engines)
@@ -481,6 +482,39 @@ devtests)  # tiny: the TensorRT backend's GPU tests (bound calls, the device-res
       --ready-timeout 300 2>&1 | grep -v "^\[W\]" | tee "$OUT/serve_load_tiny_graphs${graphs}_select$select.txt"
   done
   nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+  ;;
+serveab)  # serve/engine at 8 streams on TensorRT, this tree against the tree in $OLD (the commit before a change), the
+  # tiny and the full-width build at once (GPUs TINY_GPU and FULL_GPU), CUDA graphs and device select on, the load
+  # phase off; this tree also times the engine with the select engine (--engine-select). uvloop and httptools (this
+  # tree's dependencies) are moved out of /tmp/site39 for $OLD's servers. Then, with PYSPY (a py-spy binary), this
+  # tree's servers once more under py-spy (raw stacks per thread in $OUT/spy_*.txt: where a server step's host time goes)
+  OLD=${OLD:-/tmp/old}
+  mkdir -p /tmp/site39fast; for p in uvloop httptools; do mv /tmp/site39/$p* /tmp/site39fast/ 2>/dev/null; done
+  PYTHONPATH=/tmp/site39 /tmp/stage/trtpy -c "import uvicorn; print('harness uvicorn', uvicorn.__version__)
+try:
+    import uvloop; print('harness uvloop', uvloop.__version__)
+except ImportError: print('harness: no uvloop')"
+  ab() {  # ab NAME CONFIG WORKDIR GPU
+    local tree dir site extra
+    for tree in old new; do
+      if [ $tree = old ]; then dir=$OLD; site=/tmp/site39; extra=""; else dir=$PWD; site=/tmp/site39:/tmp/site39fast; extra=--engine-select; fi
+      ( cd "$dir" && CUDA_VISIBLE_DEVICES=$4 PYTHONPATH=$dir:$site timeout 400 /tmp/stage/trtpy benchmarks/serve_load.py \
+        -c "$2" -w "$3" --backend tensorrt --clients 0 --max-tokens 128 --ready-timeout 300 $extra ) 2>&1 \
+        | grep -v "^\[W\]" >"$OUT/serve_ab_$1_$tree.txt"
+    done
+    [ -n "${PYSPY:-}" ] || return 0
+    ( CUDA_VISIBLE_DEVICES=$4 PYTHONPATH=$PWD:/tmp/site39:/tmp/site39fast timeout 400 /tmp/stage/trtpy \
+      benchmarks/serve_load.py -c "$2" -w "$3" --backend tensorrt --clients 0 --max-tokens 128 --ready-timeout 300 2>&1 \
+      | grep -v "^\[W\]" >"$OUT/serve_spy_$1.txt" ) &
+    local load=$! pid=""
+    while [ -z "$pid" ] && kill -0 $load 2>/dev/null; do pid=$(pgrep -f "[a]utoglm_build serve -c $2 -w $3 " | head -1); sleep 0.5; done
+    [ -n "$pid" ] && "$PYSPY" record --pid "$pid" --nonblocking --threads -r 250 -f raw -o "$OUT/spy_$1.txt" >"$OUT/spy_$1.log" 2>&1
+    wait $load
+  }
+  ab tiny "$TINY" "$W" "${TINY_GPU:-3}" & a=$!
+  ab full "$FULLD" "$FD" "${FULL_GPU:-0}" & b=$!
+  wait $a; wait $b
+  for f in "$OUT"/serve_ab_*.txt "$OUT"/serve_spy_*.txt; do echo "--- $(basename "$f")"; tail -9 "$f"; done
   ;;
 serveload)  # full width: bench-serve (1 and 8 streams), then the agent load with and without reuse beside generate
   mem=$(mktemp); nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 >"$mem" &

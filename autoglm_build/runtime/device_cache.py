@@ -11,14 +11,16 @@ the same calls the scheduler and the prefix cache make, with the memory on the d
   ``past_*`` address points at. Re-laying at a new capacity is two device-to-device copies of the used
   rows through a scratch buffer (the layouts overlap), at most every ``capacity / 8`` steps.
 - **A decode step** writes ``present_*`` into a scratch buffer and then copies each used row's new
-  column into its slot (one ``cudaMemcpy3DAsync`` per row: every head of every layer). ``present_*``
+  column into its slot (one ``cudaMemcpy3DAsync`` per run of consecutive rows whose new columns land in the
+  same column, :func:`column_runs`: every head of every layer; rows that joined together stay one run). ``present_*``
   cannot be bound into the slots themselves: TensorRT writes it as a dense ``(top, heads, capacity + 1,
   dim)`` array (the graph's ``Concat`` of the past and the new column), whose line pitch is not the
   slots' and whose first ``capacity`` columns are the ``past_*`` input it would overwrite while reading.
 - **Execution contexts are bound once per shape bucket**: the decode context's input shapes and
   every tensor address are set when ``(top, capacity)`` or a buffer changes, not per step
-  (:meth:`TensorRTBackend.bind`). Per step only the ids, the positions and one mask element per row go
-  up, and only the used rows' logits (the sampler's candidate columns) come back.
+  (:meth:`TensorRTBackend.bind`). Per step only the ids and the positions go up (each committed column's
+  mask element is copied on the device, one 2-D copy per run), and only the used rows' logits (the sampler's
+  candidate columns) come back.
 - **Prefill** chains its chunks on the device (each chunk's ``present_*`` bound as the next chunk's
   ``past_*``, two scratch buffers in turn), starts from the prefix blocks (device buffers, copied into
   the first past), embeds the ids with the ``embed`` engine into a device buffer and splices the
@@ -47,7 +49,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from autoglm_build.runtime.device import D2H, Buffer, Device, DeviceEmbeds, Layout, lines_for
+from autoglm_build.runtime.device import D2D, D2H, Buffer, Device, DeviceEmbeds, Layout, lines_for
 from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache, Prefix, Step, mutates
 
 
@@ -81,6 +83,19 @@ def device_cache_problem(backend: Any) -> Optional[str]:
             if dtypes[present] != dtypes[name]:
                 return f"{unit} reads {name} as {dtypes[name]} and writes {present} as {dtypes[present]}"
     return None
+
+
+def column_runs(used: Sequence[int], lengths: np.ndarray) -> List[Tuple[int, int, int]]:
+    """``used`` (ascending row indices) as runs ``(first row, rows, column)`` of consecutive rows whose
+    ``lengths`` (the column each row's new column goes to) are equal: one copy commits a run."""
+    runs: List[Tuple[int, int, int]] = []
+    for k in used:
+        at = int(lengths[k])
+        if runs and runs[-1][0] + runs[-1][1] == k and runs[-1][2] == at:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, at)
+        else:
+            runs.append((k, 1, at))
+    return runs
 
 
 class Shard:
@@ -283,7 +298,7 @@ class DeviceKVCache(KVCache):
         self._mask_all = True
         self.graphs: Optional[StepGraphs] = None  # decode steps as CUDA graphs (use_graphs)
         self.selector: Optional[Any] = None  # the select engine after each decode step (use_select)
-        self._one = np.ones(1, self.mask_dtype)
+        self._one = np.ones(slots, self.mask_dtype)
         try:
             # the largest layout: every capacity's plane (lines padded for alignment) fits in it
             width = (context - 1) * self.column_bytes
@@ -293,7 +308,7 @@ class DeviceKVCache(KVCache):
                 # once: masked columns are read (times a zero weight); never let them hold NaN bit patterns
                 shard.device.memset(shard.store_ptr, size)
                 shard.mask_ptr = shard.device.malloc(slots * context * self.mask_dtype.itemsize)
-                # a mask element of 1 kept on the GPU, the source of each committed column's mask element:
+                # a mask element of 1 per slot kept on the GPU, the source of the committed columns' mask elements:
                 # a pageable host-to-device copy may wait for the stream, a device copy does not
                 shard.one_ptr = shard.buffer("one", self._one.nbytes)
                 shard.device.upload(shard.one_ptr, self._one)
@@ -688,15 +703,18 @@ class DeviceKVCache(KVCache):
         turn = None
         if commit:  # each used row's new column into its slot, its mask element up
             try:
-                for k in used:
-                    s, at = row + k, int(self.lengths[row + k])
+                # rows of consecutive slots whose new columns land in the same column (rows that joined together,
+                # as a benchmark's do) in one 3-D copy and one 2-D copy of their mask elements
+                for k, count, at in column_runs(used, self.lengths[row:row + n]):
+                    s = row + k
                     for shard, store, new in zip(self.shards, stores, present):
-                        shard.device.columns(store, s, at, new, k, cap, 1)
-                    self.mask[s, at] = 1
-                    committed.append((s, at))
-                    self.lengths[s] += 1
-                    for shard in self.shards:  # device to device from a 1 kept there: never waits on the host
-                        shard.device.copy(shard.mask_ptr + (s * (cap + 1) + at) * item, shard.one_ptr, item)
+                        shard.device.columns(store, s, at, new, k, cap, 1, rows=count)
+                    self.mask[s:s + count, at] = 1
+                    committed += [(s + j, at) for j in range(count)]
+                    self.lengths[s:s + count] += 1
+                    for shard in self.shards:  # device to device from 1s kept there: never waits on the host
+                        shard.device.copy2d(shard.mask_ptr + (s * (cap + 1) + at) * item, (cap + 1) * item,
+                                            shard.one_ptr, item, item, count, D2D)
                 if selected:
                     turn = self.selector.after(n)
             except BaseException:  # a launch that raised halfway: the rows it committed are taken back

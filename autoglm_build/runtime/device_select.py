@@ -144,9 +144,10 @@ class DeviceSelect:
         launches back read (taken already: the scheduler launches a step only after the one two back is taken)."""
         host = self.noise_host[self._turn][:n]
         host[:] = 0.0
-        for slot, rng in rows:
-            u = rng.random(self.k)
-            host[slot] = -np.log(-np.log(np.clip(u, 1e-20, 1.0 - 1e-7)))
+        if rows:  # each row's numbers from its own generator; the Gumbel transform once over all of them
+            slots = [slot for slot, _ in rows]
+            u = np.stack([rng.random(self.k) for _, rng in rows])
+            host[slots] = -np.log(-np.log(np.clip(u, 1e-20, 1.0 - 1e-7)))
         self.device.upload(self.ptrs["noise"], host)
 
     def enqueue(self, n: int, logits: int, queue: Optional[List]) -> None:

@@ -68,5 +68,7 @@ def test_engine_alone_runs_the_engines_on_the_device_cache_and_only_the_logits_c
         mask = batch * (rate["capacity"] + 1) * 8
         assert 0 < moved["h2d_bytes"] <= steps * 5 * 8 * batch + mask
         assert max(moved["h2d_bytes"], moved["d2h_bytes"]) / steps < rate["cache_bytes"]
-        assert moved["d2d_calls"] >= steps * batch  # each row's new column into its slot, on the device
+        # each row's new column into its slot, on the device: the batch's rows (one prompt, so one column) in one
+        # 3-D copy and their mask elements in one 2-D copy a step, whatever the batch
+        assert steps * 2 <= moved["d2d_calls"] < steps * 2 + steps // 4
         assert rate["rebinds"] <= 1  # the embed engine's one context, which the prefill bound last

@@ -210,8 +210,8 @@ def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2,
 
 def _failing_commits(sched: Scheduler, launcher: str, failing_commits, commits: List[int],
                      launch_failed: List[int]) -> None:
-    """A committed column's mask element copy (from the shard's 1) raises at the ``failing_commits``-th launch ahead
-    (made by the scheduler's method ``launcher``)."""
+    """A commit's mask element copy (from the shard's 1s: one per run of rows committed together) raises at the
+    ``failing_commits``-th launch ahead (made by the scheduler's method ``launcher``)."""
     launching: List[int] = []
     launch = getattr(sched, launcher)
 
@@ -223,16 +223,16 @@ def _failing_commits(sched: Scheduler, launcher: str, failing_commits, commits: 
             launching.pop()
     setattr(sched, launcher, watched)
     for shard in sched.cache.shards:
-        copy = shard.device.copy
+        copy2d = shard.device.copy2d
 
-        def failing_copy(dst, src, nbytes, copy=copy, one=shard.one_ptr):
-            if launching and src == one:
+        def failing_copy(dst, *args, copy2d=copy2d, one=shard.one_ptr):
+            if launching and args[1] == one:
                 commits.append(1)
                 if len(commits) in failing_commits and sched.cache.top > 1:
                     launch_failed.append(1)
-                    raise RuntimeError("cudaMemcpyAsync failed")
-            return copy(dst, src, nbytes)
-        shard.device.copy = failing_copy
+                    raise RuntimeError("cudaMemcpy2DAsync failed")
+            return copy2d(dst, *args)
+        shard.device.copy2d = failing_copy
 
 
 def _failing_selected(sched: Scheduler, overlap: bool, failing, failing_commits, results: List[bool],

@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
 import pytest
 
 from tests.conftest import TINY
@@ -272,3 +273,14 @@ def test_device_embeds_index_a_row_without_copying_and_free_once(tmp_path):
     """)
     out = harness.run(["-c", script], harness.environment(*PAIRS[0], tmp_path / "calls.jsonl"))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_rows_whose_new_columns_share_a_column_commit_in_one_copy():
+    """``column_runs``: consecutive used rows with equal lengths are one run; a gap in the rows or another length
+    starts the next."""
+    from autoglm_build.runtime.device_cache import column_runs
+
+    lengths = np.array([7, 7, 7, 9, 9, 0, 7, 7])
+    assert column_runs([0, 1, 2, 3, 4, 6, 7], lengths) == [(0, 3, 7), (3, 2, 9), (6, 2, 7)]
+    assert column_runs([0, 2], lengths) == [(0, 1, 7), (2, 1, 7)]
+    assert column_runs([], lengths) == []

@@ -39,7 +39,7 @@ Imports on the GPU harness's Python 3.9 (onnx and numpy only).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Tuple
 
 import numpy as np
 
@@ -56,13 +56,36 @@ OUTPUTS = ("ids", "counts_out", "state_out")
 #: the ops the graph may use: ones TensorRT 8.5's ONNX parser imports (some as a few layers), none a loop and none
 #: random
 OPS = {"Add", "And", "ArgMax", "Cast", "Concat", "Constant", "Div", "Equal", "Exp", "GatherElements", "Greater",
-       "Less", "Log", "Max", "MatMul", "Mul", "Not", "ReduceMax", "ReduceSum", "Slice", "Sub", "TopK", "Where"}
+       "Less", "Log", "Max", "MatMul", "Mul", "Not", "ReduceMax", "ReduceSum", "Reshape", "Slice", "Sub", "TopK",
+       "Where"}
+#: the widest run of ids one ``TopK``/``ArgMax``/reduction takes in one pass: a wider vocabulary (the 9B's 151,552) is
+#: cut into groups of at most this many, reduced per group and then over the groups (:func:`groups_of`)
+GROUP = 2048
 
 
-def select_graph(k: int = 64, vocab: int = 0, close: int = 0, logits_dtype: Any = np.float32, opset: int = 17) -> Any:
+def groups_of(vocab: int, k: int) -> int:
+    """The width of the groups the vocabulary's reductions run over (1: none, one pass): the largest divisor of
+    ``vocab`` of at most :data:`GROUP` ids and at least ``4 * k``, where ``vocab`` is wider than ``2 * GROUP``.
+
+    On the GPU a reduction over one row's whole vocabulary is one row's worth of parallel work: on the H200 the
+    select engine took 0.85 ms a step at 151,552 ids, whether over 1 row or 8, 93-96 % of it in the one fused node
+    that holds the vocabulary-wide TopK, ArgMax and sums (``scripts/trt_select_profile.py``; docs/benchmarks.md,
+    eighth session). Cut into groups, each row is ``vocab / group`` rows of parallel work, then a small pass over
+    the groups' results: the same values, ids and sums."""
+    if vocab <= 2 * GROUP:
+        return 1
+    for width in range(GROUP, 4 * k - 1, -1):
+        if vocab % width == 0:
+            return width
+    return 1
+
+
+def select_graph(k: int = 64, vocab: int = 0, close: int = 0, logits_dtype: Any = np.float32, opset: int = 17,
+                 split: bool = True) -> Any:
     """The select graph (an ``onnx.ModelProto``): inputs :data:`INPUTS` (float32 but ``logits``, of
     ``logits_dtype``: the decoder's own), outputs :data:`OUTPUTS`. ``vocab``: the logits' width (the one-hot of
-    the counts and the ``</think>`` column are constants that wide); ``close``: ``</think>``'s id."""
+    the counts and the ``</think>`` column are constants that wide); ``close``: ``</think>``'s id. ``split``: the
+    vocabulary-wide passes per group of ids where it is wide (:func:`groups_of`; False: one pass each)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -109,17 +132,61 @@ def select_graph(k: int = 64, vocab: int = 0, close: int = 0, logits_dtype: Any 
     # (its log-sum-exp), the nucleus by the mass before each, Gumbel-max over the kept. TensorRT 8.5 without NVRTC
     # (the harness) aborts on a fused Div-Sub-Exp over the TopK's values: so the k's probabilities are Exp(Sub)
     # of values already scaled
-    first = node("ArgMax", [x], "first", axis=-1, keepdims=1)
+    group = groups_of(vocab, k) if split else 1
+    last = const("last", np.array([-1], np.int64))
+    kk = const("k", np.array([k], np.int64))
+    if group > 1:  # every vocabulary-wide pass per group of ids, then over the groups (groups_of)
+        by_group = const("by_group", np.array([-1, vocab // group, group], np.int64))
+        offsets = const("group_offsets", (np.arange(vocab // group, dtype=np.int64) * group)[None, :, None])
+
+        def grouped(source: str, name: str) -> str:
+            return node("Reshape", [source, by_group], name)
+
+        def top(source: str, count: str, name: str) -> Tuple[str, str]:
+            """``TopK`` over the last axis of (rows, vocab): each group's ``count`` largest, then the largest of
+            those; their values and their ids in the vocabulary."""
+            v1, i1 = f"{name}_group_values", f"{name}_group_indices"
+            nodes.append(helper.make_node("TopK", [grouped(source, f"{name}_groups"), count], [v1, i1],
+                                          name=f"{name}_per_group", axis=-1, largest=1, sorted=1))
+            ids1 = node("Reshape", [node("Add", [i1, offsets], f"{name}_group_ids"), flat_k], f"{name}_candidate_ids")
+            v2, i2 = f"{name}_values", f"{name}_positions"
+            nodes.append(helper.make_node("TopK", [node("Reshape", [v1, flat_k], f"{name}_candidates"), count],
+                                          [v2, i2], name=name, axis=-1, largest=1, sorted=1))
+            return v2, node("GatherElements", [ids1, i2], f"{name}_indices", axis=1)
+
+        flat_k = const("flat_k", np.array([-1, (vocab // group) * k], np.int64))
+        # the greedy row's id: the first largest (the lowest id among equal values, as ArgMax and the host's argmax):
+        # the first largest of each group, then the first group whose largest is the largest
+        local = node("ArgMax", [grouped(x, "x_groups")], "local_first", axis=-1, keepdims=1)
+        maxima = node("ReduceMax", ["x_groups"], "group_maxima", axes=[-1], keepdims=0)
+        best = node("ArgMax", [maxima], "best_group", axis=-1, keepdims=1)
+        within = node("GatherElements", [node("Reshape", [local, const("flat_groups", np.array([-1, vocab // group],
+                                                                                              np.int64))],
+                                              "local_flat"), best], "within", axis=1)
+        first = node("Add", [node("Mul", [best, const("group", np.array(group, np.int64))], "group_start"), within],
+                     "first")
+    else:
+        first = node("ArgMax", [x], "first", axis=-1, keepdims=1)
     hot = node("Greater", [temperature, zero], "hot")
     temperature = node("Max", [temperature, tiny], "safe_temperature")
     everything = node("Div", [x, temperature], "scaled_all")
-    peak = node("ReduceMax", [everything], "peak", axes=[-1], keepdims=1)
-    total = node("ReduceSum", [node("Exp", [node("Sub", [everything, peak], "shifted")], "exp_all"),
-                               const("last", np.array([-1], np.int64))], "total", keepdims=1)
+    if group > 1:
+        peak = node("ReduceMax", [node("ReduceMax", [grouped(everything, "scaled_groups")], "group_peaks", axes=[-1],
+                                       keepdims=0)], "peak", axes=[-1], keepdims=1)
+        exp_all = node("Exp", [node("Sub", [everything, peak], "shifted")], "exp_all")
+        total = node("ReduceSum", [node("ReduceSum", [grouped(exp_all, "exp_groups"), last], "group_totals",
+                                        keepdims=0), last], "total", keepdims=1)
+    else:
+        peak = node("ReduceMax", [everything], "peak", axes=[-1], keepdims=1)
+        total = node("ReduceSum", [node("Exp", [node("Sub", [everything, peak], "shifted")], "exp_all"), last],
+                     "total", keepdims=1)
     lse = node("Add", [node("Log", [total], "log_total"), peak], "lse")
-    values, indices = "top_values", "top_indices"
-    nodes.append(helper.make_node("TopK", [everything, const("k", np.array([k], np.int64))], [values, indices],
-                                  name="topk", axis=-1, largest=1, sorted=1))
+    if group > 1:
+        values, indices = top(everything, kk, "topk")
+    else:
+        values, indices = "top_values", "top_indices"
+        nodes.append(helper.make_node("TopK", [everything, kk], [values, indices], name="topk", axis=-1, largest=1,
+                                      sorted=1))
     probs = node("Exp", [node("Sub", [values, lse], "log_probs")], "probs")
     before = node("MatMul", [probs, const("upper", np.triu(np.ones((k, k), np.float32), 1))], "mass_before")
     keep = node("Less", [before, top_p], "keep")

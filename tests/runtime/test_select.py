@@ -192,3 +192,39 @@ def test_the_device_tables_and_the_graph_pick_what_the_host_sampler_and_schedule
             np.testing.assert_array_equal(state[k], mirror[3])
     assert closed >= 4 and stopped >= 1 and live  # the rules were exercised, and some rows ran to the end
     assert rows[4].req.token_ids[0] == close  # a spent budget closes the span at once
+
+
+@pytest.mark.parametrize("k, logits_dtype", [(64, np.float32), (8, np.float16)])
+def test_a_wide_vocabulary_in_groups_picks_what_one_pass_picks(k, logits_dtype):
+    """Over a vocabulary wide enough to be cut into groups (``groups_of``), the grouped passes (TopK, the greedy
+    id, the log-sum-exp) give the ids, counts and state of one pass each: greedy and sampled rows, barred ids,
+    penalties, a forced ``</think>``, and exact ties at the top (the lowest id, as ``ArgMax``)."""
+    import onnxruntime as ort
+
+    from autoglm_build.runtime.select import groups_of
+
+    vocab = 6 * 2048
+    assert groups_of(vocab, k) == 2048 and groups_of(4096, k) == 1 and groups_of(151552, 64) == 2048
+    graphs = [select_graph(k, vocab, 5, logits_dtype, split=split) for split in (False, True)]
+    assert "Reshape" not in {n.op_type for n in graphs[0].graph.node} and \
+        {n.op_type for n in graphs[1].graph.node} <= OPS
+    sessions = [ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]) for g in graphs]
+    rng = np.random.default_rng(0)
+    rows = 8
+    for trial in range(6):
+        logits = (3 * rng.standard_normal((rows, vocab))).astype(logits_dtype)
+        if trial % 2 == 0:
+            logits[:, 4000:4010] = logits.max() + 1  # equal largest logits across a group's edge
+        feed = {"logits": logits,
+                "bias": np.where(rng.random((rows, vocab)) < 0.1, -np.inf, 0.0).astype(np.float32),
+                "counts": 2 * (rng.random((rows, vocab)) < 0.01).astype(np.float32),
+                "params": np.stack([np.where(np.arange(rows) % 2 == 0, 0.0, 0.7), np.full(rows, 0.9),
+                                    np.full(rows, 0.3), np.full(rows, 0.2)], 1).astype(np.float32),
+                "state": np.stack([np.arange(rows) % 3 == 0, np.where(np.arange(rows) == 3, 0, 5)], 1)
+                .astype(np.float32),
+                "noise": gumbel(rng, rows, k)}
+        one, grouped = (s.run(None, feed) for s in sessions)
+        for a, b in zip(one, grouped):
+            np.testing.assert_array_equal(a, b)
+        greedy = one[0][::2, 0]
+        assert (greedy[[0, 2]] == 4000).all() if trial % 2 == 0 else True  # the first of the tied ids

@@ -297,7 +297,7 @@ async def light_client(url: str, i: int, max_tokens: int, timeout: float) -> dic
             size = int((await reader.readline()).split(b";")[0], 16)  # a chunk of the chunked body
             if not size:
                 break
-            pending += await reader.readexactly(size + 2)
+            pending += (await reader.readexactly(size + 2))[:-2]  # the chunk's data, without its CRLF
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 if first is None and b'"content": "' in line and b'"content": ""' not in line:

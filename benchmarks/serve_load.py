@@ -217,11 +217,11 @@ def trt_engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int, 
     candidates = Sampler(tokenizer, batch).ids
     cache.logit_columns = (int(candidates[0]), int(candidates[-1]) + 1)
     if select:
-        if hasattr(cache, "use_select"):
-            cache.use_graphs(cfg.serve.cuda_graphs)
-        if not (hasattr(cache, "use_select") and cache.use_select(tokenizer.ids["</think>"], cfg.serve.select_k)):
-            if hasattr(cache, "close"):
-                cache.close()
+        if not hasattr(cache, "use_select"):  # a host cache: the server's host samples too
+            return None
+        cache.use_graphs(cfg.serve.cuda_graphs)
+        if not cache.use_select(tokenizer.ids["</think>"], cfg.serve.select_k):
+            cache.close()
             return None
     step_ids = np.full((batch, 1), ids[-1], np.int64)
     step_positions = [np.full((batch, 3, 1), len(ids) + k, np.int64) for k in range(steps)]
@@ -315,14 +315,12 @@ async def phase(url: str, clients: int, max_tokens: int, timeout: float, light: 
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=timeout)
-    http = httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=max(clients, 8)))
     start = time.perf_counter()
     calls = (light_client(url, i, max_tokens, timeout) if light else one_client(client, i, max_tokens, timeout)
              for i in range(clients))
     results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout=timeout)
     wall = time.perf_counter() - start
     await client.close()
-    await http.aclose()
     ok = [r for r in results if isinstance(r, dict)]
     errors = [r for r in results if not isinstance(r, dict)]
     ttft = np.array([r["first"] - r["start"] for r in ok]) if ok else np.array([np.nan])

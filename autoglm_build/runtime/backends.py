@@ -352,13 +352,11 @@ class TensorRTBackend(Backend):
         from polygraphy.backend.trt import TrtRunner
 
         from autoglm_build.engine.sidecar import check_loadable, deserialize
-        from autoglm_build.runtime.device import compute_capability
 
         trt = trt_env.load()
         index = self.placement.get(module)
         self._select(module)  # the runtime, the engine, its contexts and their streams: on the part's GPU
-        capability = trt_env.gpu()["compute_capability"] if index is None else compute_capability(index)
-        sidecar = check_loadable(path, sha256, trt.__version__, capability)
+        sidecar = check_loadable(path, sha256, trt.__version__, self.compute_capability_of(module))
         engine = deserialize(trt, path)
         self._record_io(trt, engine, module)
         self.inputs[module] = list(sidecar.profiles[0])

@@ -64,8 +64,8 @@ def engine_path(backend: Any, k: int, vocab: int, close: int, logits_dtype: Any,
     if engine.is_file():
         return engine
     atomic_write_bytes(graph, data)
-    shapes = {name: ((1, *_dims(shape, vocab, k)), (rows, *_dims(shape, vocab, k)), (rows, *_dims(shape, vocab, k)))
-              for name, shape in INPUTS}
+    shapes = {name: ((1, *dims), (rows, *dims), (rows, *dims)) for name, dims in
+              ((name, _dims(shape, vocab, k)) for name, shape in INPUTS)}
     log.info("select engine: building it for %d rows x %d ids, k %d (TensorRT %s; once per machine)", rows, vocab, k,
              trt.__version__)
     # no preview features: TensorRT 8.5's FASTER_DYNAMIC_SHAPES_0805 (the decoders' default there) aborts on this graph

@@ -529,7 +529,7 @@ class Scheduler:
         drawn: Dict[int, Any] = {}
         try:
             drawn = self._prepare(self.rows)
-            self.flight = self.cache.decode_ahead(self._inputs(self.rows, self.cache.top, ahead=1)[1])
+            self.flight = self.cache.decode_ahead(self._positions(self.rows, self.cache.top, ahead=1))
             self._drawn = drawn
         except Exception as exc:  # noqa: BLE001 - see above
             self._fell_back("launch", exc)
@@ -592,15 +592,21 @@ class Scheduler:
             log.warning("decode overlap: a step's %s raised (%s); it ran again serially", what, _failure(exc))
         self.fallbacks += 1
 
-    def _inputs(self, rows: List[_Row], top: int, ahead: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-        """The step's ids and positions per slot; ``ahead``: steps launched before this one whose tokens the host
-        has not taken yet (their positions come first)."""
+    def _inputs(self, rows: List[_Row], top: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The step's ids and positions per slot."""
         ids = np.zeros((top, 1), np.int64)
-        positions = np.zeros((top, 3, 1), np.int64)
         for row in rows:
             ids[row.slot, 0] = row.pending
+        return ids, self._positions(rows, top)
+
+    @staticmethod
+    def _positions(rows: List[_Row], top: int, ahead: int = 0) -> np.ndarray:
+        """The step's positions per slot; ``ahead``: steps launched before this one whose tokens the host has not
+        taken yet (their positions come first; a step launched ahead takes its ids on the GPU, so only these)."""
+        positions = np.zeros((top, 3, 1), np.int64)
+        for row in rows:
             positions[row.slot, :, 0] = row.next_position + ahead
-        return ids, positions
+        return positions
 
     def _decode_step(self) -> np.ndarray:
         ids, positions = self._inputs(self.rows, self.cache.top)

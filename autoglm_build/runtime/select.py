@@ -39,7 +39,7 @@ Imports on the GPU harness's Python 3.9 (onnx and numpy only).
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -133,58 +133,52 @@ def select_graph(k: int = 64, vocab: int = 0, close: int = 0, logits_dtype: Any 
     # (the harness) aborts on a fused Div-Sub-Exp over the TopK's values: so the k's probabilities are Exp(Sub)
     # of values already scaled
     group = groups_of(vocab, k) if split else 1
+    groups = vocab // group
     last = const("last", np.array([-1], np.int64))
     kk = const("k", np.array([k], np.int64))
-    if group > 1:  # every vocabulary-wide pass per group of ids, then over the groups (groups_of)
-        by_group = const("by_group", np.array([-1, vocab // group, group], np.int64))
-        offsets = const("group_offsets", (np.arange(vocab // group, dtype=np.int64) * group)[None, :, None])
+    by_group = const("by_group", np.array([-1, groups, group], np.int64)) if group > 1 else ""
 
-        def grouped(source: str, name: str) -> str:
-            return node("Reshape", [source, by_group], name)
+    def over_ids(op: str, source: str, name: str) -> str:
+        """``op`` (ReduceMax or ReduceSum) over each row's ids, kept as (rows, 1): in one pass, or per group of ids
+        and then over the groups (:func:`groups_of`)."""
+        def reduce(inp: str, out: str, keepdims: int) -> str:
+            if op == "ReduceSum":  # its axes an input since opset 13; ReduceMax's an attribute until opset 18
+                return node(op, [inp, last], out, keepdims=keepdims)
+            return node(op, [inp], out, axes=[-1], keepdims=keepdims)
+        if group == 1:
+            return reduce(source, name, 1)
+        return reduce(reduce(node("Reshape", [source, by_group], f"{name}_groups"), f"{name}_per_group", 0), name, 1)
 
-        def top(source: str, count: str, name: str) -> Tuple[str, str]:
-            """``TopK`` over the last axis of (rows, vocab): each group's ``count`` largest, then the largest of
-            those; their values and their ids in the vocabulary."""
-            v1, i1 = f"{name}_group_values", f"{name}_group_indices"
-            nodes.append(helper.make_node("TopK", [grouped(source, f"{name}_groups"), count], [v1, i1],
-                                          name=f"{name}_per_group", axis=-1, largest=1, sorted=1))
-            ids1 = node("Reshape", [node("Add", [i1, offsets], f"{name}_group_ids"), flat_k], f"{name}_candidate_ids")
-            v2, i2 = f"{name}_values", f"{name}_positions"
-            nodes.append(helper.make_node("TopK", [node("Reshape", [v1, flat_k], f"{name}_candidates"), count],
-                                          [v2, i2], name=name, axis=-1, largest=1, sorted=1))
-            return v2, node("GatherElements", [ids1, i2], f"{name}_indices", axis=1)
-
-        flat_k = const("flat_k", np.array([-1, (vocab // group) * k], np.int64))
+    if group > 1:
         # the greedy row's id: the first largest (the lowest id among equal values, as ArgMax and the host's argmax):
         # the first largest of each group, then the first group whose largest is the largest
-        local = node("ArgMax", [grouped(x, "x_groups")], "local_first", axis=-1, keepdims=1)
-        maxima = node("ReduceMax", ["x_groups"], "group_maxima", axes=[-1], keepdims=0)
-        best = node("ArgMax", [maxima], "best_group", axis=-1, keepdims=1)
-        within = node("GatherElements", [node("Reshape", [local, const("flat_groups", np.array([-1, vocab // group],
-                                                                                              np.int64))],
-                                              "local_flat"), best], "within", axis=1)
-        first = node("Add", [node("Mul", [best, const("group", np.array(group, np.int64))], "group_start"), within],
-                     "first")
+        x_groups = node("Reshape", [x, by_group], "x_groups")
+        local = node("Reshape", [node("ArgMax", [x_groups], "local_first", axis=-1, keepdims=1),
+                                 const("flat_groups", np.array([-1, groups], np.int64))], "local_flat")
+        best = node("ArgMax", [node("ReduceMax", [x_groups], "group_maxima", axes=[-1], keepdims=0)], "best_group",
+                    axis=-1, keepdims=1)
+        first = node("Add", [node("Mul", [best, const("group", np.array(group, np.int64))], "group_start"),
+                             node("GatherElements", [local, best], "within", axis=1)], "first")
     else:
         first = node("ArgMax", [x], "first", axis=-1, keepdims=1)
     hot = node("Greater", [temperature, zero], "hot")
     temperature = node("Max", [temperature, tiny], "safe_temperature")
     everything = node("Div", [x, temperature], "scaled_all")
-    if group > 1:
-        peak = node("ReduceMax", [node("ReduceMax", [grouped(everything, "scaled_groups")], "group_peaks", axes=[-1],
-                                       keepdims=0)], "peak", axes=[-1], keepdims=1)
-        exp_all = node("Exp", [node("Sub", [everything, peak], "shifted")], "exp_all")
-        total = node("ReduceSum", [node("ReduceSum", [grouped(exp_all, "exp_groups"), last], "group_totals",
-                                        keepdims=0), last], "total", keepdims=1)
-    else:
-        peak = node("ReduceMax", [everything], "peak", axes=[-1], keepdims=1)
-        total = node("ReduceSum", [node("Exp", [node("Sub", [everything, peak], "shifted")], "exp_all"), last],
-                     "total", keepdims=1)
+    peak = over_ids("ReduceMax", everything, "peak")
+    total = over_ids("ReduceSum", node("Exp", [node("Sub", [everything, peak], "shifted")], "exp_all"), "total")
     lse = node("Add", [node("Log", [total], "log_total"), peak], "lse")
-    if group > 1:
-        values, indices = top(everything, kk, "topk")
+    values, indices = "top_values", "top_indices"
+    if group > 1:  # each group's k largest, then the k largest of those, their ids offset by their group's start
+        nodes.append(helper.make_node("TopK", [node("Reshape", [everything, by_group], "scaled_groups"), kk],
+                                      ["group_values", "group_indices"], name="topk_per_group", axis=-1, largest=1,
+                                      sorted=1))
+        offsets = const("group_offsets", (np.arange(groups, dtype=np.int64) * group)[None, :, None])
+        flat_k = const("flat_k", np.array([-1, groups * k], np.int64))
+        candidates = node("Reshape", [node("Add", ["group_indices", offsets], "group_ids"), flat_k], "candidate_ids")
+        nodes.append(helper.make_node("TopK", [node("Reshape", ["group_values", flat_k], "candidates"), kk],
+                                      [values, "top_positions"], name="topk", axis=-1, largest=1, sorted=1))
+        indices = node("GatherElements", [candidates, "top_positions"], indices, axis=1)
     else:
-        values, indices = "top_values", "top_indices"
         nodes.append(helper.make_node("TopK", [everything, kk], [values, indices], name="topk", axis=-1, largest=1,
                                       sorted=1))
     probs = node("Exp", [node("Sub", [values, lse], "log_probs")], "probs")

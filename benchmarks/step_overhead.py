@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 
 from autoglm_build.calibration import tokenizer_for  # noqa: E402
 from autoglm_build.config import load_config  # noqa: E402
-from autoglm_build.runtime.generation import Request, SamplingParams, Scheduler  # noqa: E402
+from autoglm_build.runtime.device_select import DeviceSelect  # noqa: E402
+from autoglm_build.runtime.generation import Request, Sampler, SamplingParams, Scheduler  # noqa: E402
 from autoglm_build.runtime.kv_cache import KVCache, Step  # noqa: E402
 from autoglm_build.runtime.text import ChatTokenizer, Segment  # noqa: E402
 from autoglm_build.serve.app import stream_chunks, submit  # noqa: E402
@@ -115,6 +116,50 @@ class InstantCache(KVCache):
         return Step(self, lambda: _wait_until(ready) or logits)
 
 
+class InstantSelectCache(InstantCache):
+    """:class:`InstantCache` with the tokens chosen on the "GPU" (``serve.device_select``), as the device cache's
+    select engine does: a step's result is its ids, and :meth:`decode_ahead` launches the next step on them before
+    the host has them. Steps queue as on one stream: each is ready ``gpu_us`` after the later of its launch and the
+    step before it. The noise is drawn by :class:`~autoglm_build.runtime.device_select.DeviceSelect`'s own
+    ``noise`` (each sampled row's generator, the Gumbel transform), only its upload left out; the ids are the
+    sampler's candidate ids, cycled."""
+
+    def __init__(self, spec, slots: int, context: int, vocab: int, gpu_us: float, candidates: np.ndarray,
+                 k: int) -> None:
+        super().__init__(spec, slots, context, vocab, gpu_us)
+        self.candidates, self.ready, self.vocab = candidates, 0.0, vocab
+        self.selector = None
+        noise = [np.zeros((slots, k), np.float32) for _ in range(2)]
+        self._select = SimpleNamespace(k=k, noise_host=noise, _turn=0, device=SimpleNamespace(upload=lambda *a: None),
+                                       ptrs={"noise": 0}, put=lambda *a: None)
+
+    def use_select(self, close: int, k: int) -> bool:
+        self.selector = SimpleNamespace(put=self._select.put,
+                                        noise=lambda n, rows: DeviceSelect.noise(self._select, n, rows))
+        return True
+
+    def _queue(self) -> float:
+        self.lengths[self.used] += 1
+        self.calls += 1
+        self.ready = max(time.perf_counter(), self.ready) + self.gpu
+        return self.ready
+
+    def _ids(self, ready: float):
+        ids = self.candidates[(self.calls * 7 + np.arange(self.top)) % len(self.candidates)].astype(np.int64)
+        return lambda: _wait_until(ready) or ids
+
+    def decode_async(self, ids, positions) -> Step:
+        return Step(self, self._ids(self._queue()))
+
+    def decode_ahead(self, positions) -> Step:
+        self.in_flight -= 1  # as the device cache's: its launch may not wait for the step in flight
+        try:
+            ready = self._queue()
+        finally:
+            self.in_flight += 1
+        return Step(self, self._ids(ready))
+
+
 def _wait_until(deadline: float) -> None:
     left = deadline - time.perf_counter()
     if left > 0:
@@ -124,18 +169,28 @@ def _wait_until(deadline: float) -> None:
 class InstantBackend:
     max_batch = context = prefill_chunk = prefill_batch = None
 
-    def __init__(self, vocab: int, gpu_us: float) -> None:
-        self.vocab, self.gpu_us = vocab, gpu_us
+    def __init__(self, vocab: int, gpu_us: float, candidates=None, k: int = 64) -> None:
+        self.vocab, self.gpu_us, self.candidates, self.k = vocab, gpu_us, candidates, k
+
+    def describe(self) -> dict:
+        return {"backend": "stand-in", "precision": "-"}
+
+    def close(self) -> None:
+        pass
 
     def kv_cache(self, spec, slots, context):
+        if self.candidates is not None:
+            return InstantSelectCache(spec, slots, context, self.vocab, self.gpu_us, self.candidates, self.k)
         return InstantCache(spec, slots, context, self.vocab, self.gpu_us)
 
 
-def setup(rows: int, overlap: bool = False, gpu_us: float = 0.0):
+def setup(rows: int, overlap: bool = False, gpu_us: float = 0.0, select: bool = False):
     cfg = load_config(ROOT / "configs" / "autoglm-phone-tiny.yaml")
     tok = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
-    sched = Scheduler(InstantBackend(cfg.text.vocab_size, gpu_us), cfg, tok, max_batch=rows, queue_size=64,
-                      context=cfg.engine.context, prefix_cache_bytes=0, overlap=overlap)
+    candidates = Sampler(tok, rows).ids if select else None
+    backend = InstantBackend(cfg.text.vocab_size, gpu_us, candidates, cfg.serve.select_k)
+    sched = Scheduler(backend, cfg, tok, max_batch=rows, queue_size=64, context=cfg.engine.context,
+                      prefix_cache_bytes=0, overlap=overlap, device_select=select)
     prompts = [tok.chat_prompt([("user", [Segment(text=MESSAGE.format(i))])], False) for i in range(rows)]
     return sched, prompts
 
@@ -160,7 +215,7 @@ def timed_steps(sched: Scheduler) -> List[float]:
 
 def run_scheduler(a, **params) -> Tuple[float, float]:
     """(wall, CPU) microseconds per decode step, ``Scheduler.step`` in this thread, events into lists."""
-    sched, prompts = setup(a.rows, a.overlap, a.gpu_us)
+    sched, prompts = setup(a.rows, a.overlap, a.gpu_us, getattr(a, "select", False))
     tokens = a.tokens
     events: Dict[int, List] = {}
     for i, prompt in enumerate(prompts):
@@ -175,7 +230,7 @@ def run_scheduler(a, **params) -> Tuple[float, float]:
 def run_server(a) -> Tuple[float, float]:
     """(wall, CPU of both threads) microseconds per decode step, the scheduler thread feeding the app's SSE
     chunks on an asyncio loop."""
-    sched, prompts = setup(a.rows, a.overlap, a.gpu_us)
+    sched, prompts = setup(a.rows, a.overlap, a.gpu_us, getattr(a, "select", False))
     tokens = a.tokens
     state = SimpleNamespace(scheduler=sched)
 
@@ -203,11 +258,75 @@ def run_server(a) -> Tuple[float, float]:
     return asyncio.run(main())
 
 
+def serve_standin(a) -> None:
+    """The child of :func:`run_http`: ``serve`` itself (uvicorn, the app, the scheduler thread) over the stand-in
+    cache, on ``a.port``."""
+    from autoglm_build.serve.app import ServerState
+    from autoglm_build.serve.server import serve
+
+    sched, _ = setup(a.rows, True, a.gpu_us, a.select)
+    tok = sched.tokenizer
+    serve(ServerState(cfg=sched.cfg, backend=sched.backend, tokenizer=tok, scheduler=sched,
+                      model_ids=("autoglm-phone-9b",)), "127.0.0.1", a.port, "warning", announce=lambda _: None)
+
+
+def run_http(a) -> Tuple[float, float]:
+    """(wall, CPU) microseconds per decode step through HTTP: ``serve`` over the stand-in cache in a child
+    process (uvicorn as ``serve`` runs it: uvloop and httptools where installed), ``a.rows`` concurrent streams
+    from this process with ``serve_load.py``'s lean client, as on the GPU. CPU: the server process's, per step."""
+    import os
+    import subprocess
+    import urllib.request
+
+    from autoglm_build.serve.launch import free_port
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_load import light_client
+
+    port = free_port()
+    cmd = [sys.executable, __file__, "--serve-standin", str(port), "--rows", str(a.rows), "--gpu-us", str(a.gpu_us)]
+    proc = subprocess.Popen(cmd + (["--select"] if a.select else []), stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(url + "/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+
+        def stats() -> Tuple[int, float]:
+            import json
+
+            with urllib.request.urlopen(url + "/ready", timeout=5) as resp:
+                steps = json.loads(resp.read())["decode_steps"]
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return steps, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        async def streams() -> None:
+            await asyncio.gather(*(light_client(url, i, a.tokens, 60) for i in range(a.rows)))
+
+        asyncio.run(streams())  # warm-up
+        steps0, cpu0 = stats()
+        start = time.perf_counter()
+        for _ in range(5):
+            asyncio.run(streams())
+        wall = time.perf_counter() - start
+        steps, cpu = stats()
+        return wall / (steps - steps0) * 1e6, (cpu - cpu0) / (steps - steps0) * 1e6
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 CASES = {
     "scheduler": lambda a: run_scheduler(a, temperature=0.7),
     "server": run_server,
     "greedy": lambda a: run_scheduler(a, temperature=0.0),
     "penalties": lambda a: run_scheduler(a, temperature=0.7, top_p=0.85, frequency_penalty=0.2),
+    "http": run_http,
 }
 
 
@@ -219,7 +338,13 @@ def main() -> None:
     ap.add_argument("--gpu-us", type=float, default=0.0, help="a decode step's logits come this long after its launch")
     ap.add_argument("--profile", choices=sorted(CASES),
                     help="cProfile one run of this case (stderr; the first --rows, overlap on) instead")
+    ap.add_argument("--select", action="store_true",
+                    help="the tokens chosen on the \"GPU\" (serve.device_select): steps launched ahead on their ids")
+    ap.add_argument("--serve-standin", type=int, metavar="PORT", help=argparse.SUPPRESS)  # run_http's child
     args = ap.parse_args()
+    if args.serve_standin:
+        serve_standin(SimpleNamespace(**{**vars(args), "rows": int(args.rows), "port": args.serve_standin}))
+        return
     counts = [int(r) for r in args.rows.split(",") if r.strip()]
     if args.profile:
         prof = cProfile.Profile()

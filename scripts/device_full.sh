@@ -22,6 +22,7 @@
 #   bash scripts/device_full.sh devtests               tiny: the TensorRT backend's GPU tests, bench-serve on TensorRT
 #   bash scripts/device_full.sh serveload              full width: bench-serve, the agent load, transformers' generate
 #   bash scripts/device_full.sh serveab                tiny and full width: serve/engine, this tree against $OLD's
+#   bash scripts/device_full.sh spy                    tiny: py-spy on the server under serve_load, cProfile on the engine
 #   bash scripts/device_full.sh wait [seconds]         wait for the jobs, then poll
 #   bash scripts/device_full.sh tiny                   tiny: verify int8, bench
 #   bash scripts/device_full.sh serve                  tiny: tests/serve on the TensorRT backend (fp16 engines)
@@ -515,6 +516,26 @@ except ImportError: print('harness: no uvloop')"
   ab full "$FULLD" "$FD" "${FULL_GPU:-0}" & b=$!
   wait $a; wait $b
   for f in "$OUT"/serve_ab_*.txt "$OUT"/serve_spy_*.txt; do echo "--- $(basename "$f")"; tail -9 "$f"; done
+  ;;
+spy)  # tiny (or SPY_CONFIG/SPY_WORKDIR): where a served decode step's host time goes, on TensorRT. serve_load (8
+  # streams, CUDA graphs and device select on) with py-spy attached to its server (raw stacks per thread, sampled at
+  # 250 Hz; SPY: the py-spy binary, default the one .whl39's py-spy wheel unpacks), then the engine alone with the
+  # select engine (--engine-only --engine-select) under cProfile, its functions by own time. Stacks are written
+  # outside $OUT and tarred into $OUT/spy.tgz: a call brings back only so many files
+  c=${SPY_CONFIG:-$TINY}; w=${SPY_WORKDIR:-$W}; S=/tmp/spy; rm -rf $S; mkdir -p $S
+  SPY=${SPY:-/tmp/site39/py_spy-0.4.1.data/scripts/py-spy}; chmod +x "$SPY" 2>/dev/null
+  run39="env PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy"
+  ( $run39 benchmarks/serve_load.py -c $c -w $w --backend tensorrt --clients 0 --max-tokens ${SPY_TOKENS:-512} \
+      --ready-timeout 300 2>&1 | grep -v "^\[W\]" >$S/serve_load.txt ) &
+  load=$! pid=""
+  while [ -z "$pid" ] && kill -0 $load 2>/dev/null; do pid=$(pgrep -f "[a]utoglm_build serve -c $c -w $w " | head -1); sleep 0.2; done
+  [ -n "$pid" ] && "$SPY" record --pid "$pid" --nonblocking --threads --idle -r 250 -f raw -o $S/spy_server.txt \
+    >$S/spy.log 2>&1
+  wait $load
+  $run39 -m cProfile -s tottime benchmarks/serve_load.py -c $c -w $w --backend tensorrt --engine-only --engine-select \
+    --max-tokens ${SPY_TOKENS:-512} 2>&1 | grep -v "^\[W\]" | head -60 >$S/engine_profile.txt
+  tar czf "$OUT/spy.tgz" -C $S .
+  tail -12 $S/serve_load.txt; head -40 $S/engine_profile.txt
   ;;
 serveload)  # full width: bench-serve (1 and 8 streams), then the agent load with and without reuse beside generate
   mem=$(mktemp); nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 >"$mem" &

@@ -58,6 +58,7 @@ import numpy as np
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.runtime.backends import Backend
+from autoglm_build.runtime.device_select import GumbelNoise
 from autoglm_build.runtime.kv_cache import CacheSpec, Chunk, KVCache, Splice, Step
 from autoglm_build.runtime.prefix_cache import BLOCK_TOKENS, PrefixCache, Reuse
 from autoglm_build.runtime.text import ChatTokenizer, Detokenizer, Prompt, StopMatcher
@@ -110,6 +111,7 @@ class Request:
     reasoning_tokens: int = 0
     thinking: bool = False
     rng: Any = None
+    noise: Any = None  # the select engine's Gumbel numbers from ``rng`` (device_select.GumbelNoise), made at first use
     reuse: Optional[Reuse] = None  # the prefix cache's plan while it is prefilled
 
     @property
@@ -497,23 +499,27 @@ class Scheduler:
         return self._decode_serial()
 
     def _restore(self, drawn: Dict[int, Any]) -> None:
-        """The running rows' generators as :meth:`_prepare` found them (``drawn``: its return)."""
+        """The running rows' noise streams (and generators) as :meth:`_prepare` found them (``drawn``: its return)."""
         for row in self.rows:
             if id(row) in drawn:
-                row.req.rng.bit_generator.state = drawn[id(row)]
+                row.req.noise.rewind(drawn[id(row)])
 
     def _prepare(self, rows: List[_Row]) -> Dict[int, Any]:
         """Before a decode step with the select engine: the tables of rows whose slots changed hands go up, and
-        the step's noise (each sampled row's own generator). Returns each drawing row's generator state from
-        before the draw (a failed step is run again on the same noise)."""
+        the step's noise (each sampled row's own stream, :class:`~.device_select.GumbelNoise`, from its generator).
+        Returns each drawing row's stream position from before the draw (a failed step is run again on the same
+        noise)."""
         selector = self.cache.selector
         for row in rows:
             if row.slot in self.dirty:
                 selector.put(row.slot, *self.sampler.device_row(row, self.cache.vocab), row.pending)
         self.dirty.clear()
         drawing = [r for r in rows if r.req.params.temperature > 0 and r.finish is None]
-        drawn = {id(r): r.req.rng.bit_generator.state for r in drawing}
-        selector.noise(self.cache.top, [(r.slot, r.req.rng) for r in drawing])
+        for row in drawing:
+            if row.req.noise is None:
+                row.req.noise = GumbelNoise(row.req.rng, selector.k)
+        drawn = {id(r): r.req.noise.mark() for r in drawing}
+        selector.noise(self.cache.top, [(r.slot, r.req.noise) for r in drawing])
         return drawn
 
     def _launch_ahead(self) -> None:

@@ -229,3 +229,37 @@ def test_a_wide_vocabulary_in_groups_picks_what_one_pass_picks(k, logits_dtype):
             np.testing.assert_array_equal(a, b)
         greedy = one[0][::2, 0]
         assert (greedy[[0, 2]] == 4090).all() if trial % 2 == 0 else True  # the first of the tied ids
+
+
+def test_a_requests_noise_drawn_in_blocks_is_the_noise_drawn_a_step_at_a_time_and_rewinds_exactly():
+    """GumbelNoise (the select engine's noise, 32 steps per draw) hands out what one draw a step gave, bit for bit;
+    a rewind (a failed step run again) gives the same numbers again, across a block's edge too, and the generator
+    ends where it would have."""
+    from autoglm_build.runtime.device_select import GumbelNoise
+
+    k, steps = 8, 2 * GumbelNoise.BLOCK + 5
+    one = np.random.default_rng(7)
+    expected = [gumbel(one, 1, k)[0] for _ in range(steps)]
+    stream = GumbelNoise(np.random.default_rng(7), k)
+    taken = []
+    for step in range(steps):
+        mark = stream.mark()
+        first = stream.take().copy()
+        if step in (0, 5, GumbelNoise.BLOCK - 1, GumbelNoise.BLOCK, 2 * GumbelNoise.BLOCK):  # run again
+            stream.rewind(mark)
+            assert np.array_equal(stream.take(), first)
+        taken.append(first)
+    assert all(np.array_equal(a, b) for a, b in zip(taken, expected))
+    # two steps taken, then both taken back (a step launched ahead and the one before it): from a block's last row
+    stream, one = GumbelNoise(np.random.default_rng(3), k), np.random.default_rng(3)
+    for _ in range(GumbelNoise.BLOCK - 1):
+        stream.take()
+    mark = stream.mark()
+    ahead = [stream.take().copy() for _ in range(3)]  # the block's last row, then a new block's first two
+    stream.rewind(mark)
+    assert all(np.array_equal(stream.take(), a) for a in ahead)
+    reference = gumbel(one, GumbelNoise.BLOCK + 2, k)
+    assert np.array_equal(ahead, reference[-3:])
+    drawn = np.random.default_rng(3)
+    drawn.random((2 * GumbelNoise.BLOCK, k))  # the two blocks, each drawn once: the rewind drew none again
+    assert stream.rng.bit_generator.state == drawn.bit_generator.state

@@ -528,16 +528,36 @@ ENGINE_ALONE = {"tensorrt": "embed and decoder engines on the server's KV cache 
                 "staged": "embed and the decoder's stages chained on the server's KV cache ({cache}), no sampling"}
 
 
+def median_run(runs: list, key: str = "tokens_per_s") -> Optional[dict]:
+    """The run whose ``key`` is the median of ``runs`` (the lower middle of an even count), with every run's
+    ``key`` beside it as ``runs``; None where the runs are (a cache that cannot select)."""
+    done = [r for r in runs if r is not None]
+    if not done:
+        return None
+    ordered = sorted(done, key=lambda r: r[key])
+    return {**ordered[(len(ordered) - 1) // 2], "runs": [r[key] for r in done]}
+
+
+def spread(run: dict) -> str:
+    """``min-max`` of a median run's ``runs`` (empty for one run)."""
+    runs = run.get("runs") or []
+    return f"{min(runs):,.0f}-{max(runs):,.0f}" if len(runs) > 1 else ""
+
+
 def engine_alone(args, cfg) -> dict:
     """The engine-alone decode rates at 1 and 8 rows, the backend closed before any server starts (the GPU
     is the engine's alone, and holds one copy of the engines at a time)."""
     from autoglm_build.runtime.backends import open_backend
+    from autoglm_build.serve.server import cpu_threads
 
     ids, tokenizer = prompt_ids(args)
-    backend = open_backend(Path(args.workdir), ["embed", "decoder"], args.backend)
+    # ONNX Runtime with the server's own threads (serve.cpu_threads): the same engine the server runs
+    backend = open_backend(Path(args.workdir), ["embed", "decoder"], args.backend, threads=cpu_threads(cfg))
     try:
-        rates = {streams: engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1) for streams in (1, 8)}
-        selected = {streams: engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1, select=True)
+        rates = {streams: median_run([engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1)
+                                      for _ in range(args.repeat)]) for streams in (1, 8)}
+        selected = {streams: median_run([engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1,
+                                                     select=True) for _ in range(args.repeat)])
                     for streams in (1, 8)} if args.engine_select and backend.name == "tensorrt" else {}
         d = backend.describe()
     finally:
@@ -557,6 +577,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64, help="streams of the load phase (0: none)")
     parser.add_argument("--load-tokens", type=int, default=64, help="tokens per stream in the load phase")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase before giving up")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each decode phase and of each engine-alone rate; the medians are compared (a "
+                        "128-token phase lasts a fraction of a second at the tiny config: one run swings by a third)")
     parser.add_argument("--engine-only", action="store_true",
                         help="time the engine alone at 1 and 8 rows, print it as JSON and start no server")
     parser.add_argument("--engine-select", action="store_true",
@@ -590,18 +613,24 @@ def main() -> int:
     with server(args, 8) as url:
         asyncio.run(phase(url, 1, 4, args.timeout))  # warm-up
         for streams in (1, 8):
-            served[streams] = asyncio.run(phase(url, streams, args.max_tokens, args.timeout))
+            runs = [asyncio.run(phase(url, streams, args.max_tokens, args.timeout)) for _ in range(args.repeat)]
+            served[streams] = {**median_run(runs, "decode_per_s"), "errors": sum(r["errors"] for r in runs),
+                               "first_error": next((r["first_error"] for r in runs if r["first_error"]), ""),
+                               "last": runs[-1]}
         load = asyncio.run(phase(url, args.clients, args.load_tokens, args.timeout, light=False)) \
             if args.clients else None
 
     print(f"decode, {cfg.name}, {engine['backend']} {engine['precision']}, prompt {engine['prompt']} tokens, "
           f"{args.max_tokens} new tokens per stream, server --max-batch 8 on loopback")
     print(f"engine alone: {engine['what']}")
+    if args.repeat > 1:
+        print(f"each rate the median of {args.repeat} runs (server and engine alike; their ranges in the last columns)")
     print(f"{'streams':>7} {'server tok/s':>13} {'engine tok/s':>13} {'serve/engine':>13} {'errors':>7} "
-          f"{'TTFT p50':>9}")
+          f"{'TTFT p50':>9} {'server range':>15} {'engine range':>15}")
     for streams, r in served.items():
         print(f"{streams:>7} {r['decode_per_s']:>13.1f} {rates[streams]:>13.1f} "
-              f"{r['decode_per_s'] / rates[streams]:>13.2f} {r['errors']:>7} {r['ttft_p50']:>8.3f}s")
+              f"{r['decode_per_s'] / rates[streams]:>13.2f} {r['errors']:>7} {r['ttft_p50']:>8.3f}s "
+              f"{spread(r):>15} {spread(engine['rates'][streams]):>15}")
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
     chosen = engine.get("select_rates") or {}
@@ -616,7 +645,8 @@ def main() -> int:
               f"TTFT p50 {load['ttft_p50']:.3f}s p99 {load['ttft_p99']:.3f}s, {load['tokens_per_s']:.1f} tokens/s")
         if load["first_error"]:
             print(f"  first error: {load['first_error']}")
-    last, graphs = served[8], served[8]["cuda_graphs"]  # the server's counters since it started, to the 8 streams' end
+    last = served[8]["last"]  # the server's counters since it started, to the 8 streams' end
+    graphs = last["cuda_graphs"]
     ran = bool(graphs) and not graphs.get("off") and graphs.get("launches", 0) > 0
     print(f"server: tokens chosen on the {'GPU' if last['device_select'] else 'host'}, CUDA graphs "
           f"{'launched ' + str(graphs['launches']) + ' times' if ran else 'off'}, {last['overlapped_steps']} of "

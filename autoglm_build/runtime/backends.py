@@ -817,7 +817,7 @@ class TensorRTBackend(Backend):
 
 def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
                  precision: Optional[str] = None, optional: Sequence[str] = (),
-                 devices: Optional[Sequence[int]] = None, origin: str = "--devices") -> Backend:
+                 devices: Optional[Sequence[int]] = None, origin: str = "--devices", threads: int = 0) -> Backend:
     """The requested backend over a workdir's artifacts.
 
     ``auto`` picks TensorRT when it is installed and the manifest has engines for every required
@@ -825,7 +825,8 @@ def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
     Runtime. Modules in ``optional`` are loaded when the build has them for that backend and
     precision, and left out otherwise (``Backend.files`` says which were loaded). ``devices``
     places the TensorRT engines on GPUs (:class:`TensorRTBackend`); ``origin`` names where the
-    list came from in errors (``--devices``, ``serve.devices``).
+    list came from in errors (``--devices``, ``serve.devices``). ``threads``: ONNX Runtime's intra-op threads (0: its
+    own choice, every core).
 
     Raises:
         UserError: unknown backend, missing graphs/engines, files changed since the build, or
@@ -859,4 +860,4 @@ def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
                         hint="serve with --backend tensorrt on a machine with TensorRT, or drop the placement")
     precision = precision or "fp32"
     present = [m for m in modules if m in required or built(m, graph_artifact, precision)]
-    return OnnxRuntimeBackend(workdir, manifest, present, precision)
+    return OnnxRuntimeBackend(workdir, manifest, present, precision, threads=threads)

@@ -162,6 +162,7 @@ class DeviceSelect:
             self.close()
             raise
         self._turn = 0
+        self._ptr_key = tuple(sorted(self.ptrs.items()))
         self.noise_host = [np.ctypeslib.as_array((np.ctypeslib.ctypes.c_float * (self.slots * k)).from_address(
             self._hosts[2 * t + 1])).reshape(self.slots, k) for t in range(2)]
 
@@ -192,7 +193,7 @@ class DeviceSelect:
         """The engine over slots ``0..n`` after the decoder wrote ``logits`` (added to ``queue``: a CUDA graph's runs,
         or run now with ``queue`` None)."""
         p = self.ptrs
-        key = (self.name, n, logits, *sorted(p.items()))  # the tables' addresses: each cache of the backend has its own
+        key = (self.name, n, logits, self._ptr_key)  # the tables' addresses: each cache of the backend has its own
         runner = self.backend.bind(self.name, self.name, key, lambda: (
             {"logits": (n, self.vocab), "bias": (n, self.vocab), "counts": (n, self.vocab), "params": (n, 4),
              "state": (n, 2), "noise": (n, self.k)},

@@ -72,6 +72,7 @@ class ServerState:
     model_ids: Tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
     media_lock: threading.Lock = field(default_factory=threading.Lock)  # one encoder call at a time (one context)
+    stream_interval: float = 0.0  # seconds: a stream's chunks at most this often (serve.stream_interval_ms)
 
 
 def validation_error(exc: ValidationError) -> APIError:
@@ -264,7 +265,8 @@ async def respond(state: ServerState, body, prompt: Prompt, params: SamplingPara
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = stream_chunks(events, request, ident, created, body.model, chat, reasoning, include_usage)
+        chunks = stream_chunks(events, request, ident, created, body.model, chat, reasoning, include_usage,
+                               state.stream_interval)
         return StreamingResponse(chunks, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     text, thought, done = await collect(events, request, reasoning)
@@ -491,9 +493,14 @@ class Chunks:
 
 
 async def stream_chunks(events: AsyncIterator[Dict], request: Request, ident: str, created: int, model: str,
-                        chat: bool, reasoning: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the request."""
+                        chat: bool, reasoning: bool, include_usage: bool, interval: float = 0.0) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the request.
+
+    ``interval`` (seconds, ``serve.stream_interval_ms``): after a chunk with text, the stream takes its next
+    events no sooner than this after it; the deltas that arrive meanwhile go out as one chunk
+    (:func:`queued_events`). The first token goes out at once, the text is the same, only the chunks are fewer."""
     chunks = Chunks(ident, created, model, chat)
+    loop = asyncio.get_running_loop()
     try:
         if chat:
             yield chunks.event({"role": "assistant", "content": ""})
@@ -501,7 +508,12 @@ async def stream_chunks(events: AsyncIterator[Dict], request: Request, ident: st
             if event["type"] == "delta":
                 line = chunks.delta(event, reasoning)
                 if line:
+                    sent = loop.time()
                     yield line
+                    if interval > 0:
+                        wait = sent + interval - loop.time()
+                        if wait > 0:
+                            await asyncio.sleep(wait)
             elif event["type"] == "done":
                 yield chunks.event({}, finish=event["finish_reason"])
                 if include_usage:

@@ -31,6 +31,8 @@ OVERLAP_ENV = "AUTOGLM_BUILD_OVERLAP"
 CUDA_GRAPHS_ENV = "AUTOGLM_BUILD_CUDA_GRAPHS"
 #: overrides ``serve.device_select`` (1 on, 0 off) likewise
 DEVICE_SELECT_ENV = "AUTOGLM_BUILD_DEVICE_SELECT"
+#: overrides ``serve.stream_interval_ms`` likewise
+STREAM_INTERVAL_ENV = "AUTOGLM_BUILD_STREAM_INTERVAL_MS"
 
 
 def prefix_cache_bytes(cfg: BuildConfig) -> int:
@@ -62,6 +64,31 @@ def decode_overlap(cfg: BuildConfig) -> bool:
     return _switch(cfg, OVERLAP_ENV, "overlap")
 
 
+def stream_interval(cfg: BuildConfig) -> float:
+    """Seconds between a stream's chunks at most: ``$AUTOGLM_BUILD_STREAM_INTERVAL_MS``, else
+    ``serve.stream_interval_ms``."""
+    raw = os.environ.get(STREAM_INTERVAL_ENV)
+    if raw is None or not raw.strip():
+        return cfg.serve.stream_interval_ms / 1000
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = -1.0
+    if not 0 <= ms <= 1000:
+        raise UserError(f"${STREAM_INTERVAL_ENV}: '{raw}' is not a number of milliseconds from 0 to 1000",
+                        hint=f"unset it to use serve.stream_interval_ms ({cfg.serve.stream_interval_ms})")
+    return ms / 1000
+
+
+def cpu_threads(cfg: BuildConfig) -> int:
+    """ONNX Runtime's intra-op threads for a server on the CPU: ``serve.cpu_threads``, else every core but one (at
+    least one), which the event loop keeps for HTTP while the scheduler's thread runs the graphs."""
+    if cfg.serve.cpu_threads is not None:
+        return cfg.serve.cpu_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
 def cuda_graphs(cfg: BuildConfig) -> bool:
     """Whether decode steps run as CUDA graphs (TensorRT, one GPU): ``$AUTOGLM_BUILD_CUDA_GRAPHS`` (1 or 0),
     else ``serve.cuda_graphs``."""
@@ -87,11 +114,12 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
         if needed not in cfg.modules:
             raise UserError(f"config modules: '{needed}' is needed to serve; modules are {', '.join(cfg.modules)}")
     modules = list(cfg.modules)
+    interval = stream_interval(cfg)  # a bad override refused before any engine loads
     # vision/audio are optional: without them, requests with images/audio get a 400 naming the module
     origin = "--devices" if devices is not None else "serve.devices"
     devices = devices if devices is not None else cfg.serve.devices
     runtime = open_backend(workdir, modules, backend, precision, optional=("vision", "audio"), devices=devices,
-                           origin=origin)
+                           origin=origin, threads=cpu_threads(cfg))
     try:
         tokenizer = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
         scheduler = Scheduler(runtime, cfg, tokenizer, max_batch or cfg.serve.max_batch,
@@ -103,7 +131,8 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
         raise
     names = tuple(dict.fromkeys([cfg.serve.model_name, cfg.name]))
     return ServerState(cfg=cfg, backend=runtime, tokenizer=tokenizer, scheduler=scheduler,
-                       api_key=api_key or os.environ.get(API_KEY_ENV) or None, model_ids=names)
+                       api_key=api_key or os.environ.get(API_KEY_ENV) or None, model_ids=names,
+                       stream_interval=interval)
 
 
 def serve(state: ServerState, host: str, port: int, log_level: str = "info",

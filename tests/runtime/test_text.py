@@ -40,3 +40,18 @@ def test_decode_one_remembers_exactly_what_decode_gives(tiny_cfg):
     for skip in (True, False):
         for _ in range(2):  # computed, then remembered
             assert [tok.decode_one(i, skip) for i in ids] == [tok.decode([i], skip) for i in ids]
+
+
+def test_decode_two_remembers_exactly_what_decode_gives_and_forgets_at_its_bound(tiny_cfg, monkeypatch):
+    """Pairs that split a character (a 4-byte emoji over byte tokens), special tokens with and without skipping; past
+    PAIRS the memo starts again (bounded memory) and still answers what decode does."""
+    from autoglm_build.runtime import text
+
+    tok = ChatTokenizer(tokenizer_for(tiny_cfg)[0], tiny_cfg.text.vocab_size)
+    ids = tok.encode("宫保鸡丁 🙂 Settings") + sorted(tok.ids.values())
+    pairs = list(zip(ids, ids[1:])) + [(b, a) for a, b in zip(ids, ids[1:])]
+    monkeypatch.setattr(text, "PAIRS", 16)
+    for skip in (True, False):
+        for _ in range(2):
+            assert [tok.decode_two(a, b, skip) for a, b in pairs] == [tok.decode([a, b], skip) for a, b in pairs]
+    assert len(tok._two) <= 16

@@ -149,3 +149,68 @@ def test_deltas_waiting_together_go_out_as_one_and_the_text_is_unchanged():
         return "".join(e["reasoning"] + "|" + e["content"] for e in events if e["type"] == "delta").replace("|", "")
 
     assert text(behind) == text(alone) == "thinkHellolate!"
+
+
+def _stream(interval: float, tokens: int = 24, gap: float = 0.002):
+    """``stream_chunks`` over a queue a producer fills with one delta per token every ``gap`` seconds, then the done
+    event: the SSE lines, and when each went out."""
+    import asyncio
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from autoglm_build.serve.app import queued_events, stream_chunks
+
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def produce():
+            for i in range(tokens):
+                queue.put_nowait({"type": "delta", "reasoning": "", "content": f"t{i} "})
+                await asyncio.sleep(gap)
+            queue.put_nowait({"type": "done", "finish_reason": "length", "usage": {"completion_tokens": tokens}})
+
+        producer = asyncio.ensure_future(produce())
+        start, lines = time.perf_counter(), []
+        async for line in stream_chunks(queued_events(queue), SimpleNamespace(cancel=lambda: None), "id", 0, "m",
+                                        True, False, True, interval):
+            lines.append((time.perf_counter() - start, line))
+        await producer
+        return lines
+
+    lines = asyncio.run(main())
+    deltas = [(t, json.loads(line[len("data: "):])["choices"][0]["delta"].get("content"))
+              for t, line in lines if line.startswith("data: {") and '"choices": [{' in line]
+    return [(t, text) for t, text in deltas if text]
+
+
+def test_a_stream_interval_joins_the_tokens_between_chunks_into_one_and_sends_the_first_at_once():
+    """serve.stream_interval_ms: the same text in fewer chunks, none sooner than the interval after the one before
+    (a producer at one token every 2 ms, an interval of 20 ms); the first token alone, at once. Without it, a chunk
+    per token."""
+    text = "".join(f"t{i} " for i in range(24))
+    every = _stream(0.0)
+    assert [c for _, c in every] == [f"t{i} " for i in range(24)]
+    joined = _stream(0.02)
+    assert "".join(c for _, c in joined) == text
+    assert joined[0][1] == "t0 " and joined[0][0] < 0.015
+    assert 2 <= len(joined) <= 6, joined  # 24 tokens over ~50 ms in chunks 20 ms apart
+    assert all(b - a >= 0.019 for (a, _), (b, _) in zip(joined, joined[1:])), joined
+
+
+def test_the_stream_interval_override_is_checked_before_any_engine_loads(monkeypatch, tmp_path):
+    """``$AUTOGLM_BUILD_STREAM_INTERVAL_MS`` not a number of ms in [0, 1000]: one line naming it, nothing loaded."""
+    import pytest
+
+    from autoglm_build.errors import UserError
+    from autoglm_build.serve.server import STREAM_INTERVAL_ENV, build_state, stream_interval
+
+    cfg = load_config(TINY)
+    monkeypatch.setenv(STREAM_INTERVAL_ENV, "2.5")
+    assert stream_interval(cfg) == 0.0025
+    for bad in ("fast", "-1", "5000"):
+        monkeypatch.setenv(STREAM_INTERVAL_ENV, bad)
+        with pytest.raises(UserError, match=STREAM_INTERVAL_ENV):
+            build_state(cfg, tmp_path / "no-build")
+    monkeypatch.delenv(STREAM_INTERVAL_ENV)
+    assert stream_interval(cfg) == cfg.serve.stream_interval_ms / 1000

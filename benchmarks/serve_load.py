@@ -332,7 +332,8 @@ async def phase(url: str, clients: int, max_tokens: int, timeout: float, light: 
             "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "decode_per_s": sum(max(r["tokens"] - 1, 0) for r in ok) / decode_window if decode_window else np.nan,
             "decode_steps": stats["decode_steps"], "overlapped_steps": stats.get("overlapped_steps", 0),
-            "device_select": stats.get("device_select"), "cuda_graphs": stats.get("cuda_graphs")}
+            "device_select": stats.get("device_select"), "cuda_graphs": stats.get("cuda_graphs"),
+            "max_batch": stats["max_batch"], "context": stats["context"]}
 
 
 # ---- the phone agent's sessions ----------------------------------------------------------------
@@ -528,6 +529,18 @@ ENGINE_ALONE = {"tensorrt": "embed and decoder engines on the server's KV cache 
                 "staged": "embed and the decoder's stages chained on the server's KV cache ({cache}), no sampling"}
 
 
+def capacity_line(cfg, stats: dict) -> str:
+    """The largest batch x context the server's engines hold (its ``/ready``: the decode profile's rows and the context,
+    as the engines cap them) and the keys/values that take at the decoder's cache dtype (FP16 on TensorRT, where the
+    device cache holds them from the server's start; the host cache grows to them)."""
+    t = cfg.text
+    rows, context = stats["max_batch"], stats["context"]
+    per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2  # keys and values, FP16
+    mib = rows * context * per_token / 2**20
+    return (f"largest batch x context the engines hold: {rows} x {context:,} tokens = {mib:,.0f} MiB of FP16 "
+            f"keys/values ({per_token / 1024:g} KiB a token)")
+
+
 def median_run(runs: list, key: str = "tokens_per_s") -> Optional[dict]:
     """The run whose ``key`` is the median of ``runs`` (the lower middle of an even count), with every run's
     ``key`` beside it as ``runs``; None where the runs are (a cache that cannot select)."""
@@ -651,6 +664,7 @@ def main() -> int:
     print(f"server: tokens chosen on the {'GPU' if last['device_select'] else 'host'}, CUDA graphs "
           f"{'launched ' + str(graphs['launches']) + ' times' if ran else 'off'}, {last['overlapped_steps']} of "
           f"{last['decode_steps']} decode steps launched ahead")
+    print(capacity_line(cfg, last))
     print(f"serve/engine decode rate: {served[8]['decode_per_s'] / rates[8]:.2f}")
     return 1 if any(r["errors"] for r in served.values()) or (load and load["errors"]) else 0
 

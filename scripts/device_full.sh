@@ -22,6 +22,7 @@
 #   bash scripts/device_full.sh devtests               tiny: the TensorRT backend's GPU tests, bench-serve on TensorRT
 #   bash scripts/device_full.sh serveload              full width: bench-serve, the agent load, transformers' generate
 #   bash scripts/device_full.sh serveab                tiny and full width: serve/engine, this tree against $OLD's
+#   bash scripts/device_full.sh tinyserve              tiny: serve/engine per serve.stream_interval_ms (INTERVALS)
 #   bash scripts/device_full.sh spy                    tiny: py-spy on the server under serve_load, cProfile on the engine
 #   bash scripts/device_full.sh wait [seconds]         wait for the jobs, then poll
 #   bash scripts/device_full.sh tiny                   tiny: verify int8, bench
@@ -516,6 +517,15 @@ except ImportError: print('harness: no uvloop')"
   ab full "$FULLD" "$FD" "${FULL_GPU:-0}" & b=$!
   wait $a; wait $b
   for f in "$OUT"/serve_ab_*.txt "$OUT"/serve_spy_*.txt; do echo "--- $(basename "$f")"; tail -9 "$f"; done
+  ;;
+tinyserve)  # tiny: serve/engine on TensorRT (CUDA graphs and device select on), once per serve.stream_interval_ms in
+  # INTERVALS (default "0 5"), each with --engine-select and serve_load's default 3 runs per rate
+  for ms in ${INTERVALS:-0 5}; do
+    AUTOGLM_BUILD_STREAM_INTERVAL_MS=$ms PYTHONPATH=$PWD:/tmp/site39 timeout 400 /tmp/stage/trtpy benchmarks/serve_load.py \
+      -c $TINY -w $W --backend tensorrt --clients 0 --max-tokens ${TOKENS:-128} --ready-timeout 300 --engine-select 2>&1 \
+      | grep -v "^\[W\]" >"$OUT/serve_tiny_interval$ms.txt"
+    echo "--- stream interval $ms ms"; tail -9 "$OUT/serve_tiny_interval$ms.txt"
+  done
   ;;
 spy)  # tiny (or SPY_CONFIG/SPY_WORKDIR): where a served decode step's host time goes, on TensorRT. serve_load (8
   # streams, CUDA graphs and device select on) with py-spy attached to its server (raw stacks per thread, sampled at

@@ -274,6 +274,11 @@ class DeviceKVCache(KVCache):
     on, ``device`` the first GPU's (``embed``, stage 0, the encoders' embeddings)."""
 
     asynchronous = True  # decode_async queues the step and returns
+    # a new capacity binds every engine context again and, with CUDA graphs, costs a step engine by engine and a
+    # capture: grown 64 columns at least, a 128-token answer after a short prompt re-lays 3 times, not 8 (py-spy on the
+    # H200's tiny server: a tenth of its decode time in those steps and captures at 16); the columns it adds are
+    # masked, and at short lengths cheap
+    min_page = 64
 
     def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any) -> None:
         self.units: List[str] = list(backend.parts.get("decoder", ["decoder"]))

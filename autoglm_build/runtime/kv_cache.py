@@ -148,10 +148,10 @@ class Step:
             self._undo()
 
 
-def capacity_for(need: int, limit: Optional[int] = None) -> int:
+def capacity_for(need: int, limit: Optional[int] = None, min_page: int = MIN_PAGE) -> int:
     """Columns to allocate for ``need``: rounded up to a page of about ``need / 8`` (a power of two, at
-    least :data:`MIN_PAGE`), at most ``limit`` but never below ``need``."""
-    page = max(MIN_PAGE, 1 << max(0, (need // 8).bit_length() - 1))
+    least ``min_page``), at most ``limit`` but never below ``need``."""
+    page = max(min_page, 1 << max(0, (need // 8).bit_length() - 1))
     cap = -(-need // page) * page
     return max(need, min(cap, limit)) if limit else cap
 
@@ -168,6 +168,7 @@ class KVCache:
     """
 
     in_flight = 0  # decode_async steps whose results are not taken yet (:func:`mutates`)
+    min_page = MIN_PAGE  # the capacity's smallest growth step (capacity_for)
     # decode_async returns before the step is computed (a device cache): only then does the scheduler launch
     # steps ahead; here the step is computed first, so launching it ahead would only hold back the text
     asynchronous = False
@@ -221,8 +222,8 @@ class KVCache:
     @mutates
     def fit(self, need: int) -> None:
         """Make room for ``need`` columns per row; give back room when the longest row needs under half."""
-        if need > self.capacity or (self.capacity > 4 * MIN_PAGE and 2 * need < self.capacity):
-            self._allocate(capacity_for(need, self.context - 1))
+        if need > self.capacity or (self.capacity > 4 * self.min_page and 2 * need < self.capacity):
+            self._allocate(capacity_for(need, self.context - 1, self.min_page))
 
     # ---- rows -------------------------------------------------------------------------------
 

@@ -433,7 +433,7 @@ async def queued_events(queue: asyncio.Queue) -> AsyncIterator[Dict]:
     already waiting when one is taken go out with it as one (their texts joined, reasoning before content as
     the scheduler emits them): a stream whose loop fell behind the decode steps sends one chunk for what
     waits, not one per token, and catches up (vLLM V1's output collector merges a slow consumer's deltas the
-    same way). A stream that keeps up still gets one chunk per token."""
+    same way). A stream that keeps up still gets one chunk per token (without ``serve.stream_interval_ms``)."""
     held: Optional[Dict] = None
     while True:
         event, held = (held, None) if held is not None else (await queue.get(), None)

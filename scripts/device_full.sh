@@ -540,8 +540,9 @@ spy)  # tiny (or SPY_CONFIG/SPY_WORKDIR): where a served decode step's host time
   load=$! pid=""
   while [ -z "$pid" ] && kill -0 $load 2>/dev/null; do pid=$(pgrep -f "[a]utoglm_build serve -c $c -w $w " | head -1); sleep 0.2; done
   # SPY_GIL=1: only the thread holding the GIL is sampled (who runs Python, not who waits for it)
-  [ -n "$pid" ] && "$SPY" record --pid "$pid" --nonblocking --threads ${SPY_GIL:+--gil} ${SPY_GIL:---idle} -r 250 \
-    -f raw -o $S/spy_server.txt >$S/spy.log 2>&1
+  mode=--idle; [ -n "${SPY_GIL:-}" ] && mode=--gil
+  [ -n "$pid" ] && "$SPY" record --pid "$pid" --nonblocking --threads $mode -r 250 -f raw -o $S/spy_server.txt \
+    >$S/spy.log 2>&1
   wait $load
   $run39 -m cProfile -s tottime benchmarks/serve_load.py -c $c -w $w --backend tensorrt --engine-only --engine-select \
     --max-tokens ${SPY_TOKENS:-512} 2>&1 | grep -v "^\[W\]" | head -60 >$S/engine_profile.txt

@@ -547,7 +547,7 @@ def median_run(runs: list, key: str = "tokens_per_s") -> Optional[dict]:
     done = [r for r in runs if r is not None]
     if not done:
         return None
-    ordered = sorted(done, key=lambda r: r[key])
+    ordered = sorted(done, key=lambda r: (np.isnan(r[key]), r[key]))  # a run with no rate (every stream failed) last
     return {**ordered[(len(ordered) - 1) // 2], "runs": [r[key] for r in done]}
 
 
@@ -609,6 +609,8 @@ def main() -> int:
     parser.add_argument("--baseline", help="with --agent: the JSON row benchmarks/agent_generate.py wrote for the "
                         "same load (transformers' generate), printed as a third line of the table")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: at least 1 run of each rate")
 
     from autoglm_build.config import load_config
 

@@ -262,12 +262,13 @@ def serve_standin(a) -> None:
     """The child of :func:`run_http`: ``serve`` itself (uvicorn, the app, the scheduler thread) over the stand-in
     cache, on ``a.port``."""
     from autoglm_build.serve.app import ServerState
-    from autoglm_build.serve.server import serve
+    from autoglm_build.serve.server import serve, stream_interval
 
     sched, _ = setup(a.rows, True, a.gpu_us, a.select)
     tok = sched.tokenizer
-    serve(ServerState(cfg=sched.cfg, backend=sched.backend, tokenizer=tok, scheduler=sched,
-                      model_ids=("autoglm-phone-9b",)), "127.0.0.1", a.port, "warning", announce=lambda _: None)
+    state = ServerState(cfg=sched.cfg, backend=sched.backend, tokenizer=tok, scheduler=sched,
+                        model_ids=("autoglm-phone-9b",), stream_interval=stream_interval(sched.cfg))
+    serve(state, "127.0.0.1", a.port, "warning", announce=lambda _: None)
 
 
 def run_http(a) -> Tuple[float, float]:

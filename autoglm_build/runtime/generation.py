@@ -519,7 +519,11 @@ class Scheduler:
             if row.req.noise is None:
                 row.req.noise = GumbelNoise(row.req.rng, selector.k)
         drawn = {id(r): r.req.noise.mark() for r in drawing}
-        selector.noise(self.cache.top, [(r.slot, r.req.noise) for r in drawing])
+        try:
+            selector.noise(self.cache.top, [(r.slot, r.req.noise) for r in drawing])
+        except BaseException:  # nothing launched: the streams as they were, so the step runs again on this noise
+            self._restore(drawn)
+            raise
         return drawn
 
     def _launch_ahead(self) -> None:

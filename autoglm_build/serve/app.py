@@ -260,13 +260,13 @@ async def parse(request: HTTPRequest, state: ServerState, model):
 
 async def respond(state: ServerState, body, prompt: Prompt, params: SamplingParams, chat: bool, reasoning: bool):
     """The completion: streamed as server-sent events when the body asks, else one JSON object."""
-    events, request = submit(state, prompt, params)
+    # a stream's chunks at most every serve.stream_interval_ms; a whole answer takes its events as they come
+    events, request = submit(state, prompt, params, state.stream_interval if body.stream else 0.0)
     ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = stream_chunks(events, request, ident, created, body.model, chat, reasoning, include_usage,
-                               state.stream_interval)
+        chunks = stream_chunks(events, request, ident, created, body.model, chat, reasoning, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     text, thought, done = await collect(events, request, reasoning)
@@ -411,9 +411,45 @@ def bridge(loop: asyncio.AbstractEventLoop) -> EventBridge:
     return found
 
 
-def submit(state: ServerState, prompt: Prompt, params: SamplingParams) -> Tuple[AsyncIterator[Dict], Request]:
-    """Queue a request; its events arrive on an asyncio queue of the calling loop."""
-    queue: asyncio.Queue = asyncio.Queue()
+class EventQueue(asyncio.Queue):
+    """A request's events on its loop. A stream that waits between chunks (:meth:`pause`) is woken at once by the
+    request's last event (done or error): the end of a stream is never held back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.final = False  # the done or error event is in
+        self._pausing: Optional[asyncio.Future] = None
+
+    def put_nowait(self, item: Dict[str, Any]) -> None:
+        super().put_nowait(item)
+        if item["type"] != "delta":
+            self.final = True
+            _wake(self._pausing)
+
+    async def pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or until the final event is put, whichever comes first."""
+        if seconds <= 0 or self.final:
+            return
+        loop = asyncio.get_running_loop()
+        self._pausing = waiting = loop.create_future()
+        timer = loop.call_later(seconds, _wake, waiting)
+        try:
+            await waiting
+        finally:
+            timer.cancel()
+            self._pausing = None
+
+
+def _wake(future: Optional[asyncio.Future]) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+def submit(state: ServerState, prompt: Prompt, params: SamplingParams,
+           interval: float = 0.0) -> Tuple[AsyncIterator[Dict], Request]:
+    """Queue a request; its events arrive on an asyncio queue of the calling loop (``interval``: as
+    :func:`queued_events` takes them)."""
+    queue = EventQueue()
     emit = bridge(asyncio.get_running_loop()).emit
     request = Request(prompt, params, emit=lambda event: emit(queue, event))
     try:
@@ -425,17 +461,26 @@ def submit(state: ServerState, prompt: Prompt, params: SamplingParams) -> Tuple[
     except SchedulerStopped:
         raise APIError(503, "server is shutting down", "server_error", code="shutting_down") from None
 
-    return queued_events(queue), request
+    return queued_events(queue, interval), request
 
 
-async def queued_events(queue: asyncio.Queue) -> AsyncIterator[Dict]:
+async def queued_events(queue: asyncio.Queue, interval: float = 0.0) -> AsyncIterator[Dict]:
     """A request's events off its queue, up to and including the first that is not a delta. Deltas that are
     already waiting when one is taken go out with it as one (their texts joined, reasoning before content as
     the scheduler emits them): a stream whose loop fell behind the decode steps sends one chunk for what
     waits, not one per token, and catches up (vLLM V1's output collector merges a slow consumer's deltas the
-    same way). A stream that keeps up still gets one chunk per token (without ``serve.stream_interval_ms``)."""
+    same way). A stream that keeps up gets one chunk per token, unless ``interval`` (seconds,
+    ``serve.stream_interval_ms``): then, after a delta, the next is taken no sooner than ``interval`` after it, with
+    what arrived meanwhile joined to it. The first delta goes at once, and so does the final event (an
+    :class:`EventQueue` ends the wait when it arrives)."""
+    loop = asyncio.get_running_loop()
     held: Optional[Dict] = None
+    sent: Optional[float] = None  # when the last delta was handed on
     while True:
+        if interval > 0 and sent is not None and (held is None or held["type"] == "delta"):
+            left = sent + interval - loop.time()
+            pause = getattr(queue, "pause", None)
+            await (pause(left) if pause is not None else asyncio.sleep(max(left, 0.0)))
         event, held = (held, None) if held is not None else (await queue.get(), None)
         while event["type"] == "delta" and not queue.empty():
             later = queue.get_nowait()
@@ -444,6 +489,8 @@ async def queued_events(queue: asyncio.Queue) -> AsyncIterator[Dict]:
                 break
             event = {**event, "reasoning": event["reasoning"] + later["reasoning"],
                      "content": event["content"] + later["content"]}
+        if event["type"] == "delta":
+            sent = loop.time()
         yield event
         if event["type"] != "delta":
             return
@@ -493,14 +540,9 @@ class Chunks:
 
 
 async def stream_chunks(events: AsyncIterator[Dict], request: Request, ident: str, created: int, model: str,
-                        chat: bool, reasoning: bool, include_usage: bool, interval: float = 0.0) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the request.
-
-    ``interval`` (seconds, ``serve.stream_interval_ms``): after a chunk with text, the stream takes its next
-    events no sooner than this after it; the deltas that arrive meanwhile go out as one chunk
-    (:func:`queued_events`). The first token goes out at once, the text is the same, only the chunks are fewer."""
+                        chat: bool, reasoning: bool, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; a client that goes away cancels the request."""
     chunks = Chunks(ident, created, model, chat)
-    loop = asyncio.get_running_loop()
     try:
         if chat:
             yield chunks.event({"role": "assistant", "content": ""})
@@ -508,12 +550,7 @@ async def stream_chunks(events: AsyncIterator[Dict], request: Request, ident: st
             if event["type"] == "delta":
                 line = chunks.delta(event, reasoning)
                 if line:
-                    sent = loop.time()
                     yield line
-                    if interval > 0:
-                        wait = sent + interval - loop.time()
-                        if wait > 0:
-                            await asyncio.sleep(wait)
             elif event["type"] == "done":
                 yield chunks.event({}, finish=event["finish_reason"])
                 if include_usage:

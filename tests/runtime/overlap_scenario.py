@@ -158,7 +158,7 @@ def compare(cfg: Any, backend: Any, tok: ChatTokenizer, select: bool = False) ->
 
 
 def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2, 4),
-                         failing_commits=(5,), select: bool = False) -> Dict[str, Any]:
+                         failing_commits=(5,), select: bool = False, failing_noise=(7,)) -> Dict[str, Any]:
     """The device cache's steps launched ahead whose result raises (the logits' download, in the results
     ``failing``, with overlap on): the cache takes each such step back and the serial path runs it again.
     Events with overlap off and on, how many results failed, and how often a row's cache length was not its
@@ -167,19 +167,22 @@ def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2,
     committed are taken back and the serial path runs the step again (``launch_failed``). ``select``: the same with
     the tokens chosen on the GPU, where a failing result is the download of a step's ids with the next step launched
     on them already: both are taken back, the rows' generators put back, and the serial path runs the step again on
-    the same noise."""
+    the same noise; and there the ``failing_noise``-th upload of a step's noise (overlap on) raises after the rows'
+    streams gave their numbers (``noise_failed``): the streams are put back, and the step runs again on that noise."""
     texts = [tok.chat_prompt([("user", [Segment(text=TEXTS[i])])], thinking) for i, thinking, *_ in REQUESTS]
     batches = [[(p, params, cancel) for p, (_, _, params, _, cancel) in zip(texts, REQUESTS)]]
     results: List[bool] = []  # per result taken of a step launched ahead: did it fail?
     wrong: List[int] = []  # rows whose cache length is not their prompt's and fed tokens'
     commits: List[int] = []  # mask element copies made inside launches ahead
     launch_failed: List[int] = []
+    noise_failed: List[int] = []
 
     def make(overlap: bool) -> Scheduler:
         sched = Scheduler(backend, cfg, tok, max_batch=3, queue_size=16, context=cfg.engine.context,
                           prefix_cache_bytes=0, overlap=overlap, device_select=select)
         if select:
             _failing_selected(sched, overlap, failing, failing_commits, results, wrong, commits, launch_failed)
+            _failing_noise(sched, overlap, failing_noise, noise_failed)
             return sched
         download, land, landing = sched.cache._download_rows, sched._land, []
 
@@ -205,7 +208,23 @@ def with_failing_results(cfg: Any, backend: Any, tok: ChatTokenizer, failing=(2,
         _failing_commits(sched, "_launch", failing_commits, commits, launch_failed)
         return sched
     return {"off": _run(make, False, batches), "on": _run(make, True, batches), "failed": sum(results),
-            "wrong_lengths": len(wrong), "launch_failed": len(launch_failed)}
+            "wrong_lengths": len(wrong), "launch_failed": len(launch_failed), "noise_failed": len(noise_failed)}
+
+
+def _failing_noise(sched: Scheduler, overlap: bool, failing_noise, noise_failed: List[int]) -> None:
+    """With overlap on, the ``failing_noise``-th upload of a step's noise raises (after the rows' streams handed out
+    their numbers into the page-locked buffer)."""
+    selector = sched.cache.selector
+    upload, uploads = selector.device.upload, []
+
+    def failing_upload(ptr, host):
+        if overlap and ptr == selector.ptrs["noise"]:
+            uploads.append(1)
+            if len(uploads) in failing_noise:
+                noise_failed.append(1)
+                raise RuntimeError("cudaMemcpyAsync failed")
+        return upload(ptr, host)
+    selector.device.upload = failing_upload
 
 
 def _failing_commits(sched: Scheduler, launcher: str, failing_commits, commits: List[int],

@@ -116,8 +116,9 @@ def test_the_decode_overlap_on_the_device_cache_generates_what_the_serial_schedu
     stop strings ending rows while a step is in flight, a cancel, prefix reuse) give every event the serial
     scheduler gives, none an error; the cache refuses every call that changes it while a step is in flight; a
     result whose download raises (the logits, or the ids with the next step launched on them: both taken back, the
-    rows' generators put back, so sampled rows keep their tokens), or a launch that raises halfway through its rows'
-    commits, is taken back (lengths, mask) and run again serially."""
+    rows' generators put back, so sampled rows keep their tokens), a launch that raises halfway through its rows'
+    commits, or (select) one whose noise upload raises after the rows' streams gave their numbers, is taken back
+    (lengths, mask, the streams) and run again serially."""
     workdir, env = _engines(graphs, tmp_path, *PAIRS[0])
     cases = _drive(workdir, env, "overlap", *(["select"] if select else []))["tensorrt"]
     failing = cases.pop("failing_results")
@@ -134,6 +135,7 @@ def test_the_decode_overlap_on_the_device_cache_generates_what_the_serial_schedu
     assert failing["on"]["events"] == failing["off"]["events"]
     assert not [e for events in failing["on"]["events"] for e in events if e["type"] == "error"]
     assert failing["failed"] == 2 and failing["launch_failed"] == 1 and failing["wrong_lengths"] == 0
+    assert failing["noise_failed"] == (1 if select else 0)  # a noise upload that raised: the same tokens after it
 
 
 @pytest.mark.parametrize("trt, polygraphy", PAIRS)

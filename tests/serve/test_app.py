@@ -152,50 +152,57 @@ def test_deltas_waiting_together_go_out_as_one_and_the_text_is_unchanged():
 
 
 def _stream(interval: float, tokens: int = 24, gap: float = 0.002):
-    """``stream_chunks`` over a queue a producer fills with one delta per token every ``gap`` seconds, then the done
-    event: the SSE lines, and when each went out."""
+    """The app's stream over an :class:`EventQueue` a producer fills with one delta per token every ``gap`` seconds,
+    then the done event: ``(when, text)`` of each chunk with text, and when the finish chunk went out."""
     import asyncio
     import json
     import time
     from types import SimpleNamespace
 
-    from autoglm_build.serve.app import queued_events, stream_chunks
+    from autoglm_build.serve.app import EventQueue, queued_events, stream_chunks
 
     async def main():
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = EventQueue()
 
         async def produce():
             for i in range(tokens):
                 queue.put_nowait({"type": "delta", "reasoning": "", "content": f"t{i} "})
                 await asyncio.sleep(gap)
             queue.put_nowait({"type": "done", "finish_reason": "length", "usage": {"completion_tokens": tokens}})
+            return time.perf_counter() - start
 
+        start = time.perf_counter()
         producer = asyncio.ensure_future(produce())
-        start, lines = time.perf_counter(), []
-        async for line in stream_chunks(queued_events(queue), SimpleNamespace(cancel=lambda: None), "id", 0, "m",
-                                        True, False, True, interval):
+        lines = []
+        async for line in stream_chunks(queued_events(queue, interval), SimpleNamespace(cancel=lambda: None), "id", 0,
+                                        "m", True, False, True):
             lines.append((time.perf_counter() - start, line))
-        await producer
-        return lines
+        return lines, await producer
 
-    lines = asyncio.run(main())
-    deltas = [(t, json.loads(line[len("data: "):])["choices"][0]["delta"].get("content"))
-              for t, line in lines if line.startswith("data: {") and '"choices": [{' in line]
-    return [(t, text) for t, text in deltas if text]
+    lines, done_at = asyncio.run(main())
+    chunks = [(t, json.loads(line[len("data: "):])) for t, line in lines if line.startswith("data: {")]
+    texts = [(t, c["choices"][0]["delta"].get("content")) for t, c in chunks if c["choices"]]
+    finish = next(t for t, c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
+    return [(t, text) for t, text in texts if text], finish - done_at
 
 
-def test_a_stream_interval_joins_the_tokens_between_chunks_into_one_and_sends_the_first_at_once():
+def test_a_stream_interval_joins_the_tokens_between_chunks_into_one_and_sends_the_first_and_the_end_at_once():
     """serve.stream_interval_ms: the same text in fewer chunks, none sooner than the interval after the one before
-    (a producer at one token every 2 ms, an interval of 20 ms); the first token alone, at once. Without it, a chunk
-    per token."""
+    (a producer at one token every 2 ms, an interval of 20 ms); the first token alone; the last tokens and the finish
+    chunk as soon as the done event is in, not an interval later. Without it, a chunk per token."""
     text = "".join(f"t{i} " for i in range(24))
-    every = _stream(0.0)
+    every, _ = _stream(0.0)
     assert [c for _, c in every] == [f"t{i} " for i in range(24)]
-    joined = _stream(0.02)
+    joined, finish_delay = _stream(0.02)
     assert "".join(c for _, c in joined) == text
-    assert joined[0][1] == "t0 " and joined[0][0] < 0.015
-    assert 2 <= len(joined) <= 6, joined  # 24 tokens over ~50 ms in chunks 20 ms apart
-    assert all(b - a >= 0.019 for (a, _), (b, _) in zip(joined, joined[1:])), joined
+    assert joined[0][1] == "t0 "
+    assert 2 <= len(joined) < 24, joined
+    # each chunk an interval after the one before, but the last: the done event ends the wait, with what is left
+    assert all(b - a >= 0.019 for (a, _), (b, _) in zip(joined[:-1], joined[1:-1])), joined
+    assert finish_delay < 0.015, finish_delay  # the end is not held back by the interval (20 ms)
+    # a last token and the done event 1 ms after the first chunk, with 100 ms to wait: both go out at once
+    short, finish_delay = _stream(0.1, tokens=2, gap=0.001)
+    assert [c for _, c in short] == ["t0 ", "t1 "] and finish_delay < 0.05, (short, finish_delay)
 
 
 def test_the_stream_interval_override_is_checked_before_any_engine_loads(monkeypatch, tmp_path):

@@ -101,9 +101,8 @@ class ChatTokenizer:
 
     def decode_two(self, first: int, second: int, skip_special_tokens: bool = True) -> str:
         """``decode([first, second], skip_special_tokens)``, remembered, up to :data:`PAIRS` pairs (then forgotten
-        all at once): the detokenizer's window with the newest token is nearly always two tokens, and a server
-        decoding eight rows a step at the tiny config's engine speed spent a tenth of its scheduler's time in the
-        tokenizer's decode."""
+        all at once): the detokenizer's window with the newest token is nearly always two tokens, and py-spy on the
+        H200's tiny server put ~4 % of its scheduler's decode time in the tokenizer's decode."""
         key = (first, second, skip_special_tokens)
         text = self._two.get(key)
         if text is None:

@@ -22,6 +22,11 @@ remembered one-token decodes), CPU us/step median of 5: scheduler ~490-530, serv
 ids, ~100 us, which must stay bit-identical, plus ~20 us per row of detokenization and events).
 On the H200, serve_load's 8 streams showed ~750 us of host work per step (1.64 ms vs the engine's 0.87).
 
+``http``: ``serve`` itself (uvicorn, the app, the scheduler thread) over the stand-in cache in a child process, its
+streams read by ``serve_load.py``'s lean client from this one; CPU is the child's. ``--select``: the stand-in chooses
+the tokens on the "GPU" (``serve.device_select``) and the scheduler launches each step on them ahead. The ``server``
+and ``http`` cases stream with the config's ``serve.stream_interval_ms``, as ``serve`` does.
+
 Every case runs with ``serve.overlap`` off and on. ``--gpu-us N`` stands in for the engine's step time: a
 step's logits come back no earlier than N microseconds after its launch (the launch itself returns at once;
 the wait sleeps, releasing the GIL as a CUDA sync does). Off, a step's wall time is then N plus the host
@@ -32,7 +37,8 @@ at 8 rows), wall us/step off -> on, median of 5 (+-10 % between runs): 1 row sch
 server 1,559 -> 1,342; 8 rows scheduler 1,818 -> 1,690, server 1,858 -> 1,577, penalties 2,261 -> 1,980,
 greedy 1,395 -> 1,297. Without ``--gpu-us`` the two are equal within the noise (8 rows server 911 / 897).
 
-    python benchmarks/step_overhead.py [--rows 1,8] [--tokens 128] [--repeat 5] [--gpu-us 900] [--profile scheduler]
+    python benchmarks/step_overhead.py [--rows 1,8] [--tokens 128] [--repeat 5] [--gpu-us 900] [--select]
+        [--profile scheduler]
 """
 
 from __future__ import annotations
@@ -60,8 +66,10 @@ from autoglm_build.runtime.generation import Request, Sampler, SamplingParams, S
 from autoglm_build.runtime.kv_cache import KVCache, Step  # noqa: E402
 from autoglm_build.runtime.text import ChatTokenizer, Segment  # noqa: E402
 from autoglm_build.serve.app import stream_chunks, submit  # noqa: E402
+from autoglm_build.serve.server import OVERLAP_ENV, stream_interval  # noqa: E402
 
 MESSAGE = "第{}个请求: 打开设置并开启深色模式"
+TINY = ROOT / "configs" / "autoglm-phone-tiny.yaml"
 
 
 class InstantCache(KVCache):
@@ -134,7 +142,7 @@ class InstantSelectCache(InstantCache):
                                        ptrs={"noise": 0}, put=lambda *a: None)
 
     def use_select(self, close: int, k: int) -> bool:
-        self.selector = SimpleNamespace(put=self._select.put,
+        self.selector = SimpleNamespace(k=k, put=self._select.put,
                                         noise=lambda n, rows: DeviceSelect.noise(self._select, n, rows))
         return True
 
@@ -185,7 +193,7 @@ class InstantBackend:
 
 
 def setup(rows: int, overlap: bool = False, gpu_us: float = 0.0, select: bool = False):
-    cfg = load_config(ROOT / "configs" / "autoglm-phone-tiny.yaml")
+    cfg = load_config(TINY)
     tok = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
     candidates = Sampler(tok, rows).ids if select else None
     backend = InstantBackend(cfg.text.vocab_size, gpu_us, candidates, cfg.serve.select_k)
@@ -236,7 +244,7 @@ def run_server(a) -> Tuple[float, float]:
 
     async def client(i: int, prompt) -> int:
         params = SamplingParams(max_tokens=tokens, temperature=0.7, seed=i, ignore_eos=True)
-        events, request = submit(state, prompt, params)
+        events, request = submit(state, prompt, params, stream_interval(sched.cfg))  # as serve streams
         n = 0
         async for line in stream_chunks(events, request, "chatcmpl-x", 0, "m", True, False, True):
             n += len(line)
@@ -262,9 +270,9 @@ def serve_standin(a) -> None:
     """The child of :func:`run_http`: ``serve`` itself (uvicorn, the app, the scheduler thread) over the stand-in
     cache, on ``a.port``."""
     from autoglm_build.serve.app import ServerState
-    from autoglm_build.serve.server import serve, stream_interval
+    from autoglm_build.serve.server import decode_overlap, serve
 
-    sched, _ = setup(a.rows, True, a.gpu_us, a.select)
+    sched, _ = setup(a.rows, decode_overlap(load_config(TINY)), a.gpu_us, a.select)
     tok = sched.tokenizer
     state = ServerState(cfg=sched.cfg, backend=sched.backend, tokenizer=tok, scheduler=sched,
                         model_ids=("autoglm-phone-9b",), stream_interval=stream_interval(sched.cfg))
@@ -286,7 +294,8 @@ def run_http(a) -> Tuple[float, float]:
 
     port = free_port()
     cmd = [sys.executable, __file__, "--serve-standin", str(port), "--rows", str(a.rows), "--gpu-us", str(a.gpu_us)]
-    proc = subprocess.Popen(cmd + (["--select"] if a.select else []), stdout=subprocess.DEVNULL)
+    env = {**os.environ, OVERLAP_ENV: "1" if a.overlap else "0"}  # the child's scheduler as this case's row says
+    proc = subprocess.Popen(cmd + (["--select"] if a.select else []), stdout=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):

@@ -128,6 +128,20 @@ mark_wait() {  # mark_wait DONE FAILED [ON_FAIL]: the loop a job waits in until 
   echo "while [ ! -e $1 ]; do [ -e $2 ] && { ${3:+$3; }exit 1; }; sleep 3; done"
 }
 
+spied() {  # spied SITE DIR MODE CONFIG WORKDIR [serve_load args...]: serve_load.py (TensorRT, no load phase) on Python
+  # path SITE with py-spy ($PYSPY; MODE --idle or --gil) attached to its server as soon as it starts: its lines in
+  # DIR/serve_load.txt, the raw stacks per thread in DIR/spy_server.txt. DIR must not be $OUT: a call brings back only
+  # so many files (the eighth session's stacks were lost so); tar it into $OUT
+  local site=$1 dir=$2 mode=$3 c=$4 w=$5 load pid=""; shift 5
+  ( PYTHONPATH=$PWD:$site timeout 400 /tmp/stage/trtpy benchmarks/serve_load.py -c "$c" -w "$w" --backend tensorrt \
+      --clients 0 --ready-timeout 300 "$@" 2>&1 | grep -v "^\[W\]" >"$dir/serve_load.txt" ) &
+  load=$!
+  while [ -z "$pid" ] && kill -0 $load 2>/dev/null; do pid=$(pgrep -f "[a]utoglm_build serve -c $c -w $w " | head -1); sleep 0.2; done
+  [ -n "$pid" ] && "$PYSPY" record --pid "$pid" --nonblocking --threads $mode -r 250 -f raw -o "$dir/spy_server.txt" \
+    >"$dir/spy.log" 2>&1
+  wait $load
+}
+
 job() {  # job NAME "commands": a background process session that survives this call
   local name=$1; shift
   setsid nohup bash -c "$*" >"$L/$name.log" 2>&1 </dev/null &
@@ -489,7 +503,7 @@ serveab)  # serve/engine at 8 streams on TensorRT, this tree against the tree in
   # tiny and the full-width build at once (GPUs TINY_GPU and FULL_GPU), CUDA graphs and device select on, the load
   # phase off; this tree also times the engine with the select engine (--engine-select). uvloop and httptools (this
   # tree's dependencies) are moved out of /tmp/site39 for $OLD's servers. Then, with PYSPY (a py-spy binary), this
-  # tree's servers once more under py-spy (raw stacks per thread in $OUT/spy_*.txt: where a server step's host time goes)
+  # tree's servers once more under py-spy (spied: raw stacks per thread, tarred into $OUT/spy_ab.tgz)
   OLD=${OLD:-/tmp/old}
   mkdir -p /tmp/site39fast; for p in uvloop httptools; do mv /tmp/site39/$p* /tmp/site39fast/ 2>/dev/null; done
   PYTHONPATH=/tmp/site39 /tmp/stage/trtpy -c "import uvicorn; print('harness uvicorn', uvicorn.__version__)
@@ -505,18 +519,15 @@ except ImportError: print('harness: no uvloop')"
         | grep -v "^\[W\]" >"$OUT/serve_ab_$1_$tree.txt"
     done
     [ -n "${PYSPY:-}" ] || return 0
-    ( CUDA_VISIBLE_DEVICES=$4 PYTHONPATH=$PWD:/tmp/site39:/tmp/site39fast timeout 400 /tmp/stage/trtpy \
-      benchmarks/serve_load.py -c "$2" -w "$3" --backend tensorrt --clients 0 --max-tokens 128 --ready-timeout 300 2>&1 \
-      | grep -v "^\[W\]" >"$OUT/serve_spy_$1.txt" ) &
-    local load=$! pid=""
-    while [ -z "$pid" ] && kill -0 $load 2>/dev/null; do pid=$(pgrep -f "[a]utoglm_build serve -c $2 -w $3 " | head -1); sleep 0.5; done
-    [ -n "$pid" ] && "$PYSPY" record --pid "$pid" --nonblocking --threads -r 250 -f raw -o "$OUT/spy_$1.txt" >"$OUT/spy_$1.log" 2>&1
-    wait $load
+    mkdir -p "/tmp/spy-ab/$1"
+    CUDA_VISIBLE_DEVICES=$4 spied /tmp/site39:/tmp/site39fast "/tmp/spy-ab/$1" --idle "$2" "$3" --max-tokens 128
   }
+  rm -rf /tmp/spy-ab
   ab tiny "$TINY" "$W" "${TINY_GPU:-3}" & a=$!
   ab full "$FULLD" "$FD" "${FULL_GPU:-0}" & b=$!
   wait $a; wait $b
-  for f in "$OUT"/serve_ab_*.txt "$OUT"/serve_spy_*.txt; do echo "--- $(basename "$f")"; tail -9 "$f"; done
+  [ -d /tmp/spy-ab ] && tar czf "$OUT/spy_ab.tgz" -C /tmp/spy-ab .
+  for f in "$OUT"/serve_ab_*.txt /tmp/spy-ab/*/serve_load.txt; do [ -e "$f" ] && echo "--- $f" && tail -9 "$f"; done
   ;;
 tinyserve)  # tiny: serve/engine on TensorRT (CUDA graphs and device select on), once per serve.stream_interval_ms in
   # INTERVALS (default "0 5"), each with --engine-select and serve_load's default 3 runs per rate
@@ -533,17 +544,11 @@ spy)  # tiny (or SPY_CONFIG/SPY_WORKDIR): where a served decode step's host time
   # select engine (--engine-only --engine-select) under cProfile, its functions by own time. Stacks are written
   # outside $OUT and tarred into $OUT/spy.tgz: a call brings back only so many files
   c=${SPY_CONFIG:-$TINY}; w=${SPY_WORKDIR:-$W}; S=/tmp/spy; rm -rf $S; mkdir -p $S
-  SPY=${SPY:-/tmp/site39/py_spy-0.4.1.data/scripts/py-spy}; chmod +x "$SPY" 2>/dev/null
+  PYSPY=${SPY:-/tmp/site39/py_spy-0.4.1.data/scripts/py-spy}; chmod +x "$PYSPY" 2>/dev/null
   run39="env PYTHONPATH=$PWD:/tmp/site39 /tmp/stage/trtpy"
-  ( $run39 benchmarks/serve_load.py -c $c -w $w --backend tensorrt --clients 0 --max-tokens ${SPY_TOKENS:-512} \
-      --ready-timeout 300 2>&1 | grep -v "^\[W\]" >$S/serve_load.txt ) &
-  load=$! pid=""
-  while [ -z "$pid" ] && kill -0 $load 2>/dev/null; do pid=$(pgrep -f "[a]utoglm_build serve -c $c -w $w " | head -1); sleep 0.2; done
   # SPY_GIL=1: only the thread holding the GIL is sampled (who runs Python, not who waits for it)
   mode=--idle; [ -n "${SPY_GIL:-}" ] && mode=--gil
-  [ -n "$pid" ] && "$SPY" record --pid "$pid" --nonblocking --threads $mode -r 250 -f raw -o $S/spy_server.txt \
-    >$S/spy.log 2>&1
-  wait $load
+  spied /tmp/site39 $S $mode "$c" "$w" --max-tokens ${SPY_TOKENS:-512}
   $run39 -m cProfile -s tottime benchmarks/serve_load.py -c $c -w $w --backend tensorrt --engine-only --engine-select \
     --max-tokens ${SPY_TOKENS:-512} 2>&1 | grep -v "^\[W\]" | head -60 >$S/engine_profile.txt
   tar czf "$OUT/spy.tgz" -C $S .

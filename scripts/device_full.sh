@@ -530,12 +530,15 @@ except ImportError: print('harness: no uvloop')"
   for f in "$OUT"/serve_ab_*.txt /tmp/spy-ab/*/serve_load.txt; do [ -e "$f" ] && echo "--- $f" && tail -9 "$f"; done
   ;;
 tinyserve)  # tiny: serve/engine on TensorRT (CUDA graphs and device select on), once per serve.stream_interval_ms in
-  # INTERVALS (default "0 5"), each with --engine-select and serve_load's default 3 runs per rate
+  # INTERVALS (default "0 5"; an interval listed again runs again), each with --engine-select and serve_load's default
+  # 3 runs per rate; each run's output in a file of its own (serve_tiny_interval<ms>_run<k>.txt)
+  k=0
   for ms in ${INTERVALS:-0 5}; do
+    k=$((k + 1)); out="$OUT/serve_tiny_interval${ms}_run$k.txt"
     AUTOGLM_BUILD_STREAM_INTERVAL_MS=$ms PYTHONPATH=$PWD:/tmp/site39 timeout 400 /tmp/stage/trtpy benchmarks/serve_load.py \
       -c $TINY -w $W --backend tensorrt --clients 0 --max-tokens ${TOKENS:-128} --ready-timeout 300 --engine-select 2>&1 \
-      | grep -v "^\[W\]" >"$OUT/serve_tiny_interval$ms.txt"
-    echo "--- stream interval $ms ms"; tail -9 "$OUT/serve_tiny_interval$ms.txt"
+      | grep -v "^\[W\]" >"$out"
+    echo "--- run $k, stream interval $ms ms"; tail -9 "$out"
   done
   ;;
 spy)  # tiny (or SPY_CONFIG/SPY_WORKDIR): where a served decode step's host time goes, on TensorRT. serve_load (8

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,27 +31,34 @@ sys.exit(1 if bad else 0)
 """
 
 
+def is_python39(exe: str) -> bool:
+    try:
+        out = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and out.stdout.strip() == "(3, 9)"
+
+
 def python39() -> Optional[str]:
-    """A Python 3.9 interpreter: ``$AUTOGLM_BUILD_PYTHON39``, ``python3.9`` on PATH, or pyenv's 3.9 (whose shim does
-    not run unless 3.9 is selected); None if there is none."""
-    candidates = [os.environ.get("AUTOGLM_BUILD_PYTHON39"), shutil.which("python3.9")]
+    """A Python 3.9 interpreter: ``$AUTOGLM_BUILD_PYTHON39`` (which must be one), this one, ``python3.9`` on PATH, or
+    pyenv's 3.9 (whose shim does not run unless 3.9 is selected); None if there is none."""
+    chosen = os.environ.get("AUTOGLM_BUILD_PYTHON39")
+    if chosen:
+        assert is_python39(chosen), f"$AUTOGLM_BUILD_PYTHON39={chosen}: not a Python 3.9 that runs"
+        return chosen
+    candidates = [sys.executable, shutil.which("python3.9")]
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
     candidates += sorted(str(p) for p in pyenv.glob("3.9*/bin/python3.9"))
-    for exe in filter(None, candidates):
-        try:
-            out = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
-                                 text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if out.returncode == 0 and out.stdout.strip() == "(3, 9)":
-            return exe
-    return None
+    return next((exe for exe in filter(None, candidates) if is_python39(exe)), None)
 
 
 def project_files() -> List[Path]:
-    """The project's Python files: git's tracked ones in a checkout, else those under its source folders."""
+    """The project's Python files: in a checkout git's tracked and untracked ones but the ignored (a device call
+    carries those too), else those under its source folders."""
     try:
-        out = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "--", "*.py"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
         if out.returncode == 0 and out.stdout.strip():
             return [ROOT / line for line in out.stdout.splitlines() if (ROOT / line).is_file()]
     except (OSError, subprocess.SubprocessError):

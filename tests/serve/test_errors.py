@@ -15,17 +15,25 @@ def _user(content):
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
 
 
-def _unread(server, param: str) -> str:
+def _unread(server, served_build, param: str) -> str:
     """The field a build without an audio module names for an audio part's error at ``param``: such a build (the GPU
     harness's tiny engines are built without audio) refuses the part itself before reading its data, so the field is
     the part, ``messages.<i>.content.<j>``. ``param`` itself where the build has audio, and for the audio's
-    ``format``, which the request's schema checks first."""
+    ``format``, which the request's schema checks first. Whether the build has audio is read from its manifest (the
+    graphs or engines of the served backend and precision), and the server must serve it where it has it."""
+    from autoglm_build.manifest import Manifest
+    from autoglm_build.parts import module_parts
+    from autoglm_build.runtime.backends import engine_artifact, graph_artifact
+
     if "input_audio" not in param or param.endswith(".format"):
         return param
-    files = httpx.get(server.url + "/ready", timeout=30).json()["files"]
-    if any(name == "audio" or name.startswith("audio.") for name in files):
-        return param
-    return ".".join(param.split(".")[:4])
+    ready = httpx.get(server.url + "/ready", timeout=30).json()
+    manifest = Manifest.load(served_build)
+    find = engine_artifact if ready["backend"] == "tensorrt" else graph_artifact
+    built = all(find(manifest, part, ready["precision"]) for part in module_parts(manifest.config, "audio"))
+    served = any(name == "audio" or name.startswith("audio.") for name in ready["files"])
+    assert served == built, f"audio built: {built}; served: {served}"
+    return param if built else ".".join(param.split(".")[:4])
 
 
 def _bomb_url() -> str:
@@ -71,15 +79,15 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_request_gets_openai_error(server, case):
+def test_bad_request_gets_openai_error(server, served_build, case):
     path, body, status, param, code = CASES[case]
     kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
     resp = httpx.post(server.url + path, timeout=30, **kwargs)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert error["message"] and error["type"]
-    if param is not None and _unread(server, param) != param:
-        param = _unread(server, param)
+    if param is not None and _unread(server, served_build, param) != param:
+        param = _unread(server, served_build, param)
         assert error["message"] == f"{param}: this build has no audio module", error
     if param is not None:
         assert error["param"] == param, error
@@ -150,15 +158,15 @@ MEDIA_CASES = {
 
 
 @pytest.mark.parametrize("case", list(MEDIA_CASES))
-def test_media_errors_name_the_field_in_one_line(server, case):
+def test_media_errors_name_the_field_in_one_line(server, served_build, case):
     content, param, says = MEDIA_CASES[case]
     body = {"model": MODEL, "max_tokens": 2,
             "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]}
     resp = httpx.post(server.url + CHAT, json=body, timeout=30)
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
-    if _unread(server, param) != param:
-        param, says = _unread(server, param), "this build has no audio module"
+    if _unread(server, served_build, param) != param:
+        param, says = _unread(server, served_build, param), "this build has no audio module"
     assert error["param"] == param
     assert error["message"].startswith(f"{param}: ") and says in error["message"], error
     assert "\n" not in error["message"] and " at 0x" not in error["message"]
@@ -173,3 +181,27 @@ def test_wav_problem_reads_the_chunk_headers():
     assert wav_problem(pcm[:36]).startswith("truncated WAV data (no 'data' chunk)")
     assert wav_problem(base64.b64decode(_wav(encoding=7))).startswith("mu-law WAV is not supported")
     assert wav_problem(base64.b64decode(_wav(encoding=0x1234))).startswith("format 4660 WAV is not supported")
+
+
+def test_a_build_without_audio_refuses_an_audio_part_as_a_whole_and_keeps_serving(random_tiny_build, tmp_path):
+    """The GPU harness's tiny engines are built without audio: an audio part is refused naming the part, before any
+    of its data is read, in one line; text requests are served."""
+    import shutil
+
+    from autoglm_build.manifest import Manifest
+    from tests.serve.conftest import running_server
+
+    workdir = tmp_path / "no-audio"
+    shutil.copytree(random_tiny_build, workdir)
+    manifest = Manifest.load(workdir)
+    manifest.artifacts = {key: art for key, art in manifest.artifacts.items() if art.module != "audio"}
+    manifest.save(workdir)
+    with running_server(workdir, tmp_path) as srv:
+        assert not any(name.startswith("audio") for name in httpx.get(srv.url + "/ready", timeout=30).json()["files"])
+        resp = httpx.post(srv.url + CHAT, json=_user(_audio("%%%")), timeout=30)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert (error["param"], error["message"]) == ("messages.0.content.0",
+                                                      "messages.0.content.0: this build has no audio module")
+        ok = httpx.post(srv.url + CHAT, json=_user("hi"), timeout=30)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None

@@ -268,7 +268,7 @@ def run_server(a) -> Tuple[float, float]:
 
 def serve_standin(a) -> None:
     """The child of :func:`run_http`: ``serve`` itself (uvicorn, the app, the scheduler thread) over the stand-in
-    cache, on ``a.port``."""
+    cache, on ``a.host``:``a.port``."""
     from autoglm_build.serve.app import ServerState
     from autoglm_build.serve.server import decode_overlap, serve
 
@@ -276,39 +276,29 @@ def serve_standin(a) -> None:
     tok = sched.tokenizer
     state = ServerState(cfg=sched.cfg, backend=sched.backend, tokenizer=tok, scheduler=sched,
                         model_ids=("autoglm-phone-9b",), stream_interval=stream_interval(sched.cfg))
-    serve(state, "127.0.0.1", a.port, "warning", announce=lambda _: None)
+    serve(state, a.host, a.port, "warning", announce=lambda _: None)
 
 
 def run_http(a) -> Tuple[float, float]:
     """(wall, CPU) microseconds per decode step through HTTP: ``serve`` over the stand-in cache in a child
     process (uvicorn as ``serve`` runs it: uvloop and httptools where installed), ``a.rows`` concurrent streams
     from this process with ``serve_load.py``'s lean client, as on the GPU. CPU: the server process's, per step."""
+    import json
     import os
-    import subprocess
+    import tempfile
     import urllib.request
 
-    from autoglm_build.serve.launch import free_port
+    from autoglm_build.serve.launch import serve_process
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from serve_load import light_client
 
-    port = free_port()
-    cmd = [sys.executable, __file__, "--serve-standin", str(port), "--rows", str(a.rows), "--gpu-us", str(a.gpu_us)]
-    env = {**os.environ, OVERLAP_ENV: "1" if a.overlap else "0"}  # the child's scheduler as this case's row says
-    proc = subprocess.Popen(cmd + (["--select"] if a.select else []), stdout=subprocess.DEVNULL, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(url + "/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.1)
+    args = ["--rows", str(a.rows), "--gpu-us", str(a.gpu_us)] + (["--select"] if a.select else [])
+    env = {OVERLAP_ENV: "1" if a.overlap else "0"}  # the child's scheduler as this case's row says
+    with tempfile.TemporaryDirectory(prefix="step-overhead-") as logs, \
+            serve_process(args, Path(logs), env, program=(__file__, "--serve-standin")) as (url, proc, _):
 
         def stats() -> Tuple[int, float]:
-            import json
-
             with urllib.request.urlopen(url + "/ready", timeout=5) as resp:
                 steps = json.loads(resp.read())["decode_steps"]
             with open(f"/proc/{proc.pid}/stat") as f:
@@ -325,10 +315,7 @@ def run_http(a) -> Tuple[float, float]:
             asyncio.run(streams())
         wall = time.perf_counter() - start
         steps, cpu = stats()
-        return wall / (steps - steps0) * 1e6, (cpu - cpu0) / (steps - steps0) * 1e6
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    return wall / (steps - steps0) * 1e6, (cpu - cpu0) / (steps - steps0) * 1e6
 
 
 CASES = {
@@ -350,10 +337,12 @@ def main() -> None:
                     help="cProfile one run of this case (stderr; the first --rows, overlap on) instead")
     ap.add_argument("--select", action="store_true",
                     help="the tokens chosen on the \"GPU\" (serve.device_select): steps launched ahead on their ids")
-    ap.add_argument("--serve-standin", type=int, metavar="PORT", help=argparse.SUPPRESS)  # run_http's child
+    ap.add_argument("--serve-standin", action="store_true", help=argparse.SUPPRESS)  # run_http's child
+    ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)  # the child's address (serve_process)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_standin:
-        serve_standin(SimpleNamespace(**{**vars(args), "rows": int(args.rows), "port": args.serve_standin}))
+        serve_standin(SimpleNamespace(**{**vars(args), "rows": int(args.rows)}))
         return
     counts = [int(r) for r in args.rows.split(",") if r.strip()]
     if args.profile:

@@ -111,6 +111,15 @@ class ChatTokenizer:
             text = self._two[key] = self.decode([first, second], skip_special_tokens)
         return text
 
+    def decode_window(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """``decode(ids, skip_special_tokens)`` of a detokenizer's window: one token and two remembered
+        (:meth:`decode_one`, :meth:`decode_two`), longer windows decoded."""
+        if len(ids) == 1:
+            return self.decode_one(ids[0], skip_special_tokens)
+        if len(ids) == 2:
+            return self.decode_two(ids[0], ids[1], skip_special_tokens)
+        return self.decode(ids, skip_special_tokens)
+
     # ---- prompts ----------------------------------------------------------------------------
 
     def chat_prompt(self, messages: Sequence[Tuple[str, List[Segment]]], thinking: bool) -> Prompt:
@@ -190,12 +199,8 @@ class Detokenizer:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        window = self.ids[self.prefix_offset:self.read_offset]
-        prefix = self.tokenizer.decode_one(window[0], self.skip) if len(window) == 1 else \
-            self.tokenizer.decode(window, self.skip)
-        tail = self.ids[self.prefix_offset:]
-        text = self.tokenizer.decode_two(tail[0], tail[1], self.skip) if len(tail) == 2 else \
-            self.tokenizer.decode(tail, self.skip)
+        prefix = self.tokenizer.decode_window(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        text = self.tokenizer.decode_window(self.ids[self.prefix_offset:], self.skip)
         if len(text) > len(prefix) and not text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return text[len(prefix):]

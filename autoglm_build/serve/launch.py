@@ -34,9 +34,11 @@ def _ready(url: str) -> bool:
 
 @contextlib.contextmanager
 def serve_process(serve_args: Sequence[str], log_dir: Path, env: Optional[Dict[str, str]] = None,
-                  ready_timeout: float = 90.0) -> Iterator[Tuple[str, subprocess.Popen, Path]]:
+                  ready_timeout: float = 90.0, program: Sequence[str] = ("-m", "autoglm_build", "serve"),
+                  ) -> Iterator[Tuple[str, subprocess.Popen, Path]]:
     """``(url, process, log)`` of ``autoglm-build serve <serve_args> --host 127.0.0.1 --port <free>``,
-    its stdout and stderr in ``<log_dir>/serve-<port>.log``.
+    its stdout and stderr in ``<log_dir>/serve-<port>.log``. ``program``: what this Python runs instead of
+    ``-m autoglm_build serve`` (a benchmark's own server, which takes ``--host`` and ``--port`` as ``serve`` does).
 
     Raises:
         RuntimeError: the server exited, or was not ready in ``ready_timeout`` seconds (the log's tail
@@ -44,7 +46,7 @@ def serve_process(serve_args: Sequence[str], log_dir: Path, env: Optional[Dict[s
     """
     port = free_port()
     log = Path(log_dir) / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "autoglm_build", "serve", *serve_args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, *program, *serve_args, "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"

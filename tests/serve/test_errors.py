@@ -86,8 +86,9 @@ def test_bad_request_gets_openai_error(server, served_build, case):
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert error["message"] and error["type"]
-    if param is not None and _unread(server, served_build, param) != param:
-        param = _unread(server, served_build, param)
+    unread = param if param is None else _unread(server, served_build, param)
+    if unread != param:
+        param = unread
         assert error["message"] == f"{param}: this build has no audio module", error
     if param is not None:
         assert error["param"] == param, error
@@ -165,8 +166,9 @@ def test_media_errors_name_the_field_in_one_line(server, served_build, case):
     resp = httpx.post(server.url + CHAT, json=body, timeout=30)
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
-    if _unread(server, served_build, param) != param:
-        param, says = _unread(server, served_build, param), "this build has no audio module"
+    unread = _unread(server, served_build, param)
+    if unread != param:
+        param, says = unread, "this build has no audio module"
     assert error["param"] == param
     assert error["message"].startswith(f"{param}: ") and says in error["message"], error
     assert "\n" not in error["message"] and " at 0x" not in error["message"]

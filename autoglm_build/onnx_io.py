@@ -260,3 +260,44 @@ def _tensors(graph: Any, initializers: bool = True, attributes: bool = True) -> 
                 yield from _tensors(attr.g, initializers, attributes)
             for sub in attr.graphs:
                 yield from _tensors(sub, initializers, attributes)
+
+
+def gather_table(path: Path) -> Optional[Tuple[np.ndarray, str, np.dtype]]:
+    """``(table, input, dtype)`` where the graph at ``path`` is a table lookup and nothing else: one ``Gather`` of
+    an initializer on axis 0 by the graph's one input, then at most a ``Cast`` to its one output. Its output for
+    ``ids`` is exactly ``table[ids].astype(dtype)``, which numpy computes in microseconds where a session call
+    costs ~60 us of overhead (the decode step's ``embed``). The table is the initializer itself: mapped read-only
+    from its external data file (no copy in memory beside the page cache), or the graph's own bytes. None for any
+    other graph, or where the ``onnx`` package is missing."""
+    try:
+        import onnx
+        from onnx import helper, numpy_helper
+    except ImportError:
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ours to judge here: the session that loads the graph says what is wrong
+        return None
+    graph = model.graph
+    ops = [n.op_type for n in graph.node]
+    if ops not in (["Gather"], ["Gather", "Cast"]) or len(graph.input) != 1 or len(graph.output) != 1:
+        return None
+    gather = graph.node[0]
+    weights = {t.name: t for t in graph.initializer}
+    if gather.input[0] not in weights or gather.input[1] != graph.input[0].name or \
+            any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+        return None
+    if ops == ["Gather", "Cast"] and list(graph.node[1].input) != [gather.output[0]]:
+        return None
+    if graph.node[-1].output[0] != graph.output[0].name:
+        return None
+    tensor = weights[gather.input[0]]
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in tensor.external_data}
+        table = np.memmap(Path(path).parent / info["location"], dtype=dtype, mode="r",
+                          offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+    else:
+        table = numpy_helper.to_array(tensor)
+    out = np.dtype(helper.tensor_dtype_to_np_dtype(graph.output[0].type.tensor_type.elem_type))
+    return table, graph.input[0].name, out

@@ -128,3 +128,61 @@ def test_sessions_share_one_cpu_arena_so_a_staged_modules_peaks_do_not_add_up(tm
     # one [4000, 4000] float is 61 MiB: six arenas keep more than four of them, the shared one about two
     assert grew["separate"] > 4 * 61, grew
     assert grew["shared"] < 0.5 * grew["separate"], grew
+
+
+def _lookup_graph(table: np.ndarray, cast: bool = False, extra: bool = False, axis: int = 0) -> onnx.ModelProto:
+    """``input_ids`` -> Gather(table) [-> Cast to float32] [-> Relu]: the embed graph's shape, and ones that are not
+    a bare lookup."""
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["g"], axis=axis)]
+    last = "g"
+    if cast:
+        nodes.append(helper.make_node("Cast", ["g"], ["c"], to=TensorProto.FLOAT))
+        last = "c"
+    if extra:
+        nodes.append(helper.make_node("Relu", [last], ["r"]))
+        last = "r"
+    nodes[-1].output[0] = "inputs_embeds"
+    out_type = TensorProto.FLOAT if cast or table.dtype == np.float32 else TensorProto.FLOAT16
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    graph = helper.make_graph(nodes, "embed", [ids],
+                              [helper.make_tensor_value_info("inputs_embeds", out_type, ["b", "s", table.shape[1]])],
+                              [numpy_helper.from_array(table, "table")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("dtype, cast, external", [(np.float32, False, False), (np.float16, True, False),
+                                                   (np.float32, False, True), (np.float16, True, True)])
+def test_a_lookup_graph_is_its_table_and_gives_what_onnx_runtime_gives(tmp_path, dtype, cast, external):
+    """gather_table reads the table (mapped from the external data file where the graph keeps it there) and
+    ``table[ids].astype(dtype)`` equals ONNX Runtime's output for the graph, bit for bit."""
+    import onnxruntime as ort
+
+    from autoglm_build.onnx_io import gather_table
+
+    table = np.random.default_rng(1).standard_normal((300, 24)).astype(dtype)
+    path = tmp_path / "embed.onnx"
+    save_model(_lookup_graph(table, cast=cast), path, large_bytes=0 if external else 1 << 30)
+    assert (tmp_path / "embed.onnx.data").exists() == external
+    found = gather_table(path)
+    assert found is not None
+    lookup, name, out = found
+    assert name == "input_ids" and out == (np.float32 if cast else dtype)
+    assert isinstance(lookup, np.memmap) == external
+    ids = np.array([[0, 299, 5], [7, 7, 42]], np.int64)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0]
+    got = lookup[ids].astype(out)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("change", ["extra node", "axis 1"])
+def test_a_graph_that_does_more_than_a_lookup_has_no_table(tmp_path, change):
+    from autoglm_build.onnx_io import gather_table
+
+    table = np.ones((30, 30), np.float32)
+    path = tmp_path / "g.onnx"
+    model = _lookup_graph(table, extra=change == "extra node", axis=1 if change == "axis 1" else 0)
+    save_model(model, path, large_bytes=1 << 30)
+    assert gather_table(path) is None
+    (tmp_path / "bad.onnx").write_bytes(b"not a graph")
+    assert gather_table(tmp_path / "bad.onnx") is None

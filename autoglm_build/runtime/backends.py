@@ -22,6 +22,7 @@ from autoglm_build.engine import tensorrt as trt_env
 from autoglm_build.errors import UserError
 from autoglm_build.manifest import Artifact, Manifest
 from autoglm_build.modules import registry
+from autoglm_build.onnx_io import gather_table
 from autoglm_build.parts import HIDDEN, HIDDEN_IN, chain, module_parts, part_feed
 from autoglm_build.runtime.kv_cache import CacheSpec, KVCache
 
@@ -89,6 +90,11 @@ class Backend:
         declares for ``past_*`` (host arrays; a device backend returns its own :class:`KVCache`)."""
         return KVCache(self, spec, slots, context, self.input_dtype("decoder", "past_key.0"))
 
+    def lookup(self, module: str) -> Optional[Tuple[np.ndarray, np.dtype]]:
+        """``(table, dtype)`` where ``module`` is a table lookup the host can do itself (``table[ids].astype(dtype)``
+        equals its output); None here: every call runs the graph/engine."""
+        return None
+
     def encode(self, module: str, feed: Feed, output: str) -> Any:
         """An encoder's ``output`` for the decoder's inputs: a host array here; the TensorRT backend leaves
         it on the GPU (:class:`~autoglm_build.runtime.device.DeviceEmbeds`)."""
@@ -144,7 +150,9 @@ class OnnxRuntimeBackend(Backend):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.workdir = Path(workdir)
         self.sessions: Dict[str, Any] = {}
+        self.lookups: Dict[str, Optional[Tuple[np.ndarray, np.dtype]]] = {}  # lookup()'s answers
         self.outputs: Dict[str, List[str]] = {}
         self.dtypes: Dict[str, Dict[str, np.dtype]] = {}
         for module in modules:
@@ -173,6 +181,16 @@ class OnnxRuntimeBackend(Backend):
         feed = {n: v.astype(dtypes[n], copy=False) if v.dtype.kind == "f" and n in dtypes and dtypes[n].kind == "f"
                 else v for n, v in feed.items()}
         return dict(zip(names, self.sessions[part].run(names, feed)))
+
+    def lookup(self, module: str) -> Optional[Tuple[np.ndarray, np.dtype]]:
+        """``(table, dtype)`` where ``module``'s graph is a table lookup (:func:`~autoglm_build.onnx_io.gather_table`:
+        its output for ``ids`` is ``table[ids].astype(dtype)``), else None. Read once per module."""
+        if module not in self.lookups:
+            units = self.parts.get(module, [module])
+            found = gather_table(self.workdir / self.files[units[0]]) if len(units) == 1 and units[0] in self.files \
+                else None
+            self.lookups[module] = (found[0], found[2]) if found and found[1] in self.inputs[units[0]] else None
+        return self.lookups[module]
 
     def kv_cache(self, spec: CacheSpec, slots: int, context: int) -> KVCache:
         from autoglm_build.runtime.kv_cache import OrtKVCache

@@ -447,7 +447,9 @@ class Scheduler:
         self.steps += 1
         rows = [r for r in self.rows if r.finish is None]  # ended while the step ran: its result is dropped
         if rows:
-            self._sample(logits[[r.slot for r in rows]], rows, launch=self.overlapping)
+            slots = [r.slot for r in rows]
+            in_order = slots == list(range(len(logits)))  # every slot's row, in slot order: no copy to make
+            self._sample(logits if in_order else logits[slots], rows, launch=self.overlapping)
         if self.flight is None:
             self._retire()
 
@@ -667,7 +669,7 @@ class Scheduler:
         live = [r for r in rows if not r.req.cancelled]
         index = [k for k, r in enumerate(rows) if not r.req.cancelled]
         try:
-            tokens = self.sampler.pick(logits[index], live)
+            tokens = self.sampler.pick(logits if len(index) == len(rows) else logits[index], live)
         except Exception:  # noqa: BLE001 - whose fault? each row alone says
             tokens = []
             for k, row in zip(index, live):
@@ -786,6 +788,7 @@ class Sampler:
         # per slot, the columns it has counts in (a scan of a 151,552-wide counts row costs ~0.4 ms a row)
         self.seen: List[set] = [set() for _ in range(slots)]
         self._bias: Dict[Tuple[int, bool], np.ndarray] = {}  # (vocab, ignore_eos) -> device_row's bias
+        self._barred_by: Dict[Tuple[Tuple[bool, bool], ...], np.ndarray] = {}  # rows' states -> _barred's mask
 
     def join(self, slot: int) -> None:
         self.counts[slot] = 0
@@ -885,38 +888,68 @@ class Sampler:
         return int(ids[best])
 
     def _pick(self, logits: np.ndarray, rows: List[_Row]) -> np.ndarray:
+        """The token column of each row of ``logits`` (rows, ``len(ids)``; float64, the caller's copy, which this
+        overwrites): the penalties, the ids barred, then argmax (temperature 0) or a draw from the softmax at the
+        row's temperature, within its top-p nucleus.
+
+        The arithmetic is a fixed sequence (a float32 exp, float64 sums); it runs in place on ``logits`` and one
+        float32 buffer. Right after a decoder call the CPU's caches hold the decoder's weights and KV cache, not
+        this: each array a step allocates fresh is read from memory, and with a temporary per operation (as
+        ``np.where`` and friends make) 8 rows of the tiny vocabulary took ~300 us a step in the server against
+        ~190 us alone; in place, the working set is the one array (``benchmarks/sampler_pick.py``)."""
         params = [r.req.params for r in rows]
         frequency = np.array([p.frequency_penalty for p in params])
         presence = np.array([p.presence_penalty for p in params])
         if frequency.any() or presence.any():
             counts = self.counts[[r.slot for r in rows]]
-            logits = logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
-        allowed = np.broadcast_to(self.allowed, logits.shape).copy()
-        allowed[:, self.close] = [r.req.thinking for r in rows]
-        no_eos = [k for k, p in enumerate(params) if p.ignore_eos]
-        if no_eos:
-            allowed[np.ix_(no_eos, self.stops)] = False
-        masked = np.where(allowed, logits, -np.inf)
-        tokens = np.argmax(masked, axis=1)
+            logits -= frequency[:, None] * counts
+            logits -= presence[:, None] * (counts > 0)
+        np.copyto(logits, -np.inf, where=self._barred(rows, params))
         temperature = np.array([p.temperature for p in params])
         hot = np.flatnonzero(temperature > 0)
+        if hot.size == len(rows):  # every row samples: the argmax is never read
+            tokens = np.zeros(len(rows), np.int64)
+        else:
+            tokens = np.argmax(logits, axis=1)
         if hot.size:  # over every row (whole-array operations are cheaper than picking rows first)
-            scaled = masked / np.where(temperature > 0, temperature, 1.0)[:, None]
+            weights = logits  # from here on, in place
+            weights /= np.where(temperature > 0, temperature, 1.0)[:, None]
+            weights -= weights.max(axis=1, keepdims=True)
             # exp in float32: numpy's float64 exp has no AVX2 kernel (1.0 ms for 8 x 4096 here, 0.15 ms in
             # float32); a float32 exp is within 1e-7 of it, and the sums and the draw stay float64
-            weights = np.exp((scaled - scaled.max(axis=1, keepdims=True)).astype(np.float32)).astype(np.float64)
+            single = weights.astype(np.float32)
+            np.exp(single, out=single)
+            weights[...] = single
             top_p = np.array([p.top_p for p in params])
             nucleus = np.flatnonzero((top_p < 1.0) & (temperature > 0))
             if nucleus.size:
                 part = weights[nucleus]
                 weights[nucleus] = part * _nucleus(part / part.sum(axis=1, keepdims=True), top_p[nucleus])
-            cdf = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
-            cdf /= cdf[:, -1:]
+            weights /= weights.sum(axis=1, keepdims=True)
+            cdf = np.cumsum(weights, axis=1, out=weights)
+            cdf /= cdf[:, -1:].copy()
             draws = np.full(len(rows), 2.0)  # greedy rows draw nothing
             draws[hot] = [rows[k].req.rng.random() for k in hot]
-            sampled = np.minimum((cdf <= draws[:, None]).sum(axis=1), logits.shape[1] - 1)
+            sampled = np.minimum(np.count_nonzero(cdf <= draws[:, None], axis=1), logits.shape[1] - 1)
             tokens[hot] = sampled[hot]
         return tokens
+
+    def _barred(self, rows: List[_Row], params: List[SamplingParams]) -> np.ndarray:
+        """(rows, ``len(ids)``) bool: the columns each row may not produce (never allowed, ``</think>`` outside a
+        thinking span, the stop ids when it ignores EOS), kept per combination of the rows' states (a decode
+        step's rows rarely change theirs)."""
+        key = tuple((r.req.thinking, p.ignore_eos) for r, p in zip(rows, params))
+        barred = self._barred_by.get(key)
+        if barred is None:
+            allowed = np.broadcast_to(self.allowed, (len(rows), len(self.allowed))).copy()
+            allowed[:, self.close] = [thinking for thinking, _ in key]
+            no_eos = [k for k, (_, ignore) in enumerate(key) if ignore]
+            if no_eos:
+                allowed[np.ix_(no_eos, self.stops)] = False
+            if len(self._barred_by) >= 256:  # many shapes of batch: keep the latest
+                self._barred_by.clear()
+            barred = self._barred_by[key] = ~allowed
+        return barred
 
 
 def _nucleus(probs: np.ndarray, top_p: np.ndarray, head: int = 64) -> np.ndarray:

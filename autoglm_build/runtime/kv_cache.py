@@ -331,12 +331,12 @@ class KVCache:
         new keys/values are stored and its length grows by one; without, the cache is left as it was.
 
         Returns:
-            logits (rows, vocab).
+            logits (rows, vocab); a cache may reuse the array at its next call (ONNX Runtime's and the device
+            cache do).
         """
         self.fit(int(self.lengths[self.used].max(initial=0)) + 1)
         rows = slice(0, self.top) if slot is None else slice(slot, slot + 1)
-        embeds = self.backend.run("embed", {"input_ids": ids}, "decode")["inputs_embeds"]
-        logits, new = self._run_decode(embeds, positions, rows)
+        logits, new = self._run_decode(self._embed_decode(ids), positions, rows)
         if commit:
             used = np.flatnonzero(self.used[rows]) + rows.start
             at = self.lengths[used]
@@ -357,6 +357,10 @@ class KVCache:
         logits = self.decode(ids, positions)
         return Step(self, lambda: logits)
 
+    def _embed_decode(self, ids: np.ndarray) -> np.ndarray:
+        """A decode step's ``inputs_embeds`` (rows, 1, hidden): ``ids`` through ``embed``."""
+        return self.backend.run("embed", {"input_ids": ids}, "decode")["inputs_embeds"]
+
     def _run_prefill(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                      past: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         feed = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
@@ -376,7 +380,15 @@ class OrtKVCache(KVCache):
     """The host cache bound to ONNX Runtime's decoder with IOBinding: a decode step reads the slots where
     they are and writes each ``present_*`` into a preallocated array, so nothing is allocated per step and
     only the new columns are copied (into the slots) afterwards. A staged decoder binds each stage to its
-    own layers' slots; the ``hidden_states`` between stages are the one array that moves."""
+    own layers' slots; the ``hidden_states`` between stages stay in one array that one stage writes and the
+    next reads.
+
+    A decode step's bindings are made once per layout (the rows it runs, the capacity) and kept: the step's
+    embeddings, positions and logits live in arrays bound for good, so a step in a steady batch is a copy of
+    its inputs and one ``run_with_iobinding`` per stage (~10 bindings through the Python API cost ~60 us a
+    step at the tiny config, a tenth of the graph's own time). Where the ``embed`` graph is a table lookup
+    (:func:`~autoglm_build.onnx_io.gather_table`) a decode step's embeddings are gathered from the table
+    instead of a session call."""
 
     def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any = np.float32) -> None:
         # per stage: session, its binding, its first input's dtype, its own cache names, its mask/position inputs
@@ -387,30 +399,76 @@ class OrtKVCache(KVCache):
             steps = [n for n in ("attention_mask", "position_ids") if n in inputs]  # not the head stage's
             self.stages.append((session, session.io_binding(), inputs[0], backend.dtypes[unit][inputs[0]], own, steps))
         self.present: Dict[str, np.ndarray] = {}
+        self.bound: Optional[Tuple[int, int]] = None  # the rows the decode bindings hold; None: bind again
+        self.io: Dict[str, np.ndarray] = {}  # the arrays a decode step's bindings point at
+        self.table = backend.lookup("embed")  # (table, dtype) of a lookup ``embed`` graph, else None
         super().__init__(backend, spec, slots, context, dtype)
 
     def _allocate(self, capacity: int) -> None:
         super()._allocate(capacity)
         self.present = {name: self._empty(self.slots, capacity + 1) for name in self.spec.names}
+        self.bound = None  # new slots, new presents, a new mask
 
     @staticmethod
     def _bind_input(binding: Any, name: str, array: np.ndarray) -> None:
         binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
 
-    def _run_decode(self, embeds: np.ndarray, positions: np.ndarray,
-                    rows: slice) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-        hidden = embeds
-        for session, binding, first, first_dtype, own, steps in self.stages:
-            keep = {first: np.ascontiguousarray(hidden, first_dtype), "attention_mask": self.mask[rows],
-                    "position_ids": np.ascontiguousarray(positions, np.int64)}  # alive until the run returns
-            binding.bind_output(session.get_outputs()[0].name, "cpu")  # logits, or hidden_states
-            for name in (first, *steps):
-                self._bind_input(binding, name, keep[name])
+    @staticmethod
+    def _bind_output(binding: Any, name: str, array: np.ndarray) -> None:
+        binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+    def _embed_decode(self, ids: np.ndarray) -> np.ndarray:
+        if self.table is None:
+            return super()._embed_decode(ids)
+        table, dtype = self.table
+        return table[ids].astype(dtype, copy=False)
+
+    def _bind_decode(self, rows: slice) -> None:
+        """Bind every stage for decode steps of ``rows``: the slots and presents of its layers, the mask, and the
+        step's own arrays (``io``: each stage's first input, its first output, the positions)."""
+        n = rows.stop - rows.start
+        self.io = {"position_ids": np.zeros((n, 3, 1), np.int64)}
+        previous: Optional[np.ndarray] = None  # the last stage's first output: the next stage's first input
+        for k, (session, binding, first, first_dtype, own, steps) in enumerate(self.stages):
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            if previous is None or previous.dtype != first_dtype:
+                previous = np.zeros((n, 1, self._hidden(session, first)), first_dtype)
+            self.io[f"in.{k}"] = previous
+            self._bind_input(binding, first, previous)
+            if "attention_mask" in steps:
+                self._bind_input(binding, "attention_mask", self.mask[rows])
+            if "position_ids" in steps:
+                self._bind_input(binding, "position_ids", self.io["position_ids"])
             for name in own:
                 self._bind_input(binding, f"past_{name}", self.store[name][rows])
-                present = self.present[name][rows]
-                binding.bind_output(f"present_{name}", "cpu", 0, present.dtype, list(present.shape),
-                                    present.ctypes.data)
+                self._bind_output(binding, f"present_{name}", self.present[name][rows])
+            output = session.get_outputs()[0]  # logits (batch, vocab), or hidden_states (batch, seq, hidden)
+            shape = [n] + [d if isinstance(d, int) else 1 for d in output.shape[1:]]  # one new token a row
+            previous = self.io[f"out.{k}"] = np.zeros(shape, _ORT_OUTPUT.get(output.type, np.float32))
+            self._bind_output(binding, output.name, previous)
+        self.bound = (rows.start, rows.stop)
+
+    @staticmethod
+    def _hidden(session: Any, name: str) -> int:
+        """The last (static) dimension of ``session``'s input ``name``."""
+        shape = next(i.shape for i in session.get_inputs() if i.name == name)
+        return int(shape[-1])
+
+    def _run_decode(self, embeds: np.ndarray, positions: np.ndarray,
+                    rows: slice) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        if self.bound != (rows.start, rows.stop):
+            self._bind_decode(rows)
+        io = self.io
+        io["in.0"][...] = embeds
+        io["position_ids"][...] = positions
+        for k, (session, binding, *_) in enumerate(self.stages):
+            if k and io[f"in.{k}"] is not io[f"out.{k - 1}"]:  # a stage that takes another dtype
+                io[f"in.{k}"][...] = io[f"out.{k - 1}"]
             session.run_with_iobinding(binding)
-            hidden = binding.get_outputs()[0].numpy()
-        return hidden, {name: self.present[name][rows, :, -1] for name in self.spec.names}
+        # the logits array is the next step's too (as the device cache's is): the scheduler samples before that
+        return io[f"out.{len(self.stages) - 1}"], {name: self.present[name][rows, :, -1] for name in self.spec.names}
+
+
+# ONNX Runtime's output types as numpy dtypes (the decode step's bound outputs)
+_ORT_OUTPUT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}

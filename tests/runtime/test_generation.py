@@ -359,3 +359,81 @@ def test_greedy_rows_pick_what_the_full_pass_picks(runtime):
     row = SimpleNamespace(slot=2, req=SimpleNamespace(params=params, thinking=False))
     assert sampler._greedy(nan, row) == int(
         sampler.ids[sampler._pick(np.take(nan[None], sampler.ids, axis=1).astype(np.float64), [row])[0]])
+
+
+def _reference_pick(sampler, logits, rows):
+    """``Sampler._pick`` as it was before it worked in place (a temporary per operation): the oracle the in-place
+    pass must equal token for token."""
+    from autoglm_build.runtime.generation import _nucleus
+
+    params = [r.req.params for r in rows]
+    frequency = np.array([p.frequency_penalty for p in params])
+    presence = np.array([p.presence_penalty for p in params])
+    if frequency.any() or presence.any():
+        counts = sampler.counts[[r.slot for r in rows]]
+        logits = logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+    allowed = np.broadcast_to(sampler.allowed, logits.shape).copy()
+    allowed[:, sampler.close] = [r.req.thinking for r in rows]
+    no_eos = [k for k, p in enumerate(params) if p.ignore_eos]
+    if no_eos:
+        allowed[np.ix_(no_eos, sampler.stops)] = False
+    masked = np.where(allowed, logits, -np.inf)
+    tokens = np.argmax(masked, axis=1)
+    temperature = np.array([p.temperature for p in params])
+    hot = np.flatnonzero(temperature > 0)
+    if hot.size:
+        scaled = masked / np.where(temperature > 0, temperature, 1.0)[:, None]
+        weights = np.exp((scaled - scaled.max(axis=1, keepdims=True)).astype(np.float32)).astype(np.float64)
+        top_p = np.array([p.top_p for p in params])
+        nucleus = np.flatnonzero((top_p < 1.0) & (temperature > 0))
+        if nucleus.size:
+            part = weights[nucleus]
+            weights[nucleus] = part * _nucleus(part / part.sum(axis=1, keepdims=True), top_p[nucleus])
+        cdf = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
+        cdf /= cdf[:, -1:]
+        draws = np.full(len(rows), 2.0)
+        draws[hot] = [rows[k].req.rng.random() for k in hot]
+        sampled = np.minimum((cdf <= draws[:, None]).sum(axis=1), logits.shape[1] - 1)
+        tokens[hot] = sampled[hot]
+    return tokens
+
+
+def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
+    """``Sampler._pick`` works in place on its logits (:func:`_reference_pick` is the pass it replaced): the same
+    token for every row, and each seeded generator left at the same state, over batches that mix greedy and
+    sampling rows, temperatures, top-p, penalties of both signs, thinking spans, ignored EOS, NaN and -inf
+    logits and a repeated row state (the barred columns are kept per state)."""
+    from types import SimpleNamespace
+
+    from autoglm_build.runtime.generation import Sampler
+
+    _, _, tok = runtime
+    sampler = Sampler(tok, slots=8)
+    rng = np.random.default_rng(7)
+    for case in range(200):
+        n = int(rng.integers(1, 9))
+        rows_ref, rows_new = [], []
+        for slot in range(n):
+            sampler.join(slot)
+            for token in rng.choice(sampler.ids, size=int(rng.integers(0, 20))):
+                sampler.count(slot, int(token))
+            params = SamplingParams(temperature=float(rng.choice([0.0, 0.3, 0.7, 1.0, 1.5])),
+                                    top_p=float(rng.choice([1.0, 0.85, 0.5, 0.05])),
+                                    frequency_penalty=float(rng.choice([0.0, 0.0, 0.2, -0.4])),
+                                    presence_penalty=float(rng.choice([0.0, 0.0, 0.5, -0.3])),
+                                    ignore_eos=bool(rng.integers(0, 2)))
+            thinking = bool(rng.integers(0, 2)) if case % 10 else True  # every tenth: one state for all rows
+            seed = int(rng.integers(0, 2**31))
+            for rows in (rows_ref, rows_new):
+                rows.append(SimpleNamespace(slot=slot, req=SimpleNamespace(
+                    params=params, thinking=thinking, rng=np.random.default_rng(seed))))
+        logits = (rng.standard_normal((n, len(sampler.ids))) * 4).astype(np.float32).astype(np.float64)
+        if case % 9 == 0:
+            logits[0, int(rng.integers(0, logits.shape[1]))] = np.nan
+        if case % 13 == 0:
+            logits[-1, : logits.shape[1] // 2] = -np.inf
+        want = _reference_pick(sampler, logits.copy(), rows_ref)
+        got = sampler._pick(logits.copy(), rows_new)
+        np.testing.assert_array_equal(got, want, err_msg=f"case {case}")
+        for a, b in zip(rows_ref, rows_new):
+            assert a.req.rng.random() == b.req.rng.random(), case

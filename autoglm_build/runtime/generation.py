@@ -52,7 +52,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -754,6 +754,19 @@ def apply_penalties(logits: np.ndarray, generated: Sequence[int], frequency: flo
     return logits - frequency * counts - presence * (counts > 0)
 
 
+class _Batch(NamedTuple):
+    """:meth:`Sampler._pick`'s view of its rows' parameters (:meth:`Sampler._batch`)."""
+
+    params: Tuple[SamplingParams, ...]  # the objects these arrays were made from
+    penalized: bool  # some row has a frequency or presence penalty
+    frequency: np.ndarray
+    presence: np.ndarray
+    hot: np.ndarray  # the rows that sample (temperature > 0)
+    divisor: np.ndarray  # (rows, 1): each row's temperature, 1 for the greedy rows
+    top_p: np.ndarray
+    nucleus: np.ndarray  # the rows that sample within a top-p nucleus
+
+
 class Sampler:
     """Next tokens for the rows of a batch in one pass over their logits: greedy at temperature 0, else
     nucleus sampling, after OpenAI's penalties, over the ids each row may produce. Each row draws one
@@ -788,6 +801,7 @@ class Sampler:
         # per slot, the columns it has counts in (a scan of a 151,552-wide counts row costs ~0.4 ms a row)
         self.seen: List[set] = [set() for _ in range(slots)]
         self._bias: Dict[Tuple[int, bool], np.ndarray] = {}  # (vocab, ignore_eos) -> device_row's bias
+        self._kept: Optional[_Batch] = None  # the last batch's parameters as arrays (_batch)
         self._barred_by: Dict[Tuple[Tuple[bool, bool], ...], np.ndarray] = {}  # rows' states -> _barred's mask
 
     def join(self, slot: int) -> None:
@@ -898,33 +912,30 @@ class Sampler:
         ``np.where`` and friends make) 8 rows of the tiny vocabulary took ~300 us a step in the server against
         ~190 us alone; in place, the working set is the one array (``benchmarks/sampler_pick.py``)."""
         params = [r.req.params for r in rows]
-        frequency = np.array([p.frequency_penalty for p in params])
-        presence = np.array([p.presence_penalty for p in params])
-        if frequency.any() or presence.any():
+        batch = self._batch(params)
+        if batch.penalized:
             counts = self.counts[[r.slot for r in rows]]
-            logits -= frequency[:, None] * counts
-            logits -= presence[:, None] * (counts > 0)
+            logits -= batch.frequency[:, None] * counts
+            logits -= batch.presence[:, None] * (counts > 0)
         np.copyto(logits, -np.inf, where=self._barred(rows, params))
-        temperature = np.array([p.temperature for p in params])
-        hot = np.flatnonzero(temperature > 0)
+        hot = batch.hot
         if hot.size == len(rows):  # every row samples: the argmax is never read
             tokens = np.zeros(len(rows), np.int64)
         else:
             tokens = np.argmax(logits, axis=1)
         if hot.size:  # over every row (whole-array operations are cheaper than picking rows first)
             weights = logits  # from here on, in place
-            weights /= np.where(temperature > 0, temperature, 1.0)[:, None]
+            weights /= batch.divisor
             weights -= weights.max(axis=1, keepdims=True)
             # exp in float32: numpy's float64 exp has no AVX2 kernel (1.0 ms for 8 x 4096 here, 0.15 ms in
             # float32); a float32 exp is within 1e-7 of it, and the sums and the draw stay float64
             single = weights.astype(np.float32)
             np.exp(single, out=single)
             weights[...] = single
-            top_p = np.array([p.top_p for p in params])
-            nucleus = np.flatnonzero((top_p < 1.0) & (temperature > 0))
+            nucleus = batch.nucleus
             if nucleus.size:
                 part = weights[nucleus]
-                weights[nucleus] = part * _nucleus(part / part.sum(axis=1, keepdims=True), top_p[nucleus])
+                weights[nucleus] = part * _nucleus(part / part.sum(axis=1, keepdims=True), batch.top_p[nucleus])
             weights /= weights.sum(axis=1, keepdims=True)
             cdf = np.cumsum(weights, axis=1, out=weights)
             cdf /= cdf[:, -1:].copy()
@@ -933,6 +944,21 @@ class Sampler:
             sampled = np.minimum(np.count_nonzero(cdf <= draws[:, None], axis=1), logits.shape[1] - 1)
             tokens[hot] = sampled[hot]
         return tokens
+
+    def _batch(self, params: List[SamplingParams]) -> _Batch:
+        """The rows' parameters as arrays, kept while the same requests' parameters come in the same order (a
+        decode step's batch rarely changes; a request's parameters do not change while it runs)."""
+        kept = self._kept
+        if kept is not None and len(kept.params) == len(params) and all(a is b for a, b in zip(kept.params, params)):
+            return kept
+        frequency = np.array([p.frequency_penalty for p in params])
+        presence = np.array([p.presence_penalty for p in params])
+        temperature = np.array([p.temperature for p in params])
+        top_p = np.array([p.top_p for p in params])
+        self._kept = _Batch(tuple(params), bool(frequency.any() or presence.any()), frequency, presence,
+                            np.flatnonzero(temperature > 0), np.where(temperature > 0, temperature, 1.0)[:, None],
+                            top_p, np.flatnonzero((top_p < 1.0) & (temperature > 0)))
+        return self._kept
 
     def _barred(self, rows: List[_Row], params: List[SamplingParams]) -> np.ndarray:
         """(rows, ``len(ids)``) bool: the columns each row may not produce (never allowed, ``</think>`` outside a

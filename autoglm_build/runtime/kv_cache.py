@@ -178,6 +178,7 @@ class KVCache:
         self.dtype = np.dtype(dtype)
         self.lengths = np.zeros(slots, np.int64)  # tokens held per slot
         self.used = np.zeros(slots, bool)
+        self._top = 0  # the highest used slot + 1 (top)
         self.capacity = 0
         self.store: Dict[str, np.ndarray] = {}
         self.mask = np.zeros((slots, 1), np.int64)  # decode mask per slot: own columns, then the new one
@@ -189,9 +190,9 @@ class KVCache:
 
     @property
     def top(self) -> int:
-        """Slots a decode step runs: up to the highest used one."""
-        used = np.flatnonzero(self.used)
-        return int(used[-1]) + 1 if used.size else 0
+        """Slots a decode step runs: up to the highest used one (kept by :meth:`_take` and :meth:`release`, the
+        two that change ``used``; the scheduler asks several times a step)."""
+        return self._top
 
     def free_slots(self) -> List[int]:
         return [int(s) for s in np.flatnonzero(~self.used)]
@@ -303,6 +304,7 @@ class KVCache:
 
     def _take(self, slot: int, length: int) -> None:
         self.used[slot], self.lengths[slot] = True, length
+        self._top = max(self._top, slot + 1)
         self.mask[slot, :self.capacity] = 0
         self.mask[slot, :length] = 1
 
@@ -310,6 +312,9 @@ class KVCache:
     def release(self, slot: int) -> None:
         """The row in ``slot`` leaves; no other row moves."""
         self.used[slot], self.lengths[slot] = False, 0
+        if slot + 1 == self._top:
+            used = np.flatnonzero(self.used)
+            self._top = int(used[-1]) + 1 if used.size else 0
         self.mask[slot, :self.capacity] = 0
 
     @mutates
@@ -338,10 +343,12 @@ class KVCache:
         rows = slice(0, self.top) if slot is None else slice(slot, slot + 1)
         logits, new = self._run_decode(self._embed_decode(ids), positions, rows)
         if commit:
-            used = np.flatnonzero(self.used[rows]) + rows.start
+            held = np.flatnonzero(self.used[rows])  # the used rows among those run
+            used = held + rows.start
             at = self.lengths[used]
+            every = held.size == rows.stop - rows.start  # every row run is used: no rows to pick from the new columns
             for name in self.spec.names:
-                self.store[name][used, :, at] = new[name][used - rows.start]
+                self.store[name][used, :, at] = new[name] if every else new[name][held]
             self.mask[used, at] = 1
             self.lengths[used] += 1
         return logits

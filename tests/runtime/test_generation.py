@@ -402,7 +402,8 @@ def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
     """``Sampler._pick`` works in place on its logits (:func:`_reference_pick` is the pass it replaced): the same
     token for every row, and each seeded generator left at the same state, over batches that mix greedy and
     sampling rows, temperatures, top-p, penalties of both signs, thinking spans, ignored EOS, NaN and -inf
-    logits and a repeated row state (the barred columns are kept per state)."""
+    logits, a repeated row state (the barred columns are kept per state), and the same requests again, in order
+    (their parameters kept from the call before) and reversed."""
     from types import SimpleNamespace
 
     from autoglm_build.runtime.generation import Sampler
@@ -424,7 +425,7 @@ def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
                                     ignore_eos=bool(rng.integers(0, 2)))
             thinking = bool(rng.integers(0, 2)) if case % 10 else True  # every tenth: one state for all rows
             seed = int(rng.integers(0, 2**31))
-            for rows in (rows_ref, rows_new):
+            for rows in (rows_ref, rows_new):  # one params object for both: the kept arrays are matched by identity
                 rows.append(SimpleNamespace(slot=slot, req=SimpleNamespace(
                     params=params, thinking=thinking, rng=np.random.default_rng(seed))))
         logits = (rng.standard_normal((n, len(sampler.ids))) * 4).astype(np.float32).astype(np.float64)
@@ -432,8 +433,11 @@ def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
             logits[0, int(rng.integers(0, logits.shape[1]))] = np.nan
         if case % 13 == 0:
             logits[-1, : logits.shape[1] // 2] = -np.inf
-        want = _reference_pick(sampler, logits.copy(), rows_ref)
-        got = sampler._pick(logits.copy(), rows_new)
-        np.testing.assert_array_equal(got, want, err_msg=f"case {case}")
-        for a, b in zip(rows_ref, rows_new):
-            assert a.req.rng.random() == b.req.rng.random(), case
+        # the same requests again (the parameters kept from the last call), then in reverse order (not kept)
+        for again in ("first", "same", "reversed"):
+            order = slice(None, None, -1) if again == "reversed" else slice(None)
+            want = _reference_pick(sampler, logits[order].copy(), rows_ref[order])
+            got = sampler._pick(logits[order].copy(), rows_new[order])
+            np.testing.assert_array_equal(got, want, err_msg=f"case {case}, {again}")
+            for a, b in zip(rows_ref, rows_new):
+                assert a.req.rng.random() == b.req.rng.random(), case

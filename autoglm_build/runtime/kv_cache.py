@@ -339,11 +339,12 @@ class KVCache:
             logits (rows, vocab); a cache may reuse the array at its next call (ONNX Runtime's and the device
             cache do).
         """
-        self.fit(int(self.lengths[self.used].max(initial=0)) + 1)
+        # the ufunc and method calls under np.max / np.flatnonzero (their Python wrappers cost more than the work)
+        self.fit(int(np.maximum.reduce(self.lengths[self.used], initial=0)) + 1)
         rows = slice(0, self.top) if slot is None else slice(slot, slot + 1)
         logits, new = self._run_decode(self._embed_decode(ids), positions, rows)
         if commit:
-            held = np.flatnonzero(self.used[rows])  # the used rows among those run
+            held = self.used[rows].nonzero()[0]  # the used rows among those run
             used = held + rows.start
             at = self.lengths[used]
             every = held.size == rows.stop - rows.start  # every row run is used: no rows to pick from the new columns

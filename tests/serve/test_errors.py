@@ -185,7 +185,7 @@ def test_wav_problem_reads_the_chunk_headers():
     assert wav_problem(base64.b64decode(_wav(encoding=0x1234))).startswith("format 4660 WAV is not supported")
 
 
-def test_a_build_without_audio_refuses_an_audio_part_as_a_whole_and_keeps_serving(random_tiny_build, tmp_path):
+def test_a_build_without_audio_refuses_an_audio_part_as_a_whole_and_keeps_serving(served_build, tmp_path):
     """The GPU harness's tiny engines are built without audio: an audio part is refused naming the part, before any
     of its data is read, in one line; text requests are served."""
     import shutil
@@ -194,7 +194,7 @@ def test_a_build_without_audio_refuses_an_audio_part_as_a_whole_and_keeps_servin
     from tests.serve.conftest import running_server
 
     workdir = tmp_path / "no-audio"
-    shutil.copytree(random_tiny_build, workdir)
+    shutil.copytree(served_build, workdir)  # the GPU harness: its engines, built without audio
     manifest = Manifest.load(workdir)
     manifest.artifacts = {key: art for key, art in manifest.artifacts.items() if art.module != "audio"}
     manifest.save(workdir)

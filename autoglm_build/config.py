@@ -331,6 +331,11 @@ class ServeConfig(_Section):
         None, ge=1, description="ONNX Runtime's intra-op threads when serving on the CPU; default every core but one, "
         "which the event loop keeps for HTTP (on 2 cores the tiny decoder stepped 1.2x faster on one thread than on "
         "two, which the HTTP side took turns with)")
+    cpu_affinity: bool = Field(
+        True, description="when serving on the CPU (ONNX Runtime) with two cores or more: the scheduler's thread, "
+        "which runs the graphs, on every core the process may use but the last, and the event loop (HTTP) on the "
+        "last, the core cpu_threads leaves it, so neither runs on the other's (docs/benchmarks.md, eleventh "
+        "session); false: the OS places them")
     stream_interval_ms: float = Field(
         5.0, ge=0, le=1000, description="a stream's chunks at most this often: the tokens generated meanwhile go out "
         "as one chunk (the first token at once, the same text; fewer chunks for the server to write and the client "

@@ -557,6 +557,23 @@ def spread(run: dict) -> str:
     return f"{min(runs):,.0f}-{max(runs):,.0f}" if len(runs) > 1 else ""
 
 
+def pin_load_generator(args, backend: str) -> str:
+    """On the CPU backend, this process (the load generator: its clients) onto the core a server with
+    ``serve.cpu_affinity`` keeps for HTTP (the last one it may use), so the clients take no time from the
+    scheduler's core: on a 2-core machine they otherwise share it with the graphs being measured, as clients on
+    other machines never would. After the server started (it inherits nothing), before the decode phases. Returns
+    the core ('' where not pinned: ``--no-pin-client``, TensorRT, one core, no ``sched_setaffinity``)."""
+    import os
+
+    if not args.pin_client or backend != "onnxruntime" or not hasattr(os, "sched_setaffinity"):
+        return ""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return ""
+    os.sched_setaffinity(0, cores[-1:])
+    return str(cores[-1])
+
+
 def engine_alone(args, cfg) -> dict:
     """The engine-alone decode rates at 1 and 8 rows, the backend closed before any server starts (the GPU
     is the engine's alone, and holds one copy of the engines at a time)."""
@@ -604,6 +621,9 @@ def main() -> int:
     parser.add_argument("--agent-reuse", choices=["both", "on", "off"], default="both",
                         help="with --agent: the servers to start, with prefix reuse, without, or both (a large "
                         "build starts in minutes: one server saves that)")
+    parser.add_argument("--no-pin-client", dest="pin_client", action="store_false",
+                        help="ONNX Runtime: leave the load generator where the OS puts it (default: on the server's "
+                        "HTTP core, serve.cpu_affinity's, after the engine-alone rates)")
     parser.add_argument("--ready-timeout", type=float, default=120.0,
                         help="seconds a server may take to load its engines and answer /ready")
     parser.add_argument("--baseline", help="with --agent: the JSON row benchmarks/agent_generate.py wrote for the "
@@ -626,6 +646,7 @@ def main() -> int:
     rates = {streams: r["tokens_per_s"] for streams, r in engine["rates"].items()}
     served = {}
     with server(args, 8) as url:
+        client_cores = pin_load_generator(args, engine["backend"])
         asyncio.run(phase(url, 1, 4, args.timeout))  # warm-up
         for streams in (1, 8):
             runs = [asyncio.run(phase(url, streams, args.max_tokens, args.timeout)) for _ in range(args.repeat)]
@@ -667,6 +688,8 @@ def main() -> int:
           f"{'launched ' + str(graphs['launches']) + ' times' if ran else 'off'}, {last['overlapped_steps']} of "
           f"{last['decode_steps']} decode steps launched ahead")
     print(capacity_line(cfg, last))
+    where = f"on CPU {client_cores}, the server's HTTP core" if client_cores else "where the OS puts it"
+    print(f"load generator: {where}")
     print(f"serve/engine decode rate: {served[8]['decode_per_s'] / rates[8]:.2f}")
     return 1 if any(r["errors"] for r in served.values()) or (load and load["errors"]) else 0
 

@@ -49,10 +49,11 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Deque, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -245,9 +246,11 @@ class Scheduler:
         """Whether decode steps are launched ahead: asked for, and the cache's steps run asynchronously."""
         return self.overlap and self.cache.asynchronous
 
-    def start(self) -> None:
+    def start(self, cpus: Optional[AbstractSet[int]] = None) -> None:
+        """Start the scheduler's thread; ``cpus``: the cores it runs on (Linux; the graphs ONNX Runtime runs on this
+        thread with it)."""
         self.running = True
-        self.thread = threading.Thread(target=self._loop, name="autoglm-scheduler", daemon=True)
+        self.thread = threading.Thread(target=self._loop, args=(cpus,), name="autoglm-scheduler", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
@@ -263,7 +266,9 @@ class Scheduler:
 
     # ---- scheduler thread -------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, cpus: Optional[AbstractSet[int]] = None) -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)  # 0: the calling thread
         while True:
             with self.lock:
                 while self.running and not self.waiting and not self.rows:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import threading
 import time
 import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Dict, FrozenSet, List, Optional, Tuple, Union
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HTTPRequest
@@ -73,6 +74,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     media_lock: threading.Lock = field(default_factory=threading.Lock)  # one encoder call at a time (one context)
     stream_interval: float = 0.0  # seconds: a stream's chunks at most this often (serve.stream_interval_ms)
+    cpus: Optional[Tuple[FrozenSet[int], FrozenSet[int]]] = None  # the scheduler's cores, the loop's (cpu_split)
 
 
 def validation_error(exc: ValidationError) -> APIError:
@@ -122,7 +124,9 @@ async def _send_error(send, err: APIError) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start the scheduler; on shutdown finish what is running, stop it and release the backend."""
     state: ServerState = app.state.server
-    state.scheduler.start()
+    if state.cpus is not None:  # the loop's thread (this one) and the threads it starts later on the HTTP core
+        os.sched_setaffinity(0, state.cpus[1])
+    state.scheduler.start(cpus=state.cpus[0] if state.cpus is not None else None)
     try:
         yield
     finally:

@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, FrozenSet, List, Optional, Tuple
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.errors import EnvironmentMissing, UserError
@@ -33,6 +33,8 @@ CUDA_GRAPHS_ENV = "AUTOGLM_BUILD_CUDA_GRAPHS"
 DEVICE_SELECT_ENV = "AUTOGLM_BUILD_DEVICE_SELECT"
 #: overrides ``serve.stream_interval_ms`` likewise
 STREAM_INTERVAL_ENV = "AUTOGLM_BUILD_STREAM_INTERVAL_MS"
+#: overrides ``serve.cpu_affinity`` (1 on, 0 off) likewise
+CPU_AFFINITY_ENV = "AUTOGLM_BUILD_CPU_AFFINITY"
 
 
 def prefix_cache_bytes(cfg: BuildConfig) -> int:
@@ -89,6 +91,20 @@ def cpu_threads(cfg: BuildConfig) -> int:
     return max(1, cores - 1)
 
 
+def cpu_split(cfg: BuildConfig, backend: str) -> Optional[Tuple[FrozenSet[int], FrozenSet[int]]]:
+    """``(the scheduler's cores, the event loop's core)`` for a server on the CPU (ONNX Runtime) that may use two
+    cores or more, with ``$AUTOGLM_BUILD_CPU_AFFINITY`` (1 or 0), else ``serve.cpu_affinity``, on: every core the
+    process may use but the last, and the last (the one ``cpu_threads`` leaves to HTTP). None: the OS places the
+    threads (TensorRT, one core, no ``sched_setaffinity``, or off)."""
+    if backend != "onnxruntime" or not _switch(cfg, CPU_AFFINITY_ENV, "cpu_affinity") \
+            or not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    return frozenset(cores[:-1]), frozenset(cores[-1:])
+
+
 def cuda_graphs(cfg: BuildConfig) -> bool:
     """Whether decode steps run as CUDA graphs (TensorRT, one GPU): ``$AUTOGLM_BUILD_CUDA_GRAPHS`` (1 or 0),
     else ``serve.cuda_graphs``."""
@@ -115,6 +131,7 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
             raise UserError(f"config modules: '{needed}' is needed to serve; modules are {', '.join(cfg.modules)}")
     modules = list(cfg.modules)
     interval = stream_interval(cfg)  # a bad override refused before any engine loads
+    _switch(cfg, CPU_AFFINITY_ENV, "cpu_affinity")  # likewise
     # vision/audio are optional: without them, requests with images/audio get a 400 naming the module
     origin = "--devices" if devices is not None else "serve.devices"
     devices = devices if devices is not None else cfg.serve.devices
@@ -126,13 +143,14 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
                               cfg.serve.queue_size if queue_size is None else queue_size, cfg.engine.context,
                               prefix_cache_bytes=prefix_cache_bytes(cfg), overlap=decode_overlap(cfg),
                               cuda_graphs=cuda_graphs(cfg), device_select=device_select(cfg))
+        split = cpu_split(cfg, runtime.name)
     except BaseException:
         runtime.close()
         raise
     names = tuple(dict.fromkeys([cfg.serve.model_name, cfg.name]))
     return ServerState(cfg=cfg, backend=runtime, tokenizer=tokenizer, scheduler=scheduler,
                        api_key=api_key or os.environ.get(API_KEY_ENV) or None, model_ids=names,
-                       stream_interval=interval)
+                       stream_interval=interval, cpus=split)
 
 
 def serve(state: ServerState, host: str, port: int, log_level: str = "info",
@@ -161,6 +179,7 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
              f"decode overlap {'on' if state.scheduler.overlapping else 'off'}, "
              f"CUDA graphs {'on' if state.scheduler.graphing else 'off'}, "
              f"tokens chosen on the {'GPU' if state.scheduler.selecting else 'host'}"
+             f"{cores_line(state.cpus)}"
              f"{', API key required' if state.api_key else ''})")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None,
                             access_log=log_level == "debug")
@@ -169,6 +188,14 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def cores_line(cpus: Optional[Tuple[FrozenSet[int], FrozenSet[int]]]) -> str:
+    """The announce line's part for :func:`cpu_split`'s cores (empty where the OS places the threads)."""
+    if cpus is None:
+        return ""
+    engine, http = (",".join(str(c) for c in sorted(part)) for part in cpus)
+    return f", scheduler on CPU {engine}, HTTP on CPU {http}"
 
 
 def _log_to_stderr(level: str) -> None:

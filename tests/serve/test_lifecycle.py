@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.conftest import running_server
+from tests.serve.conftest import BACKEND, running_server
 
 MODEL = "autoglm-phone-9b"
 CHAT = "/v1/chat/completions"
@@ -152,3 +152,61 @@ def test_cuda_graphs_env_overrides_the_config_and_a_bad_value_is_one_line(monkey
     with pytest.raises(UserError, match="AUTOGLM_BUILD_CUDA_GRAPHS: 'yes' is not 1 .on. or 0 .off.") as err:
         cuda_graphs(tiny_cfg)
     assert "serve.cuda_graphs (true)" in err.value.hint
+
+
+def test_cpu_split_keeps_the_last_core_for_http_and_a_bad_override_is_one_line(monkeypatch, tiny_cfg):
+    """``serve.cpu_affinity``: the scheduler on every core the process may use but the last, the event loop on the
+    last; nothing where TensorRT serves, where one core is all there is, or where it is off."""
+    import os
+
+    from autoglm_build.errors import UserError
+    from autoglm_build.serve.server import CPU_AFFINITY_ENV, cpu_split
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 5, 3, 7}, raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: None, raising=False)
+    assert tiny_cfg.serve.cpu_affinity is True
+    assert cpu_split(tiny_cfg, "onnxruntime") == (frozenset({2, 3, 5}), frozenset({7}))
+    assert cpu_split(tiny_cfg, "tensorrt") is None
+    monkeypatch.setenv(CPU_AFFINITY_ENV, "0")
+    assert cpu_split(tiny_cfg, "onnxruntime") is None
+    monkeypatch.setenv(CPU_AFFINITY_ENV, "1")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4}, raising=False)
+    assert cpu_split(tiny_cfg, "onnxruntime") is None
+    monkeypatch.setenv(CPU_AFFINITY_ENV, "maybe")
+    with pytest.raises(UserError, match="AUTOGLM_BUILD_CPU_AFFINITY: 'maybe' is not 1 .on. or 0 .off."):
+        cpu_split(tiny_cfg, "onnxruntime")
+
+
+def _allowed(pid: int, tid: int) -> str:
+    """The cores the thread may run on, as /proc writes them (``0-2,5``)."""
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
+
+
+@pytest.mark.skipif(BACKEND != "onnxruntime", reason="serve.cpu_affinity pins threads on the CPU backend only")
+def test_the_cpu_server_runs_its_scheduler_and_its_event_loop_on_cores_of_their_own(served_build: Path, tmp_path):
+    import os
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 2 or not Path("/proc/self/task").is_dir():
+        pytest.skip(f"needs 2 cores or more and Linux's /proc (this machine: {len(cores) or 'unknown'} cores)")
+    with running_server(served_build, tmp_path) as srv:
+        pid = srv.proc.pid
+        allowed = {int(t.name): _allowed(pid, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+        assert allowed[pid] == str(cores[-1])  # the main thread: uvicorn's event loop
+        # the scheduler's thread alone on the others (threads started before it keep every core, those the loop
+        # starts after it take the loop's)
+        assert list(allowed.values()).count(_ranges(cores[:-1])) == 1, allowed
+        assert f"scheduler on CPU {','.join(map(str, cores[:-1]))}, HTTP on CPU {cores[-1]}" in srv.log.read_text()
+
+
+def _ranges(cores) -> str:
+    """``[0, 1, 2, 5]`` as /proc lists it: ``0-2,5``."""
+    out, start = [], None
+    for k, core in enumerate(cores):
+        if start is None:
+            start = core
+        if k + 1 == len(cores) or cores[k + 1] != core + 1:
+            out.append(str(start) if start == core else f"{start}-{core}")
+            start = None
+    return ",".join(out)

@@ -178,7 +178,6 @@ class KVCache:
         self.dtype = np.dtype(dtype)
         self.lengths = np.zeros(slots, np.int64)  # tokens held per slot
         self.used = np.zeros(slots, bool)
-        self._top = 0  # the highest used slot + 1 (top)
         self.capacity = 0
         self.store: Dict[str, np.ndarray] = {}
         self.mask = np.zeros((slots, 1), np.int64)  # decode mask per slot: own columns, then the new one
@@ -190,9 +189,11 @@ class KVCache:
 
     @property
     def top(self) -> int:
-        """Slots a decode step runs: up to the highest used one (kept by :meth:`_take` and :meth:`release`, the
-        two that change ``used``; the scheduler asks several times a step)."""
-        return self._top
+        """Slots a decode step runs: up to the highest used one (read from ``used`` at each ask: subclasses and
+        stand-ins write it; ``ndarray.nonzero``, not ``np.flatnonzero``'s Python wrapper, as the scheduler asks
+        several times a step)."""
+        used = self.used.nonzero()[0]
+        return int(used[-1]) + 1 if used.size else 0
 
     def free_slots(self) -> List[int]:
         return [int(s) for s in np.flatnonzero(~self.used)]
@@ -304,7 +305,6 @@ class KVCache:
 
     def _take(self, slot: int, length: int) -> None:
         self.used[slot], self.lengths[slot] = True, length
-        self._top = max(self._top, slot + 1)
         self.mask[slot, :self.capacity] = 0
         self.mask[slot, :length] = 1
 
@@ -312,9 +312,6 @@ class KVCache:
     def release(self, slot: int) -> None:
         """The row in ``slot`` leaves; no other row moves."""
         self.used[slot], self.lengths[slot] = False, 0
-        if slot + 1 == self._top:
-            used = np.flatnonzero(self.used)
-            self._top = int(used[-1]) + 1 if used.size else 0
         self.mask[slot, :self.capacity] = 0
 
     @mutates

@@ -263,15 +263,23 @@ def _tensors(graph: Any, initializers: bool = True, attributes: bool = True) -> 
 
 
 def gather_table(path: Path) -> Optional[Tuple[np.ndarray, str, np.dtype]]:
-    """``(table, input, dtype)`` where the graph at ``path`` is a table lookup and nothing else: one ``Gather`` of
-    an initializer on axis 0 by the graph's one input, then at most a ``Cast`` to its one output. Its output for
-    ``ids`` is exactly ``table[ids].astype(dtype)``, which numpy computes in microseconds where a session call
-    costs ~60 us of overhead (the decode step's ``embed``). The table is the initializer itself: mapped read-only
-    from its external data file (no copy in memory beside the page cache), or the graph's own bytes. None for any
-    other graph, or where the ``onnx`` package is missing."""
+    """The table of a graph that is a table lookup and nothing else: one ``Gather`` of an initializer on axis 0 by
+    the graph's one input, then at most a ``Cast`` to its one output, every type a float one. Its output for ``ids``
+    is exactly ``table[ids].astype(dtype)``, which numpy computes in microseconds where a session call costs ~60 us
+    of overhead (the decode step's ``embed``).
+
+    Args:
+        path: the graph (its external data file, if any, beside it).
+
+    Returns:
+        ``(table, input name, output dtype)``: the table is the initializer itself, mapped read-only from its
+        external data file (no copy in memory beside the page cache) or read from the graph. None for any other
+        graph, an external file shorter than the table, or where the ``onnx`` package is missing.
+    """
     try:
         import onnx
         from onnx import helper, numpy_helper
+        from onnx.external_data_helper import ExternalDataInfo
     except ImportError:
         return None
     try:
@@ -291,13 +299,21 @@ def gather_table(path: Path) -> Optional[Tuple[np.ndarray, str, np.dtype]]:
         return None
     if graph.node[-1].output[0] != graph.output[0].name:
         return None
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
     tensor = weights[gather.input[0]]
+    if tensor.data_type not in floats or graph.output[0].type.tensor_type.elem_type not in floats:
+        return None  # bfloat16 and the rest: numpy has no exact type for them
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    out = np.dtype(helper.tensor_dtype_to_np_dtype(graph.output[0].type.tensor_type.elem_type))
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        info = {e.key: e.value for e in tensor.external_data}
-        table = np.memmap(Path(path).parent / info["location"], dtype=dtype, mode="r",
-                          offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
+        info = ExternalDataInfo(tensor)
+        data = Path(path).parent / info.location
+        need = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+        offset = info.offset or 0
+        if (info.length is not None and info.length != need) or not data.is_file() or \
+                data.stat().st_size < offset + need:
+            return None
+        table = np.memmap(data, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
     else:
         table = numpy_helper.to_array(tensor)
-    out = np.dtype(helper.tensor_dtype_to_np_dtype(graph.output[0].type.tensor_type.elem_type))
     return table, graph.input[0].name, out

@@ -557,21 +557,22 @@ def spread(run: dict) -> str:
     return f"{min(runs):,.0f}-{max(runs):,.0f}" if len(runs) > 1 else ""
 
 
-def pin_load_generator(args, backend: str) -> str:
-    """On the CPU backend, this process (the load generator: its clients) onto the core a server with
-    ``serve.cpu_affinity`` keeps for HTTP (the last one it may use), so the clients take no time from the
-    scheduler's core: on a 2-core machine they otherwise share it with the graphs being measured, as clients on
-    other machines never would. After the server started (it inherits nothing), before the decode phases. Returns
-    the core ('' where not pinned: ``--no-pin-client``, TensorRT, one core, no ``sched_setaffinity``)."""
+def pin_load_generator(args, cfg, backend: str) -> str:
+    """On the CPU backend, the load generator (this process's main thread, where its clients run) onto the core the
+    server keeps for HTTP (``serve.cpu_affinity``, :func:`~autoglm_build.serve.server.cpu_split`), so the clients
+    take no time from the scheduler's core: on a 2-core machine they otherwise share it with the graphs being
+    measured, as clients on other machines never would. Called after the server started (it inherits nothing) and
+    the engine alone was timed. Returns the core ('' where not pinned: ``--no-pin-client``, or the server does not
+    split its cores: TensorRT, one core, the option off)."""
     import os
 
-    if not args.pin_client or backend != "onnxruntime" or not hasattr(os, "sched_setaffinity"):
+    from autoglm_build.serve.server import cpu_split
+
+    split = cpu_split(cfg, backend) if args.pin_client else None
+    if split is None:
         return ""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < 2:
-        return ""
-    os.sched_setaffinity(0, cores[-1:])
-    return str(cores[-1])
+    os.sched_setaffinity(0, split[1])
+    return ",".join(str(c) for c in sorted(split[1]))
 
 
 def engine_alone(args, cfg) -> dict:
@@ -646,7 +647,7 @@ def main() -> int:
     rates = {streams: r["tokens_per_s"] for streams, r in engine["rates"].items()}
     served = {}
     with server(args, 8) as url:
-        client_cores = pin_load_generator(args, engine["backend"])
+        client_cores = pin_load_generator(args, cfg, engine["backend"])
         asyncio.run(phase(url, 1, 4, args.timeout))  # warm-up
         for streams in (1, 8):
             runs = [asyncio.run(phase(url, streams, args.max_tokens, args.timeout)) for _ in range(args.repeat)]

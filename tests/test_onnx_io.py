@@ -186,3 +186,14 @@ def test_a_graph_that_does_more_than_a_lookup_has_no_table(tmp_path, change):
     assert gather_table(path) is None
     (tmp_path / "bad.onnx").write_bytes(b"not a graph")
     assert gather_table(tmp_path / "bad.onnx") is None
+
+
+def test_a_lookup_whose_external_table_is_cut_short_has_no_table(tmp_path):
+    from autoglm_build.onnx_io import gather_table
+
+    path = tmp_path / "embed.onnx"
+    save_model(_lookup_graph(np.ones((300, 24), np.float32)), path, large_bytes=0)
+    data = tmp_path / "embed.onnx.data"
+    assert gather_table(path) is not None
+    data.write_bytes(data.read_bytes()[:-4])
+    assert gather_table(path) is None

@@ -91,8 +91,12 @@ class Backend:
         return KVCache(self, spec, slots, context, self.input_dtype("decoder", "past_key.0"))
 
     def lookup(self, module: str) -> Optional[Tuple[np.ndarray, np.dtype]]:
-        """``(table, dtype)`` where ``module`` is a table lookup the host can do itself (``table[ids].astype(dtype)``
-        equals its output); None here: every call runs the graph/engine."""
+        """A module the host can run itself as a table lookup.
+
+        Returns:
+            ``(table, dtype)``, where ``table[ids].astype(dtype)`` equals the module's output for ``ids``; None here:
+            every call runs the graph/engine.
+        """
         return None
 
     def encode(self, module: str, feed: Feed, output: str) -> Any:

@@ -247,8 +247,12 @@ class Scheduler:
         return self.overlap and self.cache.asynchronous
 
     def start(self, cpus: Optional[AbstractSet[int]] = None) -> None:
-        """Start the scheduler's thread; ``cpus``: the cores it runs on (Linux; the graphs ONNX Runtime runs on this
-        thread with it)."""
+        """Start the scheduler's thread.
+
+        Args:
+            cpus: the cores it runs on (where ``os.sched_setaffinity`` exists; ONNX Runtime runs the graphs on this
+                thread): the server's ``serve.cpu_affinity``. None: where the OS puts it.
+        """
         self.running = True
         self.thread = threading.Thread(target=self._loop, args=(cpus,), name="autoglm-scheduler", daemon=True)
         self.thread.start()
@@ -267,8 +271,11 @@ class Scheduler:
     # ---- scheduler thread -------------------------------------------------------------------
 
     def _loop(self, cpus: Optional[AbstractSet[int]] = None) -> None:
-        if cpus:
-            os.sched_setaffinity(0, cpus)  # 0: the calling thread
+        if cpus and hasattr(os, "sched_setaffinity"):
+            try:
+                os.sched_setaffinity(0, cpus)  # 0: the calling thread
+            except OSError as exc:  # a container that forbids it: serve where the OS puts the thread
+                log.warning("serve.cpu_affinity: cannot pin the scheduler to CPU %s (%s)", sorted(cpus), exc)
         while True:
             with self.lock:
                 while self.running and not self.waiting and not self.rows:
@@ -979,7 +986,7 @@ class Sampler:
             no_eos = [k for k, (_, ignore) in enumerate(key) if ignore]
             if no_eos:
                 allowed[np.ix_(no_eos, self.stops)] = False
-            if len(self._barred_by) >= 256:  # many shapes of batch: keep the latest
+            if len(self._barred_by) >= 16:  # rows x the ids, each (at 151,552 ids and 8 rows, 1.2 MB): the latest
                 self._barred_by.clear()
             barred = self._barred_by[key] = ~allowed
         return barred

@@ -391,9 +391,11 @@ class OrtKVCache(KVCache):
     A decode step's bindings are made once per layout (the rows it runs, the capacity) and kept: the step's
     embeddings, positions and logits live in arrays bound for good, so a step in a steady batch is a copy of
     its inputs and one ``run_with_iobinding`` per stage (~10 bindings through the Python API cost ~60 us a
-    step at the tiny config, a tenth of the graph's own time). Where the ``embed`` graph is a table lookup
-    (:func:`~autoglm_build.onnx_io.gather_table`) a decode step's embeddings are gathered from the table
-    instead of a session call."""
+    step at the tiny config, a tenth of the graph's own time). That needs every stage's first output to have
+    static sizes past its batch (and sequence) axis, and the stages to hand over one dtype; a graph without
+    them is bound again at each step, its outputs allocated by ONNX Runtime (``steady`` False). Where the
+    ``embed`` graph is a table lookup (:func:`~autoglm_build.onnx_io.gather_table`) a decode step's embeddings
+    are gathered from the table instead of a session call."""
 
     def __init__(self, backend: Any, spec: CacheSpec, slots: int, context: int, dtype: Any = np.float32) -> None:
         # per stage: session, its binding, its first input's dtype, its own cache names, its mask/position inputs
@@ -403,16 +405,41 @@ class OrtKVCache(KVCache):
             own = [n[len("past_"):] for n in inputs if n.startswith("past_")]
             steps = [n for n in ("attention_mask", "position_ids") if n in inputs]  # not the head stage's
             self.stages.append((session, session.io_binding(), inputs[0], backend.dtypes[unit][inputs[0]], own, steps))
+        self.outputs = self._step_outputs()  # per stage: (name, shape past the batch axis, dtype), or None
         self.present: Dict[str, np.ndarray] = {}
         self.bound: Optional[Tuple[int, int]] = None  # the rows the decode bindings hold; None: bind again
         self.io: Dict[str, np.ndarray] = {}  # the arrays a decode step's bindings point at
         self.table = backend.lookup("embed")  # (table, dtype) of a lookup ``embed`` graph, else None
         super().__init__(backend, spec, slots, context, dtype)
 
+    @property
+    def steady(self) -> bool:
+        """Whether decode steps keep their bindings (see the class docstring)."""
+        return self.outputs is not None
+
+    def _step_outputs(self) -> Optional[List[Tuple[str, Tuple[int, ...], Any]]]:
+        """Each stage's first output as a decode step writes it (a batch of rows, one new token): its name, its
+        shape past the batch axis (a 3-D output's sequence axis is 1; every other size must be static), its dtype;
+        None where some stage's is not known that way, or a stage hands over a dtype the next does not take."""
+        outs = []
+        for k, (session, *_) in enumerate(self.stages):
+            output = session.get_outputs()[0]  # logits (batch, vocab), or hidden_states (batch, seq, hidden)
+            dims = list(output.shape[1:])
+            if len(dims) == 2 and not isinstance(dims[0], int):
+                dims[0] = 1  # the sequence axis: one new token
+            dtype = ort_float(output.type)
+            if dtype is None or not all(isinstance(d, int) and d > 0 for d in dims):
+                return None
+            if k + 1 < len(self.stages) and dtype != self.stages[k + 1][3]:
+                return None
+            outs.append((output.name, tuple(dims), dtype))
+        return outs
+
     def _allocate(self, capacity: int) -> None:
+        self.bound = None  # first: whatever fails below, no step runs on bindings to arrays that are gone
+        present = {name: self._empty(self.slots, capacity + 1) for name in self.spec.names}
         super()._allocate(capacity)
-        self.present = {name: self._empty(self.slots, capacity + 1) for name in self.spec.names}
-        self.bound = None  # new slots, new presents, a new mask
+        self.present = present
 
     @staticmethod
     def _bind_input(binding: Any, name: str, array: np.ndarray) -> None:
@@ -428,19 +455,18 @@ class OrtKVCache(KVCache):
         table, dtype = self.table
         return table[ids].astype(dtype, copy=False)
 
-    def _bind_decode(self, rows: slice) -> None:
+    def _bind_decode(self, rows: slice, embeds: np.ndarray) -> None:
         """Bind every stage for decode steps of ``rows``: the slots and presents of its layers, the mask, and the
-        step's own arrays (``io``: each stage's first input, its first output, the positions)."""
+        step's own arrays (``io``: the first stage's input, each stage's first output, the positions)."""
+        self.bound = None  # until every stage is bound
         n = rows.stop - rows.start
-        self.io = {"position_ids": np.zeros((n, 3, 1), np.int64)}
-        previous: Optional[np.ndarray] = None  # the last stage's first output: the next stage's first input
-        for k, (session, binding, first, first_dtype, own, steps) in enumerate(self.stages):
+        self.io = {"position_ids": np.zeros((n, 3, 1), np.int64),
+                   "in.0": np.zeros((n,) + embeds.shape[1:], self.stages[0][3])}
+        for k, ((_, binding, first, _, own, steps), (output, shape, dtype)) in \
+                enumerate(zip(self.stages, self.outputs)):
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
-            if previous is None or previous.dtype != first_dtype:
-                previous = np.zeros((n, 1, self._hidden(session, first)), first_dtype)
-            self.io[f"in.{k}"] = previous
-            self._bind_input(binding, first, previous)
+            self._bind_input(binding, first, self.io[f"in.{k}"])
             if "attention_mask" in steps:
                 self._bind_input(binding, "attention_mask", self.mask[rows])
             if "position_ids" in steps:
@@ -448,32 +474,48 @@ class OrtKVCache(KVCache):
             for name in own:
                 self._bind_input(binding, f"past_{name}", self.store[name][rows])
                 self._bind_output(binding, f"present_{name}", self.present[name][rows])
-            output = session.get_outputs()[0]  # logits (batch, vocab), or hidden_states (batch, seq, hidden)
-            shape = [n] + [d if isinstance(d, int) else 1 for d in output.shape[1:]]  # one new token a row
-            previous = self.io[f"out.{k}"] = np.zeros(shape, _ORT_OUTPUT.get(output.type, np.float32))
-            self._bind_output(binding, output.name, previous)
+            self.io[f"out.{k}"] = self.io[f"in.{k + 1}"] = np.zeros((n,) + shape, dtype)  # the next stage's input
+            self._bind_output(binding, output, self.io[f"out.{k}"])
         self.bound = (rows.start, rows.stop)
-
-    @staticmethod
-    def _hidden(session: Any, name: str) -> int:
-        """The last (static) dimension of ``session``'s input ``name``."""
-        shape = next(i.shape for i in session.get_inputs() if i.name == name)
-        return int(shape[-1])
 
     def _run_decode(self, embeds: np.ndarray, positions: np.ndarray,
                     rows: slice) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        if not self.steady:
+            return self._run_decode_unbound(embeds, positions, rows)
+        if embeds.shape[0] != rows.stop - rows.start:
+            raise ValueError(f"decode: {embeds.shape[0]} rows of embeddings for {rows.stop - rows.start} rows")
         if self.bound != (rows.start, rows.stop):
-            self._bind_decode(rows)
+            self._bind_decode(rows, embeds)
         io = self.io
         io["in.0"][...] = embeds
         io["position_ids"][...] = positions
-        for k, (session, binding, *_) in enumerate(self.stages):
-            if k and io[f"in.{k}"] is not io[f"out.{k - 1}"]:  # a stage that takes another dtype
-                io[f"in.{k}"][...] = io[f"out.{k - 1}"]
+        for session, binding, *_ in self.stages:
             session.run_with_iobinding(binding)
         # the logits array is the next step's too (as the device cache's is): the scheduler samples before that
         return io[f"out.{len(self.stages) - 1}"], {name: self.present[name][rows, :, -1] for name in self.spec.names}
 
+    def _run_decode_unbound(self, embeds: np.ndarray, positions: np.ndarray,
+                            rows: slice) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        """A decode step bound afresh, each output allocated by ONNX Runtime (a graph that is not ``steady``)."""
+        hidden = embeds
+        for session, binding, first, first_dtype, own, steps in self.stages:
+            keep = {first: np.ascontiguousarray(hidden, first_dtype), "attention_mask": self.mask[rows],
+                    "position_ids": np.ascontiguousarray(positions, np.int64)}  # alive until the run returns
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            binding.bind_output(session.get_outputs()[0].name, "cpu")  # logits, or hidden_states
+            for name in (first, *steps):
+                self._bind_input(binding, name, keep[name])
+            for name in own:
+                self._bind_input(binding, f"past_{name}", self.store[name][rows])
+                self._bind_output(binding, f"present_{name}", self.present[name][rows])
+            session.run_with_iobinding(binding)
+            hidden = binding.get_outputs()[0].numpy()
+        self.bound = None  # the bindings now hold this step's arrays
+        return hidden, {name: self.present[name][rows, :, -1] for name in self.spec.names}
 
-# ONNX Runtime's output types as numpy dtypes (the decode step's bound outputs)
-_ORT_OUTPUT = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+def ort_float(type_name: str) -> Optional[np.dtype]:
+    """The numpy dtype of an ONNX Runtime float type name (``tensor(float16)``); None for any other type."""
+    return {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
+            "tensor(double)": np.dtype(np.float64)}.get(type_name)

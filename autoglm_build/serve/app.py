@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import threading
 import time
@@ -124,8 +123,8 @@ async def _send_error(send, err: APIError) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start the scheduler; on shutdown finish what is running, stop it and release the backend."""
     state: ServerState = app.state.server
-    if state.cpus is not None:  # the loop's thread (this one) and the threads it starts later on the HTTP core
-        os.sched_setaffinity(0, state.cpus[1])
+    # the scheduler's own thread on its cores; the event loop's thread is pinned by serve(), the server's process
+    # (an app in a test's process leaves the test's threads where they are)
     state.scheduler.start(cpus=state.cpus[0] if state.cpus is not None else None)
     try:
         yield

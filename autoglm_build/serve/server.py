@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Callable, FrozenSet, List, Optional, Tuple
+from typing import Callable, FrozenSet, List, Optional, Sequence, Tuple
 
 from autoglm_build.config import BuildConfig
 from autoglm_build.errors import EnvironmentMissing, UserError
@@ -20,6 +20,8 @@ from autoglm_build.runtime.backends import open_backend
 from autoglm_build.runtime.generation import Scheduler
 from autoglm_build.runtime.text import ChatTokenizer
 from autoglm_build.serve.app import ServerState, create_app
+
+log = logging.getLogger("autoglm_build.serve")
 
 API_KEY_ENV = "AUTOGLM_BUILD_API_KEY"
 #: overrides ``serve.prefix_cache_mib`` (0: reuse off) without another config file, which a workdir
@@ -91,13 +93,23 @@ def cpu_threads(cfg: BuildConfig) -> int:
     return max(1, cores - 1)
 
 
-def cpu_split(cfg: BuildConfig, backend: str) -> Optional[Tuple[FrozenSet[int], FrozenSet[int]]]:
-    """``(the scheduler's cores, the event loop's core)`` for a server on the CPU (ONNX Runtime) that may use two
-    cores or more, with ``$AUTOGLM_BUILD_CPU_AFFINITY`` (1 or 0), else ``serve.cpu_affinity``, on: every core the
-    process may use but the last, and the last (the one ``cpu_threads`` leaves to HTTP). None: the OS places the
-    threads (TensorRT, one core, no ``sched_setaffinity``, or off)."""
-    if backend != "onnxruntime" or not _switch(cfg, CPU_AFFINITY_ENV, "cpu_affinity") \
-            or not hasattr(os, "sched_setaffinity"):
+def cpu_split(cfg: BuildConfig, backend: str,
+              providers: Sequence[str] = ()) -> Optional[Tuple[FrozenSet[int], FrozenSet[int]]]:
+    """Where a server on the CPU runs its two busy threads (``serve.cpu_affinity``).
+
+    Args:
+        cfg: the build config (``serve.cpu_affinity``; ``$AUTOGLM_BUILD_CPU_AFFINITY``, 1 or 0, overrides it).
+        backend: the backend's name; only ``onnxruntime`` is pinned.
+        providers: its ONNX Runtime providers (a CUDA provider: not on the CPU, not pinned).
+
+    Returns:
+        ``(the scheduler's cores, the event loop's core)``: every core the process may use but the last, and the last
+        (the one ``cpu_threads`` leaves to HTTP); None where the OS places the threads (TensorRT or a GPU provider, one
+        core, no ``sched_setaffinity``, or off). On two cores that is every busy thread; with more, ONNX Runtime's
+        own intra-op worker threads, started when the sessions open, may run on any core.
+    """
+    if backend != "onnxruntime" or "CUDAExecutionProvider" in providers \
+            or not _switch(cfg, CPU_AFFINITY_ENV, "cpu_affinity") or not hasattr(os, "sched_setaffinity"):
         return None
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
@@ -143,7 +155,7 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
                               cfg.serve.queue_size if queue_size is None else queue_size, cfg.engine.context,
                               prefix_cache_bytes=prefix_cache_bytes(cfg), overlap=decode_overlap(cfg),
                               cuda_graphs=cuda_graphs(cfg), device_select=device_select(cfg))
-        split = cpu_split(cfg, runtime.name)
+        split = cpu_split(cfg, runtime.name, getattr(runtime, "providers", ()))
     except BaseException:
         runtime.close()
         raise
@@ -166,6 +178,12 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
         raise
     app = create_app(state)
     _log_to_stderr(log_level)
+    if state.cpus is not None:  # this thread runs the event loop: the HTTP core, and so do the threads it starts
+        try:
+            os.sched_setaffinity(0, state.cpus[1])
+        except OSError as exc:  # a container that forbids it: the OS places the threads, as with the option off
+            log.warning("serve.cpu_affinity: cannot pin the event loop to CPU %s (%s)", sorted(state.cpus[1]), exc)
+            state.cpus = None
     d = state.backend.describe()
     reuse = state.scheduler.prefix.budget >> 20
     placed = ""

@@ -178,13 +178,18 @@ def test_cpu_split_keeps_the_last_core_for_http_and_a_bad_override_is_one_line(m
 
 
 def _allowed(pid: int, tid: int) -> str:
-    """The cores the thread may run on, as /proc writes them (``0-2,5``)."""
-    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    """The cores the thread may run on, as /proc writes them (``0-2,5``); '' for a thread that has ended."""
+    try:
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    except OSError:
+        return ""
     return next(line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Cpus_allowed_list"))
 
 
 @pytest.mark.skipif(BACKEND != "onnxruntime", reason="serve.cpu_affinity pins threads on the CPU backend only")
 def test_the_cpu_server_runs_its_scheduler_and_its_event_loop_on_cores_of_their_own(served_build: Path, tmp_path):
+    """``serve.cpu_affinity`` as the OS sees it: the server process's main thread (uvicorn's event loop) may run on
+    the last core only, one thread (the scheduler's) on the others only; the announce line says so."""
     import os
 
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []

@@ -922,7 +922,7 @@ class Sampler:
         float32 buffer. Right after a decoder call the CPU's caches hold the decoder's weights and KV cache, not
         this: each array a step allocates fresh is read from memory, and with a temporary per operation (as
         ``np.where`` and friends make) 8 rows of the tiny vocabulary took ~300 us a step in the server against
-        ~190 us alone; in place, the working set is the one array (``benchmarks/sampler_pick.py``)."""
+        ~190 us alone; in place, the working set is the one array (docs/benchmarks.md, eleventh session)."""
         params = [r.req.params for r in rows]
         batch = self._batch(params)
         if batch.penalized:

@@ -186,6 +186,12 @@ def ort_options(threads: int = 0, shared: bool = False) -> Any:
 _ORT_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
 
 
+def ort_float(type_name: str) -> Optional[np.dtype]:
+    """The numpy dtype of an ONNX Runtime float type name (``tensor(float16)``); None for any other type."""
+    name = _ORT_FLOATS.get(type_name)
+    return np.dtype(name) if name else None
+
+
 def feed_for(session: Any, feed: Mapping[str, Any]) -> Dict[str, Any]:
     """``feed`` with each float array in the float type the session's graph declares for that input
     (an FP16 graph's KV cache takes FP16; the reference feeds are FP32). Other arrays pass as they are."""

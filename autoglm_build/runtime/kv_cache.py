@@ -44,6 +44,8 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 import numpy as np
 
+from autoglm_build.onnx_io import ort_float
+
 MIN_PAGE = 16  # columns: the smallest growth step of the capacity
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -513,9 +515,3 @@ class OrtKVCache(KVCache):
             hidden = binding.get_outputs()[0].numpy()
         self.bound = None  # the bindings now hold this step's arrays
         return hidden, {name: self.present[name][rows, :, -1] for name in self.spec.names}
-
-
-def ort_float(type_name: str) -> Optional[np.dtype]:
-    """The numpy dtype of an ONNX Runtime float type name (``tensor(float16)``); None for any other type."""
-    return {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
-            "tensor(double)": np.dtype(np.float64)}.get(type_name)

@@ -314,7 +314,7 @@ def gather_table(path: Path) -> Optional[Tuple[np.ndarray, str, np.dtype]]:
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         info = ExternalDataInfo(tensor)
         data = Path(path).parent / info.location
-        need = int(np.prod(tensor.dims, dtype=np.int64)) * dtype.itemsize
+        need = tensor_bytes(tensor)
         offset = info.offset or 0
         if (info.length is not None and info.length != need) or not data.is_file() or \
                 data.stat().st_size < offset + need:

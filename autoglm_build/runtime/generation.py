@@ -213,6 +213,9 @@ class Scheduler:
         self.fallbacks = 0  # steps launched ahead whose launch or result raised (run again serially)
         self.tokens = 0
         self.logged = time.monotonic()
+        # called on the scheduler's thread at the start of each step, before its engine calls (the server's
+        # EventBridge.tick: the streams' chunks are written while the engine runs)
+        self.tick: Optional[Callable[[], None]] = None
 
     # ---- any thread -------------------------------------------------------------------------
 
@@ -292,6 +295,8 @@ class Scheduler:
     def step(self) -> None:
         """Admit waiting requests (one batched prefill), then one decode step for every row."""
         admitted: List[Request] = []
+        if self.tick is not None:
+            self.tick()
         try:
             admitted = self._admit() if self.flight is None else []  # a step in flight is taken first
             if admitted:

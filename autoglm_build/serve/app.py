@@ -23,7 +23,7 @@ import time
 import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HTTPRequest
@@ -125,6 +125,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.server
     # the scheduler's own thread on its cores; the event loop's thread is pinned by serve(), the server's process
     # (an app in a test's process leaves the test's threads where they are)
+    state.scheduler.tick = bridge(asyncio.get_running_loop()).tick  # the paced streams' flushes (EventBridge)
     state.scheduler.start(cpus=state.cpus[0] if state.cpus is not None else None)
     try:
         yield
@@ -264,7 +265,8 @@ async def parse(request: HTTPRequest, state: ServerState, model):
 async def respond(state: ServerState, body, prompt: Prompt, params: SamplingParams, chat: bool, reasoning: bool):
     """The completion: streamed as server-sent events when the body asks, else one JSON object."""
     # a stream's chunks at most every serve.stream_interval_ms; a whole answer takes its events as they come
-    events, request = submit(state, prompt, params, state.stream_interval if body.stream else 0.0)
+    events, request = submit(state, prompt, params, state.stream_interval if body.stream else 0.0,
+                             bool(body.stream))
     ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     created = int(time.time())
     if body.stream:
@@ -369,38 +371,88 @@ def shown_content(event: Dict[str, Any], reasoning: bool) -> str:
 
 
 class EventBridge:
-    """The scheduler thread's events onto one asyncio loop, many per wakeup of the loop.
+    """The scheduler thread's events onto one asyncio loop, waking the loop as seldom as its readers allow and,
+    where it can, while the scheduler is inside an engine call.
 
-    A decode step emits an event for each of its rows; one ``call_soon_threadsafe`` each (a write to the
-    loop's self-pipe, a wakeup, a callback) cost the loop's thread more than formatting the chunks, and
-    took the GIL from the scheduler as often. Here an event joins a list, and only the first event of an
-    empty list schedules the callback that hands the whole list to the streams' queues, in order. As
-    before, emitting onto a closed loop raises (``RuntimeError``), which ends the row.
+    An event joins a list under a lock; the loop's thread moves the list onto the readers' queues, in order
+    (:meth:`flush`). The scheduler wakes the loop (``call_soon_threadsafe``: a write to the loop's self-pipe) at
+    once only for an event a reader waits for now: a request's last event (done or error), or a delta for a queue
+    whose reader waits on it empty (:attr:`EventQueue.listening`: a stream between chunks, not one pausing for
+    its interval, nor a whole answer, which waits for its last event). The deltas of streams paced by
+    ``serve.stream_interval_ms`` go out on :meth:`tick`: the scheduler calls it before each step's engine calls,
+    and at most once per interval it wakes the loop for every paced stream at once, so the streams' chunks are
+    written while the engine runs without the GIL, not at each stream's own moment between two engine calls.
+
+    Why: on the 2-core dev machine one wakeup per decode step cost the scheduler's thread ~10 % of its rate (the
+    write, and the loop's thread taking the GIL at once), and the streams' own timers, ~1,600 wakeups a second at 8
+    streams, each taking the GIL wherever the scheduler let it go (a numpy call), another ~6 %
+    (docs/benchmarks.md, twelfth session). Emitting onto a closed loop raises (``RuntimeError``), which ends
+    the row, as before.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.lock = threading.Lock()
         self.pending: List[Tuple[asyncio.Queue, Dict[str, Any]]] = []
+        self.scheduled = False  # a flush is scheduled on the loop and has not run yet
+        self.paced: set = set()  # the paced streams' queues (loop thread only, but for len() in tick)
+        self.interval = 0.0  # the paced streams' interval, seconds
+        self.due = 0.0  # time.monotonic() when tick may wake the loop again
+        self.wakeups = 0  # flushes scheduled from another thread
 
     def emit(self, queue: asyncio.Queue, event: Dict[str, Any]) -> None:
         """From any thread: ``event`` onto ``queue`` (a queue of this loop)."""
+        if self.loop.is_closed():  # nobody will read it
+            raise RuntimeError("the event loop is closed")
         with self.lock:
             self.pending.append((queue, event))
-            if len(self.pending) > 1:  # a callback is scheduled and has not taken the list yet
+            if self.scheduled or (event["type"] == "delta" and not getattr(queue, "listening", True)):
                 return
+            self.scheduled = True
+        self._wake(self.flush)
+
+    def tick(self) -> None:
+        """From the scheduler's thread, before a step's engine calls: a flush for the paced streams, if any runs
+        and an interval has passed since the last."""
+        if not self.paced or self.scheduled or time.monotonic() < self.due:
+            return
+        with self.lock:
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.due = time.monotonic() + self.interval
         try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop is closed: nobody will read these
+            self._wake(self.flush_paced)
+        except RuntimeError:  # the loop is closed: its streams are gone
+            pass
+
+    def _wake(self, flush: Callable[[], None]) -> None:
+        self.wakeups += 1
+        try:
+            self.loop.call_soon_threadsafe(flush)
+        except RuntimeError:  # closed meanwhile: nobody will read these
             with self.lock:
                 self.pending.clear()
+                self.scheduled = False
             raise
 
-    def _deliver(self) -> None:
+    def flush(self) -> None:
+        """On the loop's thread: every waiting event onto its queue, in order."""
         with self.lock:
             batch, self.pending = self.pending, []
+            self.scheduled = False
         for queue, event in batch:
             queue.put_nowait(event)
+
+    def flush_paced(self) -> None:
+        """:meth:`flush`, then every paced stream that has something to send ends its pause, if its interval is
+        at least half over: the streams that sent at the last paced flush now, and a stream that sent its first
+        chunk between two takes the next but one, not a chunk half an interval after its first."""
+        self.flush()
+        now = self.loop.time()
+        for queue in self.paced:
+            if not queue.empty() and now >= queue.deadline - self.interval / 2:
+                queue.resume()
 
 
 _bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventBridge] = weakref.WeakKeyDictionary()
@@ -416,11 +468,21 @@ def bridge(loop: asyncio.AbstractEventLoop) -> EventBridge:
 
 class EventQueue(asyncio.Queue):
     """A request's events on its loop. A stream that waits between chunks (:meth:`pause`) is woken at once by the
-    request's last event (done or error): the end of a stream is never held back."""
+    request's last event (done or error): the end of a stream is never held back.
 
-    def __init__(self) -> None:
+    Args:
+        bridge: the :class:`EventBridge` that fills it; :meth:`next_event` flushes it first. None: filled on the
+            loop itself.
+        eager: its reader takes deltas as they come (a stream): while it waits on an empty queue, a delta wakes
+            the loop. False (a whole answer): only the last event does; the deltas come with it.
+    """
+
+    def __init__(self, bridge: Optional[EventBridge] = None, eager: bool = True) -> None:
         super().__init__()
+        self.bridge, self.eager = bridge, eager
         self.final = False  # the done or error event is in
+        self.listening = False  # the reader waits on this queue empty and wants deltas (EventBridge.emit reads it)
+        self.deadline = 0.0  # loop.time() when the current pause ends without a bridge
         self._pausing: Optional[asyncio.Future] = None
 
     def put_nowait(self, item: Dict[str, Any]) -> None:
@@ -429,18 +491,44 @@ class EventQueue(asyncio.Queue):
             self.final = True
             _wake(self._pausing)
 
+    async def next_event(self) -> Dict[str, Any]:
+        """The next event: the bridge's waiting events moved in first, then the queue's first, waited for if
+        there is none (woken by the next delta when ``eager``, else by the last event)."""
+        if self.bridge is None:
+            return await self.get()
+        # listening before the flush: an emit after the flush sees it (under the bridge's lock) and wakes the loop
+        self.listening = self.eager
+        try:
+            self.bridge.flush()
+            return await self.get()
+        finally:
+            self.listening = False
+
     async def pause(self, seconds: float) -> None:
-        """Wait ``seconds``, or until the final event is put, whichever comes first."""
+        """Wait ``seconds``, or until the final event is put, whichever comes first. With a paced bridge, the
+        pause ends at the bridge's paced flush near that time instead (:meth:`EventBridge.tick`,
+        :meth:`EventBridge.flush_paced`), once the queue has something to send; an interval after ``seconds`` at
+        the latest, should the scheduler's ticks stop."""
         if seconds <= 0 or self.final:
             return
         loop = asyncio.get_running_loop()
         self._pausing = waiting = loop.create_future()
-        timer = loop.call_later(seconds, _wake, waiting)
+        self.deadline = loop.time() + seconds
+        paced = self.bridge is not None and self.bridge.interval > 0
+        timer = loop.call_later(seconds + (self.bridge.interval if paced else 0.0), _wake, waiting)
+        if paced:
+            self.bridge.paced.add(self)
         try:
             await waiting
         finally:
             timer.cancel()
             self._pausing = None
+            if paced:
+                self.bridge.paced.discard(self)
+
+    def resume(self) -> None:
+        """End a :meth:`pause` now."""
+        _wake(self._pausing)
 
 
 def _wake(future: Optional[asyncio.Future]) -> None:
@@ -448,12 +536,15 @@ def _wake(future: Optional[asyncio.Future]) -> None:
         future.set_result(None)
 
 
-def submit(state: ServerState, prompt: Prompt, params: SamplingParams,
-           interval: float = 0.0) -> Tuple[AsyncIterator[Dict], Request]:
+def submit(state: ServerState, prompt: Prompt, params: SamplingParams, interval: float = 0.0,
+           stream: bool = True) -> Tuple[AsyncIterator[Dict], Request]:
     """Queue a request; its events arrive on an asyncio queue of the calling loop (``interval``: as
-    :func:`queued_events` takes them)."""
-    queue = EventQueue()
-    emit = bridge(asyncio.get_running_loop()).emit
+    :func:`queued_events` takes them; ``stream``: read as they come, else all at the end)."""
+    found = bridge(asyncio.get_running_loop())
+    if stream and interval > 0:
+        found.interval = interval  # the server's one stream interval
+    queue = EventQueue(found, eager=stream)
+    emit = found.emit
     request = Request(prompt, params, emit=lambda event: emit(queue, event))
     try:
         state.scheduler.submit(request)
@@ -477,6 +568,7 @@ async def queued_events(queue: asyncio.Queue, interval: float = 0.0) -> AsyncIte
     what arrived meanwhile joined to it. The first delta goes at once, and so does the final event (an
     :class:`EventQueue` ends the wait when it arrives)."""
     loop = asyncio.get_running_loop()
+    take = getattr(queue, "next_event", queue.get)  # an EventQueue moves its bridge's waiting events in first
     held: Optional[Dict] = None
     sent: Optional[float] = None  # when the last delta was handed on
     while True:
@@ -484,7 +576,7 @@ async def queued_events(queue: asyncio.Queue, interval: float = 0.0) -> AsyncIte
             left = sent + interval - loop.time()
             pause = getattr(queue, "pause", None)
             await (pause(left) if pause is not None else asyncio.sleep(max(left, 0.0)))
-        event, held = (held, None) if held is not None else (await queue.get(), None)
+        event, held = (held, None) if held is not None else (await take(), None)
         while event["type"] == "delta" and not queue.empty():
             later = queue.get_nowait()
             if later["type"] != "delta" or (event["content"] and later["reasoning"]):

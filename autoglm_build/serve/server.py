@@ -6,6 +6,7 @@ included) to finish; then the app's lifespan stops the scheduler and releases th
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -205,6 +206,11 @@ def serve(state: ServerState, host: str, port: int, log_level: str = "info",
     # before it: make that a no-op, so a drained server exits 0 instead of dying by the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    # what loading made (the engines' Python objects, the app, the libraries) stays: out of the collector's
+    # generations, so a full collection while serving walks only what serving made (the scheduler's thread
+    # runs the collections its allocations trigger, between engine calls)
+    gc.collect()
+    gc.freeze()
     uvicorn.Server(config).run(sockets=[sock])
 
 

@@ -71,6 +71,25 @@ def test_usage_counts_and_length_finish(runtime):
     assert scheduler.tokens == 7 and scheduler.steps == 6  # the first token comes from the prefill
 
 
+def test_the_tick_hook_runs_once_per_step_before_the_step_s_engine_calls(runtime):
+    """``Scheduler.tick`` (the server's paced stream flushes) runs at the start of every step, before its prefill
+    or decode; a scheduler without one runs as before."""
+    cfg, backend, tok = runtime
+    scheduler = Scheduler(backend, cfg, tok, max_batch=4, queue_size=8, context=cfg.engine.context)
+    calls = []
+    scheduler.tick = lambda: calls.append("tick")
+    for name in ("_prefill", "_decode"):
+        work = getattr(scheduler, name)
+        setattr(scheduler, name, lambda *a, work=work, name=name: (calls.append(name), work(*a))[1])
+    prompt = tok.text_prompt("hi")
+    for _ in range(3):
+        scheduler.submit(Request(prompt, SamplingParams(max_tokens=5, ignore_eos=True), emit=lambda e: None))
+    scheduler.run_until_idle()
+    assert calls[0] == "tick" and calls.count("_prefill") == 1 and calls.count("_decode") == scheduler.steps == 4
+    assert all(calls[k - 1] == "tick" for k, call in enumerate(calls) if call != "tick"), calls
+    assert calls.count("tick") == len(calls) - calls.count("tick")  # one per step: each ran a prefill or a decode
+
+
 def test_queue_bound(runtime):
     cfg, backend, tok = runtime
     scheduler = Scheduler(backend, cfg, tok, max_batch=1, queue_size=1, context=cfg.engine.context)

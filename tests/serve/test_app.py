@@ -85,33 +85,104 @@ def test_stream_chunks_built_around_the_value_equal_whole_chunks():
                 assert got == want
 
 
-def test_event_bridge_delivers_every_event_in_order_and_refuses_a_closed_loop():
-    """Events from another thread reach each stream's queue in order, several per loop wakeup; once
-    the loop is closed, emitting raises (the scheduler ends the row)."""
+def _bridged(kinds, steps: int = 60, step_s: float = 0.001, interval: float = 0.01, ticks: bool = True):
+    """A scheduler stand-in on its own thread, emitting through the loop's :class:`EventBridge`: each step ticks
+    (unless ``ticks`` is off), sleeps ``step_s`` (the engine call), then emits one delta per request, and after
+    ``steps`` steps each request's done event. ``kinds``: per request, ``stream`` (a stream with ``interval``),
+    ``eager`` (a stream with no interval) or ``whole`` (a whole answer). Returns per request the ``(seconds since
+    the first step, event)`` its reader took, when the first delta and the done events were emitted, and the
+    loop's wakeups."""
     import asyncio
     import threading
+    import time
 
-    import pytest
-
-    from autoglm_build.serve.app import bridge
+    from autoglm_build.serve.app import EventQueue, bridge, queued_events
 
     async def main():
         loop = asyncio.get_running_loop()
-        queues = [asyncio.Queue() for _ in range(3)]
-        emit = bridge(loop).emit
-        assert bridge(loop).emit == emit
-        sender = threading.Thread(target=lambda: [emit(queues[i % 3], i) for i in range(300)])
-        sender.start()
-        got = []
-        for q in queues:  # an await in a comprehension within a comprehension: Python 3.9 (the harness's) refuses it
-            got.append([await q.get() for _ in range(100)])
-        sender.join()
-        return got, emit
+        found = bridge(loop)
+        found.interval = interval
+        queues = [EventQueue(found, eager=kind != "whole") for kind in kinds]
+        marks = {}
 
-    got, emit = asyncio.run(main())
-    assert got == [list(range(k, 300, 3)) for k in range(3)]
+        def scheduler():
+            start = marks["start"] = time.perf_counter()
+            for step in range(steps):
+                if ticks:
+                    found.tick()
+                time.sleep(step_s)
+                if step == 0:
+                    marks["first"] = time.perf_counter() - start
+                for k, q in enumerate(queues):
+                    found.emit(q, {"type": "delta", "reasoning": "", "content": f"{k}.{step} "})
+            marks["done"] = time.perf_counter() - start
+            for q in queues:
+                found.emit(q, {"type": "done", "finish_reason": "length"})
+
+        async def read(q, kind):
+            got = []
+            async for event in queued_events(q, interval if kind == "stream" else 0.0):
+                got.append((time.perf_counter(), event))
+            return got
+
+        thread = threading.Thread(target=scheduler)
+        thread.start()
+        got = await asyncio.wait_for(asyncio.gather(*(read(q, kind) for q, kind in zip(queues, kinds))), 30)
+        thread.join()
+        return [[(t - marks["start"], e) for t, e in events] for events in got], marks, found.wakeups, found
+
+    return asyncio.run(main())
+
+
+def test_event_bridge_delivers_every_event_in_order_and_refuses_a_closed_loop():
+    """Events from the scheduler's thread reach each reader in order and whole, whatever the reader (a paced
+    stream, a stream with no interval, a whole answer); once the loop is closed, emitting raises (the scheduler
+    ends the row)."""
+    import pytest
+
+    got, _, _, found = _bridged(["stream", "eager", "whole", "stream"], steps=40)
+    for k, events in enumerate(got):
+        assert [e["type"] for _, e in events][-1] == "done"
+        assert "".join(e["content"] for _, e in events[:-1]) == "".join(f"{k}.{step} " for step in range(40))
     with pytest.raises(RuntimeError):
-        emit(None, {"type": "delta"})
+        found.emit(None, {"type": "delta"})
+    found.tick()  # a closed loop's tick does nothing
+
+
+def test_paced_streams_wake_the_loop_once_per_interval_on_the_scheduler_s_tick_and_the_ends_at_once():
+    """With a stream interval, the scheduler's deltas do not wake the loop one by one: its ticks do, at most once
+    per interval, for every paced stream at once (the chunks then go out while the engine runs). The first delta
+    and the done events still wake it at once; a whole answer's deltas never do, its done event does."""
+    steps, interval = 120, 0.012
+    got, marks, wakeups, _ = _bridged(["stream"] * 4, steps=steps, interval=interval)
+    # one wakeup per interval (~10 in 120 ms of steps), the first deltas', the done events': far fewer than the
+    # 480 deltas, or the 120 steps
+    duration = marks["done"]
+    assert wakeups <= duration / interval + 6, (wakeups, duration)
+    for events in got:
+        deltas = [t for t, e in events if e["type"] == "delta"]
+        assert deltas[0] - marks["first"] < interval / 2, (deltas[0], marks["first"])  # the first token at once
+        # chunks an interval apart (the ticks' spacing, a step of slack; never under half of it), not one per step;
+        # the last goes with the done event, at once
+        gaps = sorted(b - a for a, b in zip(deltas, deltas[1:-1]))
+        assert len(deltas) <= duration / interval + 3, deltas
+        assert gaps[0] >= interval / 2 and interval - 0.002 <= gaps[len(gaps) // 2] < 1.5 * interval, gaps
+        assert events[-1][0] - marks["done"] < interval / 2  # the end is not held back
+    whole, marks, wakeups, _ = _bridged(["whole"] * 3, steps=30, interval=interval)
+    assert wakeups == 1  # the done events' (the first one scheduled the flush that took all three)
+    for k, events in enumerate(whole):  # every delta, joined (they waited together), then the done event
+        assert [e["type"] for _, e in events] == ["delta", "done"], events
+        assert events[0][1]["content"] == "".join(f"{k}.{step} " for step in range(30))
+
+
+def test_paced_streams_go_on_when_the_scheduler_s_ticks_stop():
+    """A paced stream whose ticks never come (a scheduler that does not call them) still gets its deltas, an
+    interval after its pause ends at the latest: the pause's own timer flushes the bridge."""
+    interval = 0.01
+    got, marks, _, _ = _bridged(["stream"], steps=60, step_s=0.001, interval=interval, ticks=False)
+    deltas = [t for t, e in got[0] if e["type"] == "delta"]
+    assert 2 <= len(deltas) and max(b - a for a, b in zip(deltas, deltas[1:])) < 2 * interval + 0.01, deltas
+    assert "".join(e["content"] for _, e in got[0][:-1]) == "".join(f"0.{step} " for step in range(60))
 
 
 def test_deltas_waiting_together_go_out_as_one_and_the_text_is_unchanged():

@@ -296,7 +296,10 @@ class Scheduler:
         """Admit waiting requests (one batched prefill), then one decode step for every row."""
         admitted: List[Request] = []
         if self.tick is not None:
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the streams' pacing, not the step's work: say it, serve on
+                log.exception("the step's tick hook raised; the step runs")
         try:
             admitted = self._admit() if self.flight is None else []  # a step in flight is taken first
             if admitted:
@@ -784,6 +787,10 @@ class _Batch(NamedTuple):
     nucleus: np.ndarray  # the rows that sample within a top-p nucleus
 
 
+#: columns per block of :meth:`Sampler._draw`'s two-level running sum
+DRAW_BLOCK = 32
+
+
 class Sampler:
     """Next tokens for the rows of a batch in one pass over their logits: greedy at temperature 0, else
     nucleus sampling, after OpenAI's penalties, over the ids each row may produce. Each row draws one
@@ -820,6 +827,8 @@ class Sampler:
         self._bias: Dict[Tuple[int, bool], np.ndarray] = {}  # (vocab, ignore_eos) -> device_row's bias
         self._kept: Optional[_Batch] = None  # the last batch's parameters as arrays (_batch)
         self._barred_by: Dict[Tuple[Tuple[bool, bool], ...], np.ndarray] = {}  # rows' states -> _barred's mask
+        self._starts = np.arange(0, len(self.ids), DRAW_BLOCK)  # _draw's blocks
+        self._span = np.arange(DRAW_BLOCK)
 
     def join(self, slot: int) -> None:
         self.counts[slot] = 0
@@ -955,14 +964,44 @@ class Sampler:
             if nucleus.size:
                 part = weights[nucleus]
                 weights[nucleus] = part * _nucleus(part / part.sum(axis=1, keepdims=True), batch.top_p[nucleus])
-            weights /= np.add.reduce(weights, axis=1, keepdims=True)
-            cdf = np.add.accumulate(weights, axis=1, out=weights)
-            cdf /= cdf[:, -1:].copy()
-            draws = np.full(len(rows), 2.0)  # greedy rows draw nothing
-            draws[hot] = [rows[k].req.rng.random() for k in hot]
-            sampled = np.minimum(np.add.reduce(cdf <= draws[:, None], axis=1), logits.shape[1] - 1)
-            tokens[hot] = sampled[hot]
+            draws = np.array([rows[k].req.rng.random() for k in hot])  # greedy rows draw nothing
+            tokens[hot] = self._draw(weights if hot.size == len(rows) else weights[hot], draws)
         return tokens
+
+    def _draw(self, weights: np.ndarray, draws: np.ndarray) -> np.ndarray:
+        """Per row of ``weights`` (rows, ``len(ids)``; non-negative, unnormalized), the first column whose running
+        sum exceeds its ``draws`` (uniform in [0, 1)) times the row's total: the inverse of its cumulative
+        distribution, as ``Generator.choice`` draws.
+
+        In two levels, not one running sum over every column: the sums of blocks of :data:`DRAW_BLOCK` columns,
+        their running sum, the block the draw falls in, then the running sum within that block alone. A running
+        sum is a chain of dependent additions (~3 ns a column here, 30 us for 8 rows of the tiny vocabulary,
+        the largest part of a step's sampling); this adds each column once, in a reduction that vectorizes, and
+        chains only the blocks and one block per row (~30 us against ~70 for the normalized one-level pass it
+        replaced, which it equals but for a draw within rounding of a column's edge: none in 160,000 draws).
+        A row whose column comes out with no weight (rounding at the end of the last blocks) takes the one-level
+        pass, as does a NaN row (its first column, as before)."""
+        n = weights.shape[1]
+        starts = self._starts
+        cum = np.add.accumulate(np.add.reduceat(weights, starts, axis=1), axis=1)
+        target = draws * cum[:, -1]
+        index = np.arange(len(draws))
+        block = np.minimum(np.add.reduce(cum <= target[:, None], axis=1), len(starts) - 1)
+        before = cum[index, block - 1]
+        before[block == 0] = 0.0
+        wanted = starts[block][:, None] + self._span
+        cols = np.minimum(wanted, n - 1)
+        segment = weights[index[:, None], cols]
+        segment[cols != wanted] = 0.0  # past the last column: the last block is shorter
+        inner = np.add.accumulate(segment, axis=1)
+        inner += before[:, None]
+        picked = cols[index, np.minimum(np.add.reduce(inner <= target[:, None], axis=1), DRAW_BLOCK - 1)]
+        odd = np.flatnonzero(~(weights[index, picked] > 0))
+        for k in odd:  # rare: the one-level pass
+            cdf = np.add.accumulate(weights[k] / np.add.reduce(weights[k]))
+            cdf /= cdf[-1]
+            picked[k] = min(int(np.add.reduce(cdf <= draws[k])), n - 1)
+        return picked
 
     def _batch(self, params: List[SamplingParams]) -> _Batch:
         """The rows' parameters as arrays, kept while the same requests' parameters come in the same order (a

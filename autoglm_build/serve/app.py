@@ -23,7 +23,7 @@ import time
 import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Any, AsyncIterator, Dict, FrozenSet, List, Optional, Tuple, Union
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HTTPRequest
@@ -131,6 +131,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await run_in_threadpool(state.scheduler.stop)
+        state.scheduler.tick = None
         state.backend.close()
 
 
@@ -391,45 +392,48 @@ class EventBridge:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop = weakref.ref(loop)  # not the loop itself: the bridges' map is keyed weakly by it
         self.lock = threading.Lock()
         self.pending: List[Tuple[asyncio.Queue, Dict[str, Any]]] = []
         self.scheduled = False  # a flush is scheduled on the loop and has not run yet
-        self.paced: set = set()  # the paced streams' queues (loop thread only, but for len() in tick)
+        self.paced: set = set()  # the paced streams' queues while they pause (loop thread; tick reads its size)
         self.interval = 0.0  # the paced streams' interval, seconds
         self.due = 0.0  # time.monotonic() when tick may wake the loop again
         self.wakeups = 0  # flushes scheduled from another thread
 
     def emit(self, queue: asyncio.Queue, event: Dict[str, Any]) -> None:
         """From any thread: ``event`` onto ``queue`` (a queue of this loop)."""
-        if self.loop.is_closed():  # nobody will read it
+        loop = self.loop()
+        if loop is None or loop.is_closed():  # nobody will read it
             raise RuntimeError("the event loop is closed")
         with self.lock:
             self.pending.append((queue, event))
             if self.scheduled or (event["type"] == "delta" and not getattr(queue, "listening", True)):
                 return
             self.scheduled = True
-        self._wake(self.flush)
+        self._wake(loop)
 
     def tick(self) -> None:
-        """From the scheduler's thread, before a step's engine calls: a flush for the paced streams, if any runs
-        and an interval has passed since the last."""
+        """From the scheduler's thread, before a step's engine calls: a flush for the paced streams, if any
+        pauses, an interval has passed since the last such, and no flush is scheduled already (that one ends their
+        pauses as well: :meth:`flush`)."""
         if not self.paced or self.scheduled or time.monotonic() < self.due:
             return
+        loop = self.loop()
         with self.lock:
-            if self.scheduled:
+            if self.scheduled or loop is None:
                 return
             self.scheduled = True
         self.due = time.monotonic() + self.interval
         try:
-            self._wake(self.flush_paced)
+            self._wake(loop)
         except RuntimeError:  # the loop is closed: its streams are gone
             pass
 
-    def _wake(self, flush: Callable[[], None]) -> None:
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
         self.wakeups += 1
         try:
-            self.loop.call_soon_threadsafe(flush)
+            loop.call_soon_threadsafe(self.flush)
         except RuntimeError:  # closed meanwhile: nobody will read these
             with self.lock:
                 self.pending.clear()
@@ -437,22 +441,21 @@ class EventBridge:
             raise
 
     def flush(self) -> None:
-        """On the loop's thread: every waiting event onto its queue, in order."""
+        """On the loop's thread: every waiting event onto its queue, in order; then each paced stream that has
+        something to send ends its pause if its interval is at least half over. At a tick's flush that is every
+        stream that sent at the one before; a stream that sent its first chunk between two ticks waits for the
+        next but one rather than send again half an interval later."""
         with self.lock:
             batch, self.pending = self.pending, []
             self.scheduled = False
         for queue, event in batch:
             queue.put_nowait(event)
-
-    def flush_paced(self) -> None:
-        """:meth:`flush`, then every paced stream that has something to send ends its pause, if its interval is
-        at least half over: the streams that sent at the last paced flush now, and a stream that sent its first
-        chunk between two takes the next but one, not a chunk half an interval after its first."""
-        self.flush()
-        now = self.loop.time()
-        for queue in self.paced:
-            if not queue.empty() and now >= queue.deadline - self.interval / 2:
-                queue.resume()
+        if self.paced:
+            loop = self.loop()
+            now = loop.time() if loop is not None else 0.0
+            for queue in self.paced:
+                if not queue.empty() and now >= queue.deadline - self.interval / 2:
+                    queue.resume()
 
 
 _bridges: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventBridge] = weakref.WeakKeyDictionary()
@@ -474,7 +477,8 @@ class EventQueue(asyncio.Queue):
         bridge: the :class:`EventBridge` that fills it; :meth:`next_event` flushes it first. None: filled on the
             loop itself.
         eager: its reader takes deltas as they come (a stream): while it waits on an empty queue, a delta wakes
-            the loop. False (a whole answer): only the last event does; the deltas come with it.
+            the loop. False (a whole answer): only its last event wakes the loop; its deltas come with it (or with
+            another reader's flush before it).
     """
 
     def __init__(self, bridge: Optional[EventBridge] = None, eager: bool = True) -> None:
@@ -507,7 +511,7 @@ class EventQueue(asyncio.Queue):
     async def pause(self, seconds: float) -> None:
         """Wait ``seconds``, or until the final event is put, whichever comes first. With a paced bridge, the
         pause ends at the bridge's paced flush near that time instead (:meth:`EventBridge.tick`,
-        :meth:`EventBridge.flush_paced`), once the queue has something to send; an interval after ``seconds`` at
+        :meth:`EventBridge.flush`), once the queue has something to send; an interval after ``seconds`` at
         the latest, should the scheduler's ticks stop."""
         if seconds <= 0 or self.final:
             return

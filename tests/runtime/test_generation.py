@@ -460,3 +460,52 @@ def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
             np.testing.assert_array_equal(got, want, err_msg=f"case {case}, {again}")
             for a, b in zip(rows_ref, rows_new):
                 assert a.req.rng.random() == b.req.rng.random(), case
+
+
+def test_the_two_level_draw_picks_the_one_level_pass_s_column(runtime):
+    """``Sampler._draw`` (block sums, then one block's running sum) picks the column the normalized one-level
+    running sum picks: over rows of every spread, rows with barred (zero) columns and blocks, weight only at the
+    first or last column, a last block all zero with a draw next to 1, and a NaN row (its first column). A picked
+    column always has weight; and the draws follow the distribution."""
+    from autoglm_build.runtime.generation import Sampler
+
+    _, _, tok = runtime
+    sampler = Sampler(tok, slots=8)
+    n = len(sampler.ids)
+    assert n % 32, "the tiny vocabulary's last block is a short one"
+
+    def one_level(weights, draws):
+        cdf = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
+        cdf /= cdf[:, -1:]
+        return np.minimum((cdf <= draws[:, None]).sum(axis=1), n - 1)
+
+    rng = np.random.default_rng(11)
+    for case in range(2000):
+        rows = int(rng.integers(1, 9))
+        weights = np.exp(rng.standard_normal((rows, n)) * rng.choice([0.1, 1.0, 4.0, 12.0]))
+        weights[:, rng.integers(0, n, int(rng.integers(0, 600)))] = 0.0
+        if case % 7 == 0:
+            weights[0, -(n % 32) - 64:] = 0.0  # the last blocks empty
+        if case % 11 == 0:
+            weights[-1] = 0.0
+            weights[-1, rng.choice([0, n - 1, int(rng.integers(0, n))])] = 1.0
+        draws = rng.random(rows)
+        picked = sampler._draw(weights.copy(), draws)
+        np.testing.assert_array_equal(picked, one_level(weights, draws), err_msg=f"case {case}")
+        assert (weights[np.arange(rows), picked] > 0).all()
+        if case % 5 == 0:  # a draw next to 1: a column with weight, with none but rounding's worth after it
+            edge = sampler._draw(weights.copy(), np.full(rows, 1.0 - 2.0 ** -53))
+            for row, column in enumerate(edge):
+                assert weights[row, column] > 0
+                assert weights[row, column + 1:].sum() <= 1e-12 * weights[row].sum(), (case, row, column)
+    nan = np.ones((2, n))
+    nan[1, 5] = np.nan
+    assert sampler._draw(nan, np.array([0.5, 0.5]))[1] == 0
+    # the frequencies of 20,000 draws over 6 columns of known weight (the rest barred)
+    weights = np.zeros((1, n))
+    columns = [3, 40, 41, 700, n - 2, n - 1]
+    weights[0, columns] = [1, 2, 3, 4, 5, 5]
+    counts = np.bincount([int(sampler._draw(weights, rng.random(1))[0]) for _ in range(20000)], minlength=n)
+    assert counts.sum() == counts[columns].sum()
+    expected = 20000 * np.array([1, 2, 3, 4, 5, 5]) / 20
+    assert (((counts[columns] - expected) ** 2) / expected).sum() < 20.5  # chi-square, 5 dof: p < 0.001

@@ -125,9 +125,11 @@ def _bridged(kinds, steps: int = 60, step_s: float = 0.001, interval: float = 0.
                 got.append((time.perf_counter(), event))
             return got
 
+        readers = [asyncio.ensure_future(read(q, kind)) for q, kind in zip(queues, kinds)]
+        await asyncio.sleep(0.01)  # every reader waits on its queue before the first step
         thread = threading.Thread(target=scheduler)
         thread.start()
-        got = await asyncio.wait_for(asyncio.gather(*(read(q, kind) for q, kind in zip(queues, kinds))), 30)
+        got = await asyncio.wait_for(asyncio.gather(*readers), 30)
         thread.join()
         return [[(t - marks["start"], e) for t, e in events] for events in got], marks, found.wakeups, found
 
@@ -146,7 +148,9 @@ def test_event_bridge_delivers_every_event_in_order_and_refuses_a_closed_loop():
         assert "".join(e["content"] for _, e in events[:-1]) == "".join(f"{k}.{step} " for step in range(40))
     with pytest.raises(RuntimeError):
         found.emit(None, {"type": "delta"})
-    found.tick()  # a closed loop's tick does nothing
+    found.paced.add(object())  # a stream that paused when the loop closed: the tick finds no loop to wake
+    found.due, found.scheduled = 0.0, False
+    found.tick()
 
 
 def test_paced_streams_wake_the_loop_once_per_interval_on_the_scheduler_s_tick_and_the_ends_at_once():
@@ -156,9 +160,9 @@ def test_paced_streams_wake_the_loop_once_per_interval_on_the_scheduler_s_tick_a
     steps, interval = 120, 0.012
     got, marks, wakeups, _ = _bridged(["stream"] * 4, steps=steps, interval=interval)
     # one wakeup per interval (~10 in 120 ms of steps), the first deltas', the done events': far fewer than the
-    # 480 deltas, or the 120 steps
+    # 480 deltas, or the 120 steps (a loaded machine adds a few: a stream that waits past its pause listens)
     duration = marks["done"]
-    assert wakeups <= duration / interval + 6, (wakeups, duration)
+    assert wakeups < steps / 3, (wakeups, duration)
     for events in got:
         deltas = [t for t, e in events if e["type"] == "delta"]
         assert deltas[0] - marks["first"] < interval / 2, (deltas[0], marks["first"])  # the first token at once
@@ -168,11 +172,18 @@ def test_paced_streams_wake_the_loop_once_per_interval_on_the_scheduler_s_tick_a
         assert len(deltas) <= duration / interval + 3, deltas
         assert gaps[0] >= interval / 2 and interval - 0.002 <= gaps[len(gaps) // 2] < 1.5 * interval, gaps
         assert events[-1][0] - marks["done"] < interval / 2  # the end is not held back
+    # beside a stream with no interval (its every delta wakes the loop, so the ticks find a flush scheduled and
+    # skip): that flush ends the paced streams' pauses too, an interval apart still
+    mixed, _, _, _ = _bridged(["stream"] * 3 + ["eager"], steps=steps, interval=interval)
+    for events in mixed[:3]:
+        deltas = [t for t, e in events if e["type"] == "delta"]
+        gaps = sorted(b - a for a, b in zip(deltas, deltas[1:-1]))
+        assert gaps[0] >= interval / 2 and gaps[len(gaps) // 2] < 1.5 * interval, gaps
     whole, marks, wakeups, _ = _bridged(["whole"] * 3, steps=30, interval=interval)
-    assert wakeups == 1  # the done events' (the first one scheduled the flush that took all three)
-    for k, events in enumerate(whole):  # every delta, joined (they waited together), then the done event
-        assert [e["type"] for _, e in events] == ["delta", "done"], events
-        assert events[0][1]["content"] == "".join(f"{k}.{step} " for step in range(30))
+    assert 1 <= wakeups <= 3  # the done events' alone (one of them, or each if the loop flushed between them)
+    for k, events in enumerate(whole):  # every delta (joined where they waited together), then the done event
+        assert events[-1][1]["type"] == "done" and events[-1][0] >= marks["done"]
+        assert "".join(e["content"] for _, e in events[:-1]) == "".join(f"{k}.{step} " for step in range(30))
 
 
 def test_paced_streams_go_on_when_the_scheduler_s_ticks_stop():

@@ -827,8 +827,14 @@ class Sampler:
         self._bias: Dict[Tuple[int, bool], np.ndarray] = {}  # (vocab, ignore_eos) -> device_row's bias
         self._kept: Optional[_Batch] = None  # the last batch's parameters as arrays (_batch)
         self._barred_by: Dict[Tuple[Tuple[bool, bool], ...], np.ndarray] = {}  # rows' states -> _barred's mask
-        self._starts = np.arange(0, len(self.ids), DRAW_BLOCK)  # _draw's blocks
-        self._span = np.arange(DRAW_BLOCK)
+        # _draw's blocks: their first columns, each block's columns (the last block's, past the last column, repeat
+        # it) and which of them are its own (1.0) or not (0.0), row numbers
+        n = len(self.ids)
+        self._starts = np.arange(0, n, DRAW_BLOCK)
+        wanted = self._starts[:, None] + np.arange(DRAW_BLOCK)
+        self._columns = np.minimum(wanted, n - 1)
+        self._inside = (wanted < n).astype(np.float64)
+        self._rows = np.arange(slots)
 
     def join(self, slot: int) -> None:
         self.counts[slot] = 0
@@ -983,19 +989,22 @@ class Sampler:
         pass, as does a NaN row (its first column, as before)."""
         n = weights.shape[1]
         starts = self._starts
-        cum = np.add.accumulate(np.add.reduceat(weights, starts, axis=1), axis=1)
+        # the blocks' running sums after a 0: ``ahead[:, b]`` is the weight before block b
+        ahead = np.zeros((len(draws), len(starts) + 1))
+        cum = np.add.accumulate(np.add.reduceat(weights, starts, axis=1), axis=1, out=ahead[:, 1:])
         target = draws * cum[:, -1]
-        index = np.arange(len(draws))
-        block = np.minimum(np.add.reduce(cum <= target[:, None], axis=1), len(starts) - 1)
-        before = cum[index, block - 1]
-        before[block == 0] = 0.0
-        wanted = starts[block][:, None] + self._span
-        cols = np.minimum(wanted, n - 1)
-        segment = weights[index[:, None], cols]
-        segment[cols != wanted] = 0.0  # past the last column: the last block is shorter
-        inner = np.add.accumulate(segment, axis=1)
+        index = self._rows[:len(draws)]
+        block = np.add.reduce(cum <= target[:, None], axis=1)
+        np.minimum(block, len(starts) - 1, out=block)
+        before = ahead[index, block]
+        columns = self._columns[block]
+        segment = weights[index[:, None], columns]
+        segment *= self._inside[block]  # past the last column: the last block is shorter
+        inner = np.add.accumulate(segment, axis=1, out=segment)
         inner += before[:, None]
-        picked = cols[index, np.minimum(np.add.reduce(inner <= target[:, None], axis=1), DRAW_BLOCK - 1)]
+        within = np.add.reduce(inner <= target[:, None], axis=1)
+        np.minimum(within, DRAW_BLOCK - 1, out=within)
+        picked = columns[index, within]
         odd = np.flatnonzero(~(weights[index, picked] > 0))
         for k in odd:  # rare: the one-level pass
             cdf = np.add.accumulate(weights[k] / np.add.reduce(weights[k]))

@@ -216,6 +216,8 @@ class StopMatcher:
 
     def feed(self, delta: str) -> Tuple[str, bool]:
         """(text safe to release, whether a stop string was hit)."""
+        if not self.stops:  # nothing to match or hold back (most requests)
+            return delta, False
         self.pending += delta
         for stop in self.stops:
             at = self.pending.find(stop)

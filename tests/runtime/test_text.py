@@ -25,6 +25,9 @@ def test_stop_matcher_holds_back_possible_prefixes():
     assert m.feed("ST") == ("", False)
     assert m.feed("ay") == ("STay", False)
     assert m.flush() == ""
+    m = StopMatcher(["", ""])  # no stop strings (empty ones are none): every delta as it comes, nothing held
+    assert [m.feed(d) for d in ("S", "TOP", "\n\n")] == [("S", False), ("TOP", False), ("\n\n", False)]
+    assert m.flush() == ""
 
 
 def test_generation_never_samples_placeholders_or_undecodable_ids(tiny_cfg):

@@ -125,13 +125,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.server
     # the scheduler's own thread on its cores; the event loop's thread is pinned by serve(), the server's process
     # (an app in a test's process leaves the test's threads where they are)
-    state.scheduler.tick = bridge(asyncio.get_running_loop()).tick  # the paced streams' flushes (EventBridge)
+    # streams paced on the scheduler's engine calls where those hold its thread (ONNX Runtime): the chunks are written
+    # while the engine runs (EventBridge); a scheduler that launches its steps ahead (the GPU) leaves the streams their
+    # own timers, as its waits are short and come at no fixed point
+    paced = bridge(asyncio.get_running_loop()) if not state.scheduler.overlapping else None
+    if paced is not None:
+        paced.pacing, state.scheduler.tick = True, paced.tick
     state.scheduler.start(cpus=state.cpus[0] if state.cpus is not None else None)
     try:
         yield
     finally:
         await run_in_threadpool(state.scheduler.stop)
-        state.scheduler.tick = None
+        if paced is not None:
+            paced.pacing, state.scheduler.tick = False, None
         state.backend.close()
 
 
@@ -379,10 +385,16 @@ class EventBridge:
     (:meth:`flush`). The scheduler wakes the loop (``call_soon_threadsafe``: a write to the loop's self-pipe) at
     once only for an event a reader waits for now: a request's last event (done or error), or a delta for a queue
     whose reader waits on it empty (:attr:`EventQueue.listening`: a stream between chunks, not one pausing for
-    its interval, nor a whole answer, which waits for its last event). The deltas of streams paced by
-    ``serve.stream_interval_ms`` go out on :meth:`tick`: the scheduler calls it before each step's engine calls,
-    and at most once per interval it wakes the loop for every paced stream at once, so the streams' chunks are
-    written while the engine runs without the GIL, not at each stream's own moment between two engine calls.
+    its interval, nor a whole answer, which waits for its last event); a stream paused by
+    ``serve.stream_interval_ms`` finds the deltas waiting when its pause ends, and flushes them itself
+    (:meth:`EventQueue.next_event`).
+
+    With :attr:`pacing` (the app sets it where the scheduler's engine calls hold its thread: ONNX Runtime) the
+    paused streams' pauses end on :meth:`tick` instead of their own timers: the scheduler calls it before each
+    step's engine calls, and at most once per interval it wakes the loop for every paused stream at once, so their
+    chunks are written while the engine runs without the GIL, not at each stream's own moment between two engine
+    calls. A scheduler that launches its steps ahead (the GPU) has short waits at no fixed point; its streams keep
+    their own timers.
 
     Why: on the 2-core dev machine one wakeup per decode step cost the scheduler's thread ~10 % of its rate (the
     write, and the loop's thread taking the GIL at once), and the streams' own timers, ~1,600 wakeups a second at 8
@@ -397,6 +409,7 @@ class EventBridge:
         self.pending: List[Tuple[asyncio.Queue, Dict[str, Any]]] = []
         self.scheduled = False  # a flush is scheduled on the loop and has not run yet
         self.paced: set = set()  # the paced streams' queues while they pause (loop thread; tick reads its size)
+        self.pacing = False  # the scheduler calls tick before its engine calls: streams pause until its flushes
         self.interval = 0.0  # the paced streams' interval, seconds
         self.due = 0.0  # time.monotonic() when tick may wake the loop again
         self.wakeups = 0  # flushes scheduled from another thread
@@ -518,7 +531,7 @@ class EventQueue(asyncio.Queue):
         loop = asyncio.get_running_loop()
         self._pausing = waiting = loop.create_future()
         self.deadline = loop.time() + seconds
-        paced = self.bridge is not None and self.bridge.interval > 0
+        paced = self.bridge is not None and self.bridge.pacing and self.bridge.interval > 0
         timer = loop.call_later(seconds + (self.bridge.interval if paced else 0.0), _wake, waiting)
         if paced:
             self.bridge.paced.add(self)

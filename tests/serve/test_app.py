@@ -85,11 +85,13 @@ def test_stream_chunks_built_around_the_value_equal_whole_chunks():
                 assert got == want
 
 
-def _bridged(kinds, steps: int = 60, step_s: float = 0.001, interval: float = 0.01, ticks: bool = True):
+def _bridged(kinds, steps: int = 60, step_s: float = 0.001, interval: float = 0.01, ticks: bool = True,
+             pacing: bool = True):
     """A scheduler stand-in on its own thread, emitting through the loop's :class:`EventBridge`: each step ticks
     (unless ``ticks`` is off), sleeps ``step_s`` (the engine call), then emits one delta per request, and after
     ``steps`` steps each request's done event. ``kinds``: per request, ``stream`` (a stream with ``interval``),
-    ``eager`` (a stream with no interval) or ``whole`` (a whole answer). Returns per request the ``(seconds since
+    ``eager`` (a stream with no interval) or ``whole`` (a whole answer); ``pacing``: the bridge's (the app sets it
+    for a scheduler whose engine calls hold its thread). Returns per request the ``(seconds since
     the first step, event)`` its reader took, when the first delta and the done events were emitted, and the
     loop's wakeups."""
     import asyncio
@@ -101,7 +103,7 @@ def _bridged(kinds, steps: int = 60, step_s: float = 0.001, interval: float = 0.
     async def main():
         loop = asyncio.get_running_loop()
         found = bridge(loop)
-        found.interval = interval
+        found.interval, found.pacing = interval, pacing
         queues = [EventQueue(found, eager=kind != "whole") for kind in kinds]
         marks = {}
 
@@ -179,6 +181,14 @@ def test_paced_streams_wake_the_loop_once_per_interval_on_the_scheduler_s_tick_a
         deltas = [t for t, e in events if e["type"] == "delta"]
         gaps = sorted(b - a for a, b in zip(deltas, deltas[1:-1]))
         assert gaps[0] >= interval / 2 and gaps[len(gaps) // 2] < 1.5 * interval, gaps
+    # without pacing (a scheduler that launches its steps ahead) each stream's own timer ends its pause, an interval
+    # after its last chunk; the deltas still wake nothing
+    timed, marks, wakeups, _ = _bridged(["stream"] * 4, steps=steps, interval=interval, ticks=False, pacing=False)
+    assert wakeups < steps / 3, wakeups
+    for events in timed:
+        deltas = [t for t, e in events if e["type"] == "delta"]
+        gaps = sorted(b - a for a, b in zip(deltas, deltas[1:-1]))
+        assert gaps[0] >= interval - 0.001 and gaps[len(gaps) // 2] < 1.5 * interval, gaps
     whole, marks, wakeups, _ = _bridged(["whole"] * 3, steps=30, interval=interval)
     assert 1 <= wakeups <= 3  # the done events' alone (one of them, or each if the loop flushed between them)
     for k, events in enumerate(whole):  # every delta (joined where they waited together), then the done event
@@ -305,3 +315,40 @@ def test_the_stream_interval_override_is_checked_before_any_engine_loads(monkeyp
             build_state(cfg, tmp_path / "no-build")
     monkeypatch.delenv(STREAM_INTERVAL_ENV)
     assert stream_interval(cfg) == cfg.serve.stream_interval_ms / 1000
+
+
+def test_the_app_paces_streams_on_the_scheduler_s_ticks_only_where_its_engine_calls_hold_its_thread():
+    """The app's lifespan hands the scheduler its loop's ``EventBridge.tick`` (and sets the bridge's pacing) when the
+    scheduler's steps run on its own thread (ONNX Runtime), not when it launches them ahead (the GPU); both are
+    undone when the app stops."""
+    import asyncio
+
+    from autoglm_build.serve.app import bridge
+
+    class Scheduler(_Scheduler):
+        tick = None
+
+        def __init__(self, overlapping):
+            self.overlapping = overlapping
+            self.seen = None
+
+        def start(self, cpus=None):
+            self.seen = self.tick
+
+        def stop(self):
+            pass
+
+    class Backend(_Backend):
+        def close(self):
+            pass
+
+    for overlapping in (False, True):
+        scheduler = Scheduler(overlapping)
+        state = ServerState(cfg=load_config(TINY), backend=Backend(), tokenizer=None, scheduler=scheduler,
+                            model_ids=["m"])
+        with TestClient(create_app(state)) as client:
+            loop = client.portal.call(asyncio.get_running_loop)
+            found = bridge(loop)
+            assert found.pacing is (not overlapping)
+            assert (scheduler.seen == found.tick) is (not overlapping) and (scheduler.seen is None) is overlapping
+        assert scheduler.tick is None and not found.pacing

@@ -720,12 +720,14 @@ class Scheduler:
                 self._end(row, exc)
 
     def _advance(self, row: _Row, token: int) -> str:
-        """The token's bookkeeping, all that the next pick reads: the ids and their counts, the thinking
-        span, a stop id, ``max_tokens``. Returns its kind for :meth:`_deliver`: ``stop`` (a stop id),
-        ``close`` (``</think>``), ``reasoning`` or ``content``."""
+        """The token's bookkeeping, all that the next pick reads: the ids and their counts (a request with
+        penalties: only those read the counts, as factors of its own penalties), the thinking span, a stop id,
+        ``max_tokens``. Returns its kind for :meth:`_deliver`: ``stop`` (a stop id), ``close`` (``</think>``),
+        ``reasoning`` or ``content``."""
         req, tok = row.req, self.tokenizer
         req.token_ids.append(token)
-        self.sampler.count(row.slot, token)
+        if req.params.frequency_penalty or req.params.presence_penalty:
+            self.sampler.count(row.slot, token)
         self.tokens += 1
         row.pending = token
         if token in tok.stop_ids and not req.params.ignore_eos:

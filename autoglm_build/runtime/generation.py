@@ -216,6 +216,7 @@ class Scheduler:
         # called on the scheduler's thread at the start of each step, before its engine calls (the server's
         # EventBridge.tick: the streams' chunks are written while the engine runs)
         self.tick: Optional[Callable[[], None]] = None
+        self.tick_failures = 0
 
     # ---- any thread -------------------------------------------------------------------------
 
@@ -298,8 +299,10 @@ class Scheduler:
         if self.tick is not None:
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 - the streams' pacing, not the step's work: say it, serve on
-                log.exception("the step's tick hook raised; the step runs")
+            except Exception:  # noqa: BLE001 - the streams' pacing, not the step's work: say it (once), serve on
+                if not self.tick_failures:
+                    log.exception("the step's tick hook raised (said once); the steps run on")
+                self.tick_failures += 1
         try:
             admitted = self._admit() if self.flight is None else []  # a step in flight is taken first
             if admitted:
@@ -720,14 +723,12 @@ class Scheduler:
                 self._end(row, exc)
 
     def _advance(self, row: _Row, token: int) -> str:
-        """The token's bookkeeping, all that the next pick reads: the ids and their counts (a request with
-        penalties: only those read the counts, as factors of its own penalties), the thinking span, a stop id,
-        ``max_tokens``. Returns its kind for :meth:`_deliver`: ``stop`` (a stop id), ``close`` (``</think>``),
-        ``reasoning`` or ``content``."""
+        """The token's bookkeeping, all that the next pick reads: the ids and their counts, the thinking
+        span, a stop id, ``max_tokens``. Returns its kind for :meth:`_deliver`: ``stop`` (a stop id),
+        ``close`` (``</think>``), ``reasoning`` or ``content``."""
         req, tok = row.req, self.tokenizer
         req.token_ids.append(token)
-        if req.params.frequency_penalty or req.params.presence_penalty:
-            self.sampler.count(row.slot, token)
+        self.sampler.count(row.slot, token)
         self.tokens += 1
         row.pending = token
         if token in tok.stop_ids and not req.params.ignore_eos:
@@ -829,14 +830,11 @@ class Sampler:
         self._bias: Dict[Tuple[int, bool], np.ndarray] = {}  # (vocab, ignore_eos) -> device_row's bias
         self._kept: Optional[_Batch] = None  # the last batch's parameters as arrays (_batch)
         self._barred_by: Dict[Tuple[Tuple[bool, bool], ...], np.ndarray] = {}  # rows' states -> _barred's mask
-        # _draw's blocks: their first columns, each block's columns (the last block's, past the last column, repeat
-        # it) and which of them are its own (1.0) or not (0.0), row numbers
+        # _draw's blocks: their first columns, and each block's columns (the last block's, past the last column,
+        # repeat it: a draw past the block's own sum, by rounding, picks the last column)
         n = len(self.ids)
         self._starts = np.arange(0, n, DRAW_BLOCK)
-        wanted = self._starts[:, None] + np.arange(DRAW_BLOCK)
-        self._columns = np.minimum(wanted, n - 1)
-        self._inside = (wanted < n).astype(np.float64)
-        self._rows = np.arange(slots)
+        self._columns = np.minimum(self._starts[:, None] + np.arange(DRAW_BLOCK), n - 1)
 
     def join(self, slot: int) -> None:
         self.counts[slot] = 0
@@ -995,13 +993,12 @@ class Sampler:
         ahead = np.zeros((len(draws), len(starts) + 1))
         cum = np.add.accumulate(np.add.reduceat(weights, starts, axis=1), axis=1, out=ahead[:, 1:])
         target = draws * cum[:, -1]
-        index = self._rows[:len(draws)]
+        index = np.arange(len(draws))
         block = np.add.reduce(cum <= target[:, None], axis=1)
         np.minimum(block, len(starts) - 1, out=block)
         before = ahead[index, block]
         columns = self._columns[block]
         segment = weights[index[:, None], columns]
-        segment *= self._inside[block]  # past the last column: the last block is shorter
         inner = np.add.accumulate(segment, axis=1, out=segment)
         inner += before[:, None]
         within = np.add.reduce(inner <= target[:, None], axis=1)

@@ -71,7 +71,7 @@ def test_usage_counts_and_length_finish(runtime):
     assert scheduler.tokens == 7 and scheduler.steps == 6  # the first token comes from the prefill
 
 
-def test_the_tick_hook_runs_once_per_step_before_the_step_s_engine_calls(runtime):
+def test_the_tick_hook_runs_once_per_step_before_the_step_s_engine_calls(runtime, caplog):
     """``Scheduler.tick`` (the server's paced stream flushes) runs at the start of every step, before its prefill
     or decode; a scheduler without one runs as before."""
     cfg, backend, tok = runtime
@@ -88,6 +88,17 @@ def test_the_tick_hook_runs_once_per_step_before_the_step_s_engine_calls(runtime
     assert calls[0] == "tick" and calls.count("_prefill") == 1 and calls.count("_decode") == scheduler.steps == 4
     assert all(calls[k - 1] == "tick" for k, call in enumerate(calls) if call != "tick"), calls
     assert calls.count("tick") == len(calls) - calls.count("tick")  # one per step: each ran a prefill or a decode
+
+    def broken():
+        raise RuntimeError("tick")
+
+    again = Scheduler(backend, cfg, tok, max_batch=4, queue_size=8, context=cfg.engine.context)
+    again.tick = broken  # a hook that raises: said once, and the steps run on
+    events = []
+    again.submit(Request(prompt, SamplingParams(max_tokens=5, ignore_eos=True), emit=events.append))
+    again.run_until_idle()
+    assert events[-1]["type"] == "done" and again.tick_failures == again.steps + 1 == 5
+    assert sum("tick hook raised" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_queue_bound(runtime):
@@ -498,6 +509,10 @@ def test_the_two_level_draw_picks_the_one_level_pass_s_column(runtime):
             for row, column in enumerate(edge):
                 assert weights[row, column] > 0
                 assert weights[row, column + 1:].sum() <= 1e-12 * weights[row].sum(), (case, row, column)
+    few = Sampler(tok, slots=2)  # more rows than the sampler's slots (a caller outside the scheduler)
+    weights = np.exp(rng.standard_normal((5, n)))
+    draws = rng.random(5)
+    np.testing.assert_array_equal(few._draw(weights.copy(), draws), one_level(weights, draws))
     nan = np.ones((2, n))
     nan[1, 5] = np.nan
     assert sampler._draw(nan, np.array([0.5, 0.5]))[1] == 0

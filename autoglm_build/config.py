@@ -340,7 +340,9 @@ class ServeConfig(_Section):
         5.0, ge=0, le=1000, description="a stream's chunks at most this often: the tokens generated meanwhile go out "
         "as one chunk (the first token at once, the same text; fewer chunks for the server to write and the client "
         "to parse: vLLM's stream_interval, in time). 5 ms: invisible to a reader, and the tiny server's median decode "
-        "rate at 8 streams on an H200 rose from 8,165 to 9,700 tok/s; 0: a chunk per token as it comes")
+        "rate at 8 streams on an H200 rose from 8,165 to 9,700 tok/s; 0: a chunk per token as it comes. On ONNX "
+        "Runtime the streams' chunks go out together before one of the scheduler's engine calls (a stream's second "
+        "chunk may then follow its first by half the interval)")
     select_k: int = Field(
         64, ge=1, le=3840, description="candidates a sampled row draws from on the GPU (its top-p nucleus cut to the k "
         "most probable; 3,840: TensorRT's TopK limit)")

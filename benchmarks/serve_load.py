@@ -533,9 +533,10 @@ def capacity_line(cfg, stats: dict) -> str:
     """The largest batch x context the server's engines hold (its ``/ready``: the decode profile's rows and the context,
     as the engines cap them) and the keys/values that take at the decoder's cache dtype (FP16 on TensorRT, where the
     device cache holds them from the server's start; the host cache grows to them)."""
-    t = cfg.text
+    from autoglm_build.bench import kv_cache_bytes
+
     rows, context = stats["max_batch"], stats["context"]
-    per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * 2  # keys and values, FP16
+    per_token = kv_cache_bytes(cfg, 1)  # keys and values, FP16
     mib = rows * context * per_token / 2**20
     return (f"largest batch x context the engines hold: {rows} x {context:,} tokens = {mib:,.0f} MiB of FP16 "
             f"keys/values ({per_token / 1024:g} KiB a token)")

@@ -890,7 +890,7 @@ class Sampler:
         hot = [k for k in free if k not in greedy]  # temperature > 0 (or NaN: the full pass decides)
         if hot:
             some = logits if len(hot) == len(rows) else logits[hot]
-            picked = self.ids[self._pick(some.take(self.ids, axis=1).astype(np.float64), [rows[k] for k in hot])]
+            picked = self.ids[self._pick(some.take(self.ids, axis=1), [rows[k] for k in hot])]
             for k, token in zip(hot, picked):
                 tokens[k] = int(token)
         return tokens
@@ -934,17 +934,22 @@ class Sampler:
         return int(ids[best])
 
     def _pick(self, logits: np.ndarray, rows: List[_Row]) -> np.ndarray:
-        """The token column of each row of ``logits`` (rows, ``len(ids)``; float64, the caller's copy, which this
-        overwrites): the penalties, the ids barred, then argmax (temperature 0) or a draw from the softmax at the
-        row's temperature, within its top-p nucleus.
+        """The token column of each row of ``logits`` (rows, ``len(ids)``; the caller's copy, which this overwrites
+        where it has the working dtype): the penalties, the ids barred, then argmax (temperature 0) or a draw from
+        the softmax at the row's temperature, within its top-p nucleus.
 
-        The arithmetic is a fixed sequence (a float32 exp, float64 sums); it runs in place on ``logits`` and one
-        float32 buffer. Right after a decoder call the CPU's caches hold the decoder's weights and KV cache, not
-        this: each array a step allocates fresh is read from memory, and with a temporary per operation (as
-        ``np.where`` and friends make) 8 rows of the tiny vocabulary took ~300 us a step in the server against
-        ~190 us alone; in place, the working set is the one array (docs/benchmarks.md, eleventh session)."""
+        The arithmetic is a fixed sequence: float64 up to the exp where some row has penalties (as :meth:`_greedy`
+        computes them), else float32 (the logits' own precision; one float32 rounding of ``x / T`` and of its
+        difference to the row's maximum, where the float64 pass rounds once); a float32 exp; float64 sums
+        (:meth:`_draw`). It runs in place on ``logits`` (and one float32 buffer for a float64 pass). Right after a
+        decoder call the CPU's caches hold the decoder's weights and KV cache, not this: each array a step allocates
+        fresh is read from memory, and with a temporary per operation (as ``np.where`` and friends make) 8 rows of
+        the tiny vocabulary took ~300 us a step in the server against ~190 us alone; in place, the working set is
+        the one array (docs/benchmarks.md, eleventh session)."""
         params = [r.req.params for r in rows]
         batch = self._batch(params)
+        # float64 where penalties are subtracted (as _greedy computes them), else float32: the logits' own values
+        logits = logits.astype(np.float64 if batch.penalized else np.float32, copy=False)
         if batch.penalized:
             counts = self.counts[[r.slot for r in rows]]
             logits -= batch.frequency[:, None] * counts
@@ -962,13 +967,16 @@ class Sampler:
             # (a few microseconds each, twice that right after a decoder call)
             weights -= np.maximum.reduce(weights, axis=1, keepdims=True)
             # exp in float32: numpy's float64 exp has no AVX2 kernel (1.0 ms for 8 x 4096 here, 0.15 ms in
-            # float32); a float32 exp is within 1e-7 of it, and the sums and the draw stay float64
-            single = weights.astype(np.float32)
-            np.exp(single, out=single)
-            weights[...] = single
+            # float32); a float32 exp is within 1e-7 of it, and the sums and the draw are float64
+            if weights.dtype == np.float32:
+                np.exp(weights, out=weights)
+            else:
+                single = weights.astype(np.float32)
+                np.exp(single, out=single)
+                weights[...] = single
             nucleus = batch.nucleus
             if nucleus.size:
-                part = weights[nucleus]
+                part = weights[nucleus].astype(np.float64)
                 weights[nucleus] = part * _nucleus(part / part.sum(axis=1, keepdims=True), batch.top_p[nucleus])
             draws = np.array([rows[k].req.rng.random() for k in hot])  # greedy rows draw nothing
             tokens[hot] = self._draw(weights if hot.size == len(rows) else weights[hot], draws)
@@ -991,22 +999,22 @@ class Sampler:
         starts = self._starts
         # the blocks' running sums after a 0: ``ahead[:, b]`` is the weight before block b
         ahead = np.zeros((len(draws), len(starts) + 1))
-        cum = np.add.accumulate(np.add.reduceat(weights, starts, axis=1), axis=1, out=ahead[:, 1:])
+        cum = np.add.accumulate(np.add.reduceat(weights, starts, axis=1, dtype=np.float64), axis=1, out=ahead[:, 1:])
         target = draws * cum[:, -1]
         index = np.arange(len(draws))
         block = np.add.reduce(cum <= target[:, None], axis=1)
         np.minimum(block, len(starts) - 1, out=block)
         before = ahead[index, block]
         columns = self._columns[block]
-        segment = weights[index[:, None], columns]
-        inner = np.add.accumulate(segment, axis=1, out=segment)
+        inner = np.add.accumulate(weights[index[:, None], columns], axis=1, dtype=np.float64)
         inner += before[:, None]
         within = np.add.reduce(inner <= target[:, None], axis=1)
         np.minimum(within, DRAW_BLOCK - 1, out=within)
         picked = columns[index, within]
         odd = np.flatnonzero(~(weights[index, picked] > 0))
         for k in odd:  # rare: the one-level pass
-            cdf = np.add.accumulate(weights[k] / np.add.reduce(weights[k]))
+            row = weights[k].astype(np.float64)
+            cdf = np.add.accumulate(row / np.add.reduce(row))
             cdf /= cdf[-1]
             picked[k] = min(int(np.add.reduce(cdf <= draws[k])), n - 1)
         return picked

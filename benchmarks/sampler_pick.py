@@ -3,7 +3,7 @@ launch, for ``--rows`` rows of 151,552 logits, every id producible (the checkpoi
 tokenizer used elsewhere lets only 1,237 ids through, which hides this cost).
 
 Two request shapes, each timed through the path before the greedy rows' pass (``Sampler._pick`` over
-every row, float64) and through ``Sampler.pick`` as the server runs it, side by side in one run:
+every row) and through ``Sampler.pick`` as the server runs it, side by side in one run:
 
 - ``agent``: the phone agent's requests (temperature 0, top-p 0.85, frequency penalty 0.2), ~200 ids
   generated per row;
@@ -11,7 +11,9 @@ every row, float64) and through ``Sampler.pick`` as the server runs it, side by 
 
 Measured on the 2-core dev CPU (8 rows, median of 20 picks, another job sharing the CPU), us per pick,
 full pass -> now: agent 21,893 -> 1,039 (the same ids); sampled 40,064 -> 44,493 (the same full pass
-both ways: the sampling rows still go through it, 5 ms a row here).
+both ways: the sampling rows still go through it, 5 ms a row here). Twelfth session (medians of 9, the CPU
+to itself), after the float32 pass from the temperature on and the two-level draw (``Sampler._draw``):
+agent 10,986-11,560 -> 617-634; sampled 5,478-6,332 -> 5,120-5,275, 0.7 ms a row.
 
     python benchmarks/sampler_pick.py [--rows 8] [--vocab 151552] [--repeat 20]
 """
@@ -83,7 +85,7 @@ def main() -> int:
         batch = rows(sampler, args.rows, params, rng)
 
         def before(batch=batch):
-            return list(sampler.ids[sampler._pick(np.take(logits, sampler.ids, axis=1).astype(np.float64), batch)])
+            return list(sampler.ids[sampler._pick(np.take(logits, sampler.ids, axis=1), batch)])
 
         def now(batch=batch):
             return sampler.pick(logits, batch)

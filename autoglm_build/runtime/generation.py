@@ -938,19 +938,18 @@ class Sampler:
         where it has the working dtype): the penalties, the ids barred, then argmax (temperature 0) or a draw from
         the softmax at the row's temperature, within its top-p nucleus.
 
-        The arithmetic is a fixed sequence: float64 up to the exp where some row has penalties (as :meth:`_greedy`
-        computes them), else float32 (the logits' own precision; one float32 rounding of ``x / T`` and of its
-        difference to the row's maximum, where the float64 pass rounds once); a float32 exp; float64 sums
-        (:meth:`_draw`). It runs in place on ``logits`` (and one float32 buffer for a float64 pass). Right after a
+        The arithmetic is a fixed sequence, each row's its own whatever shares its batch: the penalties in float64
+        (as :meth:`_greedy` computes them), the barred ids, the greedy rows' argmax; then in float32 (the logits'
+        own precision) the difference to the row's maximum over its temperature and the exp; float64 sums
+        (:meth:`_draw`). It runs in place on ``logits`` (a float32 copy after a float64 pass). Right after a
         decoder call the CPU's caches hold the decoder's weights and KV cache, not this: each array a step allocates
         fresh is read from memory, and with a temporary per operation (as ``np.where`` and friends make) 8 rows of
         the tiny vocabulary took ~300 us a step in the server against ~190 us alone; in place, the working set is
         the one array (docs/benchmarks.md, eleventh session)."""
         params = [r.req.params for r in rows]
         batch = self._batch(params)
-        # float64 where penalties are subtracted (as _greedy computes them), else float32: the logits' own values
-        logits = logits.astype(np.float64 if batch.penalized else np.float32, copy=False)
-        if batch.penalized:
+        if batch.penalized:  # in float64, as _greedy computes them (the logits' float32 values are exact in it)
+            logits = logits.astype(np.float64, copy=False)
             counts = self.counts[[r.slot for r in rows]]
             logits -= batch.frequency[:, None] * counts
             logits -= batch.presence[:, None] * (counts > 0)
@@ -961,19 +960,18 @@ class Sampler:
         else:
             tokens = logits.argmax(axis=1)
         if hot.size:  # over every row (whole-array operations are cheaper than picking rows first)
-            weights = logits  # from here on, in place
-            weights /= batch.divisor
+            # from here on in float32, in place: the logits' own values (a penalized row's rounded once), so a row
+            # computes the same numbers whatever shares its batch
+            weights = logits.astype(np.float32, copy=False)
             # the ufuncs' own reductions: what ``.max``/``.sum``/``np.cumsum`` call, without their Python wrappers
-            # (a few microseconds each, twice that right after a decoder call)
+            # (a few microseconds each, twice that right after a decoder call); the maximum first, then the
+            # temperature, so a tiny temperature sends the others to -inf, not the row to inf - inf
             weights -= np.maximum.reduce(weights, axis=1, keepdims=True)
+            with np.errstate(over="ignore"):  # past float32's range: -inf, a weight of 0, as meant
+                weights /= batch.divisor
             # exp in float32: numpy's float64 exp has no AVX2 kernel (1.0 ms for 8 x 4096 here, 0.15 ms in
-            # float32); a float32 exp is within 1e-7 of it, and the sums and the draw are float64
-            if weights.dtype == np.float32:
-                np.exp(weights, out=weights)
-            else:
-                single = weights.astype(np.float32)
-                np.exp(single, out=single)
-                weights[...] = single
+            # float32); the sums and the draw are float64
+            np.exp(weights, out=weights)
             nucleus = batch.nucleus
             if nucleus.size:
                 part = weights[nucleus].astype(np.float64)

@@ -392,8 +392,9 @@ def test_greedy_rows_pick_what_the_full_pass_picks(runtime):
 
 
 def _reference_pick(sampler, logits, rows):
-    """``Sampler._pick`` as it was before it worked in place (a temporary per operation): the oracle the in-place
-    pass must equal token for token."""
+    """``Sampler._pick``'s arithmetic with a temporary per operation and a one-level running sum: the oracle the
+    in-place pass must equal token for token. (The penalties in float64; from the temperature on, float32, the
+    maximum subtracted before the division; the exp in float32; float64 sums.)"""
     from autoglm_build.runtime.generation import _nucleus
 
     params = [r.req.params for r in rows]
@@ -412,8 +413,10 @@ def _reference_pick(sampler, logits, rows):
     temperature = np.array([p.temperature for p in params])
     hot = np.flatnonzero(temperature > 0)
     if hot.size:
-        scaled = masked / np.where(temperature > 0, temperature, 1.0)[:, None]
-        weights = np.exp((scaled - scaled.max(axis=1, keepdims=True)).astype(np.float32)).astype(np.float64)
+        single = masked.astype(np.float32)
+        shifted = single - single.max(axis=1, keepdims=True)
+        scaled = (shifted / np.where(temperature > 0, temperature, 1.0)[:, None]).astype(np.float32)
+        weights = np.exp(scaled).astype(np.float64)
         top_p = np.array([p.top_p for p in params])
         nucleus = np.flatnonzero((top_p < 1.0) & (temperature > 0))
         if nucleus.size:
@@ -524,3 +527,59 @@ def test_the_two_level_draw_picks_the_one_level_pass_s_column(runtime):
     assert counts.sum() == counts[columns].sum()
     expected = 20000 * np.array([1, 2, 3, 4, 5, 5]) / 20
     assert (((counts[columns] - expected) ** 2) / expected).sum() < 20.5  # chi-square, 5 dof: p < 0.001
+
+
+def test_a_sampled_row_draws_the_same_token_whatever_shares_its_batch(runtime):
+    """A seeded row's token, and its generator's state after, are the same alone and beside rows with penalties (a
+    float64 pass for the penalties) or without, in front or behind: its weights are the same numbers, bit for bit;
+    float16 logits give their float32 values' token; a temperature too small for float32 division picks what greedy
+    picks."""
+    from types import SimpleNamespace
+
+    from autoglm_build.runtime.generation import Sampler
+
+    _, _, tok = runtime
+    sampler = Sampler(tok, slots=4)
+    seen = []  # each _draw's weights
+    draw = sampler._draw
+    sampler._draw = lambda weights, draws: (seen.append(weights.copy()), draw(weights, draws))[1]
+    rng = np.random.default_rng(21)
+    n = len(sampler.ids)
+
+    def row(slot, params, seed, thinking=False):
+        return SimpleNamespace(slot=slot, req=SimpleNamespace(params=params, thinking=thinking,
+                                                              rng=np.random.default_rng(seed)))
+
+    for case in range(300):
+        for slot in range(4):
+            sampler.join(slot)
+            for token in rng.choice(sampler.ids, size=int(rng.integers(0, 20))):
+                sampler.count(slot, int(token))
+        params = SamplingParams(temperature=float(rng.choice([0.3, 0.7, 1.0, 1.5])),
+                                top_p=float(rng.choice([1.0, 0.9, 0.5])),
+                                frequency_penalty=float(rng.choice([0.0, 0.0, 0.4])),
+                                presence_penalty=float(rng.choice([0.0, 0.3])))
+        neighbour = SamplingParams(temperature=float(rng.choice([0.0, 0.8])),
+                                   frequency_penalty=float(rng.choice([0.0, 0.5, -0.2])))
+        logits = (rng.standard_normal((2, n)) * rng.choice([1.0, 4.0, 12.0])).astype(np.float32)
+        if case % 3 == 0:
+            logits = logits.astype(np.float16)
+        seed = int(rng.integers(0, 2**31))
+        alone = row(0, params, seed)
+        token = sampler._pick(logits[:1].copy(), [alone])[0]
+        weights = seen[-1][0]
+        for order in ((0, 1), (1, 0)):
+            rows = [row(0, params, seed), row(1, neighbour, seed + 1)]
+            both = sampler._pick(logits[list(order)].copy(), [rows[k] for k in order])
+            assert both[order.index(0)] == token, (case, order)
+            hot = [k for k in order if rows[k].req.params.temperature > 0]  # the rows _draw got, in batch order
+            np.testing.assert_array_equal(seen[-1][hot.index(0)], weights, err_msg=f"case {case}, {order}")
+            assert rows[0].req.rng.random() == alone.req.rng.random()
+            alone = row(0, params, seed)
+            sampler._pick(logits[:1].copy(), [alone])
+        if case % 3 == 0:
+            assert sampler._pick(logits[:1].astype(np.float32), [row(0, params, seed)])[0] == token
+    tiny = SamplingParams(temperature=1e-38)
+    logits = rng.standard_normal((1, n)).astype(np.float32)
+    best = int(np.argmax(np.where(sampler.allowed & (np.arange(n) != sampler.close), logits[0], -np.inf)))
+    assert sampler._pick(logits.copy(), [row(0, tiny, 1)])[0] == best

@@ -333,7 +333,8 @@ async def phase(url: str, clients: int, max_tokens: int, timeout: float, light: 
             "decode_per_s": sum(max(r["tokens"] - 1, 0) for r in ok) / decode_window if decode_window else np.nan,
             "decode_steps": stats["decode_steps"], "overlapped_steps": stats.get("overlapped_steps", 0),
             "device_select": stats.get("device_select"), "cuda_graphs": stats.get("cuda_graphs"),
-            "max_batch": stats["max_batch"], "context": stats["context"]}
+            "max_batch": stats["max_batch"], "context": stats["context"], "kv_dtype": stats["kv_dtype"],
+            "kv_bytes_per_token": stats["kv_bytes_per_token"]}
 
 
 # ---- the phone agent's sessions ----------------------------------------------------------------
@@ -531,14 +532,14 @@ ENGINE_ALONE = {"tensorrt": "embed and decoder engines on the server's KV cache 
 
 def capacity_line(cfg, stats: dict) -> str:
     """The largest batch x context the server's engines hold (its ``/ready``: the decode profile's rows and the context,
-    as the engines cap them) and the keys/values that take at the decoder's cache dtype (FP16 on TensorRT, where the
-    device cache holds them from the server's start; the host cache grows to them)."""
-    from autoglm_build.bench import kv_cache_bytes
-
+    as the engines cap them) and the keys/values that take in the server's cache, at its own dtype (``/ready``'s
+    ``kv_dtype``: FP16 on TensorRT, where the device cache holds them from the server's start; ONNX Runtime's host
+    cache, at its graph's dtype, grows to them)."""
     rows, context = stats["max_batch"], stats["context"]
-    per_token = kv_cache_bytes(cfg, 1)  # keys and values, FP16
+    per_token = stats["kv_bytes_per_token"]
     mib = rows * context * per_token / 2**20
-    return (f"largest batch x context the engines hold: {rows} x {context:,} tokens = {mib:,.0f} MiB of FP16 "
+    kind = {"float16": "FP16", "float32": "FP32", "bfloat16": "BF16"}.get(stats["kv_dtype"], stats["kv_dtype"])
+    return (f"largest batch x context the engines hold: {rows} x {context:,} tokens = {mib:,.0f} MiB of {kind} "
             f"keys/values ({per_token / 1024:g} KiB a token)")
 
 

@@ -238,7 +238,10 @@ class Scheduler:
                     "prefill_tokens": self.prefill_tokens,
                     "prefill_positions": self.prefill_positions, "prefix_cache": self.prefix.stats(),
                     "device_select": self.selecting,
-                    "cuda_graphs": self.cache.graphs.describe() if self.graphing else None}
+                    "cuda_graphs": self.cache.graphs.describe() if self.graphing else None,
+                    # the cache's own element type (the decoder's past_*: FP32 on ONNX Runtime's FP32 graph, FP16
+                    # on the engines) and what one token's keys and values take in it
+                    "kv_dtype": self.cache.dtype.name, "kv_bytes_per_token": self.cache.block_bytes(1)}
 
     @property
     def graphing(self) -> bool:

@@ -67,6 +67,34 @@ def _wait(server, **want):
     raise AssertionError(f"server stats {_stats(server)} never reached {want}")
 
 
+def test_ready_states_the_kv_cache_s_own_dtype_and_what_a_token_takes(server):
+    """``/ready`` says the cache's element type (the decoder's ``past_*``: FP32 on ONNX Runtime's FP32 graph, FP16 on
+    the engines) and the bytes one token's keys and values take in it; the load benchmark's capacity line reads
+    both, through its own phase's summary."""
+    import asyncio
+    import sys
+
+    import numpy as np
+
+    from autoglm_build.bench import kv_cache_bytes
+    from autoglm_build.config import load_config
+    from tests.conftest import ROOT, TINY
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from serve_load import capacity_line, phase
+    finally:
+        sys.path.pop(0)
+    stats = asyncio.run(phase(server.url, 1, 2, 60))  # one stream of 2 tokens: the summary the benchmark prints from
+    assert stats["errors"] == 0, stats["first_error"]
+    cfg = load_config(TINY)
+    want = "float16" if _stats(server)["backend"] == "tensorrt" else "float32"
+    assert stats["kv_dtype"] == want
+    assert stats["kv_bytes_per_token"] == kv_cache_bytes(cfg, 1, np.dtype(want).itemsize)
+    mib = stats["max_batch"] * stats["context"] * stats["kv_bytes_per_token"] / 2**20
+    assert f"= {mib:,.0f} MiB of {'FP16' if want == 'float16' else 'FP32'} keys/values" in capacity_line(cfg, stats)
+
+
 def test_queue_full_is_429_and_a_client_that_leaves_frees_its_slot(strict_server):
     url = strict_server.url + CHAT
     with httpx.Client(timeout=60, headers=_auth()) as a, httpx.Client(timeout=60, headers=_auth()) as b:

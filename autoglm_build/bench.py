@@ -38,6 +38,7 @@ from autoglm_build.config import BuildConfig
 from autoglm_build.errors import UserError
 from autoglm_build.manifest import Manifest, StageRecord
 from autoglm_build.modules import registry
+from autoglm_build.runtime.kv_cache import CacheSpec
 
 Feed = Dict[str, np.ndarray]
 BACKENDS = ("tensorrt", "torch", "onnxruntime")
@@ -56,17 +57,11 @@ def decoder_parameters(cfg: BuildConfig) -> int:
     return t.num_hidden_layers * layer + h + t.vocab_size * h
 
 
-def kv_cache_bytes(cfg: BuildConfig, tokens: int, element_bytes: int = 2) -> int:
-    """Bytes of the decoder's keys and values for ``tokens`` tokens (all rows), ``element_bytes`` each (2: FP16)."""
-    t = cfg.text
-    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * element_bytes * tokens
-
-
 def decode_step_bytes(cfg: BuildConfig, batch: int, past: int, precision: str) -> int:
     """Bytes one decode step must read: every weight once, and the batch's KV cache."""
     weight_bytes = {"fp32": 4, "fp16": 2, "int8": 1}[precision]
     cache_bytes = 4 if precision == "fp32" else 2
-    return decoder_parameters(cfg) * weight_bytes + kv_cache_bytes(cfg, batch * past, cache_bytes)
+    return decoder_parameters(cfg) * weight_bytes + CacheSpec.of(cfg.text).bytes(batch * past, cache_bytes)
 
 
 def vision_flops(cfg: BuildConfig, patches: Sequence[int]) -> int:

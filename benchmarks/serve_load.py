@@ -213,7 +213,7 @@ def trt_engine_rate(backend, cfg, tokenizer, batch: int, ids: list, steps: int, 
     context = min(cfg.engine.context, backend.context or cfg.engine.context)  # as the scheduler caps it
     chunk = min(cfg.engine.prefill_tokens, backend.prefill_chunk or cfg.engine.prefill_tokens)
     rows = min(getattr(cfg.engine, "prefill_rows", batch), batch, getattr(backend, "prefill_batch", None) or batch)
-    cache = backend.kv_cache(CacheSpec(t.num_hidden_layers, t.num_key_value_heads, t.head_dim), batch, context)
+    cache = backend.kv_cache(CacheSpec.of(t), batch, context)
     candidates = Sampler(tokenizer, batch).ids
     cache.logit_columns = (int(candidates[0]), int(candidates[-1]) + 1)
     if select:

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autoglm_build.bench import cases, decode_step_bytes, decoder_parameters, find_case, kv_cache_bytes, vision_flops
+from autoglm_build.bench import cases, decode_step_bytes, decoder_parameters, find_case, vision_flops
 from autoglm_build.cli import app
 from autoglm_build.config import load_config
 from autoglm_build.errors import UserError
 from autoglm_build.manifest import Manifest
+from autoglm_build.runtime.kv_cache import CacheSpec
 from tests.conftest import TINY
 
 
@@ -63,7 +64,7 @@ def test_floor_sizes_match_the_modules(tiny_cfg):
     t = tiny_cfg.text
     kv = 2 * t.num_hidden_layers * 8 * t.num_key_value_heads * 512 * t.head_dim * 2
     assert decode_step_bytes(tiny_cfg, 8, 512, "fp16") == 2 * decoder_parameters(tiny_cfg) + kv
-    assert kv_cache_bytes(tiny_cfg, 8 * 512) == kv  # what serve_load's capacity line counts too
+    assert CacheSpec.of(tiny_cfg.text).bytes(8 * 512, 2) == kv  # what the server's caches count (block_bytes)
 
 
 def test_a_later_run_shows_the_rows_an_earlier_one_stored(tiny_build_copy: Path):

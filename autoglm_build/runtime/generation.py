@@ -185,7 +185,7 @@ class Scheduler:
         self.prefill_tokens = 0  # prompt tokens run through the decoder (reused ones are not)
         self.prefill_positions = 0  # decoder positions of prefill calls, padding included
         self.queue_size = queue_size
-        spec = CacheSpec(cfg.text.num_hidden_layers, cfg.text.num_key_value_heads, cfg.text.head_dim)
+        spec = CacheSpec.of(cfg.text)
         make = getattr(backend, "kv_cache", None)  # a bare test double gets host arrays
         self.cache: KVCache = make(spec, self.max_batch, self.context) if make else \
             KVCache(backend, spec, self.max_batch, self.context)

@@ -89,10 +89,19 @@ class CacheSpec:
     kv_heads: int
     head_dim: int
 
+    @classmethod
+    def of(cls, text: Any) -> CacheSpec:
+        """The geometry of a build config's ``text`` section."""
+        return cls(text.num_hidden_layers, text.num_key_value_heads, text.head_dim)
+
     @property
     def names(self) -> List[str]:
         """``key.0``, ``value.0``, ``key.1``, ... (the graph's ``past_<name>``/``present_<name>``)."""
         return [f"{kind}.{i}" for i in range(self.layers) for kind in ("key", "value")]
+
+    def bytes(self, tokens: int, itemsize: int) -> int:
+        """Bytes of ``tokens`` tokens' keys and values (every layer), ``itemsize`` bytes an element."""
+        return 2 * self.layers * self.kv_heads * tokens * self.head_dim * itemsize
 
 
 def mutates(method: Method) -> Method:
@@ -287,8 +296,7 @@ class KVCache:
 
     def block_bytes(self, tokens: int) -> int:
         """Bytes one block of ``tokens`` columns holds (every layer's keys and values)."""
-        s = self.spec
-        return len(s.names) * s.kv_heads * tokens * s.head_dim * self.dtype.itemsize
+        return self.spec.bytes(tokens, self.dtype.itemsize)
 
     @mutates
     def save_block(self, slot: int, start: int, stop: int) -> Any:

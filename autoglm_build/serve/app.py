@@ -125,10 +125,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: ServerState = app.state.server
     # the scheduler's own thread on its cores; the event loop's thread is pinned by serve(), the server's process
     # (an app in a test's process leaves the test's threads where they are)
+    state.scheduler.start(cpus=state.cpus[0] if state.cpus is not None else None)
     # streams paced on the scheduler's engine calls where those hold its thread (ONNX Runtime): the chunks are written
     # while the engine runs (EventBridge); a scheduler that launches its steps ahead (the GPU) leaves the streams their
     # own timers, as its waits are short and come at no fixed point
-    state.scheduler.start(cpus=state.cpus[0] if state.cpus is not None else None)
     paced = bridge(asyncio.get_running_loop()) if not state.scheduler.overlapping else None
     if paced is not None:  # read by the scheduler's thread at each step, from its next step on
         paced.pacing, state.scheduler.tick = True, paced.tick

@@ -76,8 +76,8 @@ def test_ready_states_the_kv_cache_s_own_dtype_and_what_a_token_takes(server):
 
     import numpy as np
 
-    from autoglm_build.bench import kv_cache_bytes
     from autoglm_build.config import load_config
+    from autoglm_build.runtime.kv_cache import CacheSpec
     from tests.conftest import ROOT, TINY
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -90,7 +90,7 @@ def test_ready_states_the_kv_cache_s_own_dtype_and_what_a_token_takes(server):
     cfg = load_config(TINY)
     want = "float16" if _stats(server)["backend"] == "tensorrt" else "float32"
     assert stats["kv_dtype"] == want
-    assert stats["kv_bytes_per_token"] == kv_cache_bytes(cfg, 1, np.dtype(want).itemsize)
+    assert stats["kv_bytes_per_token"] == CacheSpec.of(cfg.text).bytes(1, np.dtype(want).itemsize)
     mib = stats["max_batch"] * stats["context"] * stats["kv_bytes_per_token"] / 2**20
     assert f"= {mib:,.0f} MiB of {'FP16' if want == 'float16' else 'FP32'} keys/values" in capacity_line(cfg, stats)
 

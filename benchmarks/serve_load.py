@@ -1,12 +1,14 @@
 """``autoglm-build serve`` on loopback against its own decoder: decode tokens/s at 1 and 8 streams.
 
-First it times the engine alone at 1 and at 8 rows, on the same shapes the server will see (the
-clients' prompt, then ``--max-tokens - 1`` decode steps), with the backend the server picks, and closes
-it before any server starts: on ONNX Runtime the decoder graph with each step's ``present_*`` bound as
-the next ``past_*`` (no embedding, no sampling, no copies to numpy: :func:`ort_engine_rate`); on
-TensorRT the embed and decoder engines (every stage of a staged decoder) on the server's own KV cache
-on the GPU, with the sampler's logits brought to the host (:func:`trt_engine_rate` says exactly what a
-step holds). ``--engine-only`` prints those rates as JSON and stops there.
+It times the engine alone at 1 and at 8 rows, on the same shapes the server will see (the clients' prompt, then
+``--max-tokens - 1`` decode steps), with the backend the server picks: on ONNX Runtime the decoder graph with each
+step's ``present_*`` bound as the next ``past_*`` (no embedding, no sampling, no copies to numpy:
+:func:`ort_engine_rate`); on TensorRT the embed and decoder engines (every stage of a staged decoder) on the server's
+own KV cache on the GPU, with the sampler's logits brought to the host (:func:`trt_engine_rate` says exactly what a
+step holds). On TensorRT the engine is timed first and closed before any server starts; on ONNX Runtime it stays
+open beside the server and each of its runs is paired with a server run right after it (:func:`paired_runs`: a
+shared CPU's speed drifts between runs a minute apart; ``--no-pair`` times it first, as on TensorRT).
+``--engine-only`` prints those rates as JSON and stops there.
 
 Then it sends 1, and then 8, concurrent streaming chat requests (sampled with seeds, EOS ignored; httpx
 reading the SSE lines, so the client takes little CPU from the server) to one server started with
@@ -563,9 +565,10 @@ def pin_load_generator(args, cfg, backend: str) -> str:
     """On the CPU backend, the load generator (this process's main thread, where its clients run) onto the core the
     server keeps for HTTP (``serve.cpu_affinity``, :func:`~autoglm_build.serve.server.cpu_split`), so the clients
     take no time from the scheduler's core: on a 2-core machine they otherwise share it with the graphs being
-    measured, as clients on other machines never would. Called after the server started (it inherits nothing) and
-    the engine alone was timed. Returns the core ('' where not pinned: ``--no-pin-client``, or the server does not
-    split its cores: TensorRT, one core, the option off)."""
+    measured, as clients on other machines never would. Called after the server started (it inherits nothing); a
+    paired engine run moves this thread to the scheduler's cores and back (:func:`paired_runs`). Returns the core
+    ('' where not pinned: ``--no-pin-client``, or the server does not split its cores: TensorRT, one core, the
+    option off)."""
     import os
 
     from autoglm_build.serve.server import cpu_split
@@ -577,28 +580,68 @@ def pin_load_generator(args, cfg, backend: str) -> str:
     return ",".join(str(c) for c in sorted(split[1]))
 
 
-def engine_alone(args, cfg) -> dict:
-    """The engine-alone decode rates at 1 and 8 rows, the backend closed before any server starts (the GPU
-    is the engine's alone, and holds one copy of the engines at a time)."""
+def open_engine(args, cfg):
+    """The backend the engine-alone rates run on: the server's own (``--backend``), ONNX Runtime with the server's
+    threads (``serve.cpu_threads``), so it is the engine the server runs."""
     from autoglm_build.runtime.backends import open_backend
     from autoglm_build.serve.server import cpu_threads
 
+    return open_backend(Path(args.workdir), ["embed", "decoder"], args.backend, threads=cpu_threads(cfg))
+
+
+def engine_alone(args, cfg, backend, rates: Optional[dict] = None) -> dict:
+    """The engine-alone decode rates at 1 and 8 rows (``rates``: already measured, as the paired runs do) and what
+    they ran on."""
     ids, tokenizer = prompt_ids(args)
-    # ONNX Runtime with the server's own threads (serve.cpu_threads): the same engine the server runs
-    backend = open_backend(Path(args.workdir), ["embed", "decoder"], args.backend, threads=cpu_threads(cfg))
-    try:
+    if rates is None:
         rates = {streams: median_run([engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1)
                                       for _ in range(args.repeat)]) for streams in (1, 8)}
-        selected = {streams: median_run([engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1,
-                                                     select=True) for _ in range(args.repeat)])
-                    for streams in (1, 8)} if args.engine_select and backend.name == "tensorrt" else {}
-        d = backend.describe()
-    finally:
-        backend.close()
+    selected = {streams: median_run([engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1,
+                                                 select=True) for _ in range(args.repeat)])
+                for streams in (1, 8)} if args.engine_select and backend.name == "tensorrt" else {}
+    d = backend.describe()
     staged = d["backend"] == "onnxruntime" and rates[8].get("cache") != "bound"
     what = (ENGINE_ALONE["staged"] if staged else ENGINE_ALONE[d["backend"]]).format(cache=rates[8]["cache"])
     return {"backend": d["backend"], "precision": d["precision"], "prompt": len(ids), "what": what,
             "rates": rates, "select_rates": {k: v for k, v in selected.items() if v is not None}}
+
+
+def served_summary(runs: list) -> dict:
+    """One stream count's server runs: the median run, every run's errors, the first error and the last run."""
+    return {**median_run(runs, "decode_per_s"), "errors": sum(r["errors"] for r in runs),
+            "first_error": next((r["first_error"] for r in runs if r["first_error"]), ""), "last": runs[-1]}
+
+
+def paired_runs(args, cfg, backend, url: str, split) -> Tuple[dict, dict, dict]:
+    """On a host backend (ONNX Runtime), each engine-alone run right before a server run at the same stream count,
+    ``--repeat`` pairs per count, the engine on the scheduler's cores and the load generator on the HTTP core
+    (``split``; None: where the OS puts them). The machine's speed drifts (a shared 2-core VM moved by a fifth
+    within a minute in the twelfth session's runs), and the two halves of a pair see the same drift where an
+    engine timed before the server starts and a server timed after do not.
+
+    Returns:
+        (the engine's rates per stream count as :func:`engine_alone` takes them, the server's per count as
+        :func:`served_summary` gives them with ``ratios``, each pair's server over engine, beside them)."""
+    import os
+
+    ids, tokenizer = prompt_ids(args)
+
+    def pin(cores) -> None:
+        if split is not None:
+            os.sched_setaffinity(0, cores)
+
+    engine, served, ratios = {}, {}, {}
+    for streams in (1, 8):
+        pairs = []
+        for _ in range(args.repeat):
+            pin(split[0] if split else None)
+            alone = engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1)
+            pin(split[1] if split else None)
+            pairs.append((alone, asyncio.run(phase(url, streams, args.max_tokens, args.timeout))))
+        engine[streams] = median_run([alone for alone, _ in pairs])
+        served[streams] = served_summary([run for _, run in pairs])
+        ratios[streams] = [run["decode_per_s"] / alone["tokens_per_s"] for alone, run in pairs]
+    return engine, served, ratios
 
 
 def main() -> int:
@@ -610,7 +653,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64, help="streams of the load phase (0: none)")
     parser.add_argument("--load-tokens", type=int, default=64, help="tokens per stream in the load phase")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase before giving up")
-    parser.add_argument("--repeat", type=int, default=3,
+    parser.add_argument("--repeat", type=int, default=5,
                         help="runs of each decode phase and of each engine-alone rate; the medians are compared (a "
                         "128-token phase lasts a fraction of a second at the tiny config: one run swings by a third)")
     parser.add_argument("--engine-only", action="store_true",
@@ -627,6 +670,10 @@ def main() -> int:
     parser.add_argument("--no-pin-client", dest="pin_client", action="store_false",
                         help="ONNX Runtime: leave the load generator where the OS puts it (default: on the server's "
                         "HTTP core, serve.cpu_affinity's, after the engine-alone rates)")
+    parser.add_argument("--no-pair", dest="paired", action="store_false",
+                        help="ONNX Runtime: time the engine alone first and close it before the server starts, as on "
+                        "TensorRT (default: each engine run right before a server run, the engine kept open beside "
+                        "the server)")
     parser.add_argument("--ready-timeout", type=float, default=120.0,
                         help="seconds a server may take to load its engines and answer /ready")
     parser.add_argument("--baseline", help="with --agent: the JSON row benchmarks/agent_generate.py wrote for the "
@@ -642,34 +689,59 @@ def main() -> int:
         return agent_main(args, cfg)
     if args.baseline:
         parser.error("--baseline goes with --agent")
-    engine = engine_alone(args, cfg)
+    backend = open_engine(args, cfg)
+    # a host backend stays open beside the server and is timed in pairs with it; TensorRT is timed first and closed
+    # before the server starts (the GPU holds one copy of the engines at a time)
+    paired = args.paired and backend.name != "tensorrt" and not args.engine_only
+    try:
+        engine = None if paired else engine_alone(args, cfg, backend)
+    finally:
+        if not paired:
+            backend.close()
     if args.engine_only:
         print(json.dumps(engine))
         return 0
+    served, ratios = {}, {}
+    try:
+        with server(args, 8) as url:
+            client_cores = pin_load_generator(args, cfg, backend.name)
+            asyncio.run(phase(url, 1, 4, args.timeout))  # warm-up
+            if paired:
+                from autoglm_build.serve.server import cpu_split
+
+                split = cpu_split(cfg, backend.name) if client_cores else None
+                rates, served, ratios = paired_runs(args, cfg, backend, url, split)
+                engine = engine_alone(args, cfg, backend, rates)
+            else:
+                for streams in (1, 8):
+                    served[streams] = served_summary([asyncio.run(phase(url, streams, args.max_tokens, args.timeout))
+                                                      for _ in range(args.repeat)])
+            load = asyncio.run(phase(url, args.clients, args.load_tokens, args.timeout, light=False)) \
+                if args.clients else None
+    finally:
+        if paired:
+            backend.close()
     rates = {streams: r["tokens_per_s"] for streams, r in engine["rates"].items()}
-    served = {}
-    with server(args, 8) as url:
-        client_cores = pin_load_generator(args, cfg, engine["backend"])
-        asyncio.run(phase(url, 1, 4, args.timeout))  # warm-up
-        for streams in (1, 8):
-            runs = [asyncio.run(phase(url, streams, args.max_tokens, args.timeout)) for _ in range(args.repeat)]
-            served[streams] = {**median_run(runs, "decode_per_s"), "errors": sum(r["errors"] for r in runs),
-                               "first_error": next((r["first_error"] for r in runs if r["first_error"]), ""),
-                               "last": runs[-1]}
-        load = asyncio.run(phase(url, args.clients, args.load_tokens, args.timeout, light=False)) \
-            if args.clients else None
+    # the ratio: the median of the pairs' ratios where they were paired, else the medians' ratio
+    ratio = {streams: float(np.median(ratios[streams])) if paired else r["decode_per_s"] / rates[streams]
+             for streams, r in served.items()}
 
     print(f"decode, {cfg.name}, {engine['backend']} {engine['precision']}, prompt {engine['prompt']} tokens, "
           f"{args.max_tokens} new tokens per stream, server --max-batch 8 on loopback")
     print(f"engine alone: {engine['what']}")
-    if args.repeat > 1:
+    if paired:
+        print(f"{args.repeat} pairs per stream count, each an engine-alone run then a server run back to back; each "
+              "rate the median of its runs, serve/engine the median of the pairs' ratios (their ranges in the last "
+              "columns)")
+    elif args.repeat > 1:
         print(f"each rate the median of {args.repeat} runs (server and engine alike; their ranges in the last columns)")
     print(f"{'streams':>7} {'server tok/s':>13} {'engine tok/s':>13} {'serve/engine':>13} {'errors':>7} "
-          f"{'TTFT p50':>9} {'server range':>15} {'engine range':>15}")
+          f"{'TTFT p50':>9} {'server range':>15} {'engine range':>15}" + (f" {'ratio range':>12}" if paired else ""))
     for streams, r in served.items():
         print(f"{streams:>7} {r['decode_per_s']:>13.1f} {rates[streams]:>13.1f} "
-              f"{r['decode_per_s'] / rates[streams]:>13.2f} {r['errors']:>7} {r['ttft_p50']:>8.3f}s "
-              f"{spread(r):>15} {spread(engine['rates'][streams]):>15}")
+              f"{ratio[streams]:>13.2f} {r['errors']:>7} {r['ttft_p50']:>8.3f}s "
+              f"{spread(r):>15} {spread(engine['rates'][streams]):>15}"
+              + (f" {min(ratios[streams]):>5.2f}-{max(ratios[streams]):.2f}" if paired else ""))
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
     chosen = engine.get("select_rates") or {}
@@ -693,7 +765,7 @@ def main() -> int:
     print(capacity_line(cfg, last))
     where = f"on CPU {client_cores}, the server's HTTP core" if client_cores else "where the OS puts it"
     print(f"load generator: {where}")
-    print(f"serve/engine decode rate: {served[8]['decode_per_s'] / rates[8]:.2f}")
+    print(f"serve/engine decode rate: {ratio[8]:.2f}")
     return 1 if any(r["errors"] for r in served.values()) or (load and load["errors"]) else 0
 
 

@@ -94,10 +94,11 @@ class CacheSpec:
         """The geometry of a build config's ``text`` section."""
         return cls(text.num_hidden_layers, text.num_key_value_heads, text.head_dim)
 
-    @property
-    def names(self) -> List[str]:
-        """``key.0``, ``value.0``, ``key.1``, ... (the graph's ``past_<name>``/``present_<name>``)."""
-        return [f"{kind}.{i}" for i in range(self.layers) for kind in ("key", "value")]
+    @functools.cached_property
+    def names(self) -> Tuple[str, ...]:
+        """``key.0``, ``value.0``, ``key.1``, ... (the graph's ``past_<name>``/``present_<name>``; made once: a decode
+        step reads them several times)."""
+        return tuple(f"{kind}.{i}" for i in range(self.layers) for kind in ("key", "value"))
 
     def bytes(self, tokens: int, itemsize: int) -> int:
         """Bytes of ``tokens`` tokens' keys and values (every layer), ``itemsize`` bytes an element."""
@@ -419,6 +420,7 @@ class OrtKVCache(KVCache):
         self.present: Dict[str, np.ndarray] = {}
         self.bound: Optional[Tuple[int, int]] = None  # the rows the decode bindings hold; None: bind again
         self.io: Dict[str, np.ndarray] = {}  # the arrays a decode step's bindings point at
+        self.new: Dict[str, np.ndarray] = {}  # views of the bound presents' last column: a step's new keys/values
         self.table = backend.lookup("embed")  # (table, dtype) of a lookup ``embed`` graph, else None
         super().__init__(backend, spec, slots, context, dtype)
 
@@ -486,6 +488,8 @@ class OrtKVCache(KVCache):
                 self._bind_output(binding, f"present_{name}", self.present[name][rows])
             self.io[f"out.{k}"] = self.io[f"in.{k + 1}"] = np.zeros((n,) + shape, dtype)  # the next stage's input
             self._bind_output(binding, output, self.io[f"out.{k}"])
+        self.io["logits"] = self.io[f"out.{len(self.stages) - 1}"]
+        self.new = {name: self.present[name][rows, :, -1] for name in self.spec.names}  # views: each step's columns
         self.bound = (rows.start, rows.stop)
 
     def _run_decode(self, embeds: np.ndarray, positions: np.ndarray,
@@ -502,7 +506,7 @@ class OrtKVCache(KVCache):
         for session, binding, *_ in self.stages:
             session.run_with_iobinding(binding)
         # the logits array is the next step's too (as the device cache's is): the scheduler samples before that
-        return io[f"out.{len(self.stages) - 1}"], {name: self.present[name][rows, :, -1] for name in self.spec.names}
+        return io["logits"], self.new
 
     def _run_decode_unbound(self, embeds: np.ndarray, positions: np.ndarray,
                             rows: slice) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:

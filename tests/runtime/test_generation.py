@@ -394,7 +394,7 @@ def test_greedy_rows_pick_what_the_full_pass_picks(runtime):
 def _reference_pick(sampler, logits, rows):
     """``Sampler._pick``'s arithmetic with a temporary per operation and a one-level running sum: the oracle the
     in-place pass must equal token for token. (The penalties in float64; from the temperature on, float32, the
-    maximum subtracted before the division; the exp in float32; float64 sums.)"""
+    maximum subtracted before the division by the float32 temperature; the exp in float32; float64 sums.)"""
     from autoglm_build.runtime.generation import _nucleus
 
     params = [r.req.params for r in rows]
@@ -415,7 +415,8 @@ def _reference_pick(sampler, logits, rows):
     if hot.size:
         single = masked.astype(np.float32)
         shifted = single - single.max(axis=1, keepdims=True)
-        scaled = (shifted / np.where(temperature > 0, temperature, 1.0)[:, None]).astype(np.float32)
+        divisor = np.where(temperature > 0, np.maximum(temperature.astype(np.float32), np.float32(1e-45)), 1.0)
+        scaled = shifted / divisor.astype(np.float32)[:, None]  # float32 / float32
         weights = np.exp(scaled).astype(np.float64)
         top_p = np.array([p.top_p for p in params])
         nucleus = np.flatnonzero((top_p < 1.0) & (temperature > 0))
@@ -424,6 +425,7 @@ def _reference_pick(sampler, logits, rows):
             weights[nucleus] = part * _nucleus(part / part.sum(axis=1, keepdims=True), top_p[nucleus])
         cdf = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
         cdf /= cdf[:, -1:]
+        sampler.reference_weights = weights[hot]  # what _draw must get, bit for bit
         draws = np.full(len(rows), 2.0)
         draws[hot] = [rows[k].req.rng.random() for k in hot]
         sampled = np.minimum((cdf <= draws[:, None]).sum(axis=1), logits.shape[1] - 1)
@@ -433,16 +435,19 @@ def _reference_pick(sampler, logits, rows):
 
 def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
     """``Sampler._pick`` works in place on its logits (:func:`_reference_pick` is the pass it replaced): the same
-    token for every row, and each seeded generator left at the same state, over batches that mix greedy and
-    sampling rows, temperatures, top-p, penalties of both signs, thinking spans, ignored EOS, NaN and -inf
-    logits, a repeated row state (the barred columns are kept per state), and the same requests again, in order
+    token for every row from the same weights, bit for bit, and as many numbers taken from each seeded generator,
+    over batches that mix greedy and sampling rows, temperatures, top-p, penalties of both signs, thinking spans,
+    ignored EOS, NaN and -inf logits, a repeated row state (the barred columns are kept per state), and the same requests again, in order
     (their parameters kept from the call before) and reversed."""
     from types import SimpleNamespace
 
-    from autoglm_build.runtime.generation import Sampler
+    from autoglm_build.runtime.generation import Sampler, UniformDraws
 
     _, _, tok = runtime
     sampler = Sampler(tok, slots=8)
+    seen = []  # each _draw's weights
+    draw = sampler._draw
+    sampler._draw = lambda weights, draws: (seen.append(weights.copy()), draw(weights, draws))[1]
     rng = np.random.default_rng(7)
     for case in range(200):
         n = int(rng.integers(1, 9))
@@ -459,8 +464,9 @@ def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
             thinking = bool(rng.integers(0, 2)) if case % 10 else True  # every tenth: one state for all rows
             seed = int(rng.integers(0, 2**31))
             for rows in (rows_ref, rows_new):  # one params object for both: the kept arrays are matched by identity
+                rng_row = np.random.default_rng(seed)
                 rows.append(SimpleNamespace(slot=slot, req=SimpleNamespace(
-                    params=params, thinking=thinking, rng=np.random.default_rng(seed))))
+                    params=params, thinking=thinking, rng=rng_row, draws=UniformDraws(rng_row))))
         logits = (rng.standard_normal((n, len(sampler.ids))) * 4).astype(np.float32).astype(np.float64)
         if case % 9 == 0:
             logits[0, int(rng.integers(0, logits.shape[1]))] = np.nan
@@ -469,11 +475,15 @@ def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
         # the same requests again (the parameters kept from the last call), then in reverse order (not kept)
         for again in ("first", "same", "reversed"):
             order = slice(None, None, -1) if again == "reversed" else slice(None)
+            sampler.reference_weights, seen[:] = None, []
             want = _reference_pick(sampler, logits[order].copy(), rows_ref[order])
             got = sampler._pick(logits[order].copy(), rows_new[order])
             np.testing.assert_array_equal(got, want, err_msg=f"case {case}, {again}")
-            for a, b in zip(rows_ref, rows_new):
-                assert a.req.rng.random() == b.req.rng.random(), case
+            if sampler.reference_weights is not None:  # the weights too, not only the tokens they gave
+                np.testing.assert_array_equal(seen[-1].astype(np.float64), sampler.reference_weights,
+                                              err_msg=f"case {case}, {again}")
+            for a, b in zip(rows_ref, rows_new):  # as many numbers taken: the next ones are the same
+                assert a.req.rng.random() == b.req.draws.take(), case
 
 
 def test_the_two_level_draw_picks_the_one_level_pass_s_column(runtime):
@@ -529,14 +539,26 @@ def test_the_two_level_draw_picks_the_one_level_pass_s_column(runtime):
     assert (((counts[columns] - expected) ** 2) / expected).sum() < 20.5  # chi-square, 5 dof: p < 0.001
 
 
+def test_uniform_draws_are_the_generator_s_numbers_in_order():
+    """``UniformDraws`` hands out a generator's numbers in the order single ``random()`` calls give them, across its
+    blocks, as Python floats; a scheduler's prefill gives each request one on the request's own generator."""
+    from autoglm_build.runtime.generation import UniformDraws
+
+    for seed in (0, 1, 12345):
+        draws, single = UniformDraws(np.random.default_rng(seed)), np.random.default_rng(seed)
+        taken = [draws.take() for _ in range(3 * UniformDraws.BLOCK + 5)]
+        assert taken == [single.random() for _ in range(len(taken))]
+        assert all(type(x) is float for x in taken)
+
+
 def test_a_sampled_row_draws_the_same_token_whatever_shares_its_batch(runtime):
     """A seeded row's token, and its generator's state after, are the same alone and beside rows with penalties (a
     float64 pass for the penalties) or without, in front or behind: its weights are the same numbers, bit for bit;
-    float16 logits give their float32 values' token; a temperature too small for float32 division picks what greedy
-    picks."""
+    float16 logits give their float32 values' token; a temperature too small for float32 division, or for float32 at
+    all, picks what greedy picks."""
     from types import SimpleNamespace
 
-    from autoglm_build.runtime.generation import Sampler
+    from autoglm_build.runtime.generation import Sampler, UniformDraws
 
     _, _, tok = runtime
     sampler = Sampler(tok, slots=4)
@@ -547,8 +569,9 @@ def test_a_sampled_row_draws_the_same_token_whatever_shares_its_batch(runtime):
     n = len(sampler.ids)
 
     def row(slot, params, seed, thinking=False):
-        return SimpleNamespace(slot=slot, req=SimpleNamespace(params=params, thinking=thinking,
-                                                              rng=np.random.default_rng(seed)))
+        rng_row = np.random.default_rng(seed)
+        return SimpleNamespace(slot=slot, req=SimpleNamespace(params=params, thinking=thinking, rng=rng_row,
+                                                              draws=UniformDraws(rng_row)))
 
     for case in range(300):
         for slot in range(4):
@@ -574,12 +597,12 @@ def test_a_sampled_row_draws_the_same_token_whatever_shares_its_batch(runtime):
             assert both[order.index(0)] == token, (case, order)
             hot = [k for k in order if rows[k].req.params.temperature > 0]  # the rows _draw got, in batch order
             np.testing.assert_array_equal(seen[-1][hot.index(0)], weights, err_msg=f"case {case}, {order}")
-            assert rows[0].req.rng.random() == alone.req.rng.random()
+            assert rows[0].req.draws.take() == alone.req.draws.take()
             alone = row(0, params, seed)
             sampler._pick(logits[:1].copy(), [alone])
         if case % 3 == 0:
             assert sampler._pick(logits[:1].astype(np.float32), [row(0, params, seed)])[0] == token
-    tiny = SamplingParams(temperature=1e-38)
     logits = rng.standard_normal((1, n)).astype(np.float32)
     best = int(np.argmax(np.where(sampler.allowed & (np.arange(n) != sampler.close), logits[0], -np.inf)))
-    assert sampler._pick(logits.copy(), [row(0, tiny, 1)])[0] == best
+    for tiny in (1e-38, 1e-50):  # the second is 0 in float32: divided by float32's least number instead
+        assert sampler._pick(logits.copy(), [row(0, SamplingParams(temperature=tiny), 1)])[0] == best

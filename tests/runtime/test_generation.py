@@ -437,8 +437,8 @@ def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
     """``Sampler._pick`` works in place on its logits (:func:`_reference_pick` is the pass it replaced): the same
     token for every row from the same weights, bit for bit, and as many numbers taken from each seeded generator,
     over batches that mix greedy and sampling rows, temperatures, top-p, penalties of both signs, thinking spans,
-    ignored EOS, NaN and -inf logits, a repeated row state (the barred columns are kept per state), and the same requests again, in order
-    (their parameters kept from the call before) and reversed."""
+    ignored EOS, NaN and -inf logits, a repeated row state (the barred columns are kept per state), and the same
+    requests again, in order (their parameters kept from the call before) and reversed."""
     from types import SimpleNamespace
 
     from autoglm_build.runtime.generation import Sampler, UniformDraws

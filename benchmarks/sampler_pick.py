@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoglm_build.runtime.generation import Sampler, SamplingParams  # noqa: E402
+from autoglm_build.runtime.generation import Sampler, SamplingParams, UniformDraws  # noqa: E402
 
 # </think> and the stops (<|endoftext|>, <|user|>, <|observation|>) where GLM-4's tokenizer has them; the
 # specials from 151329 on are never sampled but these
@@ -52,8 +52,9 @@ def rows(sampler: Sampler, count: int, params: SamplingParams, rng: np.random.Ge
         sampler.join(slot)
         for token in rng.integers(0, 150000, 200):
             sampler.count(slot, int(token))
-        req = SimpleNamespace(params=params, thinking=False, reasoning_tokens=0,
-                              rng=np.random.default_rng(slot))
+        generator = np.random.default_rng(slot)
+        req = SimpleNamespace(params=params, thinking=False, reasoning_tokens=0, rng=generator,
+                              draws=UniformDraws(generator))
         out.append(SimpleNamespace(slot=slot, req=req))
     return out
 

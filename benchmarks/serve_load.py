@@ -561,19 +561,23 @@ def spread(run: dict) -> str:
     return f"{min(runs):,.0f}-{max(runs):,.0f}" if len(runs) > 1 else ""
 
 
-def pin_load_generator(args, cfg, backend: str) -> str:
-    """On the CPU backend, the load generator (this process's main thread, where its clients run) onto the core the
-    server keeps for HTTP (``serve.cpu_affinity``, :func:`~autoglm_build.serve.server.cpu_split`), so the clients
-    take no time from the scheduler's core: on a 2-core machine they otherwise share it with the graphs being
-    measured, as clients on other machines never would. Called after the server started (it inherits nothing); a
-    paired engine run moves this thread to the scheduler's cores and back (:func:`paired_runs`). Returns the core
-    ('' where not pinned: ``--no-pin-client``, or the server does not split its cores: TensorRT, one core, the
-    option off)."""
-    import os
-
+def server_cores(args, cfg, backend: str):
+    """Where the server runs its scheduler and its event loop (:func:`~autoglm_build.serve.server.cpu_split`, from this
+    process's cores, as the server it starts will see them): None where they are not split (TensorRT, one core,
+    ``serve.cpu_affinity`` off) or the load generator stays where the OS puts it (``--no-pin-client``)."""
     from autoglm_build.serve.server import cpu_split
 
-    split = cpu_split(cfg, backend) if args.pin_client else None
+    return cpu_split(cfg, backend) if args.pin_client else None
+
+
+def pin_load_generator(split) -> str:
+    """On the CPU backend, the load generator (this process's main thread, where its clients run) onto the core the
+    server keeps for HTTP (``split[1]``, :func:`server_cores`), so the clients take no time from the scheduler's core:
+    on a 2-core machine they otherwise share it with the graphs being measured, as clients on other machines never
+    would. Called after the server started (it inherits nothing); a paired engine run moves this thread to the
+    scheduler's cores and back (:func:`paired_runs`). Returns the core ('' where not pinned: ``split`` None)."""
+    import os
+
     if split is None:
         return ""
     os.sched_setaffinity(0, split[1])
@@ -620,8 +624,9 @@ def paired_runs(args, cfg, backend, url: str, split) -> Tuple[dict, dict, dict]:
     engine timed before the server starts and a server timed after do not.
 
     Returns:
-        (the engine's rates per stream count as :func:`engine_alone` takes them, the server's per count as
-        :func:`served_summary` gives them with ``ratios``, each pair's server over engine, beside them)."""
+        (the engine's rates per stream count as :func:`engine_alone` takes them, each run with the ``cores`` it ran
+        on; the server's per count as :func:`served_summary` gives them; each pair's server over engine per count,
+        a pair whose server run has no rate left out)."""
     import os
 
     ids, tokenizer = prompt_ids(args)
@@ -635,12 +640,15 @@ def paired_runs(args, cfg, backend, url: str, split) -> Tuple[dict, dict, dict]:
         pairs = []
         for _ in range(args.repeat):
             pin(split[0] if split else None)
-            alone = engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1)
+            cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))  # where this engine run runs
+            alone = {**engine_rate(backend, cfg, tokenizer, streams, ids, args.max_tokens - 1), "cores": cores}
             pin(split[1] if split else None)
             pairs.append((alone, asyncio.run(phase(url, streams, args.max_tokens, args.timeout))))
         engine[streams] = median_run([alone for alone, _ in pairs])
         served[streams] = served_summary([run for _, run in pairs])
-        ratios[streams] = [run["decode_per_s"] / alone["tokens_per_s"] for alone, run in pairs]
+        # a run whose streams all failed has no rate (nan): the median and the range are the other pairs'
+        ratios[streams] = [run["decode_per_s"] / alone["tokens_per_s"] for alone, run in pairs
+                           if not np.isnan(run["decode_per_s"])]
     return engine, served, ratios
 
 
@@ -654,8 +662,9 @@ def main() -> int:
     parser.add_argument("--load-tokens", type=int, default=64, help="tokens per stream in the load phase")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase before giving up")
     parser.add_argument("--repeat", type=int, default=5,
-                        help="runs of each decode phase and of each engine-alone rate; the medians are compared (a "
-                        "128-token phase lasts a fraction of a second at the tiny config: one run swings by a third)")
+                        help="runs of each decode phase and of each engine-alone rate; the medians are compared, on "
+                        "the CPU the median of the pairs' ratios (a 128-token phase lasts a fraction of a second at "
+                        "the tiny config: one run swings by a third)")
     parser.add_argument("--engine-only", action="store_true",
                         help="time the engine alone at 1 and 8 rows, print it as JSON and start no server")
     parser.add_argument("--engine-select", action="store_true",
@@ -668,8 +677,9 @@ def main() -> int:
                         help="with --agent: the servers to start, with prefix reuse, without, or both (a large "
                         "build starts in minutes: one server saves that)")
     parser.add_argument("--no-pin-client", dest="pin_client", action="store_false",
-                        help="ONNX Runtime: leave the load generator where the OS puts it (default: on the server's "
-                        "HTTP core, serve.cpu_affinity's, after the engine-alone rates)")
+                        help="ONNX Runtime: leave the load generator and the paired engine runs where the OS puts "
+                        "them (default: the load generator on the server's HTTP core, serve.cpu_affinity's, and each "
+                        "engine run on the scheduler's)")
     parser.add_argument("--no-pair", dest="paired", action="store_false",
                         help="ONNX Runtime: time the engine alone first and close it before the server starts, as on "
                         "TensorRT (default: each engine run right before a server run, the engine kept open beside "
@@ -690,9 +700,10 @@ def main() -> int:
     if args.baseline:
         parser.error("--baseline goes with --agent")
     backend = open_engine(args, cfg)
-    # a host backend stays open beside the server and is timed in pairs with it; TensorRT is timed first and closed
-    # before the server starts (the GPU holds one copy of the engines at a time)
-    paired = args.paired and backend.name != "tensorrt" and not args.engine_only
+    # ONNX Runtime on the CPU stays open beside the server and is timed in pairs with it; TensorRT (or ONNX Runtime's
+    # CUDA provider) is timed first and closed before the server starts (the GPU holds one copy of the engines at once)
+    on_cpu = backend.name == "onnxruntime" and "CUDAExecutionProvider" not in getattr(backend, "providers", ())
+    paired = args.paired and on_cpu and not args.engine_only
     try:
         engine = None if paired else engine_alone(args, cfg, backend)
     finally:
@@ -703,13 +714,12 @@ def main() -> int:
         return 0
     served, ratios = {}, {}
     try:
+        # the server's cores, read before this thread is pinned to one of them
+        split = server_cores(args, cfg, backend.name)
         with server(args, 8) as url:
-            client_cores = pin_load_generator(args, cfg, backend.name)
+            client_cores = pin_load_generator(split)
             asyncio.run(phase(url, 1, 4, args.timeout))  # warm-up
             if paired:
-                from autoglm_build.serve.server import cpu_split
-
-                split = cpu_split(cfg, backend.name) if client_cores else None
                 rates, served, ratios = paired_runs(args, cfg, backend, url, split)
                 engine = engine_alone(args, cfg, backend, rates)
             else:
@@ -723,16 +733,17 @@ def main() -> int:
             backend.close()
     rates = {streams: r["tokens_per_s"] for streams, r in engine["rates"].items()}
     # the ratio: the median of the pairs' ratios where they were paired, else the medians' ratio
-    ratio = {streams: float(np.median(ratios[streams])) if paired else r["decode_per_s"] / rates[streams]
-             for streams, r in served.items()}
+    ratio = {streams: (float(np.median(ratios[streams])) if ratios[streams] else float("nan")) if paired
+             else r["decode_per_s"] / rates[streams] for streams, r in served.items()}
 
     print(f"decode, {cfg.name}, {engine['backend']} {engine['precision']}, prompt {engine['prompt']} tokens, "
           f"{args.max_tokens} new tokens per stream, server --max-batch 8 on loopback")
     print(f"engine alone: {engine['what']}")
     if paired:
-        print(f"{args.repeat} pairs per stream count, each an engine-alone run then a server run back to back; each "
-              "rate the median of its runs, serve/engine the median of the pairs' ratios (their ranges in the last "
-              "columns)")
+        where = engine["rates"][8].get("cores")
+        print(f"{args.repeat} pairs per stream count, each an engine-alone run (on CPU {where}) then a server run back "
+              "to back; each rate the median of its runs, serve/engine the median of the pairs' ratios (their ranges "
+              "in the last columns)")
     elif args.repeat > 1:
         print(f"each rate the median of {args.repeat} runs (server and engine alike; their ranges in the last columns)")
     print(f"{'streams':>7} {'server tok/s':>13} {'engine tok/s':>13} {'serve/engine':>13} {'errors':>7} "
@@ -741,7 +752,7 @@ def main() -> int:
         print(f"{streams:>7} {r['decode_per_s']:>13.1f} {rates[streams]:>13.1f} "
               f"{ratio[streams]:>13.2f} {r['errors']:>7} {r['ttft_p50']:>8.3f}s "
               f"{spread(r):>15} {spread(engine['rates'][streams]):>15}"
-              + (f" {min(ratios[streams]):>5.2f}-{max(ratios[streams]):.2f}" if paired else ""))
+              + (f" {min(ratios[streams]):>5.2f}-{max(ratios[streams]):.2f}" if paired and ratios[streams] else ""))
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
     chosen = engine.get("select_rates") or {}

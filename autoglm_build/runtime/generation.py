@@ -132,9 +132,10 @@ class UniformDraws:
     """A sampled request's uniform numbers for the host sampler's draw (one a step), from its own generator,
     :attr:`BLOCK` at a time: ``random(32)`` fills an array in order, one double each, so its numbers are those of
     32 ``random()`` calls in a row, for the price of one call (a ``Generator.random()`` call per sampled row cost
-    ~2-3 us a step, ~2 % of a tiny 8-row decode step on the dev CPU). The generator runs ahead of the numbers taken
-    by up to a block; only the select engine's fallback (a step the host samples after the GPU's noise was drawn)
-    draws from the same generator, in the same order each time."""
+    ~2-3 us a step, ~2 % of a tiny 8-row decode step on the dev CPU). The generator runs up to a block ahead of the
+    numbers taken. Where the GPU chooses the tokens (``serve.device_select``) the host still samples a request's first
+    token, after its prefill: that takes a block, and the select engine's Gumbel numbers
+    (:class:`~.device_select.GumbelNoise`) come from the generator after it, the same ones each time."""
 
     BLOCK = 32
 
@@ -820,8 +821,8 @@ class _Batch(NamedTuple):
 
 #: columns per block of :meth:`Sampler._draw`'s two-level running sum
 DRAW_BLOCK = 32
-#: the least positive float32: the divisor of a temperature that float32 rounds to 0
-TINIEST = np.float32(np.finfo(np.float32).smallest_subnormal)
+#: float32's least normal number: the divisor of a temperature below it (no subnormal arithmetic; greedy either way)
+TINIEST = np.float32(np.finfo(np.float32).tiny)
 
 
 class Sampler:
@@ -970,8 +971,8 @@ class Sampler:
 
         The arithmetic is a fixed sequence, each row's its own whatever shares its batch: the penalties in float64
         (as :meth:`_greedy` computes them), the barred ids, the greedy rows' argmax; then in float32 (the logits'
-        own precision) the difference to the row's maximum over its temperature (in float32 too, as the GPU's select
-        tables hold it) and the exp; float64 sums
+        own precision) the difference to the row's maximum over its temperature (in float32 too) and the exp; float64
+        sums
         (:meth:`_draw`). It runs in place on ``logits`` (a float32 copy after a float64 pass). Right after a
         decoder call the CPU's caches hold the decoder's weights and KV cache, not this: each array a step allocates
         fresh is read from memory, and with a temporary per operation (as ``np.where`` and friends make) 8 rows of
@@ -1058,8 +1059,8 @@ class Sampler:
         presence = np.array([p.presence_penalty for p in params])
         temperature = np.array([p.temperature for p in params])
         top_p = np.array([p.top_p for p in params])
-        # the temperatures in float32, as the select tables hold them (a float64 divisor made numpy's division cast
-        # each element both ways: ~17 us against ~4.5 for 8 x 1,238); one below float32's range its least number
+        # the temperatures in float32, the logits' own precision (a float64 divisor made numpy's division cast each
+        # element both ways: ~17 us against ~4.5 for 8 x 1,238); one below float32's normal range divides by its least
         divisor = np.where(temperature > 0, np.maximum(temperature.astype(np.float32), TINIEST), np.float32(1.0))
         self._kept = _Batch(tuple(params), bool(frequency.any() or presence.any()), frequency, presence,
                             np.flatnonzero(temperature > 0), divisor[:, None], top_p,

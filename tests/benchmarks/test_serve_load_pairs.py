@@ -57,6 +57,8 @@ def test_pairs_run_engine_then_server_and_ratio_each_pair(monkeypatch):
         assert all(where == (split[0] if kind == "engine" else split[1]) for kind, _, where in events)
     assert ratios == {1: pytest.approx([0.6] * 3), 8: pytest.approx([0.6] * 3)}
     assert engine[8]["tokens_per_s"] == 5600.0 and engine[8]["runs"] == [3200.0, 8000.0, 5600.0]  # the median run
+    if split is not None:
+        assert engine[8]["cores"] == ",".join(str(c) for c in sorted(split[0]))
     assert served[8]["decode_per_s"] == pytest.approx(3360.0) and served[8]["errors"] == 0
 
 
@@ -68,8 +70,11 @@ def test_paired_benchmark_runs_on_onnx_runtime_and_prints_the_pairs(random_tiny_
                           "--max-tokens", "8"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
-    assert any(line.startswith("2 pairs per stream count, each an engine-alone run then a server run")
-               for line in lines)
+    # on two cores or more, each engine run on the scheduler's (every core but the last), as the server's scheduler
+    cores = sorted(os.sched_getaffinity(0))
+    where = ",".join(str(c) for c in cores[:-1]) if len(cores) > 1 else ",".join(str(c) for c in cores)
+    assert any(line.startswith(f"2 pairs per stream count, each an engine-alone run (on CPU {where}) then a server run")
+               for line in lines), out.stdout
     row = next(line.split() for line in lines if line.split()[:1] == ["8"])
     low, high = (float(x) for x in row[-1].split("-"))
     ratio = float(lines[-1].rsplit(" ", 1)[1])

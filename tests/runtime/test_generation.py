@@ -415,7 +415,7 @@ def _reference_pick(sampler, logits, rows):
     if hot.size:
         single = masked.astype(np.float32)
         shifted = single - single.max(axis=1, keepdims=True)
-        divisor = np.where(temperature > 0, np.maximum(temperature.astype(np.float32), np.float32(1e-45)), 1.0)
+        divisor = np.where(temperature > 0, np.maximum(temperature.astype(np.float32), np.finfo(np.float32).tiny), 1.0)
         scaled = shifted / divisor.astype(np.float32)[:, None]  # float32 / float32
         weights = np.exp(scaled).astype(np.float64)
         top_p = np.array([p.top_p for p in params])
@@ -604,5 +604,5 @@ def test_a_sampled_row_draws_the_same_token_whatever_shares_its_batch(runtime):
             assert sampler._pick(logits[:1].astype(np.float32), [row(0, params, seed)])[0] == token
     logits = rng.standard_normal((1, n)).astype(np.float32)
     best = int(np.argmax(np.where(sampler.allowed & (np.arange(n) != sampler.close), logits[0], -np.inf)))
-    for tiny in (1e-38, 1e-50):  # the second is 0 in float32: divided by float32's least number instead
+    for tiny in (1e-38, 1e-50):  # below float32's normal numbers, the second 0 in it: divided by its least normal
         assert sampler._pick(logits.copy(), [row(0, SamplingParams(temperature=tiny), 1)])[0] == best

@@ -971,13 +971,12 @@ class Sampler:
 
         The arithmetic is a fixed sequence, each row's its own whatever shares its batch: the penalties in float64
         (as :meth:`_greedy` computes them), the barred ids, the greedy rows' argmax; then in float32 (the logits'
-        own precision) the difference to the row's maximum over its temperature (in float32 too) and the exp; float64
-        sums
-        (:meth:`_draw`). It runs in place on ``logits`` (a float32 copy after a float64 pass). Right after a
-        decoder call the CPU's caches hold the decoder's weights and KV cache, not this: each array a step allocates
-        fresh is read from memory, and with a temporary per operation (as ``np.where`` and friends make) 8 rows of
-        the tiny vocabulary took ~300 us a step in the server against ~190 us alone; in place, the working set is
-        the one array (docs/benchmarks.md, eleventh session)."""
+        own precision) the difference to the row's maximum over its temperature (in float32 too) and the exp;
+        float64 sums (:meth:`_draw`). It runs in place on ``logits`` (a float32 copy after a float64 pass). Right
+        after a decoder call the CPU's caches hold the decoder's weights and KV cache, not this: each array a step
+        allocates fresh is read from memory, and with a temporary per operation (as ``np.where`` and friends make)
+        8 rows of the tiny vocabulary took ~300 us a step in the server against ~190 us alone; in place, the working
+        set is the one array (docs/benchmarks.md, eleventh session)."""
         params = [r.req.params for r in rows]
         batch = self._batch(params)
         if batch.penalized:  # in float64, as _greedy computes them (the logits' float32 values are exact in it)

@@ -586,11 +586,14 @@ def pin_load_generator(split) -> str:
 
 def open_engine(args, cfg):
     """The backend the engine-alone rates run on: the server's own (``--backend``), ONNX Runtime with the server's
-    threads (``serve.cpu_threads``), so it is the engine the server runs."""
+    threads (``serve.cpu_threads``), its pool on the server's scheduler cores (``serve.cpu_affinity``), so it is the
+    engine the server runs."""
     from autoglm_build.runtime.backends import open_backend
-    from autoglm_build.serve.server import cpu_threads
+    from autoglm_build.serve.server import cpu_split, cpu_threads
 
-    return open_backend(Path(args.workdir), ["embed", "decoder"], args.backend, threads=cpu_threads(cfg))
+    planned = cpu_split(cfg, "onnxruntime")
+    return open_backend(Path(args.workdir), ["embed", "decoder"], args.backend, threads=cpu_threads(cfg),
+                        cores=planned[0] if planned else None)
 
 
 def engine_alone(args, cfg, backend, rates: Optional[dict] = None) -> dict:

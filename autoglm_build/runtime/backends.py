@@ -141,7 +141,8 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, workdir: Path, manifest: Manifest, modules: Sequence[str], precision: str = "fp32",
-                 providers: Optional[List[str]] = None, threads: int = 0) -> None:
+                 providers: Optional[List[str]] = None, threads: int = 0,
+                 cores: Optional[Sequence[int]] = None) -> None:
         import onnxruntime as ort
 
         from autoglm_build.onnx_io import ort_options
@@ -154,6 +155,9 @@ class OnnxRuntimeBackend(Backend):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.affinities = intra_op_affinities(cores, threads) if "CUDAExecutionProvider" not in self.providers else ""
+        if self.affinities:  # the pool's threads start with the sessions: placed now, or wherever the OS puts them
+            opts.add_session_config_entry("session.intra_op_thread_affinities", self.affinities)
         self.workdir = Path(workdir)
         self.sessions: Dict[str, Any] = {}
         self.lookups: Dict[str, Optional[Tuple[np.ndarray, np.dtype]]] = {}  # lookup()'s answers
@@ -837,9 +841,21 @@ class TensorRTBackend(Backend):
         return out
 
 
+def intra_op_affinities(cores: Optional[Sequence[int]], threads: int) -> str:
+    """ONNX Runtime's ``session.intra_op_thread_affinities`` for ``threads`` intra-op threads on ``cores`` (the OS's
+    CPU numbers): one core for each of its ``threads - 1`` pool threads (the calling thread, the first, is the
+    caller's to place), the cores after the first in turn, so with as many threads as cores each has its own; ''
+    where there is no pool (fewer than 2 threads) or no cores. ONNX Runtime numbers processors from 1."""
+    cores = sorted(set(cores or ()))
+    if threads < 2 or not cores:
+        return ""
+    return ";".join(str(cores[(k + 1) % len(cores)] + 1) for k in range(threads - 1))
+
+
 def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
                  precision: Optional[str] = None, optional: Sequence[str] = (),
-                 devices: Optional[Sequence[int]] = None, origin: str = "--devices", threads: int = 0) -> Backend:
+                 devices: Optional[Sequence[int]] = None, origin: str = "--devices", threads: int = 0,
+                 cores: Optional[Sequence[int]] = None) -> Backend:
     """The requested backend over a workdir's artifacts.
 
     ``auto`` picks TensorRT when it is installed and the manifest has engines for every required
@@ -848,7 +864,8 @@ def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
     precision, and left out otherwise (``Backend.files`` says which were loaded). ``devices``
     places the TensorRT engines on GPUs (:class:`TensorRTBackend`); ``origin`` names where the
     list came from in errors (``--devices``, ``serve.devices``). ``threads``: ONNX Runtime's intra-op threads (0: its
-    own choice, every core).
+    own choice, every core); ``cores``: where its pool's threads run on the CPU (:func:`intra_op_affinities`; the
+    server's scheduler cores), else where the OS puts them.
 
     Raises:
         UserError: unknown backend, missing graphs/engines, files changed since the build, or
@@ -882,4 +899,4 @@ def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
                         hint="serve with --backend tensorrt on a machine with TensorRT, or drop the placement")
     precision = precision or "fp32"
     present = [m for m in modules if m in required or built(m, graph_artifact, precision)]
-    return OnnxRuntimeBackend(workdir, manifest, present, precision, threads=threads)
+    return OnnxRuntimeBackend(workdir, manifest, present, precision, threads=threads, cores=cores)

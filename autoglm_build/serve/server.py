@@ -107,7 +107,8 @@ def cpu_split(cfg: BuildConfig, backend: str,
         ``(the scheduler's cores, the event loop's core)``: every core the process may use but the last, and the last
         (the one ``cpu_threads`` leaves to HTTP); None where the OS places the threads (TensorRT or a GPU provider, one
         core, no ``sched_setaffinity``, or off). On two cores that is every busy thread; with more, ONNX Runtime's
-        own intra-op worker threads, started when the sessions open, may run on any core.
+        own intra-op pool threads are placed on the scheduler's cores as the sessions open
+        (:func:`~autoglm_build.runtime.backends.intra_op_affinities`).
     """
     if backend != "onnxruntime" or "CUDAExecutionProvider" in providers \
             or not _switch(cfg, CPU_AFFINITY_ENV, "cpu_affinity") or not hasattr(os, "sched_setaffinity"):
@@ -148,8 +149,11 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
     # vision/audio are optional: without them, requests with images/audio get a 400 naming the module
     origin = "--devices" if devices is not None else "serve.devices"
     devices = devices if devices is not None else cfg.serve.devices
+    # the scheduler's cores should the backend be ONNX Runtime on the CPU: its intra-op pool is placed on them as its
+    # sessions open (a backend on the GPU leaves them; the split below is then None)
+    planned = cpu_split(cfg, "onnxruntime")
     runtime = open_backend(workdir, modules, backend, precision, optional=("vision", "audio"), devices=devices,
-                           origin=origin, threads=cpu_threads(cfg))
+                           origin=origin, threads=cpu_threads(cfg), cores=planned[0] if planned else None)
     try:
         tokenizer = ChatTokenizer(tokenizer_for(cfg)[0], cfg.text.vocab_size)
         scheduler = Scheduler(runtime, cfg, tokenizer, max_batch or cfg.serve.max_batch,

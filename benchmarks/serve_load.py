@@ -680,9 +680,10 @@ def main() -> int:
                         help="with --agent: the servers to start, with prefix reuse, without, or both (a large "
                         "build starts in minutes: one server saves that)")
     parser.add_argument("--no-pin-client", dest="pin_client", action="store_false",
-                        help="ONNX Runtime: leave the load generator and the paired engine runs where the OS puts "
-                        "them (default: the load generator on the server's HTTP core, serve.cpu_affinity's, and each "
-                        "engine run on the scheduler's)")
+                        help="ONNX Runtime: leave the load generator and the paired engine runs' thread where the OS "
+                        "puts them (default: the load generator on the server's HTTP core, serve.cpu_affinity's, and "
+                        "each engine run on the scheduler's; the engine's intra-op pool, on a machine with one, stays "
+                        "on the scheduler's cores either way, as the server's)")
     parser.add_argument("--no-pair", dest="paired", action="store_false",
                         help="ONNX Runtime: time the engine alone first and close it before the server starts, as on "
                         "TensorRT (default: each engine run right before a server run, the engine kept open beside "

@@ -843,9 +843,10 @@ class TensorRTBackend(Backend):
 
 def intra_op_affinities(cores: Optional[Sequence[int]], threads: int) -> str:
     """ONNX Runtime's ``session.intra_op_thread_affinities`` for ``threads`` intra-op threads on ``cores`` (the OS's
-    CPU numbers): one core for each of its ``threads - 1`` pool threads (the calling thread, the first, is the
-    caller's to place), the cores after the first in turn, so with as many threads as cores each has its own; ''
-    where there is no pool (fewer than 2 threads) or no cores. ONNX Runtime numbers processors from 1."""
+    CPU numbers): one core for each of its ``threads - 1`` pool threads, the cores after the first in turn, so
+    the first is left free of them (the calling thread, the pool's first, is the caller's to place: the server's
+    scheduler thread may run on any of ``cores``); '' where there is no pool (fewer than 2 threads, or 0: ONNX
+    Runtime's own choice and placement) or no cores. ONNX Runtime numbers processors from 1."""
     cores = sorted(set(cores or ()))
     if threads < 2 or not cores:
         return ""
@@ -864,8 +865,8 @@ def open_backend(workdir: Path, modules: Sequence[str], backend: str = "auto",
     precision, and left out otherwise (``Backend.files`` says which were loaded). ``devices``
     places the TensorRT engines on GPUs (:class:`TensorRTBackend`); ``origin`` names where the
     list came from in errors (``--devices``, ``serve.devices``). ``threads``: ONNX Runtime's intra-op threads (0: its
-    own choice, every core); ``cores``: where its pool's threads run on the CPU (:func:`intra_op_affinities`; the
-    server's scheduler cores), else where the OS puts them.
+    own choice, every core, where ``cores`` is not read); ``cores``: where its pool's threads run on the CPU
+    (:func:`intra_op_affinities`; the server's scheduler cores), else where the OS puts them.
 
     Raises:
         UserError: unknown backend, missing graphs/engines, files changed since the build, or

@@ -160,7 +160,8 @@ def build_state(cfg: BuildConfig, workdir: Path, backend: str = "auto", precisio
                               cfg.serve.queue_size if queue_size is None else queue_size, cfg.engine.context,
                               prefix_cache_bytes=prefix_cache_bytes(cfg), overlap=decode_overlap(cfg),
                               cuda_graphs=cuda_graphs(cfg), device_select=device_select(cfg))
-        split = cpu_split(cfg, runtime.name, getattr(runtime, "providers", ()))
+        # the same cores the pool was placed on (read once: the process's mask could change while a model loads)
+        split = planned if cpu_split(cfg, runtime.name, getattr(runtime, "providers", ())) is not None else None
     except BaseException:
         runtime.close()
         raise

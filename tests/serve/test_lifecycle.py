@@ -205,6 +205,47 @@ def test_cpu_split_keeps_the_last_core_for_http_and_a_bad_override_is_one_line(m
         cpu_split(tiny_cfg, "onnxruntime")
 
 
+@pytest.mark.skipif(BACKEND != "onnxruntime", reason="serve.cpu_affinity pins threads on the CPU backend only")
+def test_the_cpu_server_and_its_benchmark_place_the_intra_op_pool_on_the_scheduler_s_cores(
+        random_tiny_build: Path, tmp_path: Path, monkeypatch):
+    """With a pool (``serve.cpu_threads: 2``), the server's backend (``build_state``) and the load benchmark's engine
+    alone (``serve_load.open_engine``) place it on the scheduler's cores, ``cpu_split``'s first part; with
+    ``serve.cpu_affinity`` off, nowhere."""
+    import os
+    import sys
+    from types import SimpleNamespace
+
+    from autoglm_build.config import load_config
+    from autoglm_build.runtime.backends import intra_op_affinities
+    from autoglm_build.serve.server import CPU_AFFINITY_ENV, build_state, cpu_split
+    from tests.conftest import ROOT, write_config
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 2:
+        pytest.skip(f"needs 2 cores or more (this machine: {len(cores) or 'unknown'})")
+    cfg = load_config(write_config(tmp_path / "pool.yaml", {"serve": {"cpu_threads": 2}}))
+    want = intra_op_affinities(cpu_split(cfg, "onnxruntime")[0], 2)
+    assert want == str(cores[0] + 1 if len(cores) == 2 else cores[1] + 1)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from serve_load import open_engine
+    finally:
+        sys.path.pop(0)
+    for affinity, expect in (("1", want), ("0", "")):
+        monkeypatch.setenv(CPU_AFFINITY_ENV, affinity)
+        state = build_state(cfg, random_tiny_build, backend="onnxruntime")
+        try:
+            assert state.backend.affinities == expect
+            assert (state.cpus is None) == (not expect)
+        finally:
+            state.backend.close()
+        engine = open_engine(SimpleNamespace(workdir=str(random_tiny_build), backend="onnxruntime"), cfg)
+        try:
+            assert engine.affinities == expect
+        finally:
+            engine.close()
+
+
 def _allowed(pid: int, tid: int) -> str:
     """The cores the thread may run on, as /proc writes them (``0-2,5``); '' for a thread that has ended."""
     try:

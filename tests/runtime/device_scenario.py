@@ -155,7 +155,12 @@ def _generate(scheduler: Scheduler, prompts: List[Prompt], sampled: bool = False
 
 def _screens(backend: Backend, cfg: BuildConfig, workdir: Path) -> List[Segment]:
     """Two screenshots' segments: the vision engine's/graph's embeddings (left on the GPU by TensorRT)."""
-    feeds = next(iter(load_samples(workdir / "samples" / "vision.npz").values()))  # one screenshot each
+    path = workdir / "samples" / "vision.npz"
+    if not path.is_file():  # a carried build may leave them out for size: say how to make them, not a traceback
+        raise FileNotFoundError(f"{path}: the build's vision samples are missing (make them with `python "
+                                f"scripts/samples_stage.py -c configs/autoglm-phone-tiny.yaml -w {workdir} -m vision`; "
+                                "`scripts/device_full.sh devtests` does it first)")
+    feeds = next(iter(load_samples(path).values()))  # one screenshot each
     merge = cfg.vision.spatial_merge_size
     out = []
     for image in [unpack(feed)[0] for feed in feeds[:2]]:

@@ -623,7 +623,7 @@ def paired_runs(args, cfg, backend, url: str, split) -> Tuple[dict, dict, dict]:
     """On a host backend (ONNX Runtime), each engine-alone run right before a server run at the same stream count,
     ``--repeat`` pairs per count, the engine on the scheduler's cores and the load generator on the HTTP core
     (``split``; None: where the OS puts them). The machine's speed drifts (a shared 2-core VM moved by a fifth
-    within a minute in the twelfth session's runs), and the two halves of a pair see the same drift where an
+    within a minute in the thirteenth session's runs), and the two halves of a pair see the same drift where an
     engine timed before the server starts and a server timed after do not.
 
     Returns:

@@ -391,6 +391,29 @@ def test_greedy_rows_pick_what_the_full_pass_picks(runtime):
         sampler.ids[sampler._pick(np.take(nan[None], sampler.ids, axis=1).astype(np.float64), [row])[0]])
 
 
+def _spied_sampler(tok, slots: int):
+    """A sampler whose ``_draw`` keeps a copy of each batch of weights it gets: (sampler, those copies)."""
+    from autoglm_build.runtime.generation import Sampler
+
+    sampler = Sampler(tok, slots=slots)
+    seen = []
+    draw = sampler._draw
+    sampler._draw = lambda weights, draws: (seen.append(weights.copy()), draw(weights, draws))[1]
+    return sampler, seen
+
+
+def _seeded_row(slot: int, params, seed: int, thinking: bool = False):
+    """What ``Sampler._pick`` reads of a scheduler row: its slot and its request's parameters, thinking state,
+    generator (seeded) and uniform draws from it."""
+    from types import SimpleNamespace
+
+    from autoglm_build.runtime.generation import UniformDraws
+
+    generator = np.random.default_rng(seed)
+    return SimpleNamespace(slot=slot, req=SimpleNamespace(params=params, thinking=thinking, rng=generator,
+                                                          draws=UniformDraws(generator)))
+
+
 def _reference_pick(sampler, logits, rows):
     """``Sampler._pick``'s arithmetic with a temporary per operation and a one-level running sum: the oracle the
     in-place pass must equal token for token. (The penalties in float64; from the temperature on, float32, the
@@ -439,15 +462,8 @@ def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
     over batches that mix greedy and sampling rows, temperatures, top-p, penalties of both signs, thinking spans,
     ignored EOS, NaN and -inf logits, a repeated row state (the barred columns are kept per state), and the same
     requests again, in order (their parameters kept from the call before) and reversed."""
-    from types import SimpleNamespace
-
-    from autoglm_build.runtime.generation import Sampler, UniformDraws
-
     _, _, tok = runtime
-    sampler = Sampler(tok, slots=8)
-    seen = []  # each _draw's weights
-    draw = sampler._draw
-    sampler._draw = lambda weights, draws: (seen.append(weights.copy()), draw(weights, draws))[1]
+    sampler, seen = _spied_sampler(tok, 8)  # seen: each _draw's weights
     rng = np.random.default_rng(7)
     for case in range(200):
         n = int(rng.integers(1, 9))
@@ -464,9 +480,7 @@ def test_the_in_place_pick_equals_the_pass_with_temporaries(runtime):
             thinking = bool(rng.integers(0, 2)) if case % 10 else True  # every tenth: one state for all rows
             seed = int(rng.integers(0, 2**31))
             for rows in (rows_ref, rows_new):  # one params object for both: the kept arrays are matched by identity
-                rng_row = np.random.default_rng(seed)
-                rows.append(SimpleNamespace(slot=slot, req=SimpleNamespace(
-                    params=params, thinking=thinking, rng=rng_row, draws=UniformDraws(rng_row))))
+                rows.append(_seeded_row(slot, params, seed, thinking))
         logits = (rng.standard_normal((n, len(sampler.ids))) * 4).astype(np.float32).astype(np.float64)
         if case % 9 == 0:
             logits[0, int(rng.integers(0, logits.shape[1]))] = np.nan
@@ -556,22 +570,11 @@ def test_a_sampled_row_draws_the_same_token_whatever_shares_its_batch(runtime):
     float64 pass for the penalties) or without, in front or behind: its weights are the same numbers, bit for bit;
     float16 logits give their float32 values' token; a temperature too small for float32 division, or for float32 at
     all, picks what greedy picks."""
-    from types import SimpleNamespace
-
-    from autoglm_build.runtime.generation import Sampler, UniformDraws
-
     _, _, tok = runtime
-    sampler = Sampler(tok, slots=4)
-    seen = []  # each _draw's weights
-    draw = sampler._draw
-    sampler._draw = lambda weights, draws: (seen.append(weights.copy()), draw(weights, draws))[1]
+    sampler, seen = _spied_sampler(tok, 4)  # seen: each _draw's weights
     rng = np.random.default_rng(21)
     n = len(sampler.ids)
-
-    def row(slot, params, seed, thinking=False):
-        rng_row = np.random.default_rng(seed)
-        return SimpleNamespace(slot=slot, req=SimpleNamespace(params=params, thinking=thinking, rng=rng_row,
-                                                              draws=UniformDraws(rng_row)))
+    row = _seeded_row
 
     for case in range(300):
         for slot in range(4):
